@@ -1,0 +1,146 @@
+"""Batched :class:`Predictor` and the ASE :class:`TrustpotCalculator` built on it.
+
+The calculator's ``implemented_properties`` are exactly the properties it returns: a plain
+potential gives ``energy``, ``free_energy``, ``forces``, ``energies`` and, for periodic
+cells, ``stress``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+
+from trustpot import keys as K
+from trustpot.data.graph import collate, structure_to_graph, to_device
+from trustpot.data.reader import atoms_to_structure
+from trustpot.data.structures import Structure, check_species
+from trustpot.io.checkpoint import load_potential
+from trustpot.models.potential import Potential
+
+
+class Predictor:
+    """Evaluates a potential on many structures in batches.
+
+    Args:
+        model: the potential (put in eval mode).
+        device: torch device.
+        batch_size: structures per forward pass.
+    """
+
+    def __init__(self, model: Potential, device: str = "cpu", batch_size: int = 32) -> None:
+        self.model = model.eval().to(device)
+        self.device = device
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 32) -> Predictor:
+        """Predictor of the potential stored at ``path`` (read with ``weights_only=True``)."""
+        return cls(load_potential(path), device, batch_size)
+
+    @property
+    def species(self) -> list[int]:
+        return self.model.species
+
+    def implemented_properties(self) -> list[str]:
+        return ["energy", "free_energy", "forces", "energies", "stress"]
+
+    def predict_structures(
+        self, structures: Sequence[Structure], outputs: Iterable[str] = (K.ENERGY, K.FORCES),
+        source: str = "input",
+    ) -> list[dict[str, np.ndarray]]:
+        """Per-structure results as NumPy arrays in eV, Å units.
+
+        Args:
+            structures: what to evaluate.
+            outputs: subset of ``energy``, ``forces``, ``stress``, ``virial``, ``energies``.
+            source: name used in errors (file name).
+
+        Returns:
+            one dict per structure: ``energy`` float64 scalar, ``forces`` [n_atoms, 3],
+            ``stress`` [3, 3], ``energies`` [n_atoms].
+        """
+        check_species(list(structures), self.species, source)
+        wanted = frozenset(outputs)
+        specs = self.model.neighbor_lists()
+        results: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(structures), self.batch_size):
+            chunk = structures[start : start + self.batch_size]
+            g = collate([structure_to_graph(s, specs, self.model.dtype) for s in chunk])
+            g = to_device(g, self.device)
+            pred = self.model(g, wanted, create_graph=False)
+            results.extend(split_batch(pred, g))
+        return results
+
+    def predict(
+        self, atoms: Sequence[Atoms], outputs: Iterable[str] = (K.ENERGY, K.FORCES)
+    ) -> list[dict[str, np.ndarray]]:
+        """Like :meth:`predict_structures` for ASE ``Atoms``."""
+        return self.predict_structures([atoms_to_structure(a) for a in atoms], outputs)
+
+
+def split_batch(pred: dict[str, torch.Tensor], g: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
+    """Cut batched outputs into per-structure NumPy arrays."""
+    n_atoms = g[K.N_ATOMS].tolist()
+    bounds = np.concatenate([[0], np.cumsum(n_atoms)])
+    out: list[dict[str, np.ndarray]] = []
+    for k in range(len(n_atoms)):
+        item: dict[str, np.ndarray] = {}
+        for key, value in pred.items():
+            arr = value.detach().cpu().numpy()
+            if K.field_spec(key).level == "graph":
+                item[key] = arr[k]
+            else:
+                item[key] = arr[bounds[k] : bounds[k + 1]]
+        out.append(item)
+    return out
+
+
+class TrustpotCalculator(Calculator):
+    """ASE calculator of a trustpot potential.
+
+    ``stress`` is returned for periodic cells only (asking for it on a molecule raises
+    ``PropertyNotImplementedError``, as ASE expects).
+
+    Args:
+        predictor: what evaluates the model.
+    """
+
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "energies", "stress"]  # type: ignore[misc]
+
+    def __init__(self, predictor: Predictor, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.predictor = predictor
+        self.implemented_properties = predictor.implemented_properties()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> TrustpotCalculator:
+        return cls(Predictor.from_checkpoint(path, device))
+
+    def calculate(
+        self, atoms: Atoms | None = None, properties: Sequence[str] = ("energy",),
+        system_changes: Sequence[str] = tuple(all_changes),
+    ) -> None:
+        super().calculate(atoms, properties, system_changes)
+        assert self.atoms is not None
+        periodic = bool(np.any(self.atoms.pbc))
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress needs a periodic cell")
+        outputs = {K.ENERGY, K.FORCES, K.NODE_ENERGY}
+        if periodic:
+            outputs.add(K.STRESS)
+        (res,) = self.predictor.predict([self.atoms], outputs)
+        self.results = {
+            "energy": float(res[K.ENERGY]),
+            "free_energy": float(res[K.ENERGY]),
+            "forces": res[K.FORCES].astype(np.float64),
+            "energies": res[K.NODE_ENERGY].astype(np.float64),
+        }
+        if periodic:
+            s = res[K.STRESS].astype(np.float64)
+            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])

@@ -1,0 +1,1 @@
+"""The ``trustpot`` command."""

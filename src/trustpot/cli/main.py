@@ -1,0 +1,172 @@
+"""``trustpot`` command: subcommands are thin layers over library functions.
+
+Errors that bad input causes print one line (``trustpot: error: ...``) and exit with 2; the
+full traceback goes to ``error.log`` in the output folder (or the current folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from trustpot.errors import TrustpotError
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a potential", description="Train a potential.")
+    p.add_argument("config", nargs="?", help="YAML config (sections data, model, train)")
+    p.add_argument("--train", help="training data file (any ASE format)")
+    p.add_argument("--valid", help="validation data file")
+    p.add_argument("--valid-fraction", type=float, help="share of --train held out (default 0.05)")
+    p.add_argument("--isolated-atoms", help="file of isolated-atom energies (else least squares)")
+    p.add_argument("--model", help="backbone: schnet, painn or egnn (default painn)")
+    p.add_argument("--dtype", choices=["float32", "float64"])
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget in minutes")
+    p.add_argument("--epochs", type=int, help="maximum epochs")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any option, e.g. -o train.lr=1e-3 -o model.hypers.n_features=128")
+    p.set_defaults(func=_train, out_dir=lambda a: a.out)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trustpot.config import load_config
+    from trustpot.train.run import run_training
+
+    base: dict[str, dict[str, object]] = {"data": {}, "model": {}, "train": {}}
+    for flag, (section, key) in {
+        "train": ("data", "train"), "valid": ("data", "valid"),
+        "valid_fraction": ("data", "valid_fraction"), "isolated_atoms": ("data", "isolated_atoms"),
+        "model": ("model", "name"), "dtype": ("model", "dtype"),
+        "max_minutes": ("train", "max_minutes"), "epochs": ("train", "epochs"),
+        "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "seed": ("train", "seed"),
+    }.items():
+        value = getattr(args, flag)
+        if value is not None:
+            base[section][key] = value
+    cfg = load_config(args.config, args.override, base)
+    run_training(cfg, args.out, resume=args.resume)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint on labelled data",
+                       description="Write DIR/metrics.json and DIR/parity.png.")
+    p.add_argument("checkpoint")
+    p.add_argument("data", help="labelled data file (any ASE format)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_eval, out_dir=lambda a: a.out)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from trustpot.calculator import Predictor
+    from trustpot.data.reader import read_structures
+    from trustpot.evaluate import evaluate_file
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
+    structures = read_structures(args.data, require=())
+    metrics = evaluate_file(predictor, structures, args.out, source=args.data)
+    summary = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _add_md(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("md", help="run molecular dynamics with a checkpoint",
+                       description="Langevin (NVT) or NVE dynamics through ASE.")
+    p.add_argument("checkpoint")
+    p.add_argument("structure", help="starting structure (first frame of any ASE file)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--temperature", type=float, required=True, help="K")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
+    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    p.add_argument("--thermostat", choices=["langevin", "nve"], default="langevin")
+    p.add_argument("--interval", type=int, default=10, help="write every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="trajectory (.traj or .xyz)")
+    p.set_defaults(func=_md, out_dir=lambda a: str(Path(a.out).parent))
+
+
+def _md(args: argparse.Namespace) -> int:
+    import json
+
+    from trustpot.calculator import TrustpotCalculator
+    from trustpot.data.reader import read_structures
+    from trustpot.md import run_md
+
+    calc = TrustpotCalculator.from_checkpoint(args.checkpoint)
+    (start,) = read_structures(args.structure, require=(), index=0)
+    from trustpot.data.structures import check_species
+
+    check_species([start], calc.predictor.species, args.structure)
+    stats = run_md(
+        calc, start.to_atoms(with_labels=False), args.steps, args.temperature, args.out,
+        timestep_fs=args.timestep, friction=args.friction, thermostat=args.thermostat,
+        interval=args.interval, seed=args.seed,
+    )
+    print(json.dumps(stats, indent=1))
+    return 0
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="show the options and their defaults")
+    p.add_argument("action", choices=["show"])
+    p.set_defaults(func=_config, out_dir=lambda a: ".")
+
+
+def _config(args: argparse.Namespace) -> int:
+    from trustpot.config import describe_defaults
+
+    print(describe_defaults())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trustpot import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="trustpot",
+        description="Machine-learned interatomic potentials that say how far to trust them.",
+    )
+    parser.add_argument("--version", action="version", version=f"trustpot {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_eval, _add_md, _add_config):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except TrustpotError as err:
+        _write_error_log(args)
+        print(f"trustpot: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("trustpot: interrupted; finished epochs are in last.ckpt (use --resume)", file=sys.stderr)
+        return 130
+
+
+def _write_error_log(args: argparse.Namespace) -> None:
+    try:
+        folder = Path(args.out_dir(args))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "error.log").write_text(traceback.format_exc())
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

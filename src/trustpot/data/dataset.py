@@ -1,0 +1,87 @@
+"""A dataset of structures whose graphs (neighbour lists included) are built once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from trustpot.data.graph import Graph, collate, structure_to_graph
+from trustpot.data.neighbors import NeighborListSpec
+from trustpot.data.structures import Structure
+from trustpot.errors import DataError
+
+
+class GraphDataset:
+    """Structures with their graphs, built once for the neighbour lists a model asks for.
+
+    Args:
+        structures: the structures.
+        specs: neighbour lists to build (all a model's ``neighbor_lists()``).
+        dtype: float dtype of positions and labels (the model's dtype).
+        name: shown in errors and progress bars (usually the file path).
+    """
+
+    def __init__(
+        self,
+        structures: Sequence[Structure],
+        specs: Sequence[NeighborListSpec],
+        dtype: torch.dtype = torch.float32,
+        name: str = "dataset",
+    ) -> None:
+        if len(structures) == 0:
+            raise DataError(name, "no structures (empty dataset)")
+        self.structures = list(structures)
+        self.specs = tuple(specs)
+        self.dtype = dtype
+        self.name = name
+        self._graphs: list[Graph | None] = [None] * len(self.structures)
+
+    def __len__(self) -> int:
+        return len(self.structures)
+
+    def graph(self, index: int) -> Graph:
+        """Graph of structure ``index`` (built on first use, then cached)."""
+        g = self._graphs[index]
+        if g is None:
+            g = structure_to_graph(self.structures[index], self.specs, self.dtype)
+            self._graphs[index] = g
+        return g
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> GraphDataset:
+        """A dataset of some of the structures, sharing already-built graphs."""
+        out = GraphDataset(
+            [self.structures[i] for i in indices], self.specs, self.dtype, name or self.name
+        )
+        out._graphs = [self._graphs[i] for i in indices]
+        return out
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[Graph | None, int]]:
+        """Yield ``(batch, n_global)`` pairs.
+
+        With ``world_size > 1`` every rank gets a slice of the same global batch, so the sum of
+        per-rank losses divided by ``n_global`` equals the single-process loss. A rank whose slice
+        is empty gets ``None`` so that every rank takes the same number of steps.
+        """
+        order = np.arange(len(self))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(self))
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            chunk = order[start : start + batch_size]
+            mine = chunk[rank::world_size]
+            batch = collate([self.graph(int(k)) for k in mine]) if len(mine) else None
+            yield batch, len(chunk)
+
+    def species(self) -> list[int]:
+        """Sorted atomic numbers present."""
+        return sorted({int(z) for s in self.structures for z in np.unique(s.numbers)})

@@ -1,0 +1,79 @@
+"""Structures to graphs (flat ``dict[str, Tensor]``) and batching."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trustpot import keys as K
+from trustpot.data.neighbors import NeighborListSpec, neighbor_pairs
+from trustpot.data.structures import Structure
+
+Graph = dict[str, Tensor]
+
+
+def structure_to_graph(
+    s: Structure, specs: Sequence[NeighborListSpec], dtype: torch.dtype = torch.float32
+) -> Graph:
+    """One structure as a graph with one neighbour list per spec.
+
+    Labels that are absent become zeros with a zero weight, so that batches of partly
+    labelled data stay rectangular and the losses skip them.
+    """
+    n = s.n_atoms
+    g: Graph = {
+        K.POSITIONS: torch.as_tensor(s.positions, dtype=dtype),
+        K.ATOMIC_NUMBERS: torch.as_tensor(s.numbers, dtype=torch.long),
+        K.CELL: torch.as_tensor(s.cell, dtype=dtype).unsqueeze(0),
+        K.PBC: torch.as_tensor(s.pbc, dtype=torch.bool).unsqueeze(0),
+        K.N_ATOMS: torch.tensor([n], dtype=torch.long),
+        K.ENERGY: torch.tensor([0.0 if s.energy is None else s.energy], dtype=torch.float64),
+        K.ENERGY_WEIGHT: torch.tensor([0.0 if s.energy is None else 1.0], dtype=dtype),
+        K.FORCES: torch.as_tensor(
+            np.zeros((n, 3)) if s.forces is None else s.forces, dtype=dtype
+        ),
+        K.FORCES_WEIGHT: torch.tensor([0.0 if s.forces is None else 1.0], dtype=dtype),
+        K.STRESS: torch.as_tensor(
+            np.zeros((3, 3)) if s.stress is None else s.stress, dtype=dtype
+        ).unsqueeze(0),
+        K.STRESS_WEIGHT: torch.tensor([0.0 if s.stress is None else 1.0], dtype=dtype),
+    }
+    done: dict[float, tuple[Tensor, Tensor]] = {}
+    for spec in specs:
+        if spec.cutoff not in done:
+            i, j, shifts, _ = neighbor_pairs(s.positions, s.cell, s.pbc, spec.cutoff)
+            done[spec.cutoff] = (
+                torch.from_numpy(np.stack([i, j])),
+                torch.as_tensor(shifts, dtype=dtype),
+            )
+        g[K.edge_index_key(spec.name)], g[K.edge_shift_key(spec.name)] = done[spec.cutoff]
+    return g
+
+
+def collate(graphs: Sequence[Graph]) -> Graph:
+    """Concatenate graphs into one batch; edge indices are offset, ``batch`` is added."""
+    if not graphs:
+        raise ValueError("cannot collate an empty list of graphs")
+    out: Graph = {}
+    n_atoms = torch.cat([g[K.N_ATOMS] for g in graphs])
+    offsets = torch.cumsum(n_atoms, 0) - n_atoms
+    for key in graphs[0]:
+        if key.startswith(K.EDGE_INDEX_PREFIX):
+            out[key] = torch.cat([g[key] + off for g, off in zip(graphs, offsets.tolist())], 1)
+        else:
+            out[key] = torch.cat([g[key] for g in graphs], 0)
+    out[K.BATCH] = torch.repeat_interleave(torch.arange(len(graphs)), n_atoms)
+    return out
+
+
+def to_device(g: Graph, device: torch.device | str) -> Graph:
+    """Move every tensor of ``g`` to ``device``."""
+    return {k: v.to(device) for k, v in g.items()}
+
+
+def n_graphs(g: Graph) -> int:
+    """Number of structures in a batch."""
+    return int(g[K.N_ATOMS].shape[0])

@@ -1,0 +1,163 @@
+"""The backbone contract: per-atom invariant features from a graph, with public ``embed``.
+
+A backbone turns a graph into an :class:`Embedding`; heads turn embeddings into per-atom
+energies; :class:`trustpot.models.potential.Potential` sums them and differentiates.
+
+Extension points used by the reliability wrappers:
+- ``Embedding["layers"]``: invariant features after every interaction layer (PROBE reads them);
+- :meth:`Backbone.modulate`: every backbone passes its hidden features through it after each
+  interaction layer; it is the identity unless a modulator is attached (learned functional
+  perturbations attach one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Protocol, TypedDict
+
+import torch
+from torch import Tensor, nn
+
+from trustpot import keys as K
+from trustpot.data.graph import Graph
+from trustpot.data.neighbors import NeighborListSpec
+from trustpot.errors import ConfigError
+
+
+class Embedding(TypedDict, total=False):
+    """What a backbone returns.
+
+    Attributes:
+        node: [n_atoms, F] invariant per-atom features of the last layer.
+        layers: list of [n_atoms, F] invariant features after each interaction layer.
+        node_equivariant: [n_atoms, 3, F] vector features, where the backbone has them.
+    """
+
+    node: Tensor
+    layers: list[Tensor]
+    node_equivariant: Tensor
+
+
+class Modulator(Protocol):
+    """Changes hidden features ``h`` [n_atoms, F] after interaction layer ``layer``."""
+
+    def __call__(self, layer: int, h: Tensor, g: Graph) -> Tensor: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneHypers:
+    """Hyper-parameters every backbone has.
+
+    Attributes:
+        cutoff: neighbour-list radius in Å.
+        n_features: width of the per-atom features.
+        n_layers: number of interaction layers.
+    """
+
+    cutoff: float = 5.0
+    n_features: int = 64
+    n_layers: int = 3
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for values no model can use."""
+        if self.cutoff <= 0:
+            raise ConfigError(f"cutoff must be positive, got {self.cutoff}")
+        if self.n_features < 1 or self.n_layers < 1:
+            raise ConfigError("n_features and n_layers must be at least 1")
+
+
+def make_hypers(cls: type[BackboneHypers], values: dict[str, Any]) -> BackboneHypers:
+    """Build hypers of ``cls`` from a dict; unknown keys and wrong types are errors."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown model option(s) {unknown} for {cls.__qualname__}; known: {sorted(known)}"
+        )
+    converted: dict[str, Any] = {}
+    for key, value in values.items():
+        default = getattr(cls, key, None)
+        kind = type(default) if default is not None else None
+        try:
+            if kind is bool and isinstance(value, str):
+                converted[key] = value.lower() in ("1", "true", "yes")
+            elif kind in (int, float, str, bool):
+                converted[key] = kind(value)
+            else:
+                converted[key] = value
+        except (TypeError, ValueError):
+            raise ConfigError(f"model option '{key}' expects {kind}, got {value!r}") from None
+    hypers = cls(**converted)
+    hypers.validate()
+    return hypers
+
+
+class Backbone(nn.Module, ABC):
+    """Maps a graph to per-atom invariant features.
+
+    Subclasses set ``Hypers`` and implement :meth:`forward`; they look up atom types with
+    :meth:`type_index` so that the model's species list stays in one place.
+
+    Args:
+        hypers: the backbone's hyper-parameters.
+        species: atomic numbers the model knows.
+        avg_neighbors: mean neighbour count within the cutoff, to normalise message sums.
+    """
+
+    Hypers: ClassVar[type[BackboneHypers]] = BackboneHypers
+
+    def __init__(self, hypers: BackboneHypers, species: list[int], avg_neighbors: float) -> None:
+        super().__init__()
+        self.hypers = hypers
+        self.species = list(species)
+        self.avg_neighbors = float(max(avg_neighbors, 1.0))
+        table = torch.full((119,), -1, dtype=torch.long)
+        table[torch.tensor(self.species, dtype=torch.long)] = torch.arange(len(self.species))
+        self.register_buffer("type_table", table, persistent=False)
+        self.modulator: Modulator | None = None
+
+    @property
+    def n_types(self) -> int:
+        return len(self.species)
+
+    @property
+    def n_features(self) -> int:
+        return self.hypers.n_features
+
+    def neighbor_lists(self) -> list[NeighborListSpec]:
+        """The neighbour lists this backbone needs (one by default)."""
+        return [NeighborListSpec("main", self.hypers.cutoff)]
+
+    def type_index(self, g: Graph) -> Tensor:
+        """[n_atoms] index of each atom in ``species``; raises on unknown elements."""
+        index = self.type_table[g[K.ATOMIC_NUMBERS]]
+        if bool((index < 0).any()):
+            unknown = sorted({int(z) for z in g[K.ATOMIC_NUMBERS][index < 0]})
+            raise ValueError(f"element(s) {unknown} unknown to this model (knows {self.species})")
+        return index
+
+    def modulate(self, layer: int, h: Tensor, g: Graph) -> Tensor:
+        """Hidden features after interaction ``layer``; identity unless a modulator is set."""
+        return h if self.modulator is None else self.modulator(layer, h, g)
+
+    @abstractmethod
+    def forward(self, g: Graph) -> Embedding:
+        """Per-atom features of the batch ``g``."""
+
+
+def edge_vectors(g: Graph, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Vectors from each centre atom to its neighbour, for neighbour list ``name``.
+
+    Returns:
+        ``edge_index`` [2, n_edges] (rows i, j), ``vectors`` [n_edges, 3] Å
+        (``r_j - r_i + shift @ cell``) and ``lengths`` [n_edges] Å.
+    """
+    index = g[K.edge_index_key(name)]
+    shifts = g[K.edge_shift_key(name)]
+    pos = g[K.POSITIONS]
+    i, j = index[0], index[1]
+    cell = g[K.CELL][g[K.BATCH][i]]
+    vectors = pos[j] - pos[i] + torch.einsum("ek,ekl->el", shifts.to(pos.dtype), cell)
+    lengths = torch.sqrt((vectors * vectors).sum(-1) + torch.finfo(pos.dtype).tiny)
+    return index, vectors, lengths

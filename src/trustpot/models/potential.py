@@ -1,0 +1,214 @@
+"""A potential: backbone -> per-atom energy head -> scale, shift, reference energies -> sum.
+
+Forces, stress and virial come from autograd of the total energy, so every model is
+conservative by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trustpot import keys as K
+from trustpot.data.graph import Graph
+from trustpot.data.neighbors import NeighborListSpec
+from trustpot.errors import ConfigError
+from trustpot.models.base import Backbone, Embedding
+from trustpot.nn import MLP, scatter_sum
+
+DEFAULT_OUTPUTS = frozenset({K.ENERGY, K.FORCES})
+SUPPORTED_OUTPUTS = frozenset({K.ENERGY, K.FORCES, K.STRESS, K.VIRIAL, K.NODE_ENERGY})
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything needed to rebuild a potential, stored in its checkpoint.
+
+    Attributes:
+        backbone: registry name of the backbone.
+        hypers: the backbone's hyper-parameters.
+        species: atomic numbers the model knows.
+        reference_energies: E0 per element (eV), keyed by atomic number (as str in files).
+        energy_scale: std of the per-atom energy head's output (eV); forces' RMS by default.
+        energy_shift: mean residual energy per atom (eV).
+        avg_neighbors: mean neighbour count, for message normalisation.
+        dtype: ``float32`` or ``float64``.
+        head_dropout: dropout in the energy head (used by MC dropout).
+    """
+
+    backbone: str
+    hypers: dict[str, Any]
+    species: list[int]
+    reference_energies: dict[int, float]
+    energy_scale: float = 1.0
+    energy_shift: float = 0.0
+    avg_neighbors: float = 10.0
+    dtype: str = "float32"
+    head_dropout: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["reference_energies"] = {str(k): v for k, v in self.reference_energies.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelMeta:
+        d = dict(d)
+        d["reference_energies"] = {int(k): float(v) for k, v in d["reference_energies"].items()}
+        return cls(**d)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        try:
+            return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
+        except KeyError:
+            raise ConfigError(f"dtype must be float32 or float64, got '{self.dtype}'") from None
+
+
+class EnergyHead(nn.Module):
+    """Per-atom energy from the last invariant features: a two-layer MLP.
+
+    Args:
+        n_features: input width F.
+        dropout: dropout probability inside the MLP.
+    """
+
+    def __init__(self, n_features: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.mlp = MLP([n_features, max(n_features // 2, 1), 1], dropout=dropout)
+        if dropout > 0:
+            self.mlp.insert(0, nn.Dropout(dropout))
+
+    def forward(self, g: Graph, emb: Embedding) -> Tensor:
+        """-> [n_atoms] dimensionless per-atom energies (before scale and shift)."""
+        return self.mlp(emb["node"]).squeeze(-1)
+
+
+class Potential(nn.Module):
+    """Energy = sum over atoms of (scale * head(features) + shift + E0[z]).
+
+    Args:
+        backbone: the feature extractor.
+        meta: model metadata (species, reference energies, scale, shift...).
+        head: per-atom energy head; an :class:`EnergyHead` by default.
+    """
+
+    def __init__(self, backbone: Backbone, meta: ModelMeta, head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.meta = meta
+        self.head = head if head is not None else EnergyHead(backbone.n_features, meta.head_dropout)
+        e0 = torch.zeros(119, dtype=torch.float64)
+        for z, value in meta.reference_energies.items():
+            e0[int(z)] = value
+        self.register_buffer("reference_energies", e0)
+        self.register_buffer("energy_scale", torch.tensor(float(meta.energy_scale)))
+        self.register_buffer("energy_shift", torch.tensor(float(meta.energy_shift)))
+
+    # -- contract -------------------------------------------------------------------------
+    def neighbor_lists(self) -> list[NeighborListSpec]:
+        """Neighbour lists the data pipeline must build for this model."""
+        return self.backbone.neighbor_lists()
+
+    def supported_outputs(self) -> frozenset[str]:
+        return SUPPORTED_OUTPUTS
+
+    @property
+    def species(self) -> list[int]:
+        return list(self.meta.species)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.meta.torch_dtype
+
+    def embed(self, g: Graph) -> Embedding:
+        """Per-atom invariant features of ``g`` (no energies, no gradients needed)."""
+        return self.backbone(g)
+
+    # -- evaluation -----------------------------------------------------------------------
+    def node_energies(self, g: Graph) -> tuple[Tensor, Embedding]:
+        """[n_atoms] per-atom energies in eV and the embedding.
+
+        The learned part is computed in the model's dtype; the reference energies are added in
+        float64, so total energies of large molecules keep their precision in float32 models.
+        """
+        emb = self.backbone(g)
+        raw = self.head(g, emb)
+        learned = raw * self.energy_scale.to(raw.dtype) + self.energy_shift.to(raw.dtype)
+        return learned.double() + self.reference_energies[g[K.ATOMIC_NUMBERS]], emb
+
+    def forward(
+        self, g: Graph, outputs: Iterable[str] = DEFAULT_OUTPUTS, create_graph: bool | None = None
+    ) -> dict[str, Tensor]:
+        """Evaluate the requested ``outputs`` on the batch ``g``.
+
+        Args:
+            g: a (batched) graph from :func:`trustpot.data.graph.collate`.
+            outputs: subset of ``energy``, ``forces``, ``stress``, ``virial``, ``energies``.
+            create_graph: keep the graph of the force computation for training; defaults to
+                ``self.training``.
+
+        Returns:
+            ``energy`` [n_graphs] eV (float64), ``forces`` [n_atoms, 3] eV/Å, ``stress`` [n_graphs, 3, 3]
+            eV/Å^3, ``virial`` [n_graphs, 3, 3] eV, ``energies`` [n_atoms] eV, as requested.
+        """
+        wanted = frozenset(outputs)
+        unknown = wanted - SUPPORTED_OUTPUTS
+        if unknown:
+            raise ConfigError(f"unsupported output(s) {sorted(unknown)}; supported: {sorted(SUPPORTED_OUTPUTS)}")
+        return compute_outputs(self.node_energies, g, wanted, self.training if create_graph is None else create_graph)
+
+
+def compute_outputs(
+    node_energy_fn: Any, g: Graph, wanted: frozenset[str], create_graph: bool
+) -> dict[str, Tensor]:
+    """Energies and their derivatives for any ``node_energy_fn(g) -> ([n_atoms], emb)``.
+
+    Shared by :class:`Potential` and by wrappers (scale mixtures, perturbations) so that every
+    model gets forces and stress the same way. Stress uses a symmetric strain applied to
+    positions and cell: ``stress = (1/V) dE/d(strain)`` (ASE sign), ``virial = -dE/d(strain)``.
+    """
+    need_strain = bool(wanted & {K.STRESS, K.VIRIAL})
+    need_grad = need_strain or K.FORCES in wanted
+    n_graphs = int(g[K.N_ATOMS].shape[0])
+    pos = g[K.POSITIONS]
+    inputs: list[Tensor] = []
+    g = dict(g)
+    with torch.enable_grad():
+        if need_grad:
+            pos = pos.detach().requires_grad_(True)
+            inputs.append(pos)
+        if need_strain:
+            strain = torch.zeros((n_graphs, 3, 3), dtype=pos.dtype, device=pos.device)
+            strain.requires_grad_(True)
+            inputs.append(strain)
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            pos = pos + torch.einsum("ni,nij->nj", pos, sym[g[K.BATCH]])
+            g[K.CELL] = g[K.CELL] + torch.einsum("gij,gjk->gik", g[K.CELL], sym)
+        g[K.POSITIONS] = pos
+        node_e, _ = node_energy_fn(g)
+        energy = scatter_sum(node_e, g[K.BATCH], n_graphs)
+        out: dict[str, Tensor] = {K.ENERGY: energy}
+        if K.NODE_ENERGY in wanted:
+            out[K.NODE_ENERGY] = node_e
+        if need_grad:
+            grads = torch.autograd.grad(
+                energy.sum(), inputs, create_graph=create_graph, allow_unused=True
+            )
+            if K.FORCES in wanted:
+                out[K.FORCES] = -grads[0] if grads[0] is not None else torch.zeros_like(pos)
+            if need_strain:
+                d_strain = grads[-1] if grads[-1] is not None else torch.zeros_like(strain)
+                if K.VIRIAL in wanted:
+                    out[K.VIRIAL] = -d_strain
+                if K.STRESS in wanted:
+                    volume = torch.linalg.det(g[K.CELL]).abs().clamp_min(1e-12)
+                    periodic = g[K.PBC].any(dim=1)
+                    stress = d_strain / volume.view(-1, 1, 1)
+                    out[K.STRESS] = torch.where(periodic.view(-1, 1, 1), stress, torch.zeros_like(stress))
+    return out

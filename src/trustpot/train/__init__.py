@@ -1,0 +1,1 @@
+"""Training: objectives, losses, the loop, and the run driver."""

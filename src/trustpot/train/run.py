@@ -1,0 +1,135 @@
+"""Run driver: read data, build or restore a model, train, write the run directory.
+
+A run directory holds ``config.resolved.yaml``, ``split.json`` (validation indices),
+``log.txt``, ``metrics.csv``, ``best.ckpt`` (inference weights of the best epoch) and
+``last.ckpt`` (everything needed to resume).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trustpot.config import RunConfig, config_to_dict, dump_config
+from trustpot.data.dataset import GraphDataset
+from trustpot.data.reader import KeyMap, file_sha256, read_structures
+from trustpot.data.stats import isolated_atom_energies
+from trustpot.data.structures import Structure, check_species
+from trustpot.errors import ConfigError
+from trustpot.io.checkpoint import potential_from_checkpoint_dict, read_checkpoint
+from trustpot.models.build import build_potential
+from trustpot.train.distributed import init_distributed
+from trustpot.train.losses import LossWeights
+from trustpot.train.trainer import Objective, Trainer, TrainResult
+
+
+def key_map(cfg: RunConfig) -> KeyMap:
+    d = cfg.data
+    return KeyMap(d.energy_key, d.forces_key, d.stress_key, d.energy_unit, d.length_unit)
+
+
+def split_train_valid(
+    structures: list[Structure], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Random train/validation indices (at least one of each)."""
+    n = len(structures)
+    if n < 2:
+        raise ConfigError(f"need at least 2 structures to hold out validation data, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(max(1, int(round(fraction * n))), n - 1)
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> TrainResult:
+    """Train a potential as ``cfg`` says and write the run directory ``out``."""
+    out = Path(out)
+    info = init_distributed()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    last = out / "last.ckpt"
+    if resume and not last.is_file():
+        raise ConfigError(f"{out}: nothing to resume (no last.ckpt)")
+    if not resume and last.is_file():
+        raise ConfigError(f"{out}: holds a run already; pass --resume to continue it or pick a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.txt"
+
+    def log(message: str) -> None:
+        if info.is_main:
+            line = f"[{time.strftime('%H:%M:%S')}] {message}"
+            print(line, flush=True)
+            with open(log_path, "a") as handle:
+                handle.write(line + "\n")
+
+    if not cfg.data.train:
+        raise ConfigError("no training data: set --train (data.train)")
+    keys = key_map(cfg)
+    all_train = read_structures(cfg.data.train, keys)
+    if cfg.data.valid:
+        train_idx = list(range(len(all_train)))
+        valid = read_structures(cfg.data.valid, keys)
+        val_idx: list[int] = []
+    else:
+        train_idx, val_idx = split_train_valid(all_train, cfg.data.valid_fraction, cfg.train.seed)
+        valid = [all_train[i] for i in val_idx]
+    if cfg.data.max_train and cfg.data.max_train < len(train_idx):
+        rng = np.random.default_rng(cfg.train.seed + 1)
+        train_idx = sorted(rng.choice(train_idx, cfg.data.max_train, replace=False).tolist())
+    train = [all_train[i] for i in train_idx]
+
+    if resume:
+        data = read_checkpoint(last)
+        saved = data.get("training", {}).get("config", {})
+        if saved.get("model") and saved["model"] != config_to_dict(cfg)["model"]:
+            raise ConfigError(
+                f"{last}: the model options differ from the run being resumed; "
+                f"saved {saved['model']}, now {config_to_dict(cfg)['model']}"
+            )
+        model = potential_from_checkpoint_dict(data, last)
+    else:
+        e0 = None
+        if cfg.data.isolated_atoms:
+            e0 = isolated_atom_energies(
+                read_structures(cfg.data.isolated_atoms, keys, require=("energy",)),
+                cfg.data.isolated_atoms,
+            )
+        model = build_potential(
+            cfg.model.name, dict(cfg.model.hypers), train, cfg.model.dtype, seed=cfg.train.seed,
+            reference_energies=e0, head_dropout=cfg.model.head_dropout,
+        )
+    check_species(valid, model.species, cfg.data.valid or cfg.data.train)
+
+    if info.is_main:
+        dump_config(cfg, out / "config.resolved.yaml")
+        (out / "split.json").write_text(json.dumps({
+            "train_file": str(cfg.data.train),
+            "train_sha256": file_sha256(cfg.data.train),
+            "seed": cfg.train.seed,
+            "train_indices": train_idx,
+            "valid_indices": val_idx,
+            "valid_file": cfg.data.valid or None,
+        }))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(
+        f"{'resuming' if resume else 'training'} {model.meta.backbone} ({n_params} parameters, "
+        f"{model.meta.dtype}) on {len(train)} structures, validating on {len(valid)}; "
+        f"processes: {info.world_size}"
+    )
+    dtype = model.dtype
+    specs = model.neighbor_lists()
+    train_ds = GraphDataset(train, specs, dtype, cfg.data.train)
+    valid_ds = GraphDataset(valid, specs, dtype, cfg.data.valid or cfg.data.train)
+    t = cfg.train
+    weights = LossWeights(t.energy_weight, t.forces_weight, t.stress_weight, t.loss, t.huber_delta)
+    trainer = Trainer(
+        model, [Objective("main", "main", weights)], t, info,
+        run_config=config_to_dict(cfg),
+    )
+    if resume:
+        trainer.load_training_state(last)
+        log(f"resumed at epoch {trainer.epoch} ({trainer.elapsed / 60:.1f} min used)")
+    return trainer.fit({"main": train_ds}, {"main": valid_ds}, out, log=log)
