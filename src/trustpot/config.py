@@ -99,7 +99,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 5e-3
     weight_decay: float = 0.0
-    schedule: str = "plateau"
+    schedule: str = "cosine"
     warmup_epochs: int = 5
     lr_factor: float = 0.8
     lr_patience: int = 20

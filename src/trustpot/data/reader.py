@@ -201,6 +201,8 @@ def read_structures(
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "no such file")
+    if path.stat().st_size == 0:
+        raise DataError(str(path), "file is empty (empty dataset)")
     cached = _cache_path(path, keys, index) if use_cache else None
     if cached is not None and cached.is_file():
         try:

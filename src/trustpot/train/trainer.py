@@ -311,6 +311,8 @@ class Trainer:
             disable=not main, dynamic_ncols=True, mininterval=1.0,
         )
         writer_fields: list[str] | None = None
+        if main and metrics_path.exists():
+            _drop_rows_from(metrics_path, self.epoch)
         if self.epoch >= self.cfg.epochs:
             stopped_by = "epochs"
         elif self._out_of_time():
@@ -376,3 +378,20 @@ class Trainer:
             epochs=self.epoch, best_epoch=self.best_epoch, best_val_loss=self.best_val,
             elapsed_s=self.elapsed, stopped_by=stopped_by, best_metrics=self.best_metrics,
         )
+
+
+def _drop_rows_from(path: Path, epoch: int) -> None:
+    """Remove ``metrics.csv`` rows of epochs >= ``epoch`` (written after the last checkpoint
+    of a killed run, and about to be redone)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    kept = [r for r in body if r and int(r[0]) < epoch]
+    if len(kept) == len(body):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *kept])
+    tmp.replace(path)

@@ -1,0 +1,117 @@
+"""Training: learning happens, determinism, resume after a kill, data-parallel equivalence."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trustpot.config import load_config
+from trustpot.errors import ConfigError
+from trustpot.io.checkpoint import read_checkpoint
+from trustpot.train.run import run_training
+
+TINY = ["model.hypers.n_features=8", "model.hypers.n_layers=2", "model.hypers.cutoff=4.0"]
+
+
+def config(train: Path, *extra: str) -> object:
+    return load_config(overrides=[f"data.train={train}", "data.valid_fraction=0.25", "train.batch_size=4",
+                                  "train.threads=1", *TINY, *extra])
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_loss_decreases(ethanol_file: Path, tmp_path: Path) -> None:
+    result = run_training(config(ethanol_file, "train.epochs=15", "model.name=schnet"), tmp_path / "r")
+    history = rows(tmp_path / "r")
+    assert len(history) == 15
+    assert float(history[-1]["train_loss"]) < 0.5 * float(history[0]["train_loss"])
+    assert result.best_epoch >= 0
+    for name in ("best.ckpt", "last.ckpt", "config.resolved.yaml", "split.json", "log.txt"):
+        assert (tmp_path / "r" / name).is_file()
+
+
+def test_same_seed_same_result(ethanol_file: Path, tmp_path: Path) -> None:
+    a = run_training(config(ethanol_file, "train.epochs=3"), tmp_path / "a")
+    b = run_training(config(ethanol_file, "train.epochs=3"), tmp_path / "b")
+    c = run_training(config(ethanol_file, "train.epochs=3", "train.seed=1"), tmp_path / "c")
+    assert a.best_metrics == b.best_metrics
+    assert a.best_metrics != c.best_metrics
+
+
+def test_refuses_to_overwrite_a_run(ethanol_file: Path, tmp_path: Path) -> None:
+    run_training(config(ethanol_file, "train.epochs=1"), tmp_path / "r")
+    with pytest.raises(ConfigError, match="holds a run already"):
+        run_training(config(ethanol_file, "train.epochs=1"), tmp_path / "r")
+
+
+def test_unknown_option_is_an_error(ethanol_file: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown option"):
+        config(ethanol_file, "train.learning_rate=0.1")
+    with pytest.raises(ConfigError, match="unknown model option"):
+        run_training(config(ethanol_file, "model.hypers.n_feature=3"), "unused")
+
+
+def _train_cmd(train: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trustpot", "train", "--train", str(train), "--out", str(out),
+            "--epochs", str(epochs), "--batch-size", "2", "--dtype", "float64",
+            "-o", "train.threads=1", "-o", "data.valid_fraction=0.25",
+            *[x for o in TINY for x in ("-o", o)], *extra]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted(ethanol_file: Path, tmp_path: Path) -> None:
+    epochs = 30
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(ethanol_file, full, epochs), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(ethanol_file, killed, epochs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (killed / "last.ckpt").exists() and (killed / "metrics.csv").exists() and len(rows(killed)) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done_before = read_checkpoint(killed / "last.ckpt")["training"]["epoch"]
+    assert 0 < done_before < epochs
+
+    subprocess.run(_train_cmd(ethanol_file, killed, epochs, "--resume"), check=True, capture_output=True)
+    history = rows(killed)
+    assert [int(r["epoch"]) for r in history] == list(range(epochs)), "epochs lost or repeated"
+    a = read_checkpoint(full / "last.ckpt")
+    b = read_checkpoint(killed / "last.ckpt")
+    for key, value in a["model"].items():
+        assert torch.allclose(value, b["model"][key], rtol=0, atol=1e-12), key
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(ethanol_file: Path, tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not found next to the Python interpreter")
+    single = tmp_path / "single"
+    subprocess.run(_train_cmd(ethanol_file, single, 4, "--batch-size", "4"), check=True, capture_output=True)
+    multi = tmp_path / "multi"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "trustpot",
+           *_train_cmd(ethanol_file, multi, 4, "--batch-size", "4")[3:]]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = rows(single), rows(multi)
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_forces_mae", "val_energy_mae_per_atom"):
+            assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-7), key
