@@ -13,6 +13,13 @@ from trustpot.io import checkpoint as ckpt
 from trustpot.models import build_potential
 
 
+def resave(data: dict, path: Path) -> None:
+    """Write an edited checkpoint with a matching digest (as another trustpot version would)."""
+    data.pop("digest", None)
+    data["digest"] = ckpt.checkpoint_digest(data)
+    torch.save(data, path)
+
+
 @pytest.fixture()
 def saved(ethanol_structures: list, tmp_path: Path) -> Path:
     model = build_potential("schnet", {"n_features": 8, "n_layers": 1}, ethanol_structures)
@@ -35,7 +42,7 @@ def test_missing(tmp_path: Path) -> None:
 def test_newer_version_refused(saved: Path) -> None:
     data = torch.load(saved, weights_only=True)
     data["version"] = ckpt.CHECKPOINT_VERSION + 1
-    torch.save(data, saved)
+    resave(data, saved)
     with pytest.raises(CheckpointError, match="written by a newer trustpot"):
         ckpt.load_potential(saved)
 
@@ -43,7 +50,7 @@ def test_newer_version_refused(saved: Path) -> None:
 def test_older_version_without_migration_refused(saved: Path) -> None:
     data = torch.load(saved, weights_only=True)
     data["version"] = 0
-    torch.save(data, saved)
+    resave(data, saved)
     with pytest.raises(CheckpointError, match="has no migration"):
         ckpt.load_potential(saved)
 
@@ -52,7 +59,7 @@ def test_migration_chain_is_applied(saved: Path, monkeypatch: pytest.MonkeyPatch
     data = torch.load(saved, weights_only=True)
     data["version"] = 0
     data["old_meta"] = data.pop("meta")
-    torch.save(data, saved)
+    resave(data, saved)
 
     def upgrade(d: dict) -> dict:
         d["meta"] = d.pop("old_meta")
@@ -70,7 +77,7 @@ class Payload:  # an arbitrary class: weights_only loading must refuse to build 
 def test_pickled_code_is_refused(saved: Path) -> None:
     data = torch.load(saved, weights_only=True)
     data["extra"] = Payload()
-    torch.save(data, saved)
+    resave(data, saved)
     with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
         ckpt.load_potential(saved)
 
@@ -94,7 +101,7 @@ def test_wrong_shapes_refused(saved: Path) -> None:
     key = next(k for k, v in data["model"].items() if v.ndim == 2)
     data["model"] = collections.OrderedDict(data["model"])
     data["model"][key] = torch.zeros(3, 3)
-    torch.save(data, saved)
+    resave(data, saved)
     with pytest.raises(CheckpointError, match="do not fit"):
         ckpt.load_potential(saved)
 
@@ -103,6 +110,15 @@ def test_nan_weights_refused(saved: Path) -> None:
     data = torch.load(saved, weights_only=True)
     key = next(k for k, v in data["model"].items() if v.ndim == 2)
     data["model"][key] = torch.full_like(data["model"][key], float("nan"))
-    torch.save(data, saved)
+    resave(data, saved)
     with pytest.raises(CheckpointError, match="NaN"):
+        ckpt.load_potential(saved)
+
+
+def test_edited_weights_are_detected(saved: Path) -> None:
+    data = torch.load(saved, weights_only=True)
+    key = next(k for k, v in data["model"].items() if v.ndim == 2)
+    data["model"][key] = data["model"][key] + 1e-3
+    torch.save(data, saved)  # not re-signed: a silent edit
+    with pytest.raises(CheckpointError, match="does not match its SHA-256 digest"):
         ckpt.load_potential(saved)

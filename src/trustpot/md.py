@@ -9,11 +9,20 @@ import numpy as np
 from ase import Atoms, units
 from ase.io import Trajectory, write
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
 from trustpot.calculator import TrustpotCalculator
 from trustpot.errors import ConfigError
+
+
+def _thermalize(atoms: Atoms, temperature: float, rng: np.random.Generator) -> None:
+    from ase.md import velocitydistribution as vd
+
+    if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.29; the older name is deprecated there
+        vd.thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
+    else:
+        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
 
 
 def run_md(
@@ -46,7 +55,7 @@ def run_md(
     atoms = atoms.copy()
     atoms.calc = calculator
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    _thermalize(atoms, temperature, rng)
     Stationary(atoms)
     if not atoms.pbc.any():
         ZeroRotation(atoms)

@@ -5,6 +5,7 @@ A checkpoint is a plain dict of tensors and builtins, loaded with
 
     format: "trustpot-checkpoint"
     version: int                  # CHECKPOINT_VERSION when written
+    digest: str                   # SHA-256 of every other field: edits are detected
     trustpot_version: str
     kind: "potential" | <wrapper kind>
     meta: ModelMeta.to_dict()
@@ -17,6 +18,7 @@ Older versions are upgraded by ``MIGRATIONS[v]`` (v -> v + 1) in order.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -42,6 +44,28 @@ def _package_version() -> str:
     return __version__
 
 
+def checkpoint_digest(value: Any, h: Any | None = None) -> Any:
+    """SHA-256 over a nested structure of dicts, lists, tensors and builtins (keys sorted)."""
+    top = h is None
+    h = hashlib.sha256() if h is None else h
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, dict):
+        h.update(b"D")
+        for key in sorted(value, key=str):
+            h.update(repr(key).encode())
+            checkpoint_digest(value[key], h)
+    elif isinstance(value, (list, tuple)):
+        h.update(b"L")
+        for item in value:
+            checkpoint_digest(item, h)
+    else:
+        h.update(repr(value).encode())
+    return h.hexdigest() if top else h
+
+
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     """Write ``payload`` (plus format and version fields) atomically to ``path``.
 
@@ -54,6 +78,8 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     data["format"] = CHECKPOINT_FORMAT
     data["version"] = CHECKPOINT_VERSION
     data["trustpot_version"] = _package_version()
+    data.pop("digest", None)
+    data["digest"] = checkpoint_digest(data)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(data, tmp)
     with open(tmp, "rb") as handle:
@@ -80,6 +106,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a trustpot checkpoint (no '{CHECKPOINT_FORMAT}' tag)")
+    digest = data.pop("digest", None)
+    if digest is None or checkpoint_digest(data) != digest:
+        raise CheckpointError(
+            f"{path}: content does not match its SHA-256 digest (tampered or corrupted file)"
+        )
     version = data.get("version")
     if not isinstance(version, int):
         raise CheckpointError(f"{path}: checkpoint has no integer version")
