@@ -25,11 +25,15 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TRUSTPOT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def labelled_molecules(n: int, seed: int = 0, name: str = "CH3CH2OH", scale: float = 0.08) -> list[Atoms]:
+def labelled_molecules(
+    n: int, seed: int = 0, name: str = "CH3CH2OH", scale: float = 0.08
+) -> list[Atoms]:
     """``n`` rattled copies of a molecule with EMT energies and forces."""
     rng = np.random.default_rng(seed)
     base = molecule(name)
@@ -50,7 +54,9 @@ def labelled_bulk(n: int, seed: int = 0) -> list[Atoms]:
     frames = []
     for _ in range(n):
         a = bulk("Cu", "fcc", a=3.6, cubic=True)
-        a.set_cell(a.cell.array @ (np.eye(3) + rng.normal(scale=0.01, size=(3, 3))), scale_atoms=True)
+        a.set_cell(
+            a.cell.array @ (np.eye(3) + rng.normal(scale=0.01, size=(3, 3))), scale_atoms=True
+        )
         a.positions += rng.normal(scale=0.05, size=a.positions.shape)
         a.calc = EMT()
         a.get_forces()

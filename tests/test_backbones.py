@@ -26,7 +26,9 @@ BACKBONES = ["schnet", "painn", "egnn"]
 TINY = {"n_features": 8, "n_layers": 2, "cutoff": 4.0}
 
 
-def tiny_model(name: str, structures: list[Structure], seed: int = 0, **hypers: object) -> torch.nn.Module:
+def tiny_model(
+    name: str, structures: list[Structure], seed: int = 0, **hypers: object
+) -> torch.nn.Module:
     model = build_potential(name, {**TINY, **hypers}, structures, dtype="float64", seed=seed)
     # a trained-looking head: random non-zero output weights so that forces are not trivially 0
     with torch.no_grad():
@@ -64,7 +66,9 @@ def test_stress_is_strain_derivative(name: str, bulk_structures: list[Structure]
 
 
 @pytest.mark.parametrize("name", BACKBONES)
-def test_batch_equals_one_by_one(name: str, ethanol_structures: list[Structure], bulk_structures: list[Structure]) -> None:
+def test_batch_equals_one_by_one(
+    name: str, ethanol_structures: list[Structure], bulk_structures: list[Structure]
+) -> None:
     model = tiny_model(name, ethanol_structures[:3])
     check_batch_equals_single(model, ethanol_structures[:3])
     model = tiny_model(name, bulk_structures)
@@ -78,7 +82,9 @@ def test_smooth_at_cutoff(name: str, ethanol_structures: list[Structure]) -> Non
 
 
 @pytest.mark.parametrize("name", BACKBONES)
-def test_save_load_round_trip(name: str, ethanol_structures: list[Structure], tmp_path: Path) -> None:
+def test_save_load_round_trip(
+    name: str, ethanol_structures: list[Structure], tmp_path: Path
+) -> None:
     model = tiny_model(name, ethanol_structures)
     check_save_load(model, ethanol_structures[0], tmp_path / "m.ckpt")
 
@@ -87,7 +93,12 @@ def test_save_load_round_trip(name: str, ethanol_structures: list[Structure], tm
 def test_float32_close_to_float64(name: str, ethanol_structures: list[Structure]) -> None:
     m64 = tiny_model(name, ethanol_structures)
     m32 = build_potential(name, TINY, ethanol_structures, dtype="float32").eval()
-    m32.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() and k != "reference_energies" else v for k, v in m64.state_dict().items()})
+    m32.load_state_dict(
+        {
+            k: v.to(torch.float32) if v.is_floating_point() and k != "reference_energies" else v
+            for k, v in m64.state_dict().items()
+        }
+    )
     s = ethanol_structures[0]
     out = []
     for m in (m32, m64):
@@ -101,7 +112,9 @@ def test_float32_close_to_float64(name: str, ethanol_structures: list[Structure]
 @pytest.mark.parametrize("name", BACKBONES)
 def test_embed_exposes_per_layer_features(name: str, ethanol_structures: list[Structure]) -> None:
     model = tiny_model(name, ethanol_structures)
-    g = collate([structure_to_graph(s, model.neighbor_lists(), model.dtype) for s in ethanol_structures[:2]])
+    g = collate(
+        [structure_to_graph(s, model.neighbor_lists(), model.dtype) for s in ethanol_structures[:2]]
+    )
     emb = model.embed(g)
     n = sum(s.n_atoms for s in ethanol_structures[:2])
     assert emb["node"].shape == (n, TINY["n_features"])
@@ -110,7 +123,12 @@ def test_embed_exposes_per_layer_features(name: str, ethanol_structures: list[St
 
 def test_energy_decomposes_into_head_and_reference(ethanol_structures: list[Structure]) -> None:
     model = tiny_model("painn", ethanol_structures)
-    atom = Structure(numbers=np.array([8]), positions=np.zeros((1, 3)), cell=np.zeros((3, 3)), pbc=np.zeros(3, bool))
+    atom = Structure(
+        numbers=np.array([8]),
+        positions=np.zeros((1, 3)),
+        cell=np.zeros((3, 3)),
+        pbc=np.zeros(3, bool),
+    )
     g = collate([structure_to_graph(atom, model.neighbor_lists(), model.dtype)])
     energy = float(model(g, {K.ENERGY})[K.ENERGY][0].detach())
     # an atom with no neighbours still gets the head's output for its embedding; with zero

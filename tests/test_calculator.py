@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ase.calculators.calculator import PropertyNotImplementedError
+from conftest import labelled_bulk, labelled_molecules
 
 from trustpot import Predictor, TrustpotCalculator
 from trustpot.io.checkpoint import potential_payload, save_checkpoint
 from trustpot.models import build_potential
-
-from conftest import labelled_bulk, labelled_molecules
 
 
 @pytest.fixture()

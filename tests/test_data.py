@@ -10,14 +10,13 @@ import pytest
 from ase.build import bulk
 from ase.io import write
 from ase.neighborlist import neighbor_list
+from conftest import labelled_molecules
 
 from trustpot.data.neighbors import neighbor_pairs
 from trustpot.data.reader import KeyMap, read_structures
 from trustpot.data.stats import fit_reference_energies, force_rms
 from trustpot.data.structures import check_species
 from trustpot.errors import DataError
-
-from conftest import labelled_molecules
 
 
 def write_frames(path: Path, frames: list) -> Path:
@@ -120,7 +119,9 @@ def test_overlapping_atoms(tmp_path: Path) -> None:
     frames = labelled_molecules(3)
     frames[2].positions[4] = frames[2].positions[0] + [0.05, 0.0, 0.0]
     path = write_frames(tmp_path / "f.xyz", frames)
-    with pytest.raises(DataError, match=r"frame 2: field 'positions': atoms 0 and 4 are 0.050 Å apart"):
+    with pytest.raises(
+        DataError, match=r"frame 2: field 'positions': atoms 0 and 4 are 0.050 Å apart"
+    ):
         read_structures(path, use_cache=False)
 
 
@@ -140,7 +141,9 @@ def test_empty_file(tmp_path: Path) -> None:
 
 
 def test_unknown_element_is_named(ethanol_structures: list) -> None:
-    with pytest.raises(DataError, match=r"x.xyz: frame 0: field 'numbers': element\(s\) O not in the model"):
+    with pytest.raises(
+        DataError, match=r"x.xyz: frame 0: field 'numbers': element\(s\) O not in the model"
+    ):
         check_species(ethanol_structures, [1, 6], "x.xyz")
 
 
@@ -149,7 +152,7 @@ def test_neighbor_pairs_match_ase() -> None:
     a = bulk("Cu", "fcc", a=3.6) * (2, 1, 1)
     a.rattle(0.05, seed=1)
     i, j, shifts, d = neighbor_pairs(a.positions, a.cell.array, a.pbc, 4.0, with_distances=True)
-    ii, jj, dd = neighbor_list("ijd", a, 4.0)
+    ii, _jj, dd = neighbor_list("ijd", a, 4.0)
     assert len(i) == len(ii)
     assert np.allclose(np.sort(d), np.sort(dd))
     vec = a.positions[j] - a.positions[i] + shifts @ a.cell.array
@@ -164,7 +167,11 @@ def test_reference_energies_least_squares() -> None:
     for n_h, n_o in [(2, 1), (1, 1), (2, 2), (4, 1)]:
         numbers = np.array([1] * n_h + [8] * n_o)
         pos = np.arange(len(numbers) * 3, dtype=float).reshape(-1, 3)
-        structures.append(Structure(numbers, pos, np.zeros((3, 3)), np.zeros(3, bool), energy=n_h * e_h + n_o * e_o))
+        structures.append(
+            Structure(
+                numbers, pos, np.zeros((3, 3)), np.zeros(3, bool), energy=n_h * e_h + n_o * e_o
+            )
+        )
     e0 = fit_reference_energies(structures, [1, 8])
     assert e0[1] == pytest.approx(e_h) and e0[8] == pytest.approx(e_o)
 

@@ -23,8 +23,16 @@ TINY = ["model.hypers.n_features=8", "model.hypers.n_layers=2", "model.hypers.cu
 
 
 def config(train: Path, *extra: str) -> object:
-    return load_config(overrides=[f"data.train={train}", "data.valid_fraction=0.25", "train.batch_size=4",
-                                  "train.threads=1", *TINY, *extra])
+    return load_config(
+        overrides=[
+            f"data.train={train}",
+            "data.valid_fraction=0.25",
+            "train.batch_size=4",
+            "train.threads=1",
+            *TINY,
+            *extra,
+        ]
+    )
 
 
 def rows(run: Path) -> list[dict[str, str]]:
@@ -33,7 +41,9 @@ def rows(run: Path) -> list[dict[str, str]]:
 
 
 def test_loss_decreases(ethanol_file: Path, tmp_path: Path) -> None:
-    result = run_training(config(ethanol_file, "train.epochs=15", "model.name=schnet"), tmp_path / "r")
+    result = run_training(
+        config(ethanol_file, "train.epochs=15", "model.name=schnet"), tmp_path / "r"
+    )
     history = rows(tmp_path / "r")
     assert len(history) == 15
     assert float(history[-1]["train_loss"]) < 0.5 * float(history[0]["train_loss"])
@@ -64,10 +74,28 @@ def test_unknown_option_is_an_error(ethanol_file: Path) -> None:
 
 
 def _train_cmd(train: Path, out: Path, epochs: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "trustpot", "train", "--train", str(train), "--out", str(out),
-            "--epochs", str(epochs), "--batch-size", "2", "--dtype", "float64",
-            "-o", "train.threads=1", "-o", "data.valid_fraction=0.25",
-            *[x for o in TINY for x in ("-o", o)], *extra]
+    return [
+        sys.executable,
+        "-m",
+        "trustpot",
+        "train",
+        "--train",
+        str(train),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "2",
+        "--dtype",
+        "float64",
+        "-o",
+        "train.threads=1",
+        "-o",
+        "data.valid_fraction=0.25",
+        *[x for o in TINY for x in ("-o", o)],
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -77,10 +105,18 @@ def test_resume_after_kill_matches_uninterrupted(ethanol_file: Path, tmp_path: P
     subprocess.run(_train_cmd(ethanol_file, full, epochs), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(ethanol_file, killed, epochs), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(ethanol_file, killed, epochs),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
-        if (killed / "last.ckpt").exists() and (killed / "metrics.csv").exists() and len(rows(killed)) >= 3:
+        if (
+            (killed / "last.ckpt").exists()
+            and (killed / "metrics.csv").exists()
+            and len(rows(killed)) >= 3
+        ):
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -89,7 +125,9 @@ def test_resume_after_kill_matches_uninterrupted(ethanol_file: Path, tmp_path: P
     done_before = read_checkpoint(killed / "last.ckpt")["training"]["epoch"]
     assert 0 < done_before < epochs
 
-    subprocess.run(_train_cmd(ethanol_file, killed, epochs, "--resume"), check=True, capture_output=True)
+    subprocess.run(
+        _train_cmd(ethanol_file, killed, epochs, "--resume"), check=True, capture_output=True
+    )
     history = rows(killed)
     assert [int(r["epoch"]) for r in history] == list(range(epochs)), "epochs lost or repeated"
     a = read_checkpoint(full / "last.ckpt")
@@ -104,10 +142,19 @@ def test_torchrun_two_processes_match_one(ethanol_file: Path, tmp_path: Path) ->
     if torchrun is None:
         pytest.skip("torchrun not found next to the Python interpreter")
     single = tmp_path / "single"
-    subprocess.run(_train_cmd(ethanol_file, single, 4, "--batch-size", "4"), check=True, capture_output=True)
+    subprocess.run(
+        _train_cmd(ethanol_file, single, 4, "--batch-size", "4"), check=True, capture_output=True
+    )
     multi = tmp_path / "multi"
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "trustpot",
-           *_train_cmd(ethanol_file, multi, 4, "--batch-size", "4")[3:]]
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trustpot",
+        *_train_cmd(ethanol_file, multi, 4, "--batch-size", "4")[3:],
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = rows(single), rows(multi)

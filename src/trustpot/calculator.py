@@ -39,7 +39,9 @@ class Predictor:
         self.batch_size = batch_size
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 32) -> Predictor:
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "cpu", batch_size: int = 32
+    ) -> Predictor:
         """Predictor of the potential stored at ``path`` (read with ``weights_only=True``)."""
         return cls(load_potential(path), device, batch_size)
 
@@ -51,7 +53,9 @@ class Predictor:
         return ["energy", "free_energy", "forces", "energies", "stress"]
 
     def predict_structures(
-        self, structures: Sequence[Structure], outputs: Iterable[str] = (K.ENERGY, K.FORCES),
+        self,
+        structures: Sequence[Structure],
+        outputs: Iterable[str] = (K.ENERGY, K.FORCES),
         source: str = "input",
     ) -> list[dict[str, np.ndarray]]:
         """Per-structure results as NumPy arrays in eV, Å units.
@@ -84,7 +88,9 @@ class Predictor:
         return self.predict_structures([atoms_to_structure(a) for a in atoms], outputs)
 
 
-def split_batch(pred: dict[str, torch.Tensor], g: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
+def split_batch(
+    pred: dict[str, torch.Tensor], g: dict[str, torch.Tensor]
+) -> list[dict[str, np.ndarray]]:
     """Cut batched outputs into per-structure NumPy arrays."""
     n_atoms = g[K.N_ATOMS].tolist()
     bounds = np.concatenate([[0], np.cumsum(n_atoms)])
@@ -111,7 +117,13 @@ class TrustpotCalculator(Calculator):
         predictor: what evaluates the model.
     """
 
-    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "energies", "stress"]  # type: ignore[misc]
+    implemented_properties: ClassVar[list[str]] = [
+        "energy",
+        "free_energy",
+        "forces",
+        "energies",
+        "stress",
+    ]  # type: ignore[misc]
 
     def __init__(self, predictor: Predictor, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -123,7 +135,9 @@ class TrustpotCalculator(Calculator):
         return cls(Predictor.from_checkpoint(path, device))
 
     def calculate(
-        self, atoms: Atoms | None = None, properties: Sequence[str] = ("energy",),
+        self,
+        atoms: Atoms | None = None,
+        properties: Sequence[str] = ("energy",),
         system_changes: Sequence[str] = tuple(all_changes),
     ) -> None:
         super().calculate(atoms, properties, system_changes)
@@ -143,4 +157,6 @@ class TrustpotCalculator(Calculator):
         }
         if periodic:
             s = res[K.STRESS].astype(np.float64)
-            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+            self.results["stress"] = np.array(
+                [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]]
+            )

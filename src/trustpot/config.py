@@ -173,8 +173,10 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown option(s) {[f'{where}{u}' for u in unknown]}; known: "
-                          f"{sorted(where + k for k in fields)}")
+        raise ConfigError(
+            f"unknown option(s) {[f'{where}{u}' for u in unknown]}; known: "
+            f"{sorted(where + k for k in fields)}"
+        )
     kwargs = {}
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
@@ -197,7 +199,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: typing.Sequence[str] = (), base: dict[str, Any] | None = None
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    base: dict[str, Any] | None = None,
 ) -> RunConfig:
     """Read a YAML file (optional), apply ``base`` then ``overrides``, validate.
 
@@ -262,7 +266,11 @@ def _attribute_docs(cls: type) -> dict[str, str]:
     current = None
     for line in doc.splitlines():
         stripped = line.strip()
-        if ":" in stripped and not line.startswith(" " * 12) and stripped.split(":")[0].isidentifier():
+        if (
+            ":" in stripped
+            and not line.startswith(" " * 12)
+            and stripped.split(":")[0].isidentifier()
+        ):
             current, text = stripped.split(":", 1)
             out[current] = text.strip()
         elif current and stripped:

@@ -61,7 +61,8 @@ def accuracy_metrics(
 
 
 def grouped_metrics(
-    structures: Sequence[Structure], predictions: Sequence[dict[str, np.ndarray]],
+    structures: Sequence[Structure],
+    predictions: Sequence[dict[str, np.ndarray]],
     key: str = "config_type",
 ) -> dict[str, dict[str, float]]:
     """:func:`accuracy_metrics` per value of ``info[key]`` (only when some frame has it)."""
@@ -76,8 +77,10 @@ def grouped_metrics(
 
 
 def parity_plot(
-    structures: Sequence[Structure], predictions: Sequence[dict[str, np.ndarray]],
-    path: str | Path, title: str = "",
+    structures: Sequence[Structure],
+    predictions: Sequence[dict[str, np.ndarray]],
+    path: str | Path,
+    title: str = "",
 ) -> None:
     """Energy-per-atom and force-component parity plots side by side, as a PNG."""
     import matplotlib
@@ -87,13 +90,25 @@ def parity_plot(
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     ref_e = [s.energy / s.n_atoms for s in structures if s.energy is not None]
-    pred_e = [float(p[K.ENERGY]) / s.n_atoms for s, p in zip(structures, predictions) if s.energy is not None]
+    pred_e = [
+        float(p[K.ENERGY]) / s.n_atoms
+        for s, p in zip(structures, predictions)
+        if s.energy is not None
+    ]
     ref_f = [s.forces.ravel() for s in structures if s.forces is not None]
-    pred_f = [np.asarray(p[K.FORCES]).ravel() for s, p in zip(structures, predictions) if s.forces is not None]
+    pred_f = [
+        np.asarray(p[K.FORCES]).ravel()
+        for s, p in zip(structures, predictions)
+        if s.forces is not None
+    ]
     for ax, ref, pred, label in (
         (axes[0], np.array(ref_e), np.array(pred_e), "energy per atom (eV)"),
-        (axes[1], np.concatenate(ref_f) if ref_f else np.zeros(0),
-         np.concatenate(pred_f) if pred_f else np.zeros(0), "force component (eV/Å)"),
+        (
+            axes[1],
+            np.concatenate(ref_f) if ref_f else np.zeros(0),
+            np.concatenate(pred_f) if pred_f else np.zeros(0),
+            "force component (eV/Å)",
+        ),
     ):
         if len(ref) == 0:
             ax.text(0.5, 0.5, "no labels", ha="center", transform=ax.transAxes)
@@ -113,8 +128,11 @@ def parity_plot(
 
 
 def evaluate_file(
-    predictor: Predictor, structures: Sequence[Structure], out_dir: str | Path,
-    source: str = "data", save_predictions: bool = True,
+    predictor: Predictor,
+    structures: Sequence[Structure],
+    out_dir: str | Path,
+    source: str = "data",
+    save_predictions: bool = True,
 ) -> dict[str, Any]:
     """Predict, compute metrics, write ``metrics.json``, ``parity.png`` (and predictions).
 

@@ -85,14 +85,16 @@ ENERGY_SAMPLES: Final = "energy_samples"  # [n_graphs, M] eV, ensemble or stocha
 FORCES_SAMPLES: Final = "forces_samples"  # [n_atoms, M, 3] eV/Å
 ATOM_IMPORTANCE: Final = "atom_importance"  # [n_atoms] attention weight of each atom (sums to 1)
 
-FIELD_SPECS.update({
-    ENERGY_STD: FieldSpec("graph", (), "eV", doc="energy standard deviation"),
-    FORCES_STD: FieldSpec("node", (), "eV/Å", doc="per-atom force standard deviation"),
-    RELIABILITY: FieldSpec("graph", (), "", doc="probability that the prediction is reliable"),
-    ENERGY_SAMPLES: FieldSpec("graph", (-1,), "eV", doc="energy samples"),
-    FORCES_SAMPLES: FieldSpec("node", (-1, 3), "eV/Å", doc="force samples"),
-    ATOM_IMPORTANCE: FieldSpec("node", (), "", doc="per-atom importance"),
-})
+FIELD_SPECS.update(
+    {
+        ENERGY_STD: FieldSpec("graph", (), "eV", doc="energy standard deviation"),
+        FORCES_STD: FieldSpec("node", (), "eV/Å", doc="per-atom force standard deviation"),
+        RELIABILITY: FieldSpec("graph", (), "", doc="probability that the prediction is reliable"),
+        ENERGY_SAMPLES: FieldSpec("graph", (-1,), "eV", doc="energy samples"),
+        FORCES_SAMPLES: FieldSpec("node", (-1, 3), "eV/Å", doc="force samples"),
+        ATOM_IMPORTANCE: FieldSpec("node", (), "", doc="per-atom importance"),
+    }
+)
 
 #: Properties a potential may be asked for, with their units.
 OUTPUT_UNITS: Final[dict[str, str]] = {

@@ -29,9 +29,7 @@ LENGTH_UNITS: Final[dict[str, float]] = {
 }
 
 #: Force of 1 eV/Å expressed in kJ/mol/nm (the unit seed 000 reports).
-EV_PER_A_IN_KJ_PER_MOL_PER_NM: Final[float] = (
-    1.0 / (ase_units.kJ / ase_units.mol) / 10.0
-)
+EV_PER_A_IN_KJ_PER_MOL_PER_NM: Final[float] = 1.0 / (ase_units.kJ / ase_units.mol) / 10.0
 
 
 def energy_factor(unit: str) -> float:

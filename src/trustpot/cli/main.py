@@ -31,8 +31,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="set any option, e.g. -o train.lr=1e-3 -o model.hypers.n_features=128")
+    p.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set any option, e.g. -o train.lr=1e-3 -o model.hypers.n_features=128",
+    )
     p.set_defaults(func=_train, out_dir=lambda a: a.out)
 
 
@@ -42,11 +48,17 @@ def _train(args: argparse.Namespace) -> int:
 
     base: dict[str, dict[str, object]] = {"data": {}, "model": {}, "train": {}}
     for flag, (section, key) in {
-        "train": ("data", "train"), "valid": ("data", "valid"),
-        "valid_fraction": ("data", "valid_fraction"), "isolated_atoms": ("data", "isolated_atoms"),
-        "model": ("model", "name"), "dtype": ("model", "dtype"),
-        "max_minutes": ("train", "max_minutes"), "epochs": ("train", "epochs"),
-        "batch_size": ("train", "batch_size"), "lr": ("train", "lr"), "seed": ("train", "seed"),
+        "train": ("data", "train"),
+        "valid": ("data", "valid"),
+        "valid_fraction": ("data", "valid_fraction"),
+        "isolated_atoms": ("data", "isolated_atoms"),
+        "model": ("model", "name"),
+        "dtype": ("model", "dtype"),
+        "max_minutes": ("train", "max_minutes"),
+        "epochs": ("train", "epochs"),
+        "batch_size": ("train", "batch_size"),
+        "lr": ("train", "lr"),
+        "seed": ("train", "seed"),
     }.items():
         value = getattr(args, flag)
         if value is not None:
@@ -57,8 +69,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint on labelled data",
-                       description="Write DIR/metrics.json and DIR/parity.png.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint on labelled data",
+        description="Write DIR/metrics.json and DIR/parity.png.",
+    )
     p.add_argument("checkpoint")
     p.add_argument("data", help="labelled data file (any ASE format)")
     p.add_argument("--out", required=True, help="output folder")
@@ -82,8 +97,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _add_md(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("md", help="run molecular dynamics with a checkpoint",
-                       description="Langevin (NVT) or NVE dynamics through ASE.")
+    p = sub.add_parser(
+        "md",
+        help="run molecular dynamics with a checkpoint",
+        description="Langevin (NVT) or NVE dynamics through ASE.",
+    )
     p.add_argument("checkpoint")
     p.add_argument("structure", help="starting structure (first frame of any ASE file)")
     p.add_argument("--steps", type=int, required=True)
@@ -110,9 +128,16 @@ def _md(args: argparse.Namespace) -> int:
 
     check_species([start], calc.predictor.species, args.structure)
     stats = run_md(
-        calc, start.to_atoms(with_labels=False), args.steps, args.temperature, args.out,
-        timestep_fs=args.timestep, friction=args.friction, thermostat=args.thermostat,
-        interval=args.interval, seed=args.seed,
+        calc,
+        start.to_atoms(with_labels=False),
+        args.steps,
+        args.temperature,
+        args.out,
+        timestep_fs=args.timestep,
+        friction=args.friction,
+        thermostat=args.thermostat,
+        interval=args.interval,
+        seed=args.seed,
     )
     print(json.dumps(stats, indent=1))
     return 0
@@ -155,7 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trustpot: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("trustpot: interrupted; finished epochs are in last.ckpt (use --resume)", file=sys.stderr)
+        print(
+            "trustpot: interrupted; finished epochs are in last.ckpt (use --resume)",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -32,9 +32,7 @@ def structure_to_graph(
         K.N_ATOMS: torch.tensor([n], dtype=torch.long),
         K.ENERGY: torch.tensor([0.0 if s.energy is None else s.energy], dtype=torch.float64),
         K.ENERGY_WEIGHT: torch.tensor([0.0 if s.energy is None else 1.0], dtype=dtype),
-        K.FORCES: torch.as_tensor(
-            np.zeros((n, 3)) if s.forces is None else s.forces, dtype=dtype
-        ),
+        K.FORCES: torch.as_tensor(np.zeros((n, 3)) if s.forces is None else s.forces, dtype=dtype),
         K.FORCES_WEIGHT: torch.tensor([0.0 if s.forces is None else 1.0], dtype=dtype),
         K.STRESS: torch.as_tensor(
             np.zeros((3, 3)) if s.stress is None else s.stress, dtype=dtype

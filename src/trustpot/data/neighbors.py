@@ -48,7 +48,9 @@ def neighbor_pairs(
         box = np.zeros((3, 3))
     calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
     quantities = "ijSd" if with_distances else "ijS"
-    out = calculator.compute(points=positions, box=box, periodic=pbc.tolist(), quantities=quantities)
+    out = calculator.compute(
+        points=positions, box=box, periodic=pbc.tolist(), quantities=quantities
+    )
     i, j, shifts = (np.asarray(out[0], np.int64), np.asarray(out[1], np.int64), np.asarray(out[2]))
     d = np.asarray(out[3]) if with_distances else np.empty(0)
     # a stable order makes batched and single results (and runs) reproducible

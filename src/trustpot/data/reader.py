@@ -7,6 +7,7 @@ names of a :class:`KeyMap`. Units are converted to eV and Å on the way in.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -74,11 +75,7 @@ def atoms_to_structure(atoms: Atoms, keys: KeyMap = KeyMap()) -> Structure:
     energy = results.get(keys.energy, atoms.info.get(keys.energy))
     forces = results.get(keys.forces, atoms.arrays.get(keys.forces))
     stress = results.get(keys.stress, atoms.info.get(keys.stress))
-    info = {
-        k: _json_safe(v)
-        for k, v in atoms.info.items()
-        if k not in (keys.energy, keys.stress)
-    }
+    info = {k: _json_safe(v) for k, v in atoms.info.items() if k not in (keys.energy, keys.stress)}
     return Structure(
         numbers=np.asarray(atoms.numbers, dtype=np.int64).copy(),
         positions=np.asarray(atoms.positions, dtype=np.float64) * l_f,
@@ -221,10 +218,9 @@ def read_structures(
         raise DataError(str(path), "file holds no structures (empty dataset)")
     _check_required(structures, path, require)
     if cached is not None:
-        try:
+        # caching is an optimisation; a read-only home must not stop the run
+        with contextlib.suppress(OSError):
             _save_cache(cached, structures)
-        except OSError:
-            pass  # caching is an optimisation; a read-only home must not stop the run
     return structures
 
 

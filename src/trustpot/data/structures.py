@@ -49,9 +49,7 @@ class Structure:
 
     def to_atoms(self, with_labels: bool = True) -> Atoms:
         """An ASE ``Atoms``; labels go into a ``SinglePointCalculator`` when present."""
-        atoms = Atoms(
-            numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc
-        )
+        atoms = Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
         atoms.info.update(self.info)
         if with_labels and (self.energy is not None or self.forces is not None):
             results: dict[str, Any] = {}
@@ -132,6 +130,8 @@ def check_species(structures: list[Structure], species: list[int], path: str) ->
             names = ", ".join(chemical_symbols[z] for z in unknown)
             known_names = ", ".join(chemical_symbols[z] for z in sorted(known))
             raise DataError(
-                path, f"element(s) {names} not in the model (trained on {known_names})", frame,
+                path,
+                f"element(s) {names} not in the model (trained on {known_names})",
+                frame,
                 "numbers",
             )

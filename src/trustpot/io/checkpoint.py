@@ -99,10 +99,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as err:
+    except (
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+    ) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"{path}: not a loadable checkpoint (tampered, truncated or not a trustpot file): {first}"
+            f"{path}: not a loadable checkpoint "
+            f"(tampered, truncated or not a trustpot file): {first}"
         ) from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a trustpot checkpoint (no '{CHECKPOINT_FORMAT}' tag)")
@@ -134,7 +142,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def potential_from_checkpoint_dict(data: dict[str, Any], path: str | Path = "checkpoint") -> Potential:
+def potential_from_checkpoint_dict(
+    data: dict[str, Any], path: str | Path = "checkpoint"
+) -> Potential:
     """Rebuild the potential stored in a checkpoint dict and check every tensor's shape."""
     try:
         meta = ModelMeta.from_dict(data["meta"])
@@ -161,9 +171,7 @@ def load_potential(path: str | Path) -> Potential:
     """The potential stored at ``path``, in eval mode."""
     data = read_checkpoint(path)
     if data["kind"] != "potential":
-        raise CheckpointError(
-            f"{path}: holds a '{data['kind']}' model, not a plain potential"
-        )
+        raise CheckpointError(f"{path}: holds a '{data['kind']}' model, not a plain potential")
     return potential_from_checkpoint_dict(data, path).eval()
 
 

@@ -42,8 +42,14 @@ class EGNNLayer(nn.Module):
         self.coord = MLP([f, f, 1], bias_last=False) if update_positions else None
 
     def forward(
-        self, h: Tensor, x: Tensor, base_vec: Tensor, index: Tensor, fcut: Tensor,
-        rbf_fn: BesselBasis, norm: float,
+        self,
+        h: Tensor,
+        x: Tensor,
+        base_vec: Tensor,
+        index: Tensor,
+        fcut: Tensor,
+        rbf_fn: BesselBasis,
+        norm: float,
     ) -> tuple[Tensor, Tensor]:
         i, j = index[0], index[1]
         vec = x[j] - x[i] + base_vec

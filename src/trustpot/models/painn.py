@@ -33,7 +33,13 @@ class PaiNNMessage(nn.Module):
         self.w = nn.Linear(n_rbf, 3 * f)
 
     def forward(
-        self, s: Tensor, v: Tensor, rbf: Tensor, fcut: Tensor, unit: Tensor, index: Tensor,
+        self,
+        s: Tensor,
+        v: Tensor,
+        rbf: Tensor,
+        fcut: Tensor,
+        unit: Tensor,
+        index: Tensor,
         norm: float,
     ) -> tuple[Tensor, Tensor]:
         i, j = index[0], index[1]

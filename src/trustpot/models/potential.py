@@ -154,14 +154,19 @@ class Potential(nn.Module):
                 ``self.training``.
 
         Returns:
-            ``energy`` [n_graphs] eV (float64), ``forces`` [n_atoms, 3] eV/Å, ``stress`` [n_graphs, 3, 3]
-            eV/Å^3, ``virial`` [n_graphs, 3, 3] eV, ``energies`` [n_atoms] eV, as requested.
+            ``energy`` [n_graphs] eV (float64), ``forces`` [n_atoms, 3] eV/Å,
+            ``stress`` [n_graphs, 3, 3] eV/Å^3, ``virial`` [n_graphs, 3, 3] eV,
+            ``energies`` [n_atoms] eV, as requested.
         """
         wanted = frozenset(outputs)
         unknown = wanted - SUPPORTED_OUTPUTS
         if unknown:
-            raise ConfigError(f"unsupported output(s) {sorted(unknown)}; supported: {sorted(SUPPORTED_OUTPUTS)}")
-        return compute_outputs(self.node_energies, g, wanted, self.training if create_graph is None else create_graph)
+            raise ConfigError(
+                f"unsupported output(s) {sorted(unknown)}; supported: {sorted(SUPPORTED_OUTPUTS)}"
+            )
+        return compute_outputs(
+            self.node_energies, g, wanted, self.training if create_graph is None else create_graph
+        )
 
 
 def compute_outputs(
@@ -210,5 +215,7 @@ def compute_outputs(
                     volume = torch.linalg.det(g[K.CELL]).abs().clamp_min(1e-12)
                     periodic = g[K.PBC].any(dim=1)
                     stress = d_strain / volume.view(-1, 1, 1)
-                    out[K.STRESS] = torch.where(periodic.view(-1, 1, 1), stress, torch.zeros_like(stress))
+                    out[K.STRESS] = torch.where(
+                        periodic.view(-1, 1, 1), stress, torch.zeros_like(stress)
+                    )
     return out

@@ -26,18 +26,29 @@ def random_rotation(seed: int = 0) -> np.ndarray:
     return q
 
 
-def _evaluate(model: Potential, structures: Sequence[Structure], outputs: Sequence[str] = (K.ENERGY, K.FORCES)) -> dict[str, torch.Tensor]:
+def _evaluate(
+    model: Potential, structures: Sequence[Structure], outputs: Sequence[str] = (K.ENERGY, K.FORCES)
+) -> dict[str, torch.Tensor]:
     g = collate([structure_to_graph(s, model.neighbor_lists(), model.dtype) for s in structures])
     return {k: v.detach() for k, v in model(g, frozenset(outputs), create_graph=False).items()}
 
 
-def _copy(s: Structure, positions: np.ndarray | None = None, cell: np.ndarray | None = None,
-          order: np.ndarray | None = None) -> Structure:
+def _copy(
+    s: Structure,
+    positions: np.ndarray | None = None,
+    cell: np.ndarray | None = None,
+    order: np.ndarray | None = None,
+) -> Structure:
     numbers = s.numbers if order is None else s.numbers[order]
     pos = s.positions if positions is None else positions
     if order is not None:
         pos = pos[order]
-    return Structure(numbers=numbers.copy(), positions=np.array(pos), cell=np.array(s.cell if cell is None else cell), pbc=s.pbc.copy())
+    return Structure(
+        numbers=numbers.copy(),
+        positions=np.array(pos),
+        cell=np.array(s.cell if cell is None else cell),
+        pbc=s.pbc.copy(),
+    )
 
 
 def check_invariances(model: Potential, s: Structure, atol: float = 1e-8, seed: int = 0) -> None:
@@ -49,16 +60,26 @@ def check_invariances(model: Potential, s: Structure, atol: float = 1e-8, seed: 
     out = _evaluate(model, [rotated])
     assert torch.allclose(out[K.ENERGY], base[K.ENERGY], atol=atol), "energy not rotation invariant"
     expected_f = base[K.FORCES].numpy() @ rot.T
-    assert np.allclose(out[K.FORCES].numpy(), expected_f, atol=atol), "forces not rotation equivariant"
+    assert np.allclose(out[K.FORCES].numpy(), expected_f, atol=atol), (
+        "forces not rotation equivariant"
+    )
     shifted = _copy(s, s.positions + np.array([0.37, -1.21, 2.05]))
     out = _evaluate(model, [shifted])
-    assert torch.allclose(out[K.ENERGY], base[K.ENERGY], atol=atol), "energy not translation invariant"
-    assert torch.allclose(out[K.FORCES], base[K.FORCES], atol=atol), "forces not translation invariant"
+    assert torch.allclose(out[K.ENERGY], base[K.ENERGY], atol=atol), (
+        "energy not translation invariant"
+    )
+    assert torch.allclose(out[K.FORCES], base[K.FORCES], atol=atol), (
+        "forces not translation invariant"
+    )
     order = np.random.default_rng(seed).permutation(s.n_atoms)
     permuted = _copy(s, order=order)
     out = _evaluate(model, [permuted])
-    assert torch.allclose(out[K.ENERGY], base[K.ENERGY], atol=atol), "energy not permutation invariant"
-    assert torch.allclose(out[K.FORCES], base[K.FORCES][order], atol=atol), "forces not permutation equivariant"
+    assert torch.allclose(out[K.ENERGY], base[K.ENERGY], atol=atol), (
+        "energy not permutation invariant"
+    )
+    assert torch.allclose(out[K.FORCES], base[K.FORCES][order], atol=atol), (
+        "forces not permutation equivariant"
+    )
 
 
 def check_forces_finite_difference(
@@ -80,7 +101,9 @@ def check_forces_finite_difference(
     )
 
 
-def check_stress_finite_difference(model: Potential, s: Structure, delta: float = 1e-5, atol: float = 1e-6) -> None:
+def check_stress_finite_difference(
+    model: Potential, s: Structure, delta: float = 1e-5, atol: float = 1e-6
+) -> None:
     """Stress equals (1/V) dE/d(strain) by finite differences of a symmetric strain."""
     stress = _evaluate(model, [s], (K.ENERGY, K.STRESS))[K.STRESS].numpy()[0]
     volume = abs(np.linalg.det(s.cell))
@@ -93,31 +116,55 @@ def check_stress_finite_difference(model: Potential, s: Structure, delta: float 
             energies = []
             for sign in (1, -1):
                 m = np.eye(3) + sign * eps
-                energies.append(float(_evaluate(model, [_copy(s, s.positions @ m, s.cell @ m)], (K.ENERGY,))[K.ENERGY][0]))
+                energies.append(
+                    float(
+                        _evaluate(model, [_copy(s, s.positions @ m, s.cell @ m)], (K.ENERGY,))[
+                            K.ENERGY
+                        ][0]
+                    )
+                )
             numeric[i, j] = (energies[0] - energies[1]) / (2 * delta) / volume
     assert np.allclose(stress, numeric, atol=atol), f"stress differs from FD: {stress} vs {numeric}"
 
 
-def check_batch_equals_single(model: Potential, structures: Sequence[Structure], atol: float = 1e-8) -> None:
+def check_batch_equals_single(
+    model: Potential, structures: Sequence[Structure], atol: float = 1e-8
+) -> None:
     """A batch of structures gives the same energies and forces as one at a time."""
     batch = _evaluate(model, structures)
     offset = 0
     for k, s in enumerate(structures):
         single = _evaluate(model, [s])
-        assert torch.allclose(batch[K.ENERGY][k], single[K.ENERGY][0], atol=atol), f"energy of structure {k} differs in a batch"
-        assert torch.allclose(batch[K.FORCES][offset : offset + s.n_atoms], single[K.FORCES], atol=atol), f"forces of structure {k} differ in a batch"
+        assert torch.allclose(batch[K.ENERGY][k], single[K.ENERGY][0], atol=atol), (
+            f"energy of structure {k} differs in a batch"
+        )
+        assert torch.allclose(
+            batch[K.FORCES][offset : offset + s.n_atoms], single[K.FORCES], atol=atol
+        ), f"forces of structure {k} differ in a batch"
         offset += s.n_atoms
 
 
-def check_cutoff_smoothness(model: Potential, numbers: tuple[int, int], cutoff: float, eps: float = 1e-4, atol: float = 1e-6) -> None:
+def check_cutoff_smoothness(
+    model: Potential, numbers: tuple[int, int], cutoff: float, eps: float = 1e-4, atol: float = 1e-6
+) -> None:
     """A dimer's energy and force go continuously to the isolated-atoms value at the cutoff."""
+
     def dimer(r: float) -> Structure:
-        return Structure(numbers=np.array(numbers), positions=np.array([[0.0, 0, 0], [r, 0, 0]]), cell=np.zeros((3, 3)), pbc=np.zeros(3, bool))
+        return Structure(
+            numbers=np.array(numbers),
+            positions=np.array([[0.0, 0, 0], [r, 0, 0]]),
+            cell=np.zeros((3, 3)),
+            pbc=np.zeros(3, bool),
+        )
 
     inside = _evaluate(model, [dimer(cutoff - eps)])
     outside = _evaluate(model, [dimer(cutoff + eps)])
-    assert torch.allclose(inside[K.ENERGY], outside[K.ENERGY], atol=atol), "energy jumps at the cutoff"
-    assert torch.allclose(inside[K.FORCES], outside[K.FORCES], atol=atol * 10), "force jumps at the cutoff"
+    assert torch.allclose(inside[K.ENERGY], outside[K.ENERGY], atol=atol), (
+        "energy jumps at the cutoff"
+    )
+    assert torch.allclose(inside[K.FORCES], outside[K.FORCES], atol=atol * 10), (
+        "force jumps at the cutoff"
+    )
 
 
 def check_save_load(model: Potential, s: Structure, path: Path, atol: float = 0.0) -> None:

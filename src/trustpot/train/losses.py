@@ -29,7 +29,9 @@ class LossWeights:
 
 def _penalty(diff: Tensor, kind: str, delta: float) -> Tensor:
     if kind == "huber":
-        return torch.nn.functional.huber_loss(diff, torch.zeros_like(diff), reduction="none", delta=delta)
+        return torch.nn.functional.huber_loss(
+            diff, torch.zeros_like(diff), reduction="none", delta=delta
+        )
     return diff * diff
 
 
@@ -67,9 +69,7 @@ def loss_sums(
     return sums, counts
 
 
-def combine(
-    sums: dict[str, Tensor], counts: dict[str, Tensor], weights: LossWeights
-) -> Tensor:
+def combine(sums: dict[str, Tensor], counts: dict[str, Tensor], weights: LossWeights) -> Tensor:
     """Weighted sum of term means; a term with no labels anywhere contributes zero."""
     total = None
     for term, value in sums.items():

@@ -40,7 +40,7 @@ def split_train_valid(
     if n < 2:
         raise ConfigError(f"need at least 2 structures to hold out validation data, got {n}")
     order = np.random.default_rng(seed).permutation(n)
-    n_val = min(max(1, int(round(fraction * n))), n - 1)
+    n_val = min(max(1, round(fraction * n)), n - 1)
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
@@ -54,7 +54,9 @@ def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> Train
     if resume and not last.is_file():
         raise ConfigError(f"{out}: nothing to resume (no last.ckpt)")
     if not resume and last.is_file():
-        raise ConfigError(f"{out}: holds a run already; pass --resume to continue it or pick a new --out")
+        raise ConfigError(
+            f"{out}: holds a run already; pass --resume to continue it or pick a new --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.txt"
 
@@ -98,21 +100,30 @@ def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> Train
                 cfg.data.isolated_atoms,
             )
         model = build_potential(
-            cfg.model.name, dict(cfg.model.hypers), train, cfg.model.dtype, seed=cfg.train.seed,
-            reference_energies=e0, head_dropout=cfg.model.head_dropout,
+            cfg.model.name,
+            dict(cfg.model.hypers),
+            train,
+            cfg.model.dtype,
+            seed=cfg.train.seed,
+            reference_energies=e0,
+            head_dropout=cfg.model.head_dropout,
         )
     check_species(valid, model.species, cfg.data.valid or cfg.data.train)
 
     if info.is_main:
         dump_config(cfg, out / "config.resolved.yaml")
-        (out / "split.json").write_text(json.dumps({
-            "train_file": str(cfg.data.train),
-            "train_sha256": file_sha256(cfg.data.train),
-            "seed": cfg.train.seed,
-            "train_indices": train_idx,
-            "valid_indices": val_idx,
-            "valid_file": cfg.data.valid or None,
-        }))
+        (out / "split.json").write_text(
+            json.dumps(
+                {
+                    "train_file": str(cfg.data.train),
+                    "train_sha256": file_sha256(cfg.data.train),
+                    "seed": cfg.train.seed,
+                    "train_indices": train_idx,
+                    "valid_indices": val_idx,
+                    "valid_file": cfg.data.valid or None,
+                }
+            )
+        )
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"{'resuming' if resume else 'training'} {model.meta.backbone} ({n_params} parameters, "
@@ -126,7 +137,10 @@ def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> Train
     t = cfg.train
     weights = LossWeights(t.energy_weight, t.forces_weight, t.stress_weight, t.loss, t.huber_delta)
     trainer = Trainer(
-        model, [Objective("main", "main", weights)], t, info,
+        model,
+        [Objective("main", "main", weights)],
+        t,
+        info,
         run_config=config_to_dict(cfg),
     )
     if resume:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,7 +106,9 @@ class Trainer:
         self.extra_payload = extra_payload
         self.run_config = run_config or {}
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True
+        )
         self.schedule = Schedule(
             cfg.schedule, cfg.lr, cfg.min_lr, cfg.lr_factor, cfg.lr_patience, cfg.warmup_epochs
         )
@@ -171,8 +174,11 @@ class Trainer:
     # -- loop ---------------------------------------------------------------------------------
     def _batches(self, ds: GraphDataset, epoch: int) -> Iterator[tuple[Graph | None, int]]:
         return ds.batches(
-            self.cfg.batch_size, shuffle=True, seed=_seed_for(self.cfg.seed, epoch),
-            rank=self.dist.rank, world_size=self.dist.world_size,
+            self.cfg.batch_size,
+            shuffle=True,
+            seed=_seed_for(self.cfg.seed, epoch),
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
 
     def _cycle(self, ds: GraphDataset, epoch: int) -> Iterator[tuple[Graph | None, int]]:
@@ -194,7 +200,9 @@ class Trainer:
         pred = self.model(batch, outputs, create_graph=True)
         sums, counts = loss_sums(pred, batch, obj.weights, self.scale)
         names = list(counts)
-        total_counts = all_reduce_sum(torch.stack([counts[n].double() for n in names]).float(), self.dist)
+        total_counts = all_reduce_sum(
+            torch.stack([counts[n].double() for n in names]).float(), self.dist
+        )
         counts = {n: total_counts[k] for k, n in enumerate(names)}
         return obj.weight * combine(sums, counts, obj.weights)
 
@@ -272,10 +280,16 @@ class Trainer:
                 de = (pred[K.ENERGY].detach() - batch[K.ENERGY]) / batch[K.N_ATOMS]
                 fw = batch[K.FORCES_WEIGHT][batch[K.BATCH]].double().unsqueeze(-1)
                 df = (pred[K.FORCES].detach() - batch[K.FORCES]).double()
-                sums += torch.stack([
-                    (de.abs() * ew).sum(), (de**2 * ew).sum(), ew.sum(),
-                    (df.abs() * fw).sum(), (df**2 * fw).sum(), fw.sum() * 3,
-                ])
+                sums += torch.stack(
+                    [
+                        (de.abs() * ew).sum(),
+                        (de**2 * ew).sum(),
+                        ew.sum(),
+                        (df.abs() * fw).sum(),
+                        (df**2 * fw).sum(),
+                        fw.sum() * 3,
+                    ]
+                )
             sums = all_reduce_sum(sums, self.dist)
             e_n, f_n = max(float(sums[2]), 1.0), max(float(sums[5]), 1.0)
             prefix = "" if len(self.objectives) == 1 else f"{obj.name}_"
@@ -307,8 +321,13 @@ class Trainer:
         metrics_path = run_dir / "metrics.csv"
         stopped_by = "epochs"
         bar = tqdm(
-            total=self.cfg.epochs, initial=self.epoch, desc="train", unit="epoch",
-            disable=not main, dynamic_ncols=True, mininterval=1.0,
+            total=self.cfg.epochs,
+            initial=self.epoch,
+            desc="train",
+            unit="epoch",
+            disable=not main,
+            dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
         )
         writer_fields: list[str] | None = None
         if main and metrics_path.exists():
@@ -357,7 +376,9 @@ class Trainer:
                 if self.epoch % self.cfg.checkpoint_every == 0 or self._out_of_time():
                     save_checkpoint(self._payload(with_training=True), run_dir / "last.ckpt")
                 fmae = val_metrics.get("val_forces_mae", float("nan"))
-                bar.set_postfix(loss=f"{train_loss:.3g}", val_F_mae=f"{fmae:.4f}", lr=f"{row['lr']:.2g}")
+                bar.set_postfix(
+                    loss=f"{train_loss:.3g}", val_F_mae=f"{fmae:.4f}", lr=f"{row['lr']:.2g}"
+                )
                 bar.update(1)
             barrier(self.dist)
             if self.cfg.patience > 0 and self.bad_epochs >= self.cfg.patience:
@@ -375,8 +396,12 @@ class Trainer:
             )
         barrier(self.dist)
         return TrainResult(
-            epochs=self.epoch, best_epoch=self.best_epoch, best_val_loss=self.best_val,
-            elapsed_s=self.elapsed, stopped_by=stopped_by, best_metrics=self.best_metrics,
+            epochs=self.epoch,
+            best_epoch=self.best_epoch,
+            best_val_loss=self.best_val,
+            elapsed_s=self.elapsed,
+            stopped_by=stopped_by,
+            best_metrics=self.best_metrics,
         )
 
 
