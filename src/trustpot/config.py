@@ -92,6 +92,7 @@ class TrainConfig:
         seed: seed of initialisation, shuffling and splits.
         threads: torch CPU threads per process (0: torch's default).
         checkpoint_every: write ``last.ckpt`` every this many epochs.
+        device: torch device (``cpu``, ``cuda``, ``cuda:1``...).
     """
 
     epochs: int = 1000
@@ -115,6 +116,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     checkpoint_every: int = 1
+    device: str = "cpu"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,6 +136,10 @@ def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> Train
     valid_ds = GraphDataset(valid, specs, dtype, cfg.data.valid or cfg.data.train)
     t = cfg.train
     weights = LossWeights(t.energy_weight, t.forces_weight, t.stress_weight, t.loss, t.huber_delta)
+    try:
+        model = model.to(torch.device(t.device))
+    except (RuntimeError, AssertionError) as err:
+        raise ConfigError(f"train.device '{t.device}' is not usable here: {err}") from None
     trainer = Trainer(
         model,
         [Objective("main", "main", weights)],

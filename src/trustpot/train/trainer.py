@@ -24,7 +24,7 @@ from tqdm import tqdm
 from trustpot import keys as K
 from trustpot.config import TrainConfig
 from trustpot.data.dataset import GraphDataset
-from trustpot.data.graph import Graph
+from trustpot.data.graph import Graph, to_device
 from trustpot.errors import TrustpotError
 from trustpot.io.checkpoint import potential_payload, read_checkpoint, save_checkpoint
 from trustpot.models.potential import Potential
@@ -122,6 +122,7 @@ class Trainer:
         self.best_metrics: dict[str, float] = {}
         self.bad_epochs = 0
         self.scale = float(model.energy_scale)
+        self.device = next(model.parameters()).device
 
     # -- state ------------------------------------------------------------------------------
     def inference_state(self) -> dict[str, torch.Tensor]:
@@ -188,6 +189,8 @@ class Trainer:
             round_ += 1
 
     def _objective_loss(self, obj: Objective, batch: Graph | None) -> torch.Tensor:
+        if batch is not None:
+            batch = to_device(batch, self.device)
         has_stress = batch is not None and bool((batch[K.STRESS_WEIGHT] > 0).any())
         has_stress_t = all_reduce_sum(torch.tensor([float(has_stress)]), self.dist)
         outputs = required_outputs(obj.weights, bool(has_stress_t.item() > 0))
@@ -275,6 +278,7 @@ class Trainer:
             ):
                 if batch is None:
                     continue
+                batch = to_device(batch, self.device)
                 pred = self.eval_model(batch, {K.ENERGY, K.FORCES}, create_graph=False)
                 ew = batch[K.ENERGY_WEIGHT].double()
                 de = (pred[K.ENERGY].detach() - batch[K.ENERGY]) / batch[K.N_ATOMS]
@@ -289,7 +293,7 @@ class Trainer:
                         (df**2 * fw).sum(),
                         fw.sum() * 3,
                     ]
-                )
+                ).cpu()
             sums = all_reduce_sum(sums, self.dist)
             e_n, f_n = max(float(sums[2]), 1.0), max(float(sums[5]), 1.0)
             prefix = "" if len(self.objectives) == 1 else f"{obj.name}_"
