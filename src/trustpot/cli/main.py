@@ -18,8 +18,8 @@ from trustpot.errors import TrustpotError
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a potential", description="Train a potential.")
     p.add_argument("config", nargs="?", help="YAML config (sections data, model, train)")
-    p.add_argument("--train", help="training data file (any ASE format)")
-    p.add_argument("--valid", help="validation data file")
+    p.add_argument("--train", help="training data file (any ASE format) or split.json:SUBSET")
+    p.add_argument("--valid", help="validation data file or split.json:SUBSET")
     p.add_argument("--valid-fraction", type=float, help="share of --train held out (default 0.05)")
     p.add_argument("--isolated-atoms", help="file of isolated-atom energies (else least squares)")
     p.add_argument("--model", help="backbone: schnet, painn or egnn (default painn)")
@@ -75,7 +75,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         description="Write DIR/metrics.json and DIR/parity.png.",
     )
     p.add_argument("checkpoint")
-    p.add_argument("data", help="labelled data file (any ASE format)")
+    p.add_argument("data", help="labelled data file (any ASE format) or split.json:SUBSET")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_eval, out_dir=lambda a: a.out)
@@ -85,11 +85,11 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from trustpot.calculator import Predictor
-    from trustpot.data.reader import read_structures
+    from trustpot.data.splits import read_data
     from trustpot.evaluate import evaluate_file
 
     predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
-    structures = read_structures(args.data, require=())
+    structures = read_data(args.data, require=())
     metrics = evaluate_file(predictor, structures, args.out, source=args.data)
     summary = {k: v for k, v in metrics.items() if isinstance(v, float)}
     print(json.dumps(summary, indent=1))
@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"trustpot {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_eval, _add_md, _add_config):
+    from trustpot.cli.data import add_data_commands
+
+    for add in (_add_train, _add_eval, _add_md, _add_config, add_data_commands):
         add(sub)
     return parser
 

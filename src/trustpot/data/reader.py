@@ -47,6 +47,10 @@ class KeyMap:
     length_unit: str = "Å"
 
 
+#: Labels under their usual names, in eV and Å.
+DEFAULT_KEYS = KeyMap()
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()

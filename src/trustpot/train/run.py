@@ -17,6 +17,7 @@ import torch
 from trustpot.config import RunConfig, config_to_dict, dump_config
 from trustpot.data.dataset import GraphDataset
 from trustpot.data.reader import KeyMap, file_sha256, read_structures
+from trustpot.data.splits import is_manifest_spec, read_data
 from trustpot.data.stats import isolated_atom_energies
 from trustpot.data.structures import Structure, check_species
 from trustpot.errors import ConfigError
@@ -70,10 +71,10 @@ def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> Train
     if not cfg.data.train:
         raise ConfigError("no training data: set --train (data.train)")
     keys = key_map(cfg)
-    all_train = read_structures(cfg.data.train, keys)
+    all_train = read_data(cfg.data.train, keys)
     if cfg.data.valid:
         train_idx = list(range(len(all_train)))
-        valid = read_structures(cfg.data.valid, keys)
+        valid = read_data(cfg.data.valid, keys)
         val_idx: list[int] = []
     else:
         train_idx, val_idx = split_train_valid(all_train, cfg.data.valid_fraction, cfg.train.seed)
@@ -116,7 +117,9 @@ def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> Train
             json.dumps(
                 {
                     "train_file": str(cfg.data.train),
-                    "train_sha256": file_sha256(cfg.data.train),
+                    "train_sha256": None
+                    if is_manifest_spec(cfg.data.train)
+                    else file_sha256(cfg.data.train),
                     "seed": cfg.train.seed,
                     "train_indices": train_idx,
                     "valid_indices": val_idx,

@@ -1,0 +1,77 @@
+"""``trustpot data ...``: dataset tooling (splits)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from trustpot.errors import ConfigError
+
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{what} '{item}' must look like NAME=VALUE")
+        name, value = item.split("=", 1)
+        out[name] = value
+    return out
+
+
+def _split(args: argparse.Namespace) -> int:
+    from trustpot.data.reader import read_structures
+    from trustpot.data.splits import make_split, write_manifest
+
+    structures = read_structures(args.file, require=())
+    sizes = {k: float(v) for k, v in _pairs(args.sizes, "--sizes").items()}
+    assign = {k: v.split(",") for k, v in _pairs(args.assign, "--assign").items()}
+    subsets = make_split(
+        structures,
+        args.rule,
+        args.seed,
+        sizes=sizes,
+        key=args.key,
+        assign=assign,
+        rest=None if args.rest == "none" else args.rest,
+        threshold=args.threshold,
+    )
+    params = {
+        "sizes": sizes,
+        "key": args.key,
+        "assign": assign,
+        "rest": args.rest,
+        "threshold": args.threshold,
+    }
+    manifest = write_manifest(args.file, subsets, args.rule, args.seed, params, args.out)
+    print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in manifest["sizes"].items()))
+    return 0
+
+
+def add_data_commands(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="dataset tooling (split)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("split", help="write a split manifest (indices + data SHA-256)")
+    p.add_argument("file")
+    p.add_argument(
+        "--rule", required=True, choices=["random", "info-key", "composition", "temperature"]
+    )
+    p.add_argument(
+        "--sizes",
+        nargs="*",
+        default=[],
+        metavar="SUBSET=N",
+        help="random: counts or fractions, e.g. train=400 test=100",
+    )
+    p.add_argument(
+        "--assign",
+        nargs="*",
+        default=[],
+        metavar="SUBSET=V1,V2",
+        help="info-key / composition: values going to each subset",
+    )
+    p.add_argument("--key", default="config_type", help="atoms.info key (info-key, temperature)")
+    p.add_argument("--rest", default="train", help="subset for unassigned frames ('none' drops)")
+    p.add_argument("--threshold", type=float, help="temperature rule: train <= T < test (K)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, help="manifest JSON")
+    p.set_defaults(func=_split, out_dir=lambda a: str(Path(a.out).parent))
