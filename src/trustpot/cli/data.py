@@ -47,9 +47,32 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats(args: argparse.Namespace) -> int:
+    from trustpot.data.inspect import stats_report
+    from trustpot.data.reader import read_structures
+
+    structures = read_structures(args.file, require=())
+    stats = stats_report(structures, args.file, args.out, args.k)
+    print(f"{args.file}: {stats['n_frames']} frames; elements {stats['elements']}")
+    for key in ("energy_per_atom", "max_force", "shortest_distance"):
+        if stats.get(key):
+            s = stats[key]
+            print(f"  {key}: min {s['min']:.4g}  median {s['median']:.4g}  max {s['max']:.4g}")
+    print(f"  outliers ({len(stats['outliers'])}, robust z > {args.k}):")
+    for o in stats["outliers"][:20]:
+        print(f"    frame {o['frame']}: {o['reason']} {o['value']:.4g} (z {o['z']:.1f})")
+    print(f"  written: {Path(args.out) / 'stats.json'}, {Path(args.out) / 'stats.png'}")
+    return 0
+
+
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="dataset tooling (split)")
+    data = sub.add_parser("data", help="dataset tooling (split, stats)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
+    st = data_sub.add_parser("stats", help="elements, distributions, shortest distances, outliers")
+    st.add_argument("file")
+    st.add_argument("--out", default="stats", help="folder for stats.json and stats.png")
+    st.add_argument("--k", type=float, default=8.0, help="outlier threshold in robust z units")
+    st.set_defaults(func=_stats, out_dir=lambda a: a.out)
     p = data_sub.add_parser("split", help="write a split manifest (indices + data SHA-256)")
     p.add_argument("file")
     p.add_argument(
