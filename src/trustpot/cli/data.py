@@ -98,3 +98,6 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path, help="manifest JSON")
     p.set_defaults(func=_split, out_dir=lambda a: str(Path(a.out).parent))
+    from trustpot.cli.engines import add_engine_commands
+
+    add_engine_commands(data_sub)
