@@ -1,6 +1,7 @@
 """Accuracy benchmark: every backbone under the same wall-clock budget on ethanol and 3BPA.
 
-    python benchmarks/accuracy.py --minutes 30 --out benchmarks/results/accuracy
+    python benchmarks/accuracy.py --minutes 30 --parallel 2 --threads 1 \
+        --out benchmarks/results/accuracy
 
 Datasets (read from ../shared/data, never copied into the repository):
 - ethanol: rMD17 ``train.xyz`` (1000; 5% held out for validation) -> ``test_MD.xyz`` (1000).
@@ -18,34 +19,40 @@ import json
 import platform
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
-from ase.io import read, write
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 MODELS = ("schnet", "painn", "egnn")
 
 
-def prepare_3bpa(out: Path, seed: int = 0) -> dict[str, object]:
-    """Write the 400/100 split of train_300K.xyz into ``out`` and describe it."""
-    from trustpot.data.reader import file_sha256
-
-    source = DATA / "3bpa" / "train_300K.xyz"
-    frames = read(source, ":")
-    order = np.random.default_rng(seed).permutation(len(frames))
-    train_idx, test_idx = sorted(order[:400].tolist()), sorted(order[400:].tolist())
-    write(out / "3bpa_train400.xyz", [frames[i] for i in train_idx], format="extxyz")
-    write(out / "3bpa_test100.xyz", [frames[i] for i in test_idx], format="extxyz")
-    return {
-        "source": "3bpa/train_300K.xyz",
-        "sha256": file_sha256(source),
-        "seed": seed,
-        "train_indices": train_idx,
-        "test_indices": test_idx,
-    }
+def prepare_3bpa(out: Path, seed: int = 0) -> Path:
+    """Split train_300K.xyz 400/100 with ``seed`` into a manifest (``trustpot data split``)."""
+    manifest = out / "3bpa_split.json"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "trustpot",
+            "data",
+            "split",
+            str(DATA / "3bpa" / "train_300K.xyz"),
+            "--rule",
+            "random",
+            "--sizes",
+            "train=400",
+            "test=100",
+            "--seed",
+            str(seed),
+            "--out",
+            str(manifest),
+        ],
+        out / "split.log",
+    )
+    return manifest
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -67,6 +74,13 @@ def main() -> None:
         "--datasets", nargs="+", default=["ethanol", "3bpa"], choices=["ethanol", "3bpa"]
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="runs at once (use 2 with --threads 1 on a 2-core machine)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy")
     args = parser.parse_args()
     if not DATA.is_dir():
@@ -83,64 +97,82 @@ def main() -> None:
             {"test_MD": str(DATA / "ethanol" / "test_MD.xyz")},
         )
     if "3bpa" in args.datasets:
-        results["3bpa_split"] = prepare_3bpa(args.out, args.seed)
+        manifest = prepare_3bpa(args.out, args.seed)
+        results["3bpa_split"] = str(manifest.name)
         tasks["3bpa"] = (
-            str(args.out / "3bpa_train400.xyz"),
+            f"{manifest}:train",
             {
-                "test_300K": str(args.out / "3bpa_test100.xyz"),
+                "test_300K": f"{manifest}:test",
                 "ood_mixedT": str(DATA / "3bpa" / "ood_mixedT_not_in_train_300K.xyz"),
             },
         )
     trustpot = [sys.executable, "-m", "trustpot"]
-    for dataset, (train, tests) in tasks.items():
-        for model in args.models:
-            name = f"{dataset}/{model}"
-            if name in results["runs"] and results["runs"][name].get("minutes") == args.minutes:
-                print(f"{name}: done already, skipping")
-                continue
-            run_dir = args.out / dataset / model
-            log = args.out / f"{dataset}_{model}.log"
-            start = time.time()
-            print(f"{name}: training for {args.minutes} min", flush=True)
+    jobs = [
+        (d, m)
+        for d in tasks
+        for m in args.models
+        if results["runs"].get(f"{d}/{m}", {}).get("minutes") != args.minutes
+    ]
+    results["parallel"] = args.parallel
+    results["threads_per_run"] = args.threads
+    lock = threading.Lock()
+
+    def one(dataset: str, model: str) -> None:
+        train, tests = tasks[dataset]
+        name = f"{dataset}/{model}"
+        run_dir = args.out / dataset / model
+        log = args.out / f"{dataset}_{model}.log"
+        start = time.time()
+        print(f"{name}: training for {args.minutes} min", flush=True)
+        resume = ["--resume"] if (run_dir / "last.ckpt").exists() else []
+        run(
+            [
+                *trustpot,
+                "train",
+                "--train",
+                train,
+                "--model",
+                model,
+                "--max-minutes",
+                str(args.minutes),
+                "--seed",
+                str(args.seed),
+                "--out",
+                str(run_dir),
+                "-o",
+                f"train.threads={args.threads}",
+                *resume,
+            ],
+            log,
+        )
+        entry: dict[str, object] = {"minutes": args.minutes, "wall_s": time.time() - start}
+        rows = (run_dir / "metrics.csv").read_text().splitlines()
+        entry["epochs"] = len(rows) - 1
+        for test_name, test_file in tests.items():
+            eval_dir = run_dir / f"eval_{test_name}"
             run(
-                trustpot
-                + [
-                    "train",
-                    "--train",
-                    train,
-                    "--model",
-                    model,
-                    "--max-minutes",
-                    str(args.minutes),
-                    "--seed",
-                    str(args.seed),
-                    "--out",
-                    str(run_dir),
-                ]
-                + (["--resume"] if (run_dir / "last.ckpt").exists() else []),
+                [*trustpot, "eval", str(run_dir / "best.ckpt"), test_file, "--out", str(eval_dir)],
                 log,
             )
-            entry: dict[str, object] = {"minutes": args.minutes, "wall_s": time.time() - start}
-            rows = (run_dir / "metrics.csv").read_text().splitlines()
-            entry["epochs"] = len(rows) - 1
-            for test_name, test_file in tests.items():
-                eval_dir = run_dir / f"eval_{test_name}"
-                run(
-                    [*trustpot, "eval", str(run_dir / "best.ckpt"), test_file, "--out",
-                     str(eval_dir)],
-                    log,
-                )
-                metrics = json.loads((eval_dir / "metrics.json").read_text())
-                entry[test_name] = {k: v for k, v in metrics.items() if isinstance(v, float)}
+            metrics = json.loads((eval_dir / "metrics.json").read_text())
+            entry[test_name] = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        with lock:
             results["runs"][name] = entry
             result_path.write_text(json.dumps(results, indent=1))
-            print(f"{name}: " + json.dumps({t: entry[t]["forces_mae"] for t in tests}), flush=True)
+            write_table(results, args.out / "accuracy.md", echo=False)
+        print(f"{name}: " + json.dumps({t: entry[t]["forces_mae"] for t in tests}), flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        for future in [pool.submit(one, d, m) for d, m in jobs]:
+            future.result()
     write_table(results, args.out / "accuracy.md")
 
 
-def write_table(results: dict, path: Path) -> None:
+def write_table(results: dict, path: Path, echo: bool = True) -> None:
     lines = [
-        f"Budget: {results['minutes']} min per run ({results['machine']['platform']}).",
+        f"Budget: {results['minutes']} min per run, {results.get('threads_per_run')} torch "
+        f"thread(s) per run, {results.get('parallel')} run(s) at a time "
+        f"({results['machine']['platform']}).",
         "",
         "| dataset | model | epochs | test set | energy MAE (meV/atom) | force MAE (meV/Å) "
         "| force RMSE (meV/Å) | force cosine |",
@@ -157,7 +189,8 @@ def write_table(results: dict, path: Path) -> None:
                 f"{1000 * m['forces_rmse']:.1f} | {m['forces_cosine']:.4f} |"
             )
     path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if echo:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
