@@ -87,6 +87,7 @@ def parity_plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     ref_e = [s.energy / s.n_atoms for s in structures if s.energy is not None]
@@ -101,13 +102,14 @@ def parity_plot(
         for s, p in zip(structures, predictions)
         if s.forces is not None
     ]
-    for ax, ref, pred, label in (
-        (axes[0], np.array(ref_e), np.array(pred_e), "energy per atom (eV)"),
+    for ax, ref, pred, label, unit in (
+        (axes[0], np.array(ref_e), np.array(pred_e), "energy per atom (eV)", "meV/atom"),
         (
             axes[1],
             np.concatenate(ref_f) if ref_f else np.zeros(0),
             np.concatenate(pred_f) if pred_f else np.zeros(0),
             "force component (eV/Å)",
+            "meV/Å",
         ),
     ):
         if len(ref) == 0:
@@ -119,7 +121,9 @@ def parity_plot(
         mae = float(np.abs(pred - ref).mean())
         ax.set_xlabel(f"reference {label}")
         ax.set_ylabel(f"predicted {label}")
-        ax.set_title(f"MAE {mae:.4g}")
+        ax.set_title(f"MAE {1000 * mae:.3g} {unit}, {len(ref)} points")
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.yaxis.set_major_locator(MaxNLocator(6))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
