@@ -84,24 +84,22 @@ class Settings:
     data_root: str
     seed: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def make_settings(args: argparse.Namespace) -> Settings:
     """Full or ``--quick`` settings; explicit flags override either."""
     if args.quick:
+        # a smoke test: MACE's default size needs ~10 s per water step on 2 busy cores
         datasets = (
-            DatasetSpec("3bpa", "3bpa/train_300K.xyz", 16, 8),
-            DatasetSpec("water", "water/train_data_0-2.xyz", 2, 2),
+            DatasetSpec("3bpa", "3bpa/train_300K.xyz", 2, 2),
+            DatasetSpec("water", "water/train_data_0-2.xyz", 1, 1),
         )
-        epochs, warmup, steps = 1, 3, 10
+        epochs, warmup, steps = 1, 1, 2
     else:
         datasets = (
             DatasetSpec("3bpa", "3bpa/train_300K.xyz", 400, 8),
             DatasetSpec("water", "water/train_data_0-2.xyz", 64, 2),
         )
-        epochs, warmup, steps = 2, 20, 200
+        epochs, warmup, steps = 1, 20, 200
     return Settings(
         datasets=datasets,
         epochs=args.epochs if args.epochs is not None else epochs,
@@ -120,16 +118,18 @@ def set_threads(n: int) -> dict[str, int]:
     import torch
 
     torch.set_num_threads(n)
-    return {"num_threads": torch.get_num_threads(), "num_interop_threads": torch.get_num_interop_threads()}
+    return {
+        "num_threads": torch.get_num_threads(),
+        "num_interop_threads": torch.get_num_interop_threads(),
+    }
 
 
 def read_frames(settings: Settings, ds: DatasetSpec) -> list[Any]:
     """The first ``ds.frames`` frames of the dataset as ASE ``Atoms`` (labels attached)."""
     from ase.io import read
 
-    path = (REPO / settings.data_root / ds.path) if not Path(settings.data_root).is_absolute() \
-        else Path(settings.data_root) / ds.path
-    frames = read(str(path), index=f":{ds.frames}")
+    # relative to the repository root; an absolute --data-root replaces it
+    frames = read(str(REPO / settings.data_root / ds.path), index=f":{ds.frames}")
     return frames if isinstance(frames, list) else [frames]
 
 
@@ -179,8 +179,25 @@ def time_md(atoms: Any, calc: Any, warmup: int, steps: int, seed: int) -> dict[s
     }
 
 
-def n_params(model: Any) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
+def record(
+    out: dict[str, Any],
+    key: str,
+    ds: DatasetSpec,
+    frames: Sequence[Any],
+    settings: Settings,
+    model: Any,
+    step: Callable[[Any], None],
+    batches: Sequence[Any],
+    make_calc: Callable[[], Any],
+) -> None:
+    """Time training (``step`` over ``batches``) and MD (``make_calc()``) of one model."""
+    row = out["models"].setdefault(key, {"train": {}, "md": {}})
+    row["n_params"] = int(sum(p.numel() for p in model.parameters()))
+    row["train"][ds.name] = train = time_epochs(step, batches, settings.epochs)
+    md = time_md(frames[0], make_calc(), settings.md_warmup, settings.md_steps, settings.seed)
+    row["md"][ds.name] = md
+    msg = f"{train['seconds']:.3f} s/epoch, {md['steps_per_second']:.2f} MD steps/s"
+    print(f"[{out['code']}] {key} {ds.name}: {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,19 +214,23 @@ def trustpot_worker(settings: Settings) -> dict[str, Any]:
     from trustpot.models import build_potential
     from trustpot.train.losses import LossWeights, combine, loss_sums, required_outputs
 
-    out: dict[str, Any] = {"threads": set_threads(settings.threads), "models": {}}
+    out: dict[str, Any] = {"code": "trustpot", "models": {}}
+    out["threads"] = set_threads(settings.threads)
     out["versions"] = {"trustpot": trustpot.__version__, **_common_versions()}
+    out["loadavg_at_start"] = _loadavg()
     weights = LossWeights()
     outputs = required_outputs(weights, has_stress=False)
     for ds in settings.datasets:
         frames = read_frames(settings, ds)
         structures = [atoms_to_structure(a) for a in frames]
         for name in TRUSTPOT_MODELS:
-            model = build_potential(name, {"cutoff": CUTOFF}, structures, dtype="float32", seed=settings.seed)
+            model = build_potential(
+                name, {"cutoff": CUTOFF}, structures, dtype="float32", seed=settings.seed
+            )
             data = GraphDataset(structures, model.neighbor_lists(), model.dtype, ds.name)
             batches = [b for b, _ in data.batches(ds.batch_size) if b is not None]
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, amsgrad=True)
-            scale = float(model.energy_scale)
+            scale = float(model.meta.energy_scale)
             model.train()
 
             def step(batch: Any, model: Any = model, opt: Any = opt, scale: float = scale) -> None:
@@ -219,20 +240,18 @@ def trustpot_worker(settings: Settings) -> dict[str, Any]:
                 combine(sums, counts, weights).backward()
                 opt.step()
 
-            row = out["models"].setdefault(name, {"train": {}, "md": {}})
-            row["n_params"] = n_params(model)
-            row["train"][ds.name] = time_epochs(step, batches, settings.epochs)
-            calc = TrustpotCalculator(Predictor(model.eval(), "cpu", batch_size=1))
-            row["md"][ds.name] = time_md(frames[0], calc, settings.md_warmup, settings.md_steps, settings.seed)
-            print(f"[trustpot] {name} {ds.name}: {row['train'][ds.name]['seconds']:.3f} s/epoch, "
-                  f"{row['md'][ds.name]['steps_per_second']:.2f} MD steps/s", flush=True)
+            def calc(model: Any = model) -> Any:
+                return TrustpotCalculator(Predictor(model.eval(), "cpu", batch_size=1))
+
+            record(out, name, ds, frames, settings, model, step, batches, calc)
+    out["loadavg_at_end"] = _loadavg()
     return out
 
 
 # ---------------------------------------------------------------------------------------
 # MACE worker (runs with benchmarks/.mace-venv's Python)
 # ---------------------------------------------------------------------------------------
-def _mace_batches(frames: Sequence[Any], z_table: Any, batch_size: int) -> tuple[list[Any], list[Any]]:
+def _mace_batches(frames: Sequence[Any], z_table: Any, size: int) -> tuple[list[Any], list[Any]]:
     """MACE configurations and pre-built batches of ``frames`` (float32 default dtype)."""
     from mace import data as mace_data
     from mace.tools import torch_geometric
@@ -248,8 +267,8 @@ def _mace_batches(frames: Sequence[Any], z_table: Any, batch_size: int) -> tuple
         configs.append(mace_data.config_from_atoms(a, key_specification=keyspec))
     graphs = [mace_data.AtomicData.from_config(c, z_table=z_table, cutoff=CUTOFF) for c in configs]
     batches = [
-        torch_geometric.Batch.from_data_list(graphs[k : k + batch_size])
-        for k in range(0, len(graphs), batch_size)
+        torch_geometric.Batch.from_data_list(graphs[k : k + size])
+        for k in range(0, len(graphs), size)
     ]
     return configs, batches
 
@@ -278,7 +297,8 @@ def build_mace(spec: MaceSpec, frames: Sequence[Any], batch_size: int) -> tuple[
     avg_neighbors = edges / sum(len(a) for a in frames)
     forces = np.concatenate([a.get_forces().ravel() for a in frames])
     residual = [
-        (float(a.get_potential_energy()) - sum(e0s[int(z)] for z in a.numbers)) / len(a) for a in frames
+        (float(a.get_potential_energy()) - sum(e0s[int(z)] for z in a.numbers)) / len(a)
+        for a in frames
     ]
     model = modules.ScaleShiftMACE(
         r_max=CUTOFF,
@@ -309,14 +329,15 @@ def mace_worker(settings: Settings) -> dict[str, Any]:
     import torch
 
     torch.set_default_dtype(torch.float32)
+    import e3nn
     import mace
     from mace.calculators import MACECalculator
 
-    out: dict[str, Any] = {"threads": set_threads(settings.threads), "models": {}}
+    out: dict[str, Any] = {"code": "mace", "models": {}}
+    out["threads"] = set_threads(settings.threads)
     out["versions"] = {"mace-torch": mace.__version__, **_common_versions()}
-    import e3nn
-
     out["versions"]["e3nn"] = e3nn.__version__
+    out["loadavg_at_start"] = _loadavg()
     for ds in settings.datasets:
         frames = read_frames(settings, ds)
         for spec in MACE_CONFIGS:
@@ -336,18 +357,23 @@ def mace_worker(settings: Settings) -> dict[str, Any]:
                 loss.backward()
                 opt.step()
 
-            row = out["models"].setdefault(spec.name, {"train": {}, "md": {}})
-            row["n_params"] = n_params(model)
-            row["hidden_irreps"] = spec.hidden_irreps
-            row["train"][ds.name] = time_epochs(step, batches, settings.epochs)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.model"
-                torch.save(model.eval(), path)
-                calc = MACECalculator(model_paths=str(path), device="cpu", default_dtype="float32")
-            row["md"][ds.name] = time_md(frames[0], calc, settings.md_warmup, settings.md_steps, settings.seed)
-            print(f"[mace] {spec.name} {ds.name}: {row['train'][ds.name]['seconds']:.3f} s/epoch, "
-                  f"{row['md'][ds.name]['steps_per_second']:.2f} MD steps/s", flush=True)
+            def calc(model: Any = model) -> Any:
+                # saved and loaded as a user would; weights do not change the speed
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "model.model"
+                    torch.save(model.eval(), path)
+                    return MACECalculator(
+                        model_paths=str(path), device="cpu", default_dtype="float32"
+                    )
+
+            record(out, spec.name, ds, frames, settings, model, step, batches, calc)
+    out["loadavg_at_end"] = _loadavg()
     return out
+
+
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages (other work on the machine skews timings)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def _common_versions() -> dict[str, str]:
@@ -355,8 +381,12 @@ def _common_versions() -> dict[str, str]:
     import numpy
     import torch
 
-    return {"torch": torch.__version__, "ase": ase.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "ase": ase.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -375,8 +405,8 @@ def install_mace() -> None:
     subprocess.run([*pip, TORCH_PIN], check=True)
     # the pin again in the same command, so mace-torch's requirements cannot swap torch
     subprocess.run([*pip, "mace-torch", TORCH_PIN], check=True)
-    got = subprocess.run([str(py), "-c", "import torch; print(torch.__version__)"],
-                         check=True, capture_output=True, text=True).stdout.strip()
+    check = [str(py), "-c", "import torch; print(torch.__version__)"]
+    got = subprocess.run(check, check=True, capture_output=True, text=True).stdout.strip()
     if not got.startswith(TORCH_PIN.split("==")[1]):
         raise SystemExit(f"mace venv ended up with torch {got}, expected {TORCH_PIN}")
 
@@ -385,8 +415,9 @@ def run_worker(kind: str, python: Path | str, args: argparse.Namespace) -> dict[
     """Run ``--worker kind`` in a subprocess of ``python``; its JSON, or a failure record."""
     with tempfile.TemporaryDirectory() as tmp:
         json_out = Path(tmp) / f"{kind}.json"
-        cmd = [str(python), str(Path(__file__).resolve()), "--worker", kind, "--json-out", str(json_out),
-               "--threads", str(args.threads), "--data-root", args.data_root]
+        cmd = [str(python), str(Path(__file__).resolve()), "--worker", kind]
+        cmd += ["--json-out", str(json_out), "--threads", str(args.threads)]
+        cmd += ["--data-root", args.data_root]
         for flag in ("epochs", "md_warmup", "md_steps"):
             if getattr(args, flag) is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -408,36 +439,30 @@ def run_worker(kind: str, python: Path | str, args: argparse.Namespace) -> dict[
 
 def cpu_info() -> dict[str, Any]:
     """What the machine is: platform, CPU model, core count, load."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if hasattr(os, "getloadavg"):
-        info["loadavg_at_start"] = list(os.getloadavg())
+    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor()}
+    info |= {"cpu_count": os.cpu_count(), "loadavg_at_start": _loadavg()}
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    models = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+    info["cpu_model"] = models[0] if models else platform.processor()
     return info
 
 
 def git_commit() -> str:
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def compute_ratios(tp: dict[str, Any], mc: dict[str, Any], datasets: Sequence[str]) -> dict[str, Any]:
+def compute_ratios(
+    tp: dict[str, Any], mc: dict[str, Any], datasets: Sequence[str]
+) -> dict[str, Any]:
     """ratio[task][dataset][trustpot model][mace config] = MACE s / trustpot s."""
     ratios: dict[str, Any] = {}
     if tp.get("status") != "measured":
@@ -449,57 +474,71 @@ def compute_ratios(tp: dict[str, Any], mc: dict[str, Any], datasets: Sequence[st
                 for spec in MACE_CONFIGS:
                     peer = mc.get("models", {}).get(spec.name, {}).get(task, {}).get(ds)
                     cell[spec.name] = (
-                        peer["seconds"] / row[task][ds]["seconds"] if mc.get("status") == "measured" and peer
+                        peer["seconds"] / row[task][ds]["seconds"]
+                        if mc.get("status") == "measured" and peer
                         else mc.get("status", NOT_MEASURED)
                     )
     return ratios
 
 
-def _fmt_seconds(task: str, seconds: float) -> str:
-    return f"{seconds:.3f} s/epoch" if task == "train" else f"{1000 * seconds:.1f} ms/step"
-
-
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables, one per task and dataset."""
-    meta = report["meta"]
-    tp, mc, ratios = report["trustpot"], report["mace"], report["ratios"]
+    meta, tp, mc = report["meta"], report["trustpot"], report["mace"]
+    cpu, st = meta["cpu"], meta["settings"]
     lines = [
-        "# trustpot vs MACE speed", "",
-        f"- mode: {'quick' if meta['quick'] else 'full'}; torch threads: {meta['settings']['threads']}; "
+        "# trustpot vs MACE speed",
+        "",
+        f"- mode: {'quick' if meta['quick'] else 'full'}; torch threads: {st['threads']}; "
         f"float32; cutoff {CUTOFF} Å; git {meta['git_commit']}",
-        f"- CPU: {meta['cpu'].get('cpu_model', meta['cpu']['processor'])}, os.cpu_count()={meta['cpu']['cpu_count']}, "
-        f"{meta['cpu']['platform']}",
-        f"- trustpot side: {_versions(tp)}", f"- MACE side: {_versions(mc)}",
-        "- ratio = MACE seconds / trustpot seconds (> 1: trustpot faster)", "",
+        f"- CPU: {cpu['cpu_model']}, os.cpu_count()={cpu['cpu_count']}, {cpu['platform']}",
+        f"- trustpot side: {_versions(tp)}; 1-min load average {_load(tp)}",
+        f"- MACE side: {_versions(mc)}; 1-min load average {_load(mc)}",
+        "- ratio = MACE seconds / trustpot seconds (> 1: trustpot faster)",
+        "",
     ]
-    for task, title in (("train", "Training time per epoch"), ("md", "MD (ASE velocity Verlet, 0.5 fs)")):
-        for ds in meta["settings"]["datasets"]:
-            what = (f"{ds['frames']} frames, batch {ds['batch_size']}" if task == "train"
-                    else f"{meta['settings']['md_steps']} steps after {meta['settings']['md_warmup']}")
-            lines += [f"## {title}: {ds['name']} ({what})", ""]
-            header = "| model | params | time | " + " | ".join(f"ratio vs {s.name}" for s in MACE_CONFIGS) + " |"
-            lines += [header, "|" + "---|" * (3 + len(MACE_CONFIGS))]
+    n = len(MACE_CONFIGS)
+    for task in ("train", "md"):
+        for ds in st["datasets"]:
+            if task == "train":
+                title = f"Training time per epoch: {ds['name']} ({ds['frames']} frame(s), "
+                title += f"batch {ds['batch_size']})"
+            else:
+                title = f"MD, ASE velocity Verlet 0.5 fs: {ds['name']} ({st['md_steps']} steps "
+                title += f"after {st['md_warmup']})"
+            ratio_heads = " | ".join(f"ratio vs {s.name}" for s in MACE_CONFIGS)
+            lines += [f"## {title}", "", f"| model | params | time | {ratio_heads} |"]
+            lines.append("|---" * (3 + n) + "|")
             for name in TRUSTPOT_MODELS:
-                if tp.get("status") != "measured":
-                    lines.append(f"| trustpot {name} | | {tp.get('status')} |" + " |" * len(MACE_CONFIGS))
-                    continue
-                row = tp["models"][name]
-                cells = []
-                for spec in MACE_CONFIGS:
-                    r = ratios[task][ds["name"]][name][spec.name]
-                    cells.append(f"{r:.2f}" if isinstance(r, float) else "n/a")
-                lines.append(f"| trustpot {name} | {row['n_params']:,} | "
-                             f"{_fmt_seconds(task, row[task][ds['name']]['seconds'])} | " + " | ".join(cells) + " |")
+                got = report["ratios"].get(task, {}).get(ds["name"], {}).get(name, {})
+                cells = [
+                    f"{r:.2f}" if isinstance(r, float) else "not measured" for r in got.values()
+                ]
+                lines.append(
+                    _row(f"trustpot {name}", tp, name, task, ds["name"], cells or [""] * n)
+                )
             for spec in MACE_CONFIGS:
-                row = mc.get("models", {}).get(spec.name)
-                if mc.get("status") == "measured" and row:
-                    t = _fmt_seconds(task, row[task][ds["name"]]["seconds"])
-                    lines.append(f"| MACE {spec.hidden_irreps} | {row['n_params']:,} | {t} |" + " |" * len(MACE_CONFIGS))
-                else:
-                    lines.append(f"| MACE {spec.hidden_irreps} | | {mc.get('status', NOT_MEASURED)} |"
-                                 + " |" * len(MACE_CONFIGS))
+                label = f"MACE {spec.hidden_irreps}"
+                lines.append(_row(label, mc, spec.name, task, ds["name"], [""] * n))
             lines.append("")
     return "\n".join(lines)
+
+
+def _row(label: str, side: dict[str, Any], key: str, task: str, ds: str, extra: list[str]) -> str:
+    """One table row: label, parameters, time (or why it was not measured), ratios."""
+    row = side.get("models", {}).get(key)
+    if side.get("status") != "measured" or not row:
+        cells = ["", str(side.get("status", NOT_MEASURED))]
+    else:
+        seconds = row[task][ds]["seconds"]
+        t = f"{seconds:.3f} s/epoch" if task == "train" else f"{1000 * seconds:.1f} ms/step"
+        cells = [f"{row['n_params']:,}", t]
+    return "| " + " | ".join([label, *cells, *extra]) + " |"
+
+
+def _load(side: dict[str, Any]) -> str:
+    """1-minute load average at the start and end of a worker, e.g. ``2.1 -> 3.4``."""
+    a, b = side.get("loadavg_at_start"), side.get("loadavg_at_end")
+    return f"{a[0]:.1f} -> {b[0]:.1f}" if a and b else "n/a"
 
 
 def _versions(side: dict[str, Any]) -> str:
@@ -511,13 +550,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="folder for speed.json and speed.md")
     p.add_argument("--quick", action="store_true", help="few frames and steps (a smoke test)")
-    p.add_argument("--install-mace", action="store_true",
-                   help=f"create {MACE_VENV.relative_to(REPO)} with {TORCH_PIN} and mace-torch first")
+    p.add_argument(
+        "--install-mace",
+        action="store_true",
+        help=f"create {MACE_VENV.relative_to(REPO)} with {TORCH_PIN} and mace-torch first",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads for both codes")
     p.add_argument("--epochs", type=int, help="timed epochs after the warm-up epoch")
     p.add_argument("--md-steps", type=int, help="timed MD steps")
     p.add_argument("--md-warmup", type=int, help="MD warm-up steps")
-    p.add_argument("--data-root", default="../shared/data", help="data folder (relative to the repo root)")
+    p.add_argument(
+        "--data-root", default="../shared/data", help="data folder (relative to the repo root)"
+    )
     p.add_argument("--skip-mace", action="store_true", help="time trustpot only")
     p.add_argument("--worker", choices=("trustpot", "mace"), help=argparse.SUPPRESS)
     p.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)
@@ -545,13 +589,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         mc = run_worker("mace", mace_python(), args)
     else:
         mc = {"status": NOT_MEASURED}
-    if hasattr(os, "getloadavg"):
-        cpu["loadavg_at_end"] = list(os.getloadavg())
+    cpu["loadavg_at_end"] = _loadavg()
     names = [d.name for d in settings.datasets]
     report = {
         "meta": {
-            "quick": args.quick, "settings": settings.to_dict(), "cpu": cpu, "git_commit": git_commit(),
-            "cutoff": CUTOFF, "dtype": "float32", "trustpot_models": list(TRUSTPOT_MODELS),
+            "quick": args.quick,
+            "settings": asdict(settings),
+            "cpu": cpu,
+            "git_commit": git_commit(),
+            "cutoff": CUTOFF,
+            "dtype": "float32",
+            "trustpot_models": list(TRUSTPOT_MODELS),
             "mace_configs": [asdict(s) | {"hidden_irreps": s.hidden_irreps} for s in MACE_CONFIGS],
             "ratio_definition": "MACE seconds / trustpot seconds (> 1: trustpot faster)",
             "wall_seconds": time.perf_counter() - t0,

@@ -145,8 +145,10 @@ class TrustpotCalculator(Calculator):
         periodic = bool(np.any(self.atoms.pbc))
         if "stress" in properties and not periodic:
             raise PropertyNotImplementedError("stress needs a periodic cell")
+        # energy, forces and per-atom energies come from one backward pass; the strain
+        # derivative costs extra, so stress is computed only when asked for
         outputs = {K.ENERGY, K.FORCES, K.NODE_ENERGY}
-        if periodic:
+        if "stress" in properties:
             outputs.add(K.STRESS)
         (res,) = self.predictor.predict([self.atoms], outputs)
         self.results = {
@@ -155,7 +157,7 @@ class TrustpotCalculator(Calculator):
             "forces": res[K.FORCES].astype(np.float64),
             "energies": res[K.NODE_ENERGY].astype(np.float64),
         }
-        if periodic:
+        if K.STRESS in outputs:
             s = res[K.STRESS].astype(np.float64)
             self.results["stress"] = np.array(
                 [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]]
