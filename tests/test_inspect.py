@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 from ase.io import write
+from conftest import labelled_molecules, needs_shared
 
 from trustpot.cli.main import main
 from trustpot.data.inspect import dataset_stats
 from trustpot.data.reader import read_structures
-
-from conftest import labelled_molecules, needs_shared
 
 
 def test_planted_force_outlier_is_found(tmp_path: Path) -> None:
