@@ -17,7 +17,9 @@ def test_random_split_sizes_and_disjoint(ethanol_structures: list) -> None:
     subsets = make_split(ethanol_structures, "random", seed=1, sizes={"train": 16, "test": 0.25})
     assert len(subsets["train"]) == 16 and len(subsets["test"]) == 6
     assert not set(subsets["train"]) & set(subsets["test"])
-    assert subsets == make_split(ethanol_structures, "random", seed=1, sizes={"train": 16, "test": 0.25})
+    assert subsets == make_split(
+        ethanol_structures, "random", seed=1, sizes={"train": 16, "test": 0.25}
+    )
 
 
 def test_info_key_and_composition(ethanol_structures: list) -> None:
@@ -44,11 +46,47 @@ def test_manifest_refuses_modified_file(ethanol_file: Path, tmp_path: Path) -> N
 
 def test_cli_split_then_train_and_eval(ethanol_file: Path, tmp_path: Path) -> None:
     manifest = tmp_path / "split.json"
-    assert main(["data", "split", str(ethanol_file), "--rule", "random", "--sizes", "train=18",
-                 "test=6", "--out", str(manifest)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "split",
+                str(ethanol_file),
+                "--rule",
+                "random",
+                "--sizes",
+                "train=18",
+                "test=6",
+                "--out",
+                str(manifest),
+            ]
+        )
+        == 0
+    )
     assert json.loads(manifest.read_text())["sizes"] == {"train": 18, "test": 6}
     run = tmp_path / "run"
-    assert main(["train", "--train", f"{manifest}:train", "--model", "schnet", "--epochs", "1",
-                 "--out", str(run), "-o", "model.hypers.n_features=8", "-o", "train.threads=1"]) == 0
-    assert main(["eval", str(run / "best.ckpt"), f"{manifest}:test", "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--train",
+                f"{manifest}:train",
+                "--model",
+                "schnet",
+                "--epochs",
+                "1",
+                "--out",
+                str(run),
+                "-o",
+                "model.hypers.n_features=8",
+                "-o",
+                "train.threads=1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["eval", str(run / "best.ckpt"), f"{manifest}:test", "--out", str(tmp_path / "ev")])
+        == 0
+    )
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_structures"] == 6

@@ -1,9 +1,202 @@
-"""``trustpot data molecules | label | nacl-water | nbody``: reference-engine data generation."""
+"""``trustpot data molecules | label | nacl-water | nbody``: reference-engine data generation.
+
+Each command is a thin layer over a function of :mod:`trustpot.engines`. Output is extended XYZ,
+appended as frames finish; rerunning the same command resumes. Exit code 0 when every frame is
+written, 1 when some failed (listed in ``OUT.failed.jsonl``), 2 for bad options or input.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _out_dir(args: argparse.Namespace) -> str:
+    return str(Path(args.out).parent)
+
+
+def _report(summary: Any) -> int:
+    line = (
+        f"{summary.out}: {summary.resumed + summary.written}/{summary.total} frames "
+        f"({summary.resumed} resumed, {summary.written} new, {summary.failed} failed) in "
+        f"{summary.seconds:.1f} s"
+    )
+    if summary.written:
+        line += f", {summary.frames_per_minute:.0f} frames/min"
+    if summary.torn_bytes:
+        line += f"; cut a torn last frame ({summary.torn_bytes} bytes)"
+    print(line)
+    if summary.failed:
+        print(
+            f"trustpot: {summary.failed} frame(s) failed; reasons in {summary.failed_path}; "
+            "rerun the same command to retry them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _molecules(args: argparse.Namespace) -> int:
+    from trustpot.engines.xtb import MDOptions, generate_molecules
+
+    md = MDOptions(
+        timestep=args.timestep,
+        friction=args.friction,
+        equilibration=args.equilibration,
+        interval=args.interval,
+        chunk=args.chunk,
+    )
+    summary = generate_molecules(
+        args.smiles,
+        args.temperatures,
+        args.frames,
+        args.out,
+        seed=args.seed,
+        workers=args.workers,
+        method=args.method,
+        md=md,
+        progress=not args.quiet,
+    )
+    return _report(summary)
+
+
+def _label(args: argparse.Namespace) -> int:
+    from trustpot.engines.xtb import label_file
+
+    summary = label_file(
+        args.file, args.out, method=args.method, workers=args.workers, progress=not args.quiet
+    )
+    return _report(summary)
+
+
+def _nacl_water(args: argparse.Namespace) -> int:
+    from trustpot.engines.nacl_water import BoxOptions, generate_nacl_water
+
+    box = BoxOptions(
+        grid=args.grid,
+        cutoff=args.cutoff,
+        timestep=args.timestep,
+        friction=args.friction,
+        equilibration=args.equilibration,
+        interval=args.interval,
+        chunk=args.chunk,
+    )
+    summary = generate_nacl_water(
+        args.pairs,
+        args.frames,
+        args.out,
+        temperatures=args.temperatures,
+        seed=args.seed,
+        workers=args.workers,
+        box=box,
+        progress=not args.quiet,
+    )
+    return _report(summary)
+
+
+def _nbody(args: argparse.Namespace) -> int:
+    from trustpot.engines.nbody import MCOptions, generate_nbody
+
+    mc = MCOptions(
+        box=args.box,
+        step=args.step,
+        r0=args.r0,
+        equilibration=args.equilibration,
+        interval=args.interval,
+        chunk=args.chunk,
+    )
+    summary = generate_nbody(
+        args.particles,
+        args.frames,
+        args.out,
+        temperatures=args.temperatures,
+        seed=args.seed,
+        workers=args.workers,
+        mc=mc,
+        progress=not args.quiet,
+    )
+    return _report(summary)
+
+
+def _common(p: argparse.ArgumentParser, frames: bool = True) -> None:
+    if frames:
+        p.add_argument("--frames", type=int, required=True, help="frames per (system, temperature)")
+        p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
+    p.add_argument("--out", required=True, help="extended XYZ output; rerun to resume")
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes (default 1; 0: in this process)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _sampling(p: argparse.ArgumentParser, eq: int, interval: int, chunk: int, unit: str) -> None:
+    p.add_argument(
+        "--equilibration", type=int, default=eq, help=f"{unit} before the first frame ({eq})"
+    )
+    p.add_argument(
+        "--interval", type=int, default=interval, help=f"{unit} between frames ({interval})"
+    )
+    p.add_argument(
+        "--chunk", type=int, default=chunk, help=f"frames per independent trajectory ({chunk})"
+    )
 
 
 def add_engine_commands(data_sub: argparse._SubParsersAction) -> None:
     """Register the engine subcommands under ``trustpot data``."""
+    p = data_sub.add_parser(
+        "molecules",
+        help="sample molecules from SMILES by Langevin MD with GFN2-xTB (extra: xtb)",
+        description="RDKit conformers, Langevin MD with tblite forces, labelled frames.",
+    )
+    p.add_argument("--smiles", nargs="+", required=True, help="SMILES strings")
+    p.add_argument("--temperatures", nargs="+", type=float, default=[300.0], help="K (default 300)")
+    p.add_argument("--method", default="GFN2-xTB", help="xTB method (default GFN2-xTB)")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
+    p.add_argument("--friction", type=float, default=0.01, help="1/fs (default 0.01)")
+    _sampling(p, 400, 40, 10, "MD steps")
+    _common(p)
+    p.set_defaults(func=_molecules, out_dir=_out_dir)
+
+    p = data_sub.add_parser(
+        "label",
+        help="label structures of any ASE-readable file with xTB (extra: xtb)",
+        description="Energies and forces for every frame; charge/uhf/multiplicity from "
+        "atoms.info, else neutral closed shell.",
+    )
+    p.add_argument("file", help="structures (any format ASE reads)")
+    p.add_argument("--method", default="GFN2-xTB", help="xTB method (default GFN2-xTB)")
+    _common(p, frames=False)
+    p.set_defaults(func=_label, out_dir=_out_dir)
+
+    p = data_sub.add_parser(
+        "nacl-water",
+        help="NaCl in periodic TIP3P water with OpenMM (extra: openmm)",
+        description="Flexible TIP3P + Joung-Cheatham ions, PME; NVT Langevin sampling.",
+    )
+    p.add_argument("--pairs", nargs="+", type=int, required=True, help="ion pairs, 1 to 8")
+    p.add_argument("--temperatures", nargs="+", type=float, default=[300.0], help="K (default 300)")
+    p.add_argument("--grid", type=int, default=5, help="lattice sites per box edge (default 5)")
+    p.add_argument("--cutoff", type=float, default=0.7, help="nm (default 0.7)")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
+    p.add_argument("--friction", type=float, default=1.0, help="1/ps (default 1)")
+    _sampling(p, 2000, 200, 20, "MD steps")
+    _common(p)
+    p.set_defaults(func=_nacl_water, out_dir=_out_dir)
+
+    p = data_sub.add_parser(
+        "nbody",
+        help="charged N-body system (+/-1 e, Coulomb + r^-9 repulsion), exact labels",
+        description="Metropolis sampling of point charges; Na stands for +1 e, Cl for -1 e.",
+    )
+    p.add_argument("--particles", nargs="+", type=int, required=True, help="particle counts")
+    p.add_argument(
+        "--temperatures", nargs="+", type=float, default=[1000.0], help="K (default 1000)"
+    )
+    p.add_argument("--box", type=float, default=10.0, help="Å, sampling cube edge (default 10)")
+    p.add_argument("--step", type=float, default=0.4, help="Å, trial move half-width (0.4)")
+    p.add_argument("--r0", type=float, default=2.8, help="Å, +/- pair minimum (default 2.8)")
+    _sampling(p, 200, 20, 20, "MC sweeps")
+    _common(p)
+    p.set_defaults(func=_nbody, out_dir=_out_dir)

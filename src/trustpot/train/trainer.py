@@ -224,6 +224,33 @@ class Trainer:
         self.elapsed = float(all_reduce_max(torch.tensor([self.elapsed]), self.dist).item())
         return self._out_of_time()
 
+    def train_step(self, batches: Sequence[Graph | None]) -> float:
+        """One optimiser step on one batch per objective (in ``self.objectives`` order).
+
+        Returns the loss summed over processes. A rank may pass ``None`` for an objective
+        whose slice of the global batch is empty.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = sum(
+            (self._objective_loss(obj, b) for obj, b in zip(self.objectives, batches)),
+            start=torch.zeros(()),
+        )
+        loss.backward()
+        sync_gradients(self.model, self.dist)
+        global_loss = float(all_reduce_sum(loss.detach().reshape(1), self.dist).item())
+        if not math.isfinite(global_loss):
+            raise TrainingError(
+                f"loss became {global_loss} at epoch {self.epoch}, step {self.step}; "
+                "lower train.lr or check the data (trustpot data stats)"
+            )
+        if self.cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return global_loss
+
     def train_epoch(self, train: Mapping[str, GraphDataset]) -> float:
         """One pass over the first objective's data; returns the mean training loss."""
         self.model.train()
@@ -237,26 +264,9 @@ class Trainer:
         t0 = time.perf_counter()
         start_elapsed = self.elapsed
         for batch, _ in self._batches(train[first.dataset], self.epoch):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self._objective_loss(first, batch)
-            for obj, it in zip(others, other_iters):
-                loss = loss + self._objective_loss(obj, next(it)[0])
-            loss.backward()
-            sync_gradients(self.model, self.dist)
-            global_loss = float(all_reduce_sum(loss.detach().reshape(1), self.dist).item())
-            if not math.isfinite(global_loss):
-                raise TrainingError(
-                    f"loss became {global_loss} at epoch {self.epoch}, step {self.step}; "
-                    "lower train.lr or check the data (trustpot data stats)"
-                )
-            if self.cfg.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
-            loss_sum += global_loss
+            extra = [next(it)[0] for it in other_iters]
+            loss_sum += self.train_step([batch, *extra])
             n_steps += 1
-            self.step += 1
             self.elapsed = start_elapsed + time.perf_counter() - t0
             if self._budget_spent():
                 break
