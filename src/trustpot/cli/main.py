@@ -156,6 +156,38 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quickstart",
+        help="the main job on data made here: xTB data, training, in/out-of-domain evaluation",
+        description="Sample a molecule with GFN2-xTB at 300 K and a hotter temperature, train a "
+        "potential, evaluate it in and out of domain, write report.md (needs the [xtb] extra).",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--smiles", default="CCO")
+    p.add_argument("--frames", type=int, default=300, help="frames at 300 K (default 300)")
+    p.add_argument("--ood-frames", type=int, default=100)
+    p.add_argument("--ood-temperature", type=float, default=800.0, help="K (default 800)")
+    p.add_argument("--model", default="painn")
+    p.add_argument("--minutes", type=float, default=4.0, help="training budget (default 4)")
+    p.add_argument("--workers", type=int, default=2, help="xTB worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_quickstart, out_dir=lambda a: a.out)
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from trustpot.quickstart import QuickstartOptions, run_quickstart
+
+    opts = QuickstartOptions(
+        smiles=args.smiles, frames=args.frames, ood_frames=args.ood_frames,
+        ood_temperature=args.ood_temperature, model=args.model, minutes=args.minutes,
+        workers=args.workers, seed=args.seed,
+    )  # fmt: skip
+    summary = run_quickstart(args.out, opts)
+    print(f"report: {Path(args.out) / 'report.md'} ({summary['total_s'] / 60:.1f} min)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trustpot import __version__
 
@@ -167,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from trustpot.cli.data import add_data_commands
 
-    for add in (_add_train, _add_eval, _add_md, _add_config, add_data_commands):
+    for add in (_add_quickstart, _add_train, _add_eval, _add_md, _add_config, add_data_commands):
         add(sub)
     return parser
 
