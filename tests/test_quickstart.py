@@ -28,7 +28,6 @@ def test_quickstart_tiny(tmp_path: Path) -> None:
         "0.05",
         "--workers",
         "0",
-        "-",
     ]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
