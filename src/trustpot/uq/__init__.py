@@ -1,0 +1,1 @@
+"""Reliability: uncertainty metrics (and, as they land, the uncertainty wrappers)."""
