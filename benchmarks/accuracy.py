@@ -155,7 +155,7 @@ def main() -> None:
                 log,
             )
             metrics = json.loads((eval_dir / "metrics.json").read_text())
-            entry[test_name] = {k: v for k, v in metrics.items() if isinstance(v, float)}
+            entry[test_name] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         with lock:
             results["runs"][name] = entry
             result_path.write_text(json.dumps(results, indent=1))

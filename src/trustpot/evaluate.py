@@ -25,7 +25,7 @@ def accuracy_metrics(
     ``forces_magnitude_mae`` (per atom), ``n_structures``, ``n_atoms``; force keys are absent
     when no structure has forces, energy keys when none has energies.
     """
-    out: dict[str, float] = {"n_structures": float(len(structures))}
+    out: dict[str, float] = {"n_structures": len(structures)}
     e_err, e_err_pa, f_err, cos, mag = [], [], [], [], []
     n_atoms = 0
     for s, p in zip(structures, predictions):
@@ -40,7 +40,7 @@ def accuracy_metrics(
             valid = (pn > 1e-12) & (rn > 1e-12)
             cos.append((pf * rf).sum(1)[valid] / (pn[valid] * rn[valid]))
             mag.append(np.abs(pn - rn))
-    out["n_atoms"] = float(n_atoms)
+    out["n_atoms"] = n_atoms
     if e_err:
         e, epa = np.array(e_err), np.array(e_err_pa)
         out.update(

@@ -134,7 +134,7 @@ def run_quickstart(
     ):
         data = read_data(spec)
         metrics = evaluate_file(predictor, data, out / f"eval_{name}", source=spec)
-        results[name] = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        results[name] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         per_frame[name] = _per_frame_force_mae(data, predictor.predict_structures(data))
     id_name, ood_name = list(results)
     ratio = results[ood_name]["forces_mae"] / results[id_name]["forces_mae"]

@@ -91,7 +91,7 @@ def _eval(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
     structures = read_data(args.data, require=())
     metrics = evaluate_file(predictor, structures, args.out, source=args.data)
-    summary = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     print(json.dumps(summary, indent=1))
     return 0
 

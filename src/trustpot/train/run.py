@@ -109,6 +109,7 @@ def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> Train
             reference_energies=e0,
             head_dropout=cfg.model.head_dropout,
         )
+    check_species(train, model.species, cfg.data.train)
     check_species(valid, model.species, cfg.data.valid or cfg.data.train)
 
     if info.is_main:
