@@ -1,0 +1,594 @@
+"""PROBE: Post-hoc Reliability frOm Backbone Embeddings.
+
+A small classifier reads the frozen per-atom features of a trained potential (every
+interaction layer, plus a one-hot of the element) and predicts the log-odds that the
+structure's force MAE exceeds a tolerance. Per-atom MLP -> self-attention over the atoms of
+each structure -> attention pooling (whose weights are the per-atom importance) -> MLP -> logit.
+
+The classifier is fitted on labelled data the potential did not train on (:func:`fit_probe`),
+then calibrated by temperature scaling on a held-out part of that data. Energies and forces are
+the base potential's, computed in the same forward pass as the embedding.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from trustpot import keys as K
+from trustpot.data.graph import Graph, collate, structure_to_graph, to_device
+from trustpot.data.structures import Structure, check_species
+from trustpot.errors import CheckpointError, ConfigError
+from trustpot.io.checkpoint import potential_from_checkpoint_dict
+from trustpot.models.base import Embedding
+from trustpot.models.potential import SUPPORTED_OUTPUTS, Potential, compute_outputs
+from trustpot.nn import MLP, scatter_sum
+from trustpot.uq.base import Recalibration, UQModel
+from trustpot.uq.metrics import auroc
+
+#: Fewest labelled structures :func:`fit_probe` accepts.
+MIN_STRUCTURES = 10
+
+
+@dataclass(frozen=True)
+class ProbeHypers:
+    """Hyper-parameters of the PROBE classifier (stored in the checkpoint).
+
+    Attributes:
+        width: hidden width d of the per-atom MLP, the attention and the pooling.
+        heads: attention heads (must divide ``width``).
+        dropout: dropout probability during training.
+        layers: indices of the backbone's interaction layers whose features are read
+            (negative indices count from the last); empty means all of them.
+    """
+
+    width: int = 64
+    heads: int = 4
+    dropout: float = 0.1
+    layers: tuple[int, ...] = ()
+
+    def resolve(self, n_layers: int) -> list[int]:
+        """Validated, non-negative layer indices for a backbone with ``n_layers`` layers."""
+        if self.width < 1 or self.heads < 1 or self.width % self.heads:
+            raise ConfigError(f"PROBE width {self.width} must be a multiple of heads {self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"PROBE dropout must be in [0, 1), got {self.dropout}")
+        chosen = list(self.layers) or list(range(n_layers))
+        bad = [k for k in chosen if not -n_layers <= k < n_layers]
+        if bad:
+            raise ConfigError(f"PROBE layers {bad} out of range for a {n_layers}-layer backbone")
+        return [k % n_layers for k in chosen]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["layers"] = list(self.layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbeHypers:
+        return cls(
+            width=int(d["width"]),
+            heads=int(d["heads"]),
+            dropout=float(d["dropout"]),
+            layers=tuple(int(k) for k in d.get("layers", ())),
+        )
+
+
+def _slot(batch: Tensor, n_atoms: Tensor) -> Tensor:
+    """[n_atoms] position of each atom inside its structure (atoms of a graph are contiguous)."""
+    start = torch.cumsum(n_atoms, 0) - n_atoms
+    return torch.arange(batch.shape[0], device=batch.device) - start[batch]
+
+
+class ProbeClassifier(nn.Module):
+    """Per-atom features of a batch -> one "unreliable" logit per structure.
+
+    The layer features are standardised per element (mean and std of that element's atoms in
+    the fit data), so that what the classifier sees is how unusual an atom's environment is for
+    its element; the element itself enters as a one-hot.
+
+    Args:
+        n_features: width of the per-atom layer features (layers x backbone width).
+        n_species: number of elements the potential knows.
+        hypers: width, heads, dropout.
+    """
+
+    def __init__(self, n_features: int, n_species: int, hypers: ProbeHypers) -> None:
+        super().__init__()
+        d = hypers.width
+        self.n_species = n_species
+        self.register_buffer("feature_mean", torch.zeros(n_species, n_features))
+        self.register_buffer("feature_std", torch.ones(n_species, n_features))
+        self.encoder = MLP([n_features + n_species, d, d], dropout=hypers.dropout)
+        self.attention = nn.MultiheadAttention(
+            d, hypers.heads, dropout=hypers.dropout, batch_first=True
+        )
+        self.dropout = nn.Dropout(hypers.dropout)
+        self.norm = nn.LayerNorm(d)
+        self.score = nn.Linear(d, 1)  # the learned pooling query
+        self.head = MLP([d, d, 1], dropout=hypers.dropout)
+
+    @torch.no_grad()
+    def standardise(self, x: Tensor, types: Tensor) -> None:
+        """Set the per-element mean and std from features ``x`` of atoms of element ``types``."""
+        count = scatter_sum(torch.ones_like(types, dtype=x.dtype), types, self.n_species)
+        mean = scatter_sum(x, types, self.n_species) / count.clamp_min(1).unsqueeze(1)
+        var = scatter_sum((x - mean[types]) ** 2, types, self.n_species)
+        std = (var / count.clamp_min(1).unsqueeze(1)).sqrt()
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def forward(
+        self, x: Tensor, types: Tensor, batch: Tensor, n_atoms: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Logits and pooling weights.
+
+        Args:
+            x: [n_atoms, n_features] raw layer features (standardised here).
+            types: [n_atoms] index of each atom's element in the species list.
+            batch: [n_atoms] structure index of each atom (atoms of a structure contiguous).
+            n_atoms: [n_graphs] atoms per structure.
+
+        Returns:
+            ``logit`` [n_graphs] (log-odds of "unreliable") and ``weights`` [n_atoms] (softmax
+            over the atoms of each structure, summing to 1 per structure).
+        """
+        n_graphs, length = int(n_atoms.shape[0]), int(n_atoms.max())
+        slot = _slot(batch, n_atoms)
+        x = (x - self.feature_mean[types]) / self.feature_std[types]
+        one_hot = nn.functional.one_hot(types, self.n_species).to(x.dtype)
+        h = self.encoder(torch.cat([x, one_hot], dim=1))
+        dense = h.new_zeros((n_graphs, length, h.shape[1])).index_put((batch, slot), h)
+        pad = torch.ones((n_graphs, length), dtype=torch.bool, device=h.device)
+        pad[batch, slot] = False
+        mixed, _ = self.attention(dense, dense, dense, key_padding_mask=pad, need_weights=False)
+        h = self.norm(h + self.dropout(mixed[batch, slot]))
+        score = h.new_full((n_graphs, length), -math.inf).index_put(
+            (batch, slot), self.score(h).squeeze(-1)
+        )
+        weights = torch.softmax(score, dim=1)[batch, slot]
+        pooled = scatter_sum(weights.unsqueeze(-1) * h, batch, n_graphs)
+        return self.head(pooled).squeeze(-1), weights
+
+
+def _embed(
+    base: Potential, g: Graph, wanted: frozenset[str]
+) -> tuple[dict[str, Tensor], Embedding]:
+    """The base potential's outputs (detached) and its embedding, from one forward pass."""
+    seen: dict[str, Embedding] = {}
+
+    def node_energy_fn(graph: Graph) -> tuple[Tensor, Embedding]:
+        energies, emb = base.node_energies(graph)
+        seen["emb"] = emb
+        return energies, emb
+
+    out = compute_outputs(node_energy_fn, g, wanted, create_graph=False)
+    return {k: v.detach() for k, v in out.items()}, seen["emb"]
+
+
+class Probe(UQModel):
+    """A frozen potential plus a PROBE classifier on its embeddings.
+
+    Args:
+        base: the trained potential (its parameters are frozen here).
+        hypers: classifier hyper-parameters.
+        tolerance: force MAE (eV/Å) above which a structure counts as unreliable.
+        temperature: T of ``reliability = 1 - sigmoid(logit / T)``.
+    """
+
+    kind: ClassVar[str] = "probe"
+    provides: ClassVar[frozenset[str]] = frozenset({K.RELIABILITY, K.ATOM_IMPORTANCE})
+
+    def __init__(
+        self,
+        base: Potential,
+        hypers: ProbeHypers | None = None,
+        tolerance: float = float("nan"),
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__(base)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.hypers = hypers or ProbeHypers()
+        self.layer_index = self.hypers.resolve(base.backbone.hypers.n_layers)
+        n_features = base.backbone.n_features * len(self.layer_index)
+        self.classifier = ProbeClassifier(n_features, len(base.species), self.hypers)
+        self.classifier.to(base.dtype)
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float64))
+        self.tolerance = float(tolerance)
+        self.recalibration.tolerance = self.tolerance
+        self.fit_report: dict[str, Any] = {}
+
+    def features(self, g: Graph, emb: Embedding) -> tuple[Tensor, Tensor]:
+        """Detached layer features [n_atoms, n_features] and element index [n_atoms] of ``g``."""
+        layers = emb.get("layers")
+        if not layers:
+            raise ConfigError(f"backbone {self.base.meta.backbone} returns no per-layer features")
+        x = torch.cat([layers[k].detach() for k in self.layer_index], dim=1)
+        return x, self.base.backbone.type_index(g)
+
+    def logits(self, g: Graph, emb: Embedding) -> tuple[Tensor, Tensor]:
+        """Raw (untempered) ``logit`` [n_graphs] and ``weights`` [n_atoms] of an embedding."""
+        return self.classifier(*self.features(g, emb), g[K.BATCH], g[K.N_ATOMS])
+
+    def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
+        wanted = frozenset(outputs & SUPPORTED_OUTPUTS) | {K.ENERGY, K.FORCES}
+        out, emb = _embed(self.base, g, wanted)
+        with torch.no_grad():
+            logit, weights = self.logits(g, emb)
+        out[K.RELIABILITY] = torch.sigmoid(-logit.double() / self.temperature.double())
+        if K.ATOM_IMPORTANCE in outputs:
+            out[K.ATOM_IMPORTANCE] = weights
+        return out
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "meta": self.base.meta.to_dict(),
+            "model": self.base.state_dict(),
+            "extra": {
+                "hypers": self.hypers.to_dict(),
+                "classifier": self.classifier.state_dict(),
+                "temperature": float(self.temperature),
+                "tolerance": self.tolerance,
+                "recalibration": self.recalibration.to_dict(),
+                "fit_report": dict(self.fit_report),
+            },
+        }
+
+    @classmethod
+    def from_payload(cls, data: dict[str, Any], path: str) -> Probe:
+        extra = data["extra"]
+        missing = [
+            k for k in ("hypers", "classifier", "temperature", "tolerance") if k not in extra
+        ]
+        if missing:
+            raise CheckpointError(f"{path}: PROBE checkpoint lacks {missing}")
+        base = potential_from_checkpoint_dict(data, path)
+        try:
+            hypers = ProbeHypers.from_dict(extra["hypers"])
+            temperature, tolerance = float(extra["temperature"]), float(extra["tolerance"])
+            model = cls(base, hypers, tolerance, temperature)
+        except (ConfigError, KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: malformed PROBE settings: {err}") from None
+        if not (math.isfinite(temperature) and temperature > 0 and math.isfinite(tolerance)):
+            raise CheckpointError(f"{path}: PROBE temperature/tolerance not finite and positive")
+        state = extra["classifier"]
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: PROBE 'classifier' is not a state dict")
+        try:
+            model.classifier.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first = " ".join(str(err).strip().splitlines()[:2])
+            raise CheckpointError(f"{path}: PROBE classifier weights do not fit: {first}") from None
+        for name, tensor in model.classifier.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{path}: PROBE tensor '{name}' holds NaN or inf")
+        model.recalibration = Recalibration.from_dict(extra.get("recalibration", {}))
+        model.recalibration.tolerance = tolerance
+        model.fit_report = dict(extra.get("fit_report", {}))
+        return model
+
+
+def binary_nll(logits: np.ndarray, positive: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood (nats) of ``positive`` under ``sigmoid(logits / T)``."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    y = np.asarray(positive, dtype=np.float64)
+    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+
+def fit_temperature(logits: np.ndarray, positive: np.ndarray, bounds: float = 10.0) -> float:
+    """T in [1/bounds, bounds] minimising :func:`binary_nll`; never worse than T = 1.
+
+    The NLL is convex in 1/T, hence unimodal in log T: a golden-section search finds it.
+    """
+    lo, hi = -math.log(bounds), math.log(bounds)
+    phi = (math.sqrt(5.0) - 1.0) / 2.0
+
+    def f(t: float) -> float:
+        return binary_nll(logits, positive, math.exp(t))
+
+    a, b = lo + (1 - phi) * (hi - lo), lo + phi * (hi - lo)
+    fa, fb = f(a), f(b)
+    for _ in range(80):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = lo + (1 - phi) * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + phi * (hi - lo)
+            fb = f(b)
+    best = math.exp(a if fa <= fb else b)
+    return best if binary_nll(logits, positive, best) <= binary_nll(logits, positive) else 1.0
+
+
+def _stratified_split(
+    labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held-out): ``fraction`` of each class held out, each class kept in both."""
+    train, held = [], []
+    for value in (False, True):
+        idx = rng.permutation(np.flatnonzero(labels == value))
+        k = 0
+        if fraction > 0 and len(idx) >= 2:
+            k = min(max(round(fraction * len(idx)), 1), len(idx) - 1)
+        held.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+
+
+Cached = list[tuple[Tensor, Tensor]]  # per structure: layer features, element index
+
+
+def _gather(cache: Cached, idx: Sequence[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Classifier inputs of structures ``idx``: features, types, ``batch``, ``n_atoms``."""
+    parts = [cache[int(i)] for i in idx]
+    device = parts[0][0].device
+    n = torch.tensor([p[1].shape[0] for p in parts], device=device)
+    batch = torch.repeat_interleave(torch.arange(len(parts), device=device), n)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), batch, n
+
+
+@torch.no_grad()
+def _all_logits(clf: ProbeClassifier, cache: Cached, idx: np.ndarray, bs: int) -> Tensor:
+    clf.eval()
+    chunks = [clf(*_gather(cache, idx[s : s + bs]))[0] for s in range(0, len(idx), bs)]
+    return torch.cat(chunks).double() if chunks else torch.zeros(0, dtype=torch.float64)
+
+
+def _errors_and_features(
+    probe: Probe, structures: list[Structure], batch_size: int, device: torch.device
+) -> tuple[np.ndarray, Cached]:
+    """Force MAE [n] (eV/Å) of the base potential and the classifier inputs of each structure."""
+    errors: list[Tensor] = []
+    cache: Cached = []
+    specs = probe.neighbor_lists()
+    for start in range(0, len(structures), batch_size):
+        chunk = structures[start : start + batch_size]
+        graphs = [structure_to_graph(s, specs, probe.dtype) for s in chunk]
+        g = to_device(collate(graphs), device)
+        out, emb = _embed(probe.base, g, frozenset({K.ENERGY, K.FORCES}))
+        diff = (out[K.FORCES] - g[K.FORCES]).abs().double().sum(-1)
+        errors.append(scatter_sum(diff, g[K.BATCH], len(chunk)) / (3 * g[K.N_ATOMS]))
+        x, types = probe.features(g, emb)
+        sizes = g[K.N_ATOMS].tolist()
+        cache.extend(zip(x.split(sizes), types.split(sizes), strict=True))
+    return torch.cat(errors).cpu().numpy(), cache
+
+
+def fit_probe(
+    base: Potential,
+    structures: Sequence[Structure],
+    *,
+    tolerance: float | None = None,
+    top_fraction: float = 0.2,
+    hypers: ProbeHypers | None = None,
+    epochs: int = 200,
+    max_minutes: float = 0.0,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    temperature_fraction: float = 0.25,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    source: str = "calibration data",
+) -> Probe:
+    """Fit a PROBE classifier on labelled structures the base potential did not train on.
+
+    A structure is unreliable when its force MAE (mean |F_pred - F_ref| over atoms and
+    components, eV/Å) exceeds ``tolerance`` (default: the ``1 - top_fraction`` quantile of the
+    errors). ``temperature_fraction`` of the structures (stratified, seeded) are held out: they
+    select the best epoch (by the weighted BCE) and fit the temperature. Training uses
+    class-balanced BCE; the ``log(pos_weight)`` offset it adds to the logits is removed from the
+    output bias afterwards, so that probabilities refer to the true class frequencies.
+
+    Args:
+        epochs: most epochs; ``max_minutes`` (> 0) also stops training on wall-clock time.
+
+    Raises:
+        ConfigError: fewer than :data:`MIN_STRUCTURES` structures, missing force labels,
+            invalid options, or a tolerance that leaves only one class.
+    """
+    structures = list(structures)
+    if len(structures) < MIN_STRUCTURES:
+        raise ConfigError(
+            f"{source}: PROBE needs at least {MIN_STRUCTURES} labelled structures, "
+            f"got {len(structures)}"
+        )
+    unlabelled = [k for k, s in enumerate(structures) if s.forces is None]
+    if unlabelled:
+        raise ConfigError(
+            f"{source}: PROBE needs force labels; {len(unlabelled)} structure(s) have none "
+            f"(first: frame {unlabelled[0]})"
+        )
+    if epochs < 1 or batch_size < 1 or not 0.0 <= temperature_fraction < 1.0:
+        raise ConfigError(
+            "PROBE needs epochs >= 1, batch_size >= 1, temperature_fraction in [0, 1)"
+        )
+    if tolerance is None and not 0.0 < top_fraction < 1.0:
+        raise ConfigError(f"top_fraction must be in (0, 1), got {top_fraction}")
+    check_species(structures, base.species, source)
+    t0 = time.perf_counter()
+    device = next(base.parameters()).device
+    rng = np.random.default_rng(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        probe = Probe(base, hypers).to(device).eval()
+        error, feats = _errors_and_features(probe, structures, batch_size, device)
+        tol = float(np.quantile(error, 1 - top_fraction) if tolerance is None else tolerance)
+        labels = error > tol
+        n_pos = int(labels.sum())
+        if n_pos in (0, len(labels)):
+            side = "above" if n_pos else "at or below"
+            raise ConfigError(
+                f"{source}: all {len(labels)} structures have force MAE {side} the tolerance "
+                f"{tol:.4g} eV/Å (range {error.min():.4g}-{error.max():.4g}); PROBE needs both "
+                "reliable and unreliable examples: choose another tolerance or top_fraction"
+            )
+        train, held = _stratified_split(labels, temperature_fraction, rng)
+        y = torch.as_tensor(labels, dtype=probe.dtype, device=device)
+        clf = probe.classifier
+        clf.standardise(*_gather(feats, train)[:2])
+        pos_weight = float((~labels[train]).sum()) / float(labels[train].sum())
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
+        optimizer = torch.optim.AdamW(clf.parameters(), lr=lr)
+        select = held if len(held) else train
+        best = (math.inf, -1, {k: v.clone() for k, v in clf.state_dict().items()})
+        stopped_by, epoch = "epochs", 0
+        bar = tqdm(
+            total=epochs,
+            desc="probe",
+            unit="epoch",
+            dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        )
+        for epoch in range(1, epochs + 1):
+            clf.train()
+            order = rng.permutation(train)
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                loss = loss_fn(clf(*_gather(feats, idx))[0], y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            val = float(loss_fn(_all_logits(clf, feats, select, batch_size).to(y), y[select]))
+            if val < best[0]:
+                best = (val, epoch, {k: v.clone() for k, v in clf.state_dict().items()})
+            bar.set_postfix(loss=f"{loss.item():.3g}", val=f"{val:.3g}", best=best[1])
+            bar.update(1)
+            if max_minutes > 0 and time.perf_counter() - t0 > 60.0 * max_minutes:
+                stopped_by = "time"
+                break
+        bar.close()
+        clf.load_state_dict(best[2])
+        with torch.no_grad():
+            clf.head[-1].bias.sub_(math.log(pos_weight))
+        clf.eval()
+        held_logits = _all_logits(clf, feats, held, batch_size).cpu().numpy()
+        train_logits = _all_logits(clf, feats, train, batch_size).cpu().numpy()
+    both_held = len(held) > 0 and 0 < labels[held].sum() < len(held)
+    temperature = fit_temperature(held_logits, labels[held]) if both_held else 1.0
+    probe.temperature.fill_(temperature)
+    probe.tolerance = tol
+    probe.recalibration = Recalibration(
+        tolerance=tol, fitted_on=f"{source} ({len(labels)} structures)"
+    )
+    nan = float("nan")
+    report: dict[str, Any] = {
+        "source": source,
+        "n_structures": len(labels),
+        "tolerance": tol,
+        "n_pos": n_pos,
+        "n_neg": len(labels) - n_pos,
+        "n_train": len(train),
+        "n_heldout": len(held),
+        "train_auroc": auroc(train_logits, labels[train]),
+        "val_auroc": auroc(held_logits, labels[held]) if both_held else nan,
+        "temperature": temperature,
+        "prior_shift": math.log(pos_weight),
+        "heldout_nll_before": binary_nll(held_logits, labels[held]) if len(held) else nan,
+        "heldout_nll_after": (
+            binary_nll(held_logits, labels[held], temperature) if len(held) else nan
+        ),
+        "epochs": epoch,
+        "best_epoch": best[1],
+        "stopped_by": stopped_by,
+        "seconds": time.perf_counter() - t0,
+        "hypers": probe.hypers.to_dict(),
+    }
+    probe.fit_report = report
+    log(
+        f"PROBE on {source}: tolerance {tol:.4g} eV/Å, {n_pos}/{len(labels)} unreliable, "
+        f"AUROC train {report['train_auroc']:.3f} held-out {report['val_auroc']:.3f}, "
+        f"T {temperature:.3g}, best epoch {best[1]}/{epoch} ({report['seconds']:.1f} s)"
+    )
+    return probe
+
+
+def plot_atom_importance(
+    structure: Structure,
+    importance: np.ndarray | Sequence[float],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Write a PNG of the structure on its two principal axes, atoms coloured by importance.
+
+    Atom discs scale with the covalent radius; bonds join atoms closer than 1.2 x the sum of
+    their covalent radii (no periodic images). Front atoms (third principal axis) are drawn last.
+
+    Args:
+        structure: the structure (positions in Å).
+        importance: [n_atoms] per-atom importance (PROBE's ``atom_importance``).
+        path: output PNG path (parent folders are created).
+        title: figure title.
+    """
+    from ase.data import chemical_symbols, covalent_radii
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure
+    from scipy.spatial import cKDTree
+
+    weight = np.asarray(importance, dtype=np.float64).ravel()
+    n = structure.n_atoms
+    if weight.shape[0] != n:
+        raise ValueError(f"importance has {weight.shape[0]} values for {n} atoms")
+    xyz = structure.positions - structure.positions.mean(0)
+    axes = np.linalg.svd(xyz, full_matrices=False)[2] if n >= 3 else np.eye(3)
+    if axes.shape[0] < 3:
+        axes = np.eye(3)
+    proj = xyz @ axes.T  # [n, 3]: principal coordinates
+    radii = covalent_radii[structure.numbers]
+    tree = cKDTree(structure.positions)
+    pairs = np.array(sorted(tree.query_pairs(2.4 * float(radii.max()))), dtype=int).reshape(-1, 2)
+    if len(pairs):
+        dist = np.linalg.norm(
+            structure.positions[pairs[:, 0]] - structure.positions[pairs[:, 1]], axis=1
+        )
+        pairs = pairs[dist < 1.2 * (radii[pairs[:, 0]] + radii[pairs[:, 1]])]
+    fig = Figure(figsize=(6.0, 5.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if len(pairs):
+        segments = proj[pairs][:, :, :2]
+        ax.add_collection(LineCollection(segments, colors="0.55", linewidths=1.5, zorder=1))
+    order = np.argsort(proj[:, 2])
+    size = (radii / radii.max()) ** 2 * float(np.clip(6000.0 / n, 20.0, 600.0))
+    dots = ax.scatter(
+        proj[order, 0],
+        proj[order, 1],
+        s=size[order],
+        c=weight[order],
+        cmap="viridis",
+        vmin=0.0,
+        vmax=max(float(weight.max()), 1e-12),
+        edgecolors="black",
+        linewidths=0.6,
+        zorder=2,
+    )
+    if n <= 40:  # element symbols, black on light colours and white on dark ones
+        for k in order:
+            r, g, b, _ = dots.cmap(dots.norm(weight[k]))
+            ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+            symbol = chemical_symbols[structure.numbers[k]]
+            ax.annotate(symbol, proj[k, :2], ha="center", va="center", fontsize=7, color=ink)
+    fig.colorbar(dots, ax=ax, label="atom importance (attention weight)")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.margins(0.12)
+    ax.set_xlabel("principal axis 1 (Å)")
+    ax.set_ylabel("principal axis 2 (Å)")
+    if title:
+        ax.set_title(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    return path
