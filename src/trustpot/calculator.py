@@ -2,7 +2,9 @@
 
 The calculator's ``implemented_properties`` are exactly the properties it returns: a plain
 potential gives ``energy``, ``free_energy``, ``forces``, ``energies`` and, for periodic
-cells, ``stress``.
+cells, ``stress``; a reliability wrapper (``trustpot uq fit``) adds what it provides among
+``energy_std`` (eV), ``forces_std`` (per atom, eV/Å), ``reliability`` (0 to 1) and
+``atom_importance`` (per atom).
 """
 
 from __future__ import annotations
@@ -20,20 +22,52 @@ from trustpot import keys as K
 from trustpot.data.graph import collate, structure_to_graph, to_device
 from trustpot.data.reader import atoms_to_structure
 from trustpot.data.structures import Structure, check_species
-from trustpot.io.checkpoint import load_potential
+from trustpot.io.checkpoint import potential_from_checkpoint_dict, read_checkpoint
 from trustpot.models.potential import Potential
+from trustpot.uq.base import UQModel
+
+#: ASE names of the properties a model output gives, in the order they are listed.
+ASE_PROPERTIES: dict[str, list[str]] = {
+    K.ENERGY: ["energy", "free_energy"],
+    K.FORCES: ["forces"],
+    K.NODE_ENERGY: ["energies"],
+    K.STRESS: ["stress"],
+    K.ENERGY_STD: ["energy_std"],
+    K.FORCES_STD: ["forces_std"],
+    K.RELIABILITY: ["reliability"],
+    K.ATOM_IMPORTANCE: ["atom_importance"],
+}
+#: outputs the calculator computes on every call (stress only when asked: it costs extra)
+CALCULATOR_OUTPUTS = (K.ENERGY, K.FORCES, K.NODE_ENERGY, K.ENERGY_STD, K.FORCES_STD)
+CALCULATOR_OUTPUTS += (K.RELIABILITY, K.ATOM_IMPORTANCE)
+
+
+def load_model(path: str | Path) -> Potential | UQModel:
+    """A plain potential or a reliability wrapper, whichever the checkpoint holds."""
+    data = read_checkpoint(path)
+    if str(data["kind"]).startswith("uq:"):
+        from trustpot.uq.io import uq_from_checkpoint_dict
+
+        return uq_from_checkpoint_dict(data, path)
+    if data["kind"] != "potential":
+        from trustpot.errors import CheckpointError
+
+        raise CheckpointError(f"{path}: holds a '{data['kind']}' model, not a potential")
+    return potential_from_checkpoint_dict(data, path).eval()
 
 
 class Predictor:
-    """Evaluates a potential on many structures in batches.
+    """Evaluates a potential, or a reliability wrapper, on many structures in batches.
 
     Args:
-        model: the potential (put in eval mode).
+        model: the potential or wrapper (put in eval mode).
         device: torch device.
         batch_size: structures per forward pass.
     """
 
-    def __init__(self, model: Potential, device: str = "cpu", batch_size: int = 32) -> None:
+    def __init__(
+        self, model: Potential | UQModel, device: str = "cpu", batch_size: int = 32
+    ) -> None:
         self.model = model.eval().to(device)
         self.device = device
         self.batch_size = batch_size
@@ -42,15 +76,21 @@ class Predictor:
     def from_checkpoint(
         cls, path: str | Path, device: str = "cpu", batch_size: int = 32
     ) -> Predictor:
-        """Predictor of the potential stored at ``path`` (read with ``weights_only=True``)."""
-        return cls(load_potential(path), device, batch_size)
+        """Predictor of the potential or wrapper stored at ``path`` (``weights_only=True``)."""
+        return cls(load_model(path), device, batch_size)
 
     @property
     def species(self) -> list[int]:
         return self.model.species
 
+    def supported_outputs(self) -> frozenset[str]:
+        """Model outputs (keys of :mod:`trustpot.keys`) this predictor can return."""
+        return self.model.supported_outputs()
+
     def implemented_properties(self) -> list[str]:
-        return ["energy", "free_energy", "forces", "energies", "stress"]
+        """ASE names of everything :meth:`predict` can return."""
+        have = self.supported_outputs()
+        return [name for key, names in ASE_PROPERTIES.items() if key in have for name in names]
 
     def predict_structures(
         self,
@@ -62,12 +102,15 @@ class Predictor:
 
         Args:
             structures: what to evaluate.
-            outputs: subset of ``energy``, ``forces``, ``stress``, ``virial``, ``energies``.
+            outputs: subset of :meth:`supported_outputs` (``energy``, ``forces``, ``stress``,
+                ``virial``, ``energies`` and, for wrappers, ``energy_std``, ``forces_std``,
+                ``reliability``, ``atom_importance``, samples).
             source: name used in errors (file name).
 
         Returns:
             one dict per structure: ``energy`` float64 scalar, ``forces`` [n_atoms, 3],
-            ``stress`` [3, 3], ``energies`` [n_atoms].
+            ``stress`` [3, 3], ``energies`` [n_atoms], ``energy_std`` scalar,
+            ``forces_std`` [n_atoms], ``reliability`` scalar, ``atom_importance`` [n_atoms].
         """
         check_species(list(structures), self.species, source)
         wanted = frozenset(outputs)
@@ -123,7 +166,7 @@ class TrustpotCalculator(Calculator):
         "forces",
         "energies",
         "stress",
-    ]  # type: ignore[misc]
+    ]  # type: ignore[misc]  # per instance: what its predictor returns
 
     def __init__(self, predictor: Predictor, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -145,9 +188,9 @@ class TrustpotCalculator(Calculator):
         periodic = bool(np.any(self.atoms.pbc))
         if "stress" in properties and not periodic:
             raise PropertyNotImplementedError("stress needs a periodic cell")
-        # energy, forces and per-atom energies come from one backward pass; the strain
-        # derivative costs extra, so stress is computed only when asked for
-        outputs = {K.ENERGY, K.FORCES, K.NODE_ENERGY}
+        # energy, forces, per-atom energies (and a wrapper's uncertainties) come from one call;
+        # the strain derivative costs extra, so stress is computed only when asked for
+        outputs = set(CALCULATOR_OUTPUTS) & self.predictor.supported_outputs()
         if "stress" in properties:
             outputs.add(K.STRESS)
         (res,) = self.predictor.predict([self.atoms], outputs)
@@ -157,6 +200,12 @@ class TrustpotCalculator(Calculator):
             "forces": res[K.FORCES].astype(np.float64),
             "energies": res[K.NODE_ENERGY].astype(np.float64),
         }
+        for key in (K.ENERGY_STD, K.RELIABILITY):
+            if key in res:
+                self.results[key] = float(res[key])
+        for key in (K.FORCES_STD, K.ATOM_IMPORTANCE):
+            if key in res:
+                self.results[key] = res[key].astype(np.float64)
         if K.STRESS in outputs:
             s = res[K.STRESS].astype(np.float64)
             self.results["stress"] = np.array(

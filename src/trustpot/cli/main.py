@@ -17,54 +17,19 @@ from trustpot.errors import TrustpotError
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a potential", description="Train a potential.")
-    p.add_argument("config", nargs="?", help="YAML config (sections data, model, train)")
-    p.add_argument("--train", help="training data file (any ASE format) or split.json:SUBSET")
-    p.add_argument("--valid", help="validation data file or split.json:SUBSET")
-    p.add_argument("--valid-fraction", type=float, help="share of --train held out (default 0.05)")
-    p.add_argument("--isolated-atoms", help="file of isolated-atom energies (else least squares)")
-    p.add_argument("--model", help="backbone: schnet, painn or egnn (default painn)")
-    p.add_argument("--dtype", choices=["float32", "float64"])
-    p.add_argument("--max-minutes", type=float, help="wall-clock budget in minutes")
-    p.add_argument("--epochs", type=int, help="maximum epochs")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
+    from trustpot.cli.trainargs import add_training_flags
+
+    add_training_flags(p)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument(
-        "-o",
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set any option, e.g. -o train.lr=1e-3 -o model.hypers.n_features=128",
-    )
     p.set_defaults(func=_train, out_dir=lambda a: a.out)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trustpot.config import load_config
+    from trustpot.cli.trainargs import config_from_args
     from trustpot.train.run import run_training
 
-    base: dict[str, dict[str, object]] = {"data": {}, "model": {}, "train": {}}
-    for flag, (section, key) in {
-        "train": ("data", "train"),
-        "valid": ("data", "valid"),
-        "valid_fraction": ("data", "valid_fraction"),
-        "isolated_atoms": ("data", "isolated_atoms"),
-        "model": ("model", "name"),
-        "dtype": ("model", "dtype"),
-        "max_minutes": ("train", "max_minutes"),
-        "epochs": ("train", "epochs"),
-        "batch_size": ("train", "batch_size"),
-        "lr": ("train", "lr"),
-        "seed": ("train", "seed"),
-    }.items():
-        value = getattr(args, flag)
-        if value is not None:
-            base[section][key] = value
-    cfg = load_config(args.config, args.override, base)
-    run_training(cfg, args.out, resume=args.resume)
+    run_training(config_from_args(args), args.out, resume=args.resume)
     return 0
 
 
@@ -198,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"trustpot {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     from trustpot.cli.data import add_data_commands
+    from trustpot.cli.uq import add_uq_commands
 
-    for add in (_add_quickstart, _add_train, _add_eval, _add_md, _add_config, add_data_commands):
+    commands = (_add_quickstart, _add_train, _add_eval, _add_md, add_uq_commands, _add_config)
+    for add in (*commands, add_data_commands):
         add(sub)
     return parser
 

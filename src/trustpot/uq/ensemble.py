@@ -1,0 +1,203 @@
+"""Deep ensembles and Monte Carlo dropout: uncertainty from the spread of M predictions.
+
+Both give ``energy_std``, ``forces_std`` and the samples themselves; every sample is an
+ordinary conservative potential (forces = -dE/dr of that sample's energy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from trustpot import keys as K
+from trustpot.data.graph import Graph
+from trustpot.errors import CheckpointError, ConfigError
+from trustpot.io.checkpoint import potential_from_checkpoint_dict
+from trustpot.models.potential import Potential
+from trustpot.uq.base import Recalibration, UQModel, sample_statistics
+
+SAMPLE_OUTPUTS = frozenset({K.ENERGY_STD, K.FORCES_STD, K.ENERGY_SAMPLES, K.FORCES_SAMPLES})
+
+
+def _finish(
+    energies: Tensor, forces: Tensor, outputs: frozenset[str], extra: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """Means, std and (when asked) samples from [n_graphs, M] energies, [n_atoms, M, 3] forces."""
+    energy, force, energy_std, forces_std = sample_statistics(energies, forces)
+    out = {K.ENERGY: energy, K.FORCES: force, K.ENERGY_STD: energy_std, K.FORCES_STD: forces_std}
+    if K.ENERGY_SAMPLES in outputs:
+        out[K.ENERGY_SAMPLES] = energies
+    if K.FORCES_SAMPLES in outputs:
+        out[K.FORCES_SAMPLES] = forces
+    out.update(extra)
+    return out
+
+
+def _means_of(samples: list[dict[str, Tensor]], outputs: frozenset[str]) -> dict[str, Tensor]:
+    """Means over samples of the outputs that are not energy or forces (stress, energies...)."""
+    keys = (outputs & {K.STRESS, K.VIRIAL, K.NODE_ENERGY}) - {K.ENERGY, K.FORCES}
+    return {k: torch.stack([s[k] for s in samples]).mean(0) for k in keys}
+
+
+def _potential_outputs(outputs: frozenset[str]) -> frozenset[str]:
+    return frozenset(outputs & {K.ENERGY, K.FORCES, K.STRESS, K.VIRIAL, K.NODE_ENERGY}) | {
+        K.ENERGY,
+        K.FORCES,
+    }
+
+
+class DeepEnsemble(UQModel):
+    """M independently trained potentials; the prediction is their mean, the std their spread.
+
+    Args:
+        members: at least two potentials with the same species, dtype and neighbour lists.
+    """
+
+    kind: ClassVar[str] = "ensemble"
+    provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
+
+    def __init__(self, members: Sequence[Potential]) -> None:
+        if len(members) < 2:
+            raise ConfigError(f"an ensemble needs at least 2 members, got {len(members)}")
+        first = members[0]
+        for k, m in enumerate(members[1:], start=1):
+            if m.species != first.species:
+                raise ConfigError(
+                    f"ensemble member {k} knows elements {m.species}, member 0 {first.species}"
+                )
+            if m.dtype != first.dtype:
+                raise ConfigError(f"ensemble member {k} is {m.dtype}, member 0 {first.dtype}")
+            if m.neighbor_lists() != first.neighbor_lists():
+                raise ConfigError(
+                    f"ensemble member {k} needs neighbour lists {m.neighbor_lists()}, "
+                    f"member 0 {first.neighbor_lists()}: train all members with one cutoff"
+                )
+        super().__init__(first)
+        self.others = nn.ModuleList(members[1:])
+        self.fit_report: dict[str, Any] = {}
+
+    @property
+    def members(self) -> list[Potential]:
+        return [self.base, *self.others]  # type: ignore[list-item]
+
+    def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
+        wanted = _potential_outputs(outputs)
+        samples = [m(g, wanted, create_graph=False) for m in self.members]
+        energies = torch.stack([s[K.ENERGY].detach() for s in samples], dim=1)
+        forces = torch.stack([s[K.FORCES].detach() for s in samples], dim=1)
+        return _finish(energies, forces, outputs, _means_of(samples, outputs))
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "meta": self.base.meta.to_dict(),
+            "model": self.base.state_dict(),
+            "extra": {
+                "members": [
+                    {"meta": m.meta.to_dict(), "model": m.state_dict()} for m in self.others
+                ],
+                "recalibration": self.recalibration.to_dict(),
+                "fit_report": dict(self.fit_report),
+            },
+        }
+
+    @classmethod
+    def from_payload(cls, data: dict[str, Any], path: str) -> DeepEnsemble:
+        extra = data["extra"]
+        raw = extra.get("members")
+        if not isinstance(raw, list) or not raw:
+            raise CheckpointError(f"{path}: ensemble checkpoint lists no further members")
+        members = [potential_from_checkpoint_dict(data, path)]
+        for k, item in enumerate(raw, start=1):
+            if not isinstance(item, dict) or "meta" not in item or "model" not in item:
+                raise CheckpointError(f"{path}: ensemble member {k} is malformed")
+            members.append(potential_from_checkpoint_dict(item, f"{path} (member {k})"))
+        try:
+            model = cls(members)
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        model.recalibration = Recalibration.from_dict(extra.get("recalibration", {}))
+        model.fit_report = dict(extra.get("fit_report", {}))
+        return model
+
+
+class MCDropout(UQModel):
+    """Monte Carlo dropout: M forward passes of one potential with its dropout layers on.
+
+    The potential must have been trained with dropout (``model.head_dropout > 0``). The dropout
+    masks of one call come from a generator seeded with ``eval_seed``, so repeated calls on the
+    same structure give the same answer (smooth energies along an MD trajectory; set
+    ``eval_seed=None`` for fresh masks every call).
+
+    Args:
+        base: a potential with dropout.
+        n_samples: M, forward passes per prediction.
+        eval_seed: seed of the dropout masks (None: global RNG).
+    """
+
+    kind: ClassVar[str] = "mc-dropout"
+    provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
+
+    def __init__(self, base: Potential, n_samples: int = 16, eval_seed: int | None = 0) -> None:
+        super().__init__(base)
+        if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in base.modules()):
+            raise ConfigError(
+                "MC dropout needs a potential trained with dropout "
+                "(trustpot train -o model.head_dropout=0.1, or trustpot uq fit mc-dropout)"
+            )
+        if n_samples < 2:
+            raise ConfigError(f"MC dropout needs at least 2 samples, got {n_samples}")
+        self.n_samples = int(n_samples)
+        self.eval_seed = eval_seed
+        self.fit_report: dict[str, Any] = {}
+
+    def _dropout_on(self, on: bool) -> None:
+        for m in self.base.modules():
+            if isinstance(m, nn.Dropout):
+                m.train(on)
+
+    def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
+        wanted = _potential_outputs(outputs)
+        samples = []
+        devices = [g[K.POSITIONS].device] if g[K.POSITIONS].is_cuda else []
+        with torch.random.fork_rng(devices=devices, enabled=self.eval_seed is not None):
+            if self.eval_seed is not None:
+                torch.manual_seed(self.eval_seed)
+            self._dropout_on(True)
+            try:
+                for _ in range(self.n_samples):
+                    samples.append(self.base(g, wanted, create_graph=False))
+            finally:
+                self._dropout_on(False)
+        energies = torch.stack([s[K.ENERGY].detach() for s in samples], dim=1)
+        forces = torch.stack([s[K.FORCES].detach() for s in samples], dim=1)
+        return _finish(energies, forces, outputs, _means_of(samples, outputs))
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "meta": self.base.meta.to_dict(),
+            "model": self.base.state_dict(),
+            "extra": {
+                "n_samples": self.n_samples,
+                "eval_seed": -1 if self.eval_seed is None else self.eval_seed,
+                "recalibration": self.recalibration.to_dict(),
+                "fit_report": dict(self.fit_report),
+            },
+        }
+
+    @classmethod
+    def from_payload(cls, data: dict[str, Any], path: str) -> MCDropout:
+        extra = data["extra"]
+        base = potential_from_checkpoint_dict(data, path)
+        try:
+            seed = int(extra.get("eval_seed", 0))
+            model = cls(base, int(extra.get("n_samples", 16)), None if seed < 0 else seed)
+        except (ConfigError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        model.recalibration = Recalibration.from_dict(extra.get("recalibration", {}))
+        model.fit_report = dict(extra.get("fit_report", {}))
+        return model

@@ -1,0 +1,214 @@
+"""Deep ensembles, MC dropout, recalibration, the Predictor/ASE integration and ``uq`` CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+from trustpot import keys as K
+from trustpot.calculator import Predictor, TrustpotCalculator
+from trustpot.cli.main import main
+from trustpot.data.graph import collate, structure_to_graph
+from trustpot.errors import CheckpointError, ConfigError
+from trustpot.io.checkpoint import potential_payload, save_checkpoint
+from trustpot.models.build import build_potential
+from trustpot.uq.base import Recalibration, fit_logistic
+from trustpot.uq.calibrate import recalibrate
+from trustpot.uq.collect import collect
+from trustpot.uq.ensemble import DeepEnsemble, MCDropout
+from trustpot.uq.report import headline, uq_metrics
+
+HYPERS = {"n_features": 16, "n_layers": 2, "cutoff": 4.0}
+
+
+def _members(structures, n=3, backbone="schnet", **kw):
+    return [
+        build_potential(backbone, HYPERS, structures, seed=k, **kw).eval() for k in range(n)
+    ]
+
+
+def _batch(model, structures):
+    specs = model.neighbor_lists()
+    return collate([structure_to_graph(s, specs, model.dtype) for s in structures])
+
+
+def test_ensemble_mean_and_std_match_members(ethanol_structures):
+    members = _members(ethanol_structures)
+    ens = DeepEnsemble(members).eval()
+    g = _batch(ens, ethanol_structures[:4])
+    out = ens(g, {K.ENERGY, K.FORCES, K.ENERGY_STD, K.FORCES_STD, K.FORCES_SAMPLES})
+    each = [m(g, {K.ENERGY, K.FORCES}) for m in members]
+    e = torch.stack([r[K.ENERGY] for r in each], 1)
+    f = torch.stack([r[K.FORCES] for r in each], 1)
+    torch.testing.assert_close(out[K.ENERGY], e.mean(1))
+    torch.testing.assert_close(out[K.ENERGY_STD], e.std(1))
+    torch.testing.assert_close(out[K.FORCES], f.mean(1))
+    torch.testing.assert_close(out[K.FORCES_STD], f.var(1).mean(-1).sqrt())
+    assert out[K.FORCES_SAMPLES].shape == (g[K.POSITIONS].shape[0], 3, 3)
+    assert bool((out[K.FORCES_STD] > 0).all())
+    with pytest.raises(ConfigError, match="does not provide"):
+        ens(g, {K.ATOM_IMPORTANCE})
+
+
+def test_ensemble_rejects_incompatible_members(ethanol_structures):
+    a = build_potential("schnet", HYPERS, ethanol_structures)
+    b = build_potential("schnet", {**HYPERS, "cutoff": 3.0}, ethanol_structures)
+    with pytest.raises(ConfigError, match="neighbour lists"):
+        DeepEnsemble([a, b])
+    with pytest.raises(ConfigError, match="at least 2"):
+        DeepEnsemble([a])
+
+
+def test_mc_dropout_needs_dropout_and_is_repeatable(ethanol_structures):
+    plain = build_potential("painn", HYPERS, ethanol_structures)
+    with pytest.raises(ConfigError, match="dropout"):
+        MCDropout(plain)
+    model = build_potential("painn", HYPERS, ethanol_structures, head_dropout=0.2)
+    mc = MCDropout(model, n_samples=6).eval()
+    g = _batch(mc, ethanol_structures[:3])
+    a = mc(g, {K.ENERGY, K.FORCES, K.FORCES_STD, K.ENERGY_SAMPLES})
+    b = mc(g, {K.ENERGY, K.FORCES, K.FORCES_STD, K.ENERGY_SAMPLES})
+    torch.testing.assert_close(a[K.FORCES], b[K.FORCES])
+    assert a[K.ENERGY_SAMPLES].shape == (3, 6)
+    assert float(a[K.FORCES_STD].min()) > 0
+    # dropout is off again afterwards: the plain potential is deterministic
+    assert not any(m.training for m in mc.base.modules())
+
+
+def test_fit_logistic_recovers_a_known_map():
+    rng = np.random.default_rng(0)
+    u = np.exp(rng.normal(size=4000))
+    p = 1 / (1 + np.exp(-(2.0 * np.log(u) - 0.5)))
+    y = rng.random(4000) < p
+    a, b = fit_logistic(u, y)
+    assert a == pytest.approx(2.0, abs=0.2)
+    assert b == pytest.approx(-0.5, abs=0.15)
+    cal = Recalibration(tolerance=0.1, logistic_a=a, logistic_b=b)
+    r = cal.reliability_from_std(torch.tensor([0.01, 1.0, 100.0], dtype=torch.float64))
+    assert bool((r[:-1] > r[1:]).all())  # larger std, lower reliability
+
+
+def test_recalibration_scales_std_to_unit_z(ethanol_structures):
+    ens = DeepEnsemble(_members(ethanol_structures)).eval()
+    report = recalibrate(ens, ethanol_structures[:16], source="cal")
+    data = collect(ens, ethanol_structures[:16], progress=False)
+    z = (data["comp_pred"] - data["comp_ref"]) / data["comp_std"]
+    assert np.mean(z**2) == pytest.approx(1.0, rel=1e-6)
+    assert report["forces_nll_after"] <= report["forces_nll_before"] + 1e-12
+    assert np.isfinite(ens.recalibration.tolerance)
+    assert K.RELIABILITY in ens.supported_outputs()
+    metrics = uq_metrics(data)
+    row = headline(metrics)
+    assert -1 <= row["spearman"] <= 1 and 0 <= row["auroc"] <= 1
+    assert metrics["forces_gaussian"]["crps"] > 0
+
+
+def test_predictor_and_calculator_expose_exactly_the_wrapper_outputs(tmp_path, ethanol_structures):
+    ens = DeepEnsemble(_members(ethanol_structures, 2)).eval()
+    pred = Predictor(ens)
+    props = pred.implemented_properties()
+    assert "energy_std" in props and "forces_std" in props and "reliability" not in props
+    recalibrate(ens, ethanol_structures[:12])
+    props = Predictor(ens).implemented_properties()
+    assert "reliability" in props and "atom_importance" not in props
+    calc = TrustpotCalculator(Predictor(ens))
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    for name in ("energy_std", "forces_std", "reliability"):
+        assert name in calc.results
+    assert 0 <= calc.results["reliability"] <= 1
+    assert calc.results["forces_std"].shape == (9,)
+    assert set(calc.results) <= set(calc.implemented_properties)
+    plain = TrustpotCalculator(Predictor(_members(ethanol_structures, 1)[0]))
+    assert "energy_std" not in plain.implemented_properties
+
+
+def test_uq_checkpoint_round_trip_and_tamper(tmp_path, ethanol_structures):
+    from trustpot.uq.io import load_uq, save_uq
+
+    ens = DeepEnsemble(_members(ethanol_structures, 2))
+    recalibrate(ens, ethanol_structures[:10])
+    path = tmp_path / "uq.ckpt"
+    save_uq(ens, path)
+    again = load_uq(path)
+    g = _batch(ens, ethanol_structures[:2])
+    want = {K.ENERGY, K.FORCES_STD, K.RELIABILITY}
+    a, b = ens.eval()(g, want), again(g, want)
+    for key in want:
+        torch.testing.assert_close(a[key], b[key])
+    data = torch.load(path, weights_only=True)
+    data["extra"]["members"][0]["model"]["head.mlp.0.weight"] = torch.zeros(3, 3)
+    torch.save(data, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match="digest"):
+        load_uq(tmp_path / "bad.ckpt")
+    plain = tmp_path / "plain.ckpt"
+    save_checkpoint(potential_payload(ens.base), plain)
+    with pytest.raises(CheckpointError, match="not a reliability wrapper"):
+        load_uq(plain)
+
+
+@pytest.mark.integration
+def test_uq_cli_fit_and_eval(tmp_path, ethanol_file, ethanol_structures, capsys):
+    members = []
+    for k, m in enumerate(_members(ethanol_structures, 2)):
+        members.append(tmp_path / f"m{k}.ckpt")
+        save_checkpoint(potential_payload(m), members[-1])
+    out = tmp_path / "ens"
+    argv = ["uq", "fit", "ensemble", "--members", *map(str, members)]
+    argv += ["--calibration", str(ethanol_file), "--out", str(out)]
+    assert main(argv) == 0
+    assert (out / "uq.ckpt").is_file()
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["recalibration"]["n_structures"] == 24
+    ev = tmp_path / "ev"
+    assert main(["uq", "eval", str(out / "uq.ckpt"), str(ethanol_file), "--out", str(ev)]) == 0
+    metrics = json.loads((ev / "uq_metrics.json").read_text())
+    assert metrics["n_structures"] == 24 and "structure" in metrics
+    for name in ("error_vs_uncertainty.png", "risk_coverage.png", "calibration.png"):
+        assert (ev / name).stat().st_size > 1000
+    # the plain eval command reads a wrapper too (its mean prediction)
+    assert main(["eval", str(out / "uq.ckpt"), str(ethanol_file), "--out", str(tmp_path / "e")]) == 0
+    # bad use: probe without a base model
+    assert main(["uq", "fit", "probe", "--out", str(tmp_path / "p")]) == 2
+    assert "--from is required" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_uq_cli_trains_mc_dropout(tmp_path, ethanol_file):
+    out = tmp_path / "mc"
+    argv = ["uq", "fit", "mc-dropout", "--train", str(ethanol_file), "--model", "schnet"]
+    argv += ["--epochs", "2", "--n-samples", "4", "--out", str(out)]
+    argv += ["-o", "model.hypers.n_features=16", "-o", "model.hypers.n_layers=2"]
+    assert main(argv) == 0
+    assert (out / "model" / "done.json").is_file()
+    from trustpot.uq.io import load_uq
+
+    mc = load_uq(out / "uq.ckpt")
+    assert isinstance(mc, MCDropout) and mc.n_samples == 4
+    assert mc.base.meta.head_dropout == pytest.approx(0.1)
+    # rerun: the trained model is reused, not retrained
+    assert main(argv) == 0
+
+
+def test_collect_names_file_of_unknown_element(ethanol_structures):
+    from trustpot.errors import DataError
+
+    ens = DeepEnsemble(_members(ethanol_structures[:4], 2))
+    other = [s for s in ethanol_structures[:1]]
+    other[0] = type(other[0])(**{**other[0].__dict__, "numbers": np.full_like(other[0].numbers, 7)})
+    with pytest.raises(DataError, match="N not in the model"):
+        collect(ens, other, source="x.xyz", progress=False)
+
+
+def test_save_directory_is_created(tmp_path: Path, ethanol_structures):
+    from trustpot.uq.fit import finish
+
+    ens = DeepEnsemble(_members(ethanol_structures, 2))
+    path = finish(ens, tmp_path / "a" / "b", None, "", {"method": "ensemble"}, log=lambda m: None)
+    assert path.is_file()
