@@ -27,9 +27,7 @@ HYPERS = {"n_features": 16, "n_layers": 2, "cutoff": 4.0}
 
 
 def _members(structures, n=3, backbone="schnet", **kw):
-    return [
-        build_potential(backbone, HYPERS, structures, seed=k, **kw).eval() for k in range(n)
-    ]
+    return [build_potential(backbone, HYPERS, structures, seed=k, **kw).eval() for k in range(n)]
 
 
 def _batch(model, structures):
@@ -173,7 +171,9 @@ def test_uq_cli_fit_and_eval(tmp_path, ethanol_file, ethanol_structures, capsys)
     for name in ("error_vs_uncertainty.png", "risk_coverage.png", "calibration.png"):
         assert (ev / name).stat().st_size > 1000
     # the plain eval command reads a wrapper too (its mean prediction)
-    assert main(["eval", str(out / "uq.ckpt"), str(ethanol_file), "--out", str(tmp_path / "e")]) == 0
+    assert (
+        main(["eval", str(out / "uq.ckpt"), str(ethanol_file), "--out", str(tmp_path / "e")]) == 0
+    )
     # bad use: probe without a base model
     assert main(["uq", "fit", "probe", "--out", str(tmp_path / "p")]) == 2
     assert "--from is required" in capsys.readouterr().err
@@ -212,3 +212,31 @@ def test_save_directory_is_created(tmp_path: Path, ethanol_structures):
     ens = DeepEnsemble(_members(ethanol_structures, 2))
     path = finish(ens, tmp_path / "a" / "b", None, "", {"method": "ensemble"}, log=lambda m: None)
     assert path.is_file()
+
+
+@pytest.mark.integration
+def test_uq_cli_probe_and_perturb(tmp_path, ethanol_file, ethanol_structures):
+    from trustpot.uq.io import load_uq
+    from trustpot.uq.perturb import PerturbedPotential
+    from trustpot.uq.probe import Probe
+
+    base = tmp_path / "base.ckpt"
+    save_checkpoint(potential_payload(_members(ethanol_structures, 1)[0]), base)
+    out = tmp_path / "probe"
+    argv = ["uq", "fit", "probe", "--from", str(base), "--calibration", str(ethanol_file)]
+    assert main([*argv, "--fit-epochs", "3", "--out", str(out)]) == 0
+    probe = load_uq(out / "uq.ckpt")
+    assert isinstance(probe, Probe) and np.isfinite(probe.recalibration.tolerance)
+    ev = tmp_path / "ev_probe"
+    assert main(["uq", "eval", str(out / "uq.ckpt"), str(ethanol_file), "--out", str(ev)]) == 0
+    assert (ev / "atom_importance.png").stat().st_size > 1000
+    metrics = json.loads((ev / "uq_metrics.json").read_text())
+    assert "reliability" in metrics["structure"] and "forces_gaussian" not in metrics
+
+    out = tmp_path / "perturb"
+    argv = ["uq", "fit", "perturb", "--from", str(base), "--train", str(ethanol_file)]
+    argv += ["--calibration", str(ethanol_file), "--fit-epochs", "2", "--n-samples", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    pert = load_uq(out / "uq.ckpt")
+    assert isinstance(pert, PerturbedPotential) and pert.n_samples == 3
+    assert K.RELIABILITY in pert.supported_outputs()

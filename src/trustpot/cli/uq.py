@@ -57,6 +57,12 @@ def add_uq_commands(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--fit-epochs", type=int, default=200, help="probe/perturb epochs")
     fit.add_argument("--fit-minutes", type=float, default=0.0, help="probe/perturb budget")
     fit.add_argument(
+        "--fit-lr",
+        type=float,
+        default=1e-2,
+        help="perturb: learning rate of the perturbation layers (backbone: 1e-4)",
+    )
+    fit.add_argument(
         "--freeze-backbone", action="store_true", help="perturb: train only the perturbations"
     )
     fit.set_defaults(func=_fit, out_dir=lambda a: a.out)
@@ -148,6 +154,7 @@ def _fit(args: argparse.Namespace) -> int:
             epochs=args.fit_epochs,
             max_minutes=args.fit_minutes,
             finetune_backbone=not args.freeze_backbone,
+            lr=args.fit_lr,
             seed=args.seed or 0,
             log=_log,
         )

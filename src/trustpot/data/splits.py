@@ -174,13 +174,18 @@ def read_manifest_subset(
             f"(SHA-256 {digest[:12]}... != {str(manifest.get('sha256'))[:12]}...)",
             field="sha256",
         )
-    structures = read_structures(data, keys, require=require)
+    structures = read_structures(data, keys, require=())
     indices = subsets[subset]
     bad = [i for i in indices if not 0 <= int(i) < len(structures)]
     if bad:
         raise DataError(
             str(path), f"index {bad[0]} out of range for {len(structures)} frames", field=subset
         )
+    # labels are required of the subset's frames only (a test subset may be energy-only)
+    for i in indices:
+        for name in require:
+            if getattr(structures[int(i)], name) is None:
+                raise DataError(str(data), "label missing", int(i), name)
     return [structures[int(i)] for i in indices]
 
 
