@@ -21,13 +21,13 @@ from trustpot.errors import CheckpointError, ConfigError
 from trustpot.io.checkpoint import read_checkpoint, save_checkpoint
 from trustpot.models import build_potential
 from trustpot.models.potential import Potential
+from trustpot.uq.plots import plot_atom_importance
 from trustpot.uq.probe import (
     Probe,
     ProbeHypers,
     binary_nll,
     fit_probe,
     fit_temperature,
-    plot_atom_importance,
 )
 
 ALL = frozenset({K.ENERGY, K.FORCES, K.RELIABILITY, K.ATOM_IMPORTANCE})

@@ -180,7 +180,8 @@ def _eval(args: argparse.Namespace) -> int:
     from trustpot.data.splits import read_data
     from trustpot.uq.collect import collect
     from trustpot.uq.io import load_uq
-    from trustpot.uq.report import headline, uq_metrics, write_plots
+    from trustpot.uq.plots import write_plots
+    from trustpot.uq.report import headline, uq_metrics
 
     model = load_uq(args.checkpoint)
     structures = read_data(args.data, require=("forces",))
@@ -193,7 +194,7 @@ def _eval(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(data, out, f"{model.kind} on {Path(str(args.data)).name}")
     if data.has("atom_importance") and data.has("reliability"):
-        from trustpot.uq.probe import plot_atom_importance
+        from trustpot.uq.plots import plot_atom_importance
 
         k = int(np.argmin(data["reliability"]))
         atoms = data["atom_structure"] == k

@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -513,82 +512,3 @@ def fit_probe(
         f"T {temperature:.3g}, best epoch {best[1]}/{epoch} ({report['seconds']:.1f} s)"
     )
     return probe
-
-
-def plot_atom_importance(
-    structure: Structure,
-    importance: np.ndarray | Sequence[float],
-    path: str | Path,
-    title: str = "",
-) -> Path:
-    """Write a PNG of the structure on its two principal axes, atoms coloured by importance.
-
-    Atom discs scale with the covalent radius; bonds join atoms closer than 1.2 x the sum of
-    their covalent radii (no periodic images). Front atoms (third principal axis) are drawn last.
-
-    Args:
-        structure: the structure (positions in Å).
-        importance: [n_atoms] per-atom importance (PROBE's ``atom_importance``).
-        path: output PNG path (parent folders are created).
-        title: figure title.
-    """
-    from ase.data import chemical_symbols, covalent_radii
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.collections import LineCollection
-    from matplotlib.figure import Figure
-    from scipy.spatial import cKDTree
-
-    weight = np.asarray(importance, dtype=np.float64).ravel()
-    n = structure.n_atoms
-    if weight.shape[0] != n:
-        raise ValueError(f"importance has {weight.shape[0]} values for {n} atoms")
-    xyz = structure.positions - structure.positions.mean(0)
-    axes = np.linalg.svd(xyz, full_matrices=False)[2] if n >= 3 else np.eye(3)
-    if axes.shape[0] < 3:
-        axes = np.eye(3)
-    proj = xyz @ axes.T  # [n, 3]: principal coordinates
-    radii = covalent_radii[structure.numbers]
-    tree = cKDTree(structure.positions)
-    pairs = np.array(sorted(tree.query_pairs(2.4 * float(radii.max()))), dtype=int).reshape(-1, 2)
-    if len(pairs):
-        dist = np.linalg.norm(
-            structure.positions[pairs[:, 0]] - structure.positions[pairs[:, 1]], axis=1
-        )
-        pairs = pairs[dist < 1.2 * (radii[pairs[:, 0]] + radii[pairs[:, 1]])]
-    fig = Figure(figsize=(6.0, 5.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if len(pairs):
-        segments = proj[pairs][:, :, :2]
-        ax.add_collection(LineCollection(segments, colors="0.55", linewidths=1.5, zorder=1))
-    order = np.argsort(proj[:, 2])
-    size = (radii / radii.max()) ** 2 * float(np.clip(6000.0 / n, 20.0, 600.0))
-    dots = ax.scatter(
-        proj[order, 0],
-        proj[order, 1],
-        s=size[order],
-        c=weight[order],
-        cmap="viridis",
-        vmin=0.0,
-        vmax=max(float(weight.max()), 1e-12),
-        edgecolors="black",
-        linewidths=0.6,
-        zorder=2,
-    )
-    if n <= 40:  # element symbols, black on light colours and white on dark ones
-        for k in order:
-            r, g, b, _ = dots.cmap(dots.norm(weight[k]))
-            ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-            symbol = chemical_symbols[structure.numbers[k]]
-            ax.annotate(symbol, proj[k, :2], ha="center", va="center", fontsize=7, color=ink)
-    fig.colorbar(dots, ax=ax, label="atom importance (attention weight)")
-    ax.set_aspect("equal", adjustable="datalim")
-    ax.margins(0.12)
-    ax.set_xlabel("principal axis 1 (Å)")
-    ax.set_ylabel("principal axis 2 (Å)")
-    if title:
-        ax.set_title(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    return path

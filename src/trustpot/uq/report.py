@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -135,71 +133,3 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
         "miscalibration_area": gauss.get("miscalibration_area", nan),
         "forces_mae": metrics.get("forces_mae", nan),
     }
-
-
-def write_plots(data: Collected, out: Path, title: str) -> list[Path]:
-    """Error vs uncertainty, calibration curve and risk-coverage PNGs; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    err = data["force_mae"]
-    score_name, score = None, None
-    if data.has("force_std_mean"):
-        score_name, score = "mean per-atom force std (eV/Å)", data["force_std_mean"]
-    elif data.has("reliability"):
-        score_name, score = "1 - reliability", 1.0 - data["reliability"]
-    if score is not None and np.isfinite(err).any():
-        ok = np.isfinite(err)
-        fig, ax = plt.subplots(figsize=(4.5, 4))
-        ax.scatter(score[ok], err[ok], s=6, alpha=0.6)
-        if score_name.startswith("mean"):
-            ax.set_xscale("log")
-            lo, hi = np.nanmin(score[ok]), np.nanmax(score[ok])
-            if lo > 0:
-                ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="error = std")
-                ax.legend(fontsize=8)
-        ax.set_yscale("log")
-        ax.set_xlabel(score_name)
-        ax.set_ylabel("force MAE per structure (eV/Å)")
-        rho = M.spearman(score[ok], err[ok]) if np.ptp(score[ok]) > 0 else math.nan
-        ax.set_title(f"{title}\nSpearman {rho:.3f}", fontsize=9)
-        fig.tight_layout()
-        written.append(out / "error_vs_uncertainty.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-
-        cov, risk = M.risk_coverage(score[ok], err[ok])
-        cov_o, risk_o = M.risk_coverage(err[ok], err[ok])
-        fig, ax = plt.subplots(figsize=(4.5, 4))
-        ax.plot(cov, risk, label=f"by {score_name.split(' (')[0]}")
-        ax.plot(cov_o, risk_o, "k--", lw=0.8, label="oracle (by error)")
-        ax.axhline(err[ok].mean(), color="gray", lw=0.8, ls=":", label="random")
-        ax.set_xlabel("coverage (fraction of structures kept)")
-        ax.set_ylabel("mean force MAE of kept (eV/Å)")
-        ax.set_title(f"{title}: risk-coverage", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out / "risk_coverage.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    if data.has("comp_std"):
-        ok = np.isfinite(data["comp_ref"])
-        expected, observed = M.calibration_curve(
-            data["comp_pred"][ok], np.maximum(data["comp_std"][ok], MIN_STD), data["comp_ref"][ok]
-        )
-        fig, ax = plt.subplots(figsize=(4.5, 4))
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect")
-        ax.plot(expected, observed, "o-", ms=3, label="force components")
-        ax.set_xlabel("expected coverage of central interval")
-        ax.set_ylabel("observed coverage")
-        ax.set_title(f"{title}: calibration", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out / "calibration.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    return written
