@@ -2,10 +2,12 @@
 
 1. GFN2-xTB Langevin MD of a small molecule (ethanol by default) at 300 K (training and
    in-domain test) and at a hotter temperature (out of domain), labelled as it runs;
-2. a split manifest of the 300 K frames (train / test);
+2. a split manifest of the 300 K frames (train 70% / calibration 10% / test 20%);
 3. a potential trained for a few minutes;
 4. in-domain and out-of-domain evaluation;
-5. ``report.md`` with the numbers and plots.
+5. reliability: learned functional perturbations fine-tuned from the potential with the CRPS,
+   recalibrated on the calibration frames, then asked how far to trust each test frame;
+6. ``report.md`` with the numbers and plots.
 
 Every step resumes: rerunning the command reuses finished data, a finished training run and
 finished evaluations.
@@ -30,11 +32,12 @@ class QuickstartOptions:
 
     Attributes:
         smiles: the molecule.
-        frames: frames sampled at 300 K (80% train, 20% in-domain test).
+        frames: frames sampled at 300 K (70% train, 10% calibration, 20% in-domain test).
         ood_frames: frames sampled at ``ood_temperature``.
         ood_temperature: K, the out-of-domain condition.
         model: backbone.
         minutes: training budget.
+        uq_minutes: budget of the perturbation fine-tuning (reliability step).
         workers: xTB worker processes.
         seed: seed of sampling, split and training.
     """
@@ -45,6 +48,7 @@ class QuickstartOptions:
     ood_temperature: float = 800.0
     model: str = "painn"
     minutes: float = 4.0
+    uq_minutes: float = 1.0
     workers: int = 2
     seed: int = 0
 
@@ -94,21 +98,21 @@ def run_quickstart(
     )
     timings["data_s"] = time.perf_counter() - t0
 
-    print("[2/5] splitting the 300 K frames 80/20 (manifest split.json)", flush=True)
+    print("[2/6] splitting the 300 K frames 70/10/20 (manifest split.json)", flush=True)
     manifest = out / "split.json"
     structures = read_structures(in_domain)
-    n_train = round(0.8 * len(structures))
-    subsets = make_split(
-        structures, "random", opts.seed, sizes={"train": n_train, "test": len(structures) - n_train}
-    )
-    write_manifest(in_domain, subsets, "random", opts.seed, {"train": 0.8}, manifest)
+    n = len(structures)
+    n_cal, n_test = max(2, round(0.1 * n)), max(2, round(0.2 * n))
+    sizes = {"train": n - n_cal - n_test, "calibration": n_cal, "test": n_test}
+    subsets = make_split(structures, "random", opts.seed, sizes=sizes)
+    write_manifest(in_domain, subsets, "random", opts.seed, sizes, manifest)
 
     run_dir = out / "train"
     t1 = time.perf_counter()
     if (run_dir / "best.ckpt").exists() and "stopped by" in (run_dir / "log.txt").read_text():
-        print("[3/5] training: done already", flush=True)
+        print("[3/6] training: done already", flush=True)
     else:
-        print(f"[3/5] training {opts.model} for {opts.minutes:g} min", flush=True)
+        print(f"[3/6] training {opts.model} for {opts.minutes:g} min", flush=True)
         cfg = load_config(
             overrides=[
                 f"data.train={manifest}:train",
@@ -122,7 +126,7 @@ def run_quickstart(
     timings["train_s"] = time.perf_counter() - t1
 
     print(
-        f"[4/5] evaluating in domain (300 K) and out of domain ({opts.ood_temperature:g} K)",
+        f"[4/6] evaluating in domain (300 K) and out of domain ({opts.ood_temperature:g} K)",
         flush=True,
     )
     predictor = Predictor.from_checkpoint(run_dir / "best.ckpt")
@@ -139,17 +143,38 @@ def run_quickstart(
     id_name, ood_name = list(results)
     ratio = results[ood_name]["forces_mae"] / results[id_name]["forces_mae"]
 
-    print("[5/5] writing report.md", flush=True)
+    t2 = time.perf_counter()
+    print(
+        f"[5/6] reliability: perturbations fine-tuned for {opts.uq_minutes:g} min, "
+        "recalibrated on the calibration frames",
+        flush=True,
+    )
+    from trustpot.quickstart_uq import reliability_step
+
+    tests = {id_name: read_data(f"{manifest}:test"), ood_name: read_data(str(ood))}
+    reliability = reliability_step(
+        run_dir / "best.ckpt",
+        read_data(f"{manifest}:train"),
+        read_data(f"{manifest}:calibration"),
+        tests,
+        out / "reliability",
+        opts.uq_minutes,
+        opts.seed,
+    )
+    timings["reliability_s"] = time.perf_counter() - t2
+
+    print("[6/6] writing report.md", flush=True)
     _error_histogram(per_frame, out / "force_error_hist.png")
     summary = {
         "options": opts.__dict__,
         "metrics": results,
         "ood_id_force_mae_ratio": ratio,
+        "reliability": reliability,
         "timings_s": timings,
         "total_s": time.perf_counter() - t0,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    _write_report(out, opts, results, ratio, summary["total_s"])
+    _write_report(out, opts, results, ratio, summary["total_s"], reliability)
     return summary
 
 
@@ -178,8 +203,15 @@ def _error_histogram(per_frame: dict[str, np.ndarray], path: Path) -> None:
 
 
 def _write_report(
-    out: Path, opts: QuickstartOptions, results: dict[str, Any], ratio: float, total: float
+    out: Path,
+    opts: QuickstartOptions,
+    results: dict[str, Any],
+    ratio: float,
+    total: float,
+    reliability: dict[str, Any],
 ) -> None:
+    from trustpot.quickstart_uq import reliability_markdown
+
     rows = [
         "| test set | frames | energy MAE (meV/atom) | force MAE (meV/Å) | force RMSE (meV/Å) "
         "| force cosine |",
@@ -195,7 +227,7 @@ def _write_report(
     text = f"""# trustpot quickstart
 
 Molecule `{opts.smiles}`, GFN2-xTB labels (tblite), Langevin MD at 300 K ({opts.frames}
-frames: 80% training, 20% in-domain test) and at {opts.ood_temperature:g} K
+frames: 70% training, 10% calibration, 20% in-domain test) and at {opts.ood_temperature:g} K
 ({opts.ood_frames} frames, out of domain). Model: {opts.model}, trained for {opts.minutes:g} min.
 Whole run: {total / 60:.1f} min.
 
@@ -210,7 +242,11 @@ In domain: ![parity in domain](eval_{names[0]}/parity.png)
 
 Out of domain: ![parity out of domain](eval_{names[1]}/parity.png)
 
+{reliability_markdown(reliability)}
+
 Files: `data_*.xyz` (labelled frames with provenance), `split.json` (manifest), `train/`
-(run directory: `metrics.csv`, `best.ckpt`...), `eval_*/metrics.json`, `summary.json`.
+(run directory: `metrics.csv`, `best.ckpt`...), `eval_*/metrics.json`, `reliability/`
+(`uq.ckpt`, metrics and plots), `summary.json`. Other reliability methods: `trustpot uq fit
+{{ensemble,mc-dropout,probe,perturb}}` (see docs/uq.md).
 """
     (out / "report.md").write_text(text)

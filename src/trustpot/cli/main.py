@@ -135,6 +135,9 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ood-temperature", type=float, default=800.0, help="K (default 800)")
     p.add_argument("--model", default="painn")
     p.add_argument("--minutes", type=float, default=4.0, help="training budget (default 4)")
+    p.add_argument(
+        "--uq-minutes", type=float, default=1.0, help="reliability fine-tuning budget (default 1)"
+    )
     p.add_argument("--workers", type=int, default=2, help="xTB worker processes")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_quickstart, out_dir=lambda a: a.out)
@@ -146,6 +149,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     opts = QuickstartOptions(
         smiles=args.smiles, frames=args.frames, ood_frames=args.ood_frames,
         ood_temperature=args.ood_temperature, model=args.model, minutes=args.minutes,
+        uq_minutes=args.uq_minutes,
         workers=args.workers, seed=args.seed,
     )  # fmt: skip
     summary = run_quickstart(args.out, opts)

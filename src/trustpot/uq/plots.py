@@ -35,13 +35,13 @@ def write_plots(data: Collected, out: Path, title: str) -> list[Path]:
         ok = np.isfinite(err)
         fig, ax = plt.subplots(figsize=(4.5, 4))
         ax.scatter(score[ok], err[ok], s=6, alpha=0.6)
-        if score_name.startswith("mean"):
+        lo, hi = np.nanmin(score[ok]), np.nanmax(score[ok])
+        if score_name.startswith("mean") and lo > 0:
             ax.set_xscale("log")
-            lo, hi = np.nanmin(score[ok]), np.nanmax(score[ok])
-            if lo > 0:
-                ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="error = std")
-                ax.legend(fontsize=8)
-        ax.set_yscale("log")
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="error = std")
+            ax.legend(fontsize=8)
+        if np.nanmin(err[ok]) > 0:
+            ax.set_yscale("log")
         ax.set_xlabel(score_name)
         ax.set_ylabel("force MAE per structure (eV/Å)")
         rho = M.spearman(score[ok], err[ok]) if np.ptp(score[ok]) > 0 else math.nan
