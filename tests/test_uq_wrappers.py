@@ -240,3 +240,22 @@ def test_uq_cli_probe_and_perturb(tmp_path, ethanol_file, ethanol_structures):
     pert = load_uq(out / "uq.ckpt")
     assert isinstance(pert, PerturbedPotential) and pert.n_samples == 3
     assert K.RELIABILITY in pert.supported_outputs()
+
+
+def test_md_logs_reliability_and_stops_below_threshold(tmp_path, ethanol_structures):
+    from trustpot.md import run_md
+
+    ens = DeepEnsemble(_members(ethanol_structures, 2))
+    calc = TrustpotCalculator(Predictor(ens))
+    atoms = ethanol_structures[0].to_atoms(with_labels=False)
+    with pytest.raises(ConfigError, match="reliability"):
+        run_md(calc, atoms, 4, 300, tmp_path / "a.xyz", interval=2, stop_below=0.5)
+    recalibrate(ens, ethanol_structures[:12])
+    calc = TrustpotCalculator(Predictor(ens))
+    stats = run_md(calc, atoms, 6, 300, tmp_path / "b.xyz", interval=2)
+    lines = (tmp_path / "b.xyz.reliability.csv").read_text().splitlines()
+    assert lines[0].startswith("step,time_fs,reliability") and len(lines) == 1 + 4  # 0,2,4,6
+    assert stats["stopped_at_step"] == -1 and 0 <= stats["min_reliability"] <= 1
+    # reliability never exceeds 1, so a threshold above it stops at the first check
+    stats = run_md(calc, atoms, 6, 300, tmp_path / "c.xyz", interval=2, stop_below=1.01)
+    assert stats["stopped_at_step"] == 2 and stats["steps"] == 2

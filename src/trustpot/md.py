@@ -36,22 +36,37 @@ def run_md(
     thermostat: str = "langevin",
     interval: int = 10,
     seed: int = 0,
+    stop_below: float | None = None,
 ) -> dict[str, float]:
     """Run ``steps`` of MD at ``temperature`` K, writing every ``interval``-th frame to ``out``.
+
+    With a reliability wrapper (``trustpot uq fit``) every written frame's ``reliability``,
+    ``energy_std`` and largest per-atom ``forces_std`` go to ``OUT.reliability.csv``, and the
+    run stops at the first written frame whose reliability is below ``stop_below``.
 
     Args:
         thermostat: ``langevin`` (NVT) or ``nve`` (velocity Verlet after Maxwell-Boltzmann
             initialisation).
         out: trajectory file; ``.traj`` writes an ASE trajectory, anything else extended XYZ.
+        stop_below: reliability threshold in [0, 1] (needs a calibrated wrapper).
 
     Returns:
-        ``steps``, ``seconds``, ``steps_per_second``, ``final_temperature`` (K) and
-        ``max_energy_drift`` (eV/atom, total-energy drift relative to step 0).
+        ``steps`` (done), ``seconds``, ``steps_per_second``, ``final_temperature`` (K),
+        ``max_energy_drift`` (eV/atom, total-energy drift relative to step 0) and, with a
+        wrapper, ``min_reliability`` and ``stopped_at_step`` (-1 when it ran to the end).
     """
     if steps < 1:
         raise ConfigError(f"--steps must be positive, got {steps}")
     if temperature < 0:
         raise ConfigError(f"--temperature must be non-negative, got {temperature}")
+    monitor = "reliability" in calculator.implemented_properties
+    if stop_below is not None and not monitor:
+        raise ConfigError(
+            "--stop-below needs a checkpoint that gives reliability "
+            "(trustpot uq fit ... --calibration DATA)"
+        )
+    if interval < 1:
+        raise ConfigError(f"--interval must be positive, got {interval}")
     atoms = atoms.copy()
     atoms.calc = calculator
     rng = np.random.default_rng(seed)
@@ -75,6 +90,10 @@ def run_md(
     traj = Trajectory(str(out), "w", atoms) if out.suffix == ".traj" else None
     e0 = atoms.get_total_energy()
     drift = 0.0
+    log_path = out.with_name(out.name + ".reliability.csv")
+    reliabilities: list[float] = []
+    if monitor:
+        log_path.write_text("step,time_fs,reliability,energy_std_eV,max_forces_std_eV_per_A\n")
 
     def record() -> None:
         nonlocal drift
@@ -83,17 +102,39 @@ def run_md(
             traj.write()
         else:
             write(str(out), atoms, format="extxyz", append=True)
+        if monitor:
+            res = calculator.results
+            step = dyn.nsteps
+            reliabilities.append(float(res["reliability"]))
+            with open(log_path, "a") as handle:
+                handle.write(
+                    f"{step},{step * timestep_fs:g},{res['reliability']:.6g},"
+                    f"{res.get('energy_std', float('nan')):.6g},"
+                    f"{float(np.max(res.get('forces_std', [np.nan]))):.6g}\n"
+                )
 
     dyn.attach(record, interval=interval)
     start = time.perf_counter()
-    dyn.run(steps)
+    stopped_at = -1
+    done = 0
+    while done < steps:
+        chunk = min(interval, steps - done)
+        dyn.run(chunk)
+        done += chunk
+        if stop_below is not None and reliabilities and reliabilities[-1] < stop_below:
+            stopped_at = done
+            break
     seconds = time.perf_counter() - start
     if traj is not None:
         traj.close()
-    return {
-        "steps": float(steps),
+    stats = {
+        "steps": float(done),
         "seconds": seconds,
-        "steps_per_second": steps / seconds,
+        "steps_per_second": done / seconds,
         "final_temperature": float(atoms.get_temperature()),
         "max_energy_drift": drift,
     }
+    if monitor:
+        stats["min_reliability"] = min(reliabilities) if reliabilities else float("nan")
+        stats["stopped_at_step"] = float(stopped_at)
+    return stats

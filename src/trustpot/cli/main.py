@@ -76,6 +76,11 @@ def _add_md(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--thermostat", choices=["langevin", "nve"], default="langevin")
     p.add_argument("--interval", type=int, default=10, help="write every N steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--stop-below",
+        type=float,
+        help="stop when a written frame's reliability falls below this (uq checkpoints)",
+    )
     p.add_argument("--out", required=True, help="trajectory (.traj or .xyz)")
     p.set_defaults(func=_md, out_dir=lambda a: str(Path(a.out).parent))
 
@@ -103,6 +108,7 @@ def _md(args: argparse.Namespace) -> int:
         thermostat=args.thermostat,
         interval=args.interval,
         seed=args.seed,
+        stop_below=args.stop_below,
     )
     print(json.dumps(stats, indent=1))
     return 0
