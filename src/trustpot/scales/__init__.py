@@ -1,0 +1,88 @@
+"""Adaptive scale refinement (seed 000): short- and long-range experts mixed per atom.
+
+- :mod:`~trustpot.scales.electrostatics`: learned charges and Ewald/PME/direct Coulomb energies;
+- :mod:`~trustpot.scales.mixture`: the two-expert potential, its router and scale modes;
+- :mod:`~trustpot.scales.build`: mixtures from metadata or from training structures;
+- :mod:`~trustpot.scales.oracle`: oracle routing and interpolation from branch forces;
+- :mod:`~trustpot.scales.refine`: loss-guided pool refinement and a differentiable scale;
+- :mod:`~trustpot.scales.io`: ``"scale-mixture"`` checkpoints.
+"""
+
+from trustpot.scales.build import build_scale_mixture, mixture_from_meta
+from trustpot.scales.electrostatics import (
+    COULOMB_EV_A,
+    TOTAL_CHARGE,
+    ElectrostaticEnergy,
+    ElectrostaticsConfig,
+    LearnedCharges,
+    coulomb_direct,
+    neutralise,
+)
+from trustpot.scales.io import (
+    MIXTURE_KIND,
+    load_scale_mixture,
+    mixture_from_checkpoint_dict,
+    mixture_payload,
+    save_scale_mixture,
+)
+from trustpot.scales.mixture import (
+    MIXTURE_OUTPUTS,
+    ScaleMixtureMeta,
+    ScaleMixturePotential,
+    ScaleRouter,
+    graph_for_list,
+)
+from trustpot.scales.oracle import (
+    BranchForces,
+    OracleSummary,
+    oracle_gain_recovered,
+    oracle_scale_l2,
+    oracle_scale_mae,
+    oracle_summary,
+    route_atoms,
+    route_structure,
+)
+from trustpot.scales.refine import (
+    DifferentiableScale,
+    RefinementResult,
+    RefinementRound,
+    ScaleOptimisation,
+    optimise_scale,
+    refine_scale_pool,
+)
+
+__all__ = [
+    "COULOMB_EV_A",
+    "MIXTURE_KIND",
+    "MIXTURE_OUTPUTS",
+    "TOTAL_CHARGE",
+    "BranchForces",
+    "DifferentiableScale",
+    "ElectrostaticEnergy",
+    "ElectrostaticsConfig",
+    "LearnedCharges",
+    "OracleSummary",
+    "RefinementResult",
+    "RefinementRound",
+    "ScaleMixtureMeta",
+    "ScaleMixturePotential",
+    "ScaleOptimisation",
+    "ScaleRouter",
+    "build_scale_mixture",
+    "coulomb_direct",
+    "graph_for_list",
+    "load_scale_mixture",
+    "mixture_from_checkpoint_dict",
+    "mixture_from_meta",
+    "mixture_payload",
+    "neutralise",
+    "optimise_scale",
+    "oracle_gain_recovered",
+    "oracle_scale_l2",
+    "oracle_scale_mae",
+    "oracle_summary",
+    "refine_scale_pool",
+    "route_atoms",
+    "route_structure",
+    "save_scale_mixture",
+]
