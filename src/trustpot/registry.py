@@ -50,6 +50,7 @@ def names(kind: str) -> list[str]:
 def _ensure_builtin() -> None:
     if _REGISTRY["backbone"]:
         return
+    from trustpot.models.deepset_moe import DeepSetMoE
     from trustpot.models.egnn import EGNN
     from trustpot.models.painn import PaiNN
     from trustpot.models.schnet import SchNet
@@ -57,3 +58,4 @@ def _ensure_builtin() -> None:
     register("backbone", "schnet")(SchNet)
     register("backbone", "painn")(PaiNN)
     register("backbone", "egnn", aliases=("egnn-e", "en-gnn"))(EGNN)
+    register("backbone", "deepset-moe", aliases=("deepset_moe", "deepsetmoe"))(DeepSetMoE)

@@ -95,13 +95,17 @@ class Potential(nn.Module):
     Args:
         backbone: the feature extractor.
         meta: model metadata (species, reference energies, scale, shift...).
-        head: per-atom energy head; an :class:`EnergyHead` by default.
+        head: per-atom energy head; by default the backbone's ``energy_head(dropout)`` when it
+            has one (a non-additive head returns per-atom shares of a structure energy, e.g.
+            DeepSet-MoE), else an :class:`EnergyHead`.
     """
 
     def __init__(self, backbone: Backbone, meta: ModelMeta, head: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.meta = meta
+        if head is None and hasattr(backbone, "energy_head"):
+            head = backbone.energy_head(meta.head_dropout)
         self.head = head if head is not None else EnergyHead(backbone.n_features, meta.head_dropout)
         e0 = torch.zeros(119, dtype=torch.float64)
         for z, value in meta.reference_energies.items():
