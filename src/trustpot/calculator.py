@@ -43,12 +43,16 @@ CALCULATOR_OUTPUTS += (K.RELIABILITY, K.ATOM_IMPORTANCE)
 
 
 def load_model(path: str | Path) -> Potential | UQModel:
-    """A plain potential or a reliability wrapper, whichever the checkpoint holds."""
+    """A plain potential, a scale mixture or a reliability wrapper, as the checkpoint holds."""
     data = read_checkpoint(path)
     if str(data["kind"]).startswith("uq:"):
         from trustpot.uq.io import uq_from_checkpoint_dict
 
         return uq_from_checkpoint_dict(data, path)
+    if data["kind"] == "scale-mixture":
+        from trustpot.scales.io import mixture_from_checkpoint_dict
+
+        return mixture_from_checkpoint_dict(data, path).eval()
     if data["kind"] != "potential":
         from trustpot.errors import CheckpointError
 

@@ -165,7 +165,11 @@ class Trainer:
         self.best_metrics = {k: float(v) for k, v in state["best_metrics"].items()}
 
     def _payload(self, with_training: bool) -> dict[str, Any]:
-        payload = potential_payload(self.model, self.inference_state())
+        own_payload = getattr(self.model, "payload", None)
+        if callable(own_payload):  # composite models (scale mixtures, ...) know their own kind
+            payload = own_payload(self.inference_state())
+        else:
+            payload = potential_payload(self.model, self.inference_state())
         if with_training:
             payload["training"] = self.training_state()
         if self.extra_payload is not None:
