@@ -1,4 +1,4 @@
-"""``trustpot data molecules | label | nacl-water | nbody``: reference-engine data generation.
+"""``trustpot data molecules | label | compositional | nacl-water | nbody``: reference-engine data.
 
 Each command is a thin layer over a function of :mod:`trustpot.engines`. Output is extended XYZ,
 appended as frames finish; rerunning the same command resumes. Exit code 0 when every frame is
@@ -71,6 +71,33 @@ def _label(args: argparse.Namespace) -> int:
     return _report(summary)
 
 
+def _compositional(args: argparse.Namespace) -> int:
+    from trustpot.engines.compositional import build_task_data
+
+    data = build_task_data(
+        args.task,
+        args.out,
+        frames_per_molecule=args.frames,
+        temperatures=args.temperatures,
+        seed=args.seed,
+        workers=args.workers,
+        quick=args.quick,
+        progress=not args.quiet,
+    )
+    print(
+        f"{data.data}: frames {data.sizes}, molecules {data.molecules}, {data.failed} failed, "
+        f"{data.seconds:.1f} s; split manifest {data.manifest}"
+    )
+    if data.failed:
+        print(
+            f"trustpot: {data.failed} frame(s) failed; reasons in {data.raw}.failed.jsonl; "
+            "rerun the same command to retry them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _nacl_water(args: argparse.Namespace) -> int:
     from trustpot.engines.nacl_water import BoxOptions, generate_nacl_water
 
@@ -82,6 +109,7 @@ def _nacl_water(args: argparse.Namespace) -> int:
         equilibration=args.equilibration,
         interval=args.interval,
         chunk=args.chunk,
+        contact_fraction=args.contact_fraction,
     )
     summary = generate_nacl_water(
         args.pairs,
@@ -170,6 +198,28 @@ def add_engine_commands(data_sub: argparse._SubParsersAction) -> None:
     _common(p, frames=False)
     p.set_defaults(func=_label, out_dir=_out_dir)
 
+    from trustpot.engines.compositional import TASKS
+
+    p = data_sub.add_parser(
+        "compositional",
+        help="fragment-annotated xTB data of a compositional task with its split (extra: xtb)",
+        description="Molecules of one GMD-26 task (duplication, combination, size, holdout) "
+        "sampled by Langevin MD with GFN2-xTB labels; writes OUT/data.xyz (fragment "
+        "annotations in atoms.info and a per-atom fragment_label) and OUT/split.json "
+        "(train, test_id, test_ood). Rerun to resume.",
+    )
+    p.add_argument("--task", required=True, choices=list(TASKS))
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--frames", type=int, default=20, help="frames per molecule (default 20)")
+    p.add_argument("--temperatures", nargs="+", type=float, default=[300.0], help="K (default 300)")
+    p.add_argument("--quick", action="store_true", help="small molecules and short MD")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and split (default 0)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes (default 1; 0: in this process)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_compositional, out_dir=lambda a: a.out)
+
     p = data_sub.add_parser(
         "nacl-water",
         help="NaCl in periodic TIP3P water with OpenMM (extra: openmm)",
@@ -181,6 +231,13 @@ def add_engine_commands(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cutoff", type=float, default=0.7, help="nm (default 0.7)")
     p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
     p.add_argument("--friction", type=float, default=1.0, help="1/ps (default 1)")
+    p.add_argument(
+        "--contact-fraction",
+        type=float,
+        default=0.0,
+        help="share of trajectories whose first ion pair starts in contact, on neighbouring "
+        "sites (more close-contact frames; default 0)",
+    )
     _sampling(p, 2000, 200, 20, "MD steps")
     _common(p)
     p.set_defaults(func=_nacl_water, out_dir=_out_dir)

@@ -172,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"trustpot {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    from trustpot.cli.bench import add_bench_commands
     from trustpot.cli.data import add_data_commands
     from trustpot.cli.uq import add_uq_commands
 
     commands = (_add_quickstart, _add_train, _add_eval, _add_md, add_uq_commands, _add_config)
+    commands = (*commands, add_bench_commands)
     for add in (*commands, add_data_commands):
         add(sub)
     return parser

@@ -30,7 +30,7 @@ def add_training_flags(p: argparse.ArgumentParser, with_config: bool = True) -> 
     p.add_argument("--valid", help="validation data file or split.json:SUBSET")
     p.add_argument("--valid-fraction", type=float, help="share of --train held out (default 0.05)")
     p.add_argument("--isolated-atoms", help="file of isolated-atom energies (else least squares)")
-    p.add_argument("--model", help="backbone: schnet, painn or egnn (default painn)")
+    p.add_argument("--model", help="backbone: schnet, painn, egnn or deepset-moe (default painn)")
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--max-minutes", type=float, help="wall-clock budget in minutes")
     p.add_argument("--epochs", type=int, help="maximum epochs")

@@ -1,0 +1,463 @@
+"""Compositional out-of-domain benchmark (GMD-26): every model on every task, one report.
+
+For each task (:mod:`trustpot.engines.compositional`) the pipeline
+
+1. builds the task's xTB data (``OUT/<task>/data``: ``data.xyz`` and ``split.json`` with
+   subsets ``train``, ``test_id``, ``test_ood``; resumable);
+2. trains every model on ``split.json:train`` (10 % of it held out for validation) with the same
+   wall-clock budget, seed and training options (``OUT/<task>/<model>/``; a finished model has
+   ``done.json`` and is reused, an unfinished one is resumed);
+3. evaluates it on ``test_id`` and ``test_ood``: force MAE, force cosine similarity, force
+   magnitude MAE, energy MAE and its offset part (:mod:`trustpot.bench.offsets`), the OOD/ID
+   ratios, the kNN distance of every test structure from the training atoms in the model's
+   embedding space (:mod:`trustpot.bench.manifold`) with its Spearman correlation to the
+   structure's force MAE, and for DeepSet-MoE models the routing diagnostics
+   (:func:`trustpot.models.deepset_moe.routing_statistics`) with the per-atom fragment labels;
+   the result goes to ``OUT/<task>/<model>/eval.json`` (reused on a rerun);
+4. writes ``OUT/compositional.json`` (every number) and ``OUT/report.md`` with PNG figures
+   (:mod:`trustpot.bench.report`).
+
+A model is a registry name with optional hyper-parameters: ``deepset-moe`` or
+``deepset-moe:aggregation=mean,top_k=2``; its folder and table row use that text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from trustpot.engines.compositional import SUBSETS, TASKS
+from trustpot.errors import ConfigError
+
+Log = Callable[[str], None]
+DEFAULT_MODELS = ("schnet", "painn", "egnn", "deepset-moe")
+TEST_SUBSETS = ("test_id", "test_ood")
+
+
+@dataclass(frozen=True)
+class BenchMode:
+    """Sizes and budgets of one benchmark mode.
+
+    Attributes:
+        name: ``quick`` or ``full``.
+        frames_per_molecule: MD frames per molecule (300 K), 20 % of a training molecule's
+            frames go to ``test_id``.
+        minutes: default training budget per model, minutes of wall clock.
+        hypers: backbone hyper-parameters every model gets (model options override them).
+        batch_size: structures per optimiser step.
+        knn_k: neighbours of the kNN distance.
+        temperatures: MD temperatures, K.
+    """
+
+    name: str
+    frames_per_molecule: int
+    minutes: float
+    hypers: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 8
+    knn_k: int = 5
+    temperatures: tuple[float, ...] = (300.0,)
+
+
+MODES = {
+    "quick": BenchMode("quick", 6, 0.1, {"n_features": 16, "n_layers": 2}, batch_size=4),
+    "full": BenchMode("full", 40, 3.0, {"n_features": 32, "n_layers": 3}),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model of the benchmark: registry name plus hyper-parameters.
+
+    Attributes:
+        text: as given (``deepset-moe:aggregation=mean``), the row label.
+        name: registry name.
+        hypers: hyper-parameters set by the spec.
+    """
+
+    text: str
+    name: str
+    hypers: dict[str, Any]
+
+    @property
+    def folder(self) -> str:
+        """File-system-safe form of :attr:`text`."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.text)
+
+
+def parse_model(text: str) -> ModelSpec:
+    """``name`` or ``name:key=value,key=value`` -> :class:`ModelSpec`.
+
+    Raises:
+        ConfigError: unknown model or malformed option.
+    """
+    from trustpot.registry import canonical_name, lookup, names
+
+    name, _, opts = text.partition(":")
+    try:
+        lookup("backbone", name)
+    except Exception:
+        raise ConfigError(
+            f"unknown model '{name}'; known: {', '.join(names('backbone'))}"
+        ) from None
+    hypers: dict[str, Any] = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"model option '{item}' of '{text}' must look like key=value")
+        hypers[key.strip()] = yaml.safe_load(value)
+    return ModelSpec(text, canonical_name("backbone", name), hypers)
+
+
+def parse_tasks(tasks: Sequence[str]) -> list[str]:
+    """Task names, ``all`` expanded, duplicates dropped; ConfigError for an unknown one."""
+    out: list[str] = []
+    for t in tasks:
+        for name in TASKS if t == "all" else (t,):
+            if name not in TASKS:
+                raise ConfigError(
+                    f"unknown compositional task '{name}'; known: {', '.join(TASKS)}, all"
+                )
+            if name not in out:
+                out.append(name)
+    if not out:
+        raise ConfigError("no task given")
+    return out
+
+
+@dataclass
+class BenchOptions:
+    """Everything a benchmark run depends on.
+
+    Attributes:
+        tasks: task names.
+        models: model specs (text form).
+        mode: ``quick`` or ``full``.
+        minutes: training budget per model (None: the mode's).
+        seed: seed of data, splits and training.
+        threads: torch threads (and xTB OpenMP threads are left to the environment).
+        workers: xTB worker processes (0: in this process).
+        epochs: epoch cap per model (the wall-clock budget is the usual limit).
+    """
+
+    tasks: list[str]
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    mode: str = "full"
+    minutes: float | None = None
+    seed: int = 0
+    threads: int = 1
+    workers: int = 1
+    epochs: int = 100000
+
+    def check(self) -> tuple[BenchMode, list[ModelSpec]]:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown mode '{self.mode}'; known: {', '.join(MODES)}")
+        self.tasks = parse_tasks(self.tasks)
+        specs = [parse_model(m) for m in self.models]
+        if not specs:
+            raise ConfigError("no model given")
+        folders = [s.folder for s in specs]
+        if len(set(folders)) != len(folders):
+            raise ConfigError(f"models given twice: {self.models}")
+        minutes = self.minutes if self.minutes is not None else MODES[self.mode].minutes
+        if not minutes > 0:
+            raise ConfigError(f"--minutes must be > 0, got {minutes}")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        return MODES[self.mode], specs
+
+
+def _logger(path: Path) -> Log:
+    def log(message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+    return log
+
+
+def _train(
+    spec: ModelSpec, mode: BenchMode, opts: BenchOptions, manifest: Path, run_dir: Path, log: Log
+) -> dict[str, Any]:
+    """Train (or resume, or reuse) one model; returns its ``done.json`` record."""
+    from trustpot.config import load_config
+    from trustpot.train.run import run_training
+
+    done = run_dir / "done.json"
+    if done.is_file():
+        log(f"  {spec.text}: trained already, reusing {run_dir}")
+        return json.loads(done.read_text())
+    hypers = {**mode.hypers, **spec.hypers}
+    minutes = opts.minutes if opts.minutes is not None else mode.minutes
+    cfg = load_config(
+        None,
+        [f"model.hypers.{k}={json.dumps(v)}" for k, v in hypers.items()],
+        {
+            "data": {"train": f"{manifest}:train", "valid_fraction": 0.1},
+            "model": {"name": spec.name},
+            "train": {
+                "max_minutes": minutes,
+                "epochs": opts.epochs,
+                "seed": opts.seed,
+                "threads": opts.threads,
+                "batch_size": mode.batch_size,
+            },
+        },
+    )
+    resume = (run_dir / "last.ckpt").is_file()
+    log(f"  {spec.text}: {'resuming' if resume else 'training'} for {minutes:g} min")
+    t0 = time.perf_counter()
+    result = run_training(cfg, run_dir, resume=resume)
+    record = dataclasses.asdict(result)
+    record["wall_s"] = time.perf_counter() - t0
+    record["minutes"] = minutes
+    record["hypers"] = hypers
+    done.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _fragment_labels(manifest: Path) -> dict[str, list[np.ndarray]]:
+    """Per subset, each frame's per-atom ``fragment_label`` [n_atoms] from ``data.xyz``."""
+    from ase.io import iread
+
+    info = json.loads(manifest.read_text())
+    frames = list(iread(str(manifest.parent / info["data"]), index=":", format="extxyz"))
+    return {
+        name: [np.asarray(frames[i].arrays["fragment_label"], int) for i in idx]
+        for name, idx in info["subsets"].items()
+    }
+
+
+def _per_structure_force_mae(structures: Sequence[Any], preds: Sequence[dict]) -> np.ndarray:
+    from trustpot import keys as K
+
+    return np.array(
+        [
+            float(np.abs(np.asarray(p[K.FORCES]) - s.forces).mean())
+            for s, p in zip(structures, preds)
+        ]
+    )
+
+
+def evaluate_model(
+    checkpoint: Path,
+    sets: dict[str, list[Any]],
+    labels: dict[str, list[np.ndarray]],
+    mode: BenchMode,
+    seed: int,
+) -> dict[str, Any]:
+    """Every number of one trained model on one task (see the module docstring).
+
+    Args:
+        checkpoint: the model's ``best.ckpt``.
+        sets: ``train``, ``test_id``, ``test_ood`` structures.
+        labels: per subset, per-frame fragment labels [n_atoms].
+        mode: benchmark mode (kNN k).
+        seed: seed of the kNN subsampling.
+    """
+    from trustpot import keys as K
+    from trustpot.bench.manifold import (
+        atom_embeddings,
+        fit_reference,
+        spearman,
+        structure_distances,
+    )
+    from trustpot.bench.offsets import energy_offset_analysis
+    from trustpot.calculator import Predictor
+    from trustpot.evaluate import accuracy_metrics
+    from trustpot.io.checkpoint import load_potential
+
+    model = load_potential(checkpoint)
+    predictor = Predictor(model, batch_size=32)
+    out: dict[str, Any] = {"subsets": {}, "per_structure": {}}
+    train = sets["train"]
+    ref = fit_reference(
+        atom_embeddings(model, train), [s.numbers for s in train], k=mode.knn_k, seed=seed
+    )
+    out["knn"] = {"k": ref.k, "scale": {str(z): v for z, v in ref.scale.items()},
+                  "train_atoms": {str(z): n for z, n in ref.n_atoms.items()},
+                  "aggregation": "max over atoms (mean also stored)"}  # fmt: skip
+    for name in TEST_SUBSETS:
+        structures = sets[name]
+        preds = predictor.predict_structures(structures, (K.ENERGY, K.FORCES), source=name)
+        metrics = accuracy_metrics(structures, preds)
+        offsets = energy_offset_analysis(structures, [float(p[K.ENERGY]) for p in preds])
+        metrics["energy_offset"] = offsets
+        d_max, d_mean = structure_distances(
+            ref, atom_embeddings(model, structures), [s.numbers for s in structures]
+        )
+        f_mae = _per_structure_force_mae(structures, preds)
+        e_err = [float(p[K.ENERGY]) - float(s.energy) for s, p in zip(structures, preds)]
+        metrics["distance_max_mean"] = float(np.mean(d_max))
+        metrics["distance_mean_mean"] = float(np.mean(d_mean))
+        out["subsets"][name] = metrics
+        out["per_structure"][name] = {
+            "forces_mae": f_mae.tolist(),
+            "energy_error": e_err,
+            "n_atoms": [s.n_atoms for s in structures],
+            "smiles": [str(s.info.get("smiles", "")) for s in structures],
+            "distance_max": d_max.tolist(),
+            "distance_mean": d_mean.tolist(),
+        }
+    ps = out["per_structure"]
+    both = {k: np.concatenate([np.asarray(ps[s][k], float) for s in TEST_SUBSETS])
+            for k in ("forces_mae", "distance_max", "distance_mean")}  # fmt: skip
+    out["spearman"] = {
+        "max_distance_vs_forces_mae": spearman(both["distance_max"], both["forces_mae"]),
+        "mean_distance_vs_forces_mae": spearman(both["distance_mean"], both["forces_mae"]),
+        "ood_only_max_distance_vs_forces_mae": spearman(
+            np.asarray(ps["test_ood"]["distance_max"]), np.asarray(ps["test_ood"]["forces_mae"])
+        ),
+    }
+    ident, ood = out["subsets"]["test_id"], out["subsets"]["test_ood"]
+    out["ratios"] = {
+        k: ood[k] / ident[k] if ident.get(k) else float("nan")
+        for k in ("forces_mae", "forces_magnitude_mae", "energy_mae", "energy_mae_per_atom")
+    }
+    out["ratios"]["distance_max_mean"] = ood["distance_max_mean"] / ident["distance_max_mean"]
+    if model.meta.backbone == "deepset-moe":
+        out["routing"] = _routing(model, sets, labels)
+    return out
+
+
+def _routing(model: Any, sets: dict[str, list[Any]], labels: dict[str, list[np.ndarray]]) -> dict:
+    from trustpot.models.deepset_moe import router_outputs, routing_statistics
+
+    result = {}
+    for name in ("train", *TEST_SUBSETS):
+        probs, weights = router_outputs(model, sets[name])
+        flat = np.concatenate(labels[name])
+        result[name] = routing_statistics(weights, flat, probs).to_dict()
+    return result
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def run_task(
+    task: str,
+    specs: Sequence[ModelSpec],
+    mode: BenchMode,
+    opts: BenchOptions,
+    out: Path,
+    log: Log,
+) -> dict[str, Any]:
+    """Data, training and evaluation of every model on one task (resumable)."""
+    from trustpot.data.splits import read_data
+    from trustpot.engines.compositional import build_task_data
+
+    folder = out / task
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"{task}: building data (xTB; reused when done)")
+    data = build_task_data(
+        task,
+        folder / "data",
+        frames_per_molecule=mode.frames_per_molecule,
+        temperatures=mode.temperatures,
+        seed=opts.seed,
+        workers=opts.workers,
+        quick=mode.name == "quick",
+    )
+    log(f"{task}: frames {data.sizes}, molecules {data.molecules}, failed {data.failed}")
+    if data.failed:
+        raise ConfigError(
+            f"{task}: {data.failed} frame(s) failed to label (see {data.raw}.failed.jsonl); "
+            "rerun to retry them"
+        )
+    manifest = data.manifest
+    sets = {k: read_data(f"{manifest}:{k}") for k in SUBSETS}
+    labels = _fragment_labels(manifest)
+    info = json.loads(manifest.read_text())
+    result: dict[str, Any] = {
+        "task": task,
+        "description": info["params"]["description"],
+        "molecules": info["params"]["molecules"],
+        "fragment_legend": info["params"]["fragment_legend"],
+        "frames": data.sizes,
+        "data_sha256": info["sha256"],
+        "models": {},
+    }
+    for spec in specs:
+        run_dir = folder / spec.folder
+        record = _train(spec, mode, opts, manifest, run_dir, log)
+        eval_path = run_dir / "eval.json"
+        if eval_path.is_file():
+            evaluation = json.loads(eval_path.read_text())
+        else:
+            log(f"  {spec.text}: evaluating")
+            evaluation = _nan_to_none(
+                evaluate_model(run_dir / "best.ckpt", sets, labels, mode, opts.seed)
+            )
+            eval_path.write_text(json.dumps(evaluation))
+        evaluation["training"] = record
+        result["models"][spec.text] = evaluation
+        f_id = evaluation["subsets"]["test_id"]["forces_mae"]
+        f_ood = evaluation["subsets"]["test_ood"]["forces_mae"]
+        log(
+            f"  {spec.text}: force MAE ID {f_id:.4f} OOD {f_ood:.4f} eV/Å "
+            f"(ratio {f_ood / f_id:.2f}), {record['epochs']} epochs"
+        )
+    return result
+
+
+def run_compositional(out: str | Path, opts: BenchOptions) -> dict[str, Any]:
+    """Run the benchmark into ``out``; returns what ``compositional.json`` holds.
+
+    Raises:
+        ConfigError: unknown task, model or mode, bad budget; before any work starts.
+    """
+    import platform
+
+    import torch
+
+    from trustpot.bench.report import write_report
+
+    mode, specs = opts.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(opts.threads)
+    log = _logger(out / "log.txt")
+    t0 = time.perf_counter()
+    minutes = opts.minutes if opts.minutes is not None else mode.minutes
+    log(
+        f"compositional benchmark ({mode.name}): tasks {', '.join(opts.tasks)}; models "
+        f"{', '.join(s.text for s in specs)}; {minutes:g} min per model, {opts.threads} thread(s)"
+    )
+    tasks = {}
+    for task in opts.tasks:
+        tasks[task] = run_task(task, specs, mode, opts, out, log)
+    summary = {
+        "format": "trustpot-compositional-1",
+        "mode": dataclasses.asdict(mode),
+        "options": dataclasses.asdict(opts),
+        "minutes_per_model": minutes,
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": opts.threads,
+        },
+        "tasks": tasks,
+        "wall_s": time.perf_counter() - t0,
+    }
+    summary = _nan_to_none(summary)
+    (out / "compositional.json").write_text(json.dumps(summary, indent=1))
+    write_report(summary, out)
+    log(f"wrote {out / 'compositional.json'} and {out / 'report.md'}")
+    return summary
