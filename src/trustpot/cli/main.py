@@ -43,6 +43,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="labelled data file (any ASE format) or split.json:SUBSET")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1...)")
     p.set_defaults(func=_eval, out_dir=lambda a: a.out)
 
 
@@ -53,7 +54,7 @@ def _eval(args: argparse.Namespace) -> int:
     from trustpot.data.splits import read_data
     from trustpot.evaluate import evaluate_file
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.batch_size)
     structures = read_data(args.data, require=())
     metrics = evaluate_file(predictor, structures, args.out, source=args.data)
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
