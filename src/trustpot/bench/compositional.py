@@ -350,6 +350,20 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
+def _finished_data(manifest: Path, wanted: dict[str, Any], seed: int) -> bool:
+    """Whether ``manifest`` is a finished task build with these settings and no failed frame
+    (the data file's SHA-256 is checked when the subsets are read)."""
+    if not manifest.is_file():
+        return False
+    try:
+        info = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return False
+    params = info.get("params", {})
+    same = all(params.get(k) == v for k, v in wanted.items()) and info.get("seed") == seed
+    return same and not params.get("failed_frames")
+
+
 def run_task(
     task: str,
     specs: Sequence[ModelSpec],
@@ -364,24 +378,32 @@ def run_task(
 
     folder = out / task
     folder.mkdir(parents=True, exist_ok=True)
-    log(f"{task}: building data (xTB; reused when done)")
-    data = build_task_data(
-        task,
-        folder / "data",
-        frames_per_molecule=mode.frames_per_molecule,
-        temperatures=mode.temperatures,
-        seed=opts.seed,
-        workers=opts.workers,
-        quick=mode.name == "quick",
-    )
-    log(f"{task}: frames {data.sizes}, molecules {data.molecules}, failed {data.failed}")
-    if data.failed:
-        raise ConfigError(
-            f"{task}: {data.failed} frame(s) failed to label (see {data.raw}.failed.jsonl); "
-            "rerun to retry them"
+    manifest = folder / "data" / "split.json"
+    wanted = {
+        "quick": mode.name == "quick",
+        "frames_per_molecule": mode.frames_per_molecule,
+        "temperatures": [float(t) for t in mode.temperatures],
+    }
+    if _finished_data(manifest, wanted, opts.seed):
+        log(f"{task}: reusing the data in {manifest.parent}")
+    else:
+        log(f"{task}: building data (GFN2-xTB MD; resumes what a previous run left)")
+        data = build_task_data(
+            task,
+            folder / "data",
+            frames_per_molecule=mode.frames_per_molecule,
+            temperatures=mode.temperatures,
+            seed=opts.seed,
+            workers=opts.workers,
+            quick=mode.name == "quick",
         )
-    manifest = data.manifest
+        if data.failed:
+            raise ConfigError(
+                f"{task}: {data.failed} frame(s) failed to label (see {data.raw}.failed.jsonl); "
+                "rerun to retry them"
+            )
     sets = {k: read_data(f"{manifest}:{k}") for k in SUBSETS}
+    log(f"{task}: frames { ({k: len(v) for k, v in sets.items()}) }")
     labels = _fragment_labels(manifest)
     info = json.loads(manifest.read_text())
     result: dict[str, Any] = {
@@ -389,7 +411,7 @@ def run_task(
         "description": info["params"]["description"],
         "molecules": info["params"]["molecules"],
         "fragment_legend": info["params"]["fragment_legend"],
-        "frames": data.sizes,
+        "frames": {k: len(v) for k, v in sets.items()},
         "data_sha256": info["sha256"],
         "models": {},
     }

@@ -88,11 +88,26 @@ def _ranking(summary: dict[str, Any]) -> list[str]:
     lines.append("")
     lines.append("| model | geometric mean OOD/ID force ratio | worst ratio | mean OOD force MAE |")
     lines.append("|---|---|---|---|")
+    gmean = {}
     for m in models:
         if ratios[m]:
-            gm = float(np.exp(np.mean(np.log(ratios[m]))))
+            gmean[m] = float(np.exp(np.mean(np.log(ratios[m]))))
             lines.append(
-                f"| {m} | {_g(gm)} | {_g(max(ratios[m]))} | {_f(float(np.mean(oods[m])))} |"
+                f"| {m} | {_g(gmean[m])} | {_g(max(ratios[m]))} | {_f(float(np.mean(oods[m])))} |"
+            )
+    # a variant "name:opt=value" next to its base "name" isolates one design choice
+    pairs = [(m, m.split(":")[0]) for m in models if ":" in m and m.split(":")[0] in gmean]
+    if pairs:
+        lines.append("")
+        lines.append("Design choices (a variant against its base model, same budget and data):")
+        lines.append("")
+    for variant, base in pairs:
+        if variant in gmean:
+            change = ", ".join(f"{o}" for o in variant.split(":", 1)[1].split(","))
+            lines.append(
+                f"- {base} with {change}: geometric-mean OOD/ID ratio {_g(gmean[base])} → "
+                f"{_g(gmean[variant])}; mean OOD force MAE {_f(float(np.mean(oods[base])))} → "
+                f"{_f(float(np.mean(oods[variant])))} eV/Å."
             )
     return lines
 
@@ -123,7 +138,7 @@ def routing_lines(task: dict[str, Any]) -> list[str]:
         values = routing["test_ood"]["label_values"]
         names = ", ".join(f"{v} = {legend.get(int(v), 'scaffold')}" for v in values)
         lines.append("")
-        lines.append(f"Fragment labels: {names} (0: scaffold atoms).")
+        lines.append(f"Fragment labels: {names}.")
         lines.append("")
     return lines
 
