@@ -16,6 +16,12 @@ waters (~340-370 atoms). Each trajectory builds its own box (its own ion sites a
 minimises it, runs ``equilibration`` Langevin steps (NVT, LangevinMiddle integrator), then keeps one
 frame every ``interval`` steps. ``--frames`` is per (pairs, temperature).
 
+Close contacts: with ``contact_fraction`` > 0 that share of trajectories (drawn per trajectory from
+its own seed) places its first Cl on a lattice site next to its first Na (a contact ion pair at
+the start, ~3.1 Å apart before minimisation); the other ions stay on random sites. This biases the
+sampled *configurations* towards close contacts; the force field and the labels are unchanged.
+Frames record it in ``info["contact_start"]``.
+
 Units: OpenMM works in nm, kJ/mol and kJ/mol/nm; frames are written in Å, eV and eV/Å with
 :data:`KJ_PER_MOL_TO_EV` and :data:`KJ_PER_MOL_PER_NM_TO_EV_PER_A`.
 """
@@ -79,6 +85,7 @@ class BoxOptions:
         equilibration: steps after minimisation before the first kept frame.
         interval: steps between kept frames.
         chunk: frames per independent trajectory.
+        contact_fraction: share of trajectories starting with a contact ion pair (0 to 1).
     """
 
     grid: int = 5
@@ -88,6 +95,7 @@ class BoxOptions:
     equilibration: int = 2000
     interval: int = 200
     chunk: int = 20
+    contact_fraction: float = 0.0
 
     @property
     def edge_nm(self) -> float:
@@ -111,6 +119,8 @@ class BoxOptions:
             )
         if self.equilibration < 0:
             raise ConfigError(f"--equilibration must be >= 0, got {self.equilibration}")
+        if not 0.0 <= self.contact_fraction <= 1.0:
+            raise ConfigError(f"--contact-fraction must lie in [0, 1], got {self.contact_fraction}")
         for name in ("interval", "chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -128,8 +138,27 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     )
 
 
-def build_box(n_pairs: int, grid: int, rng: np.random.Generator) -> tuple[Any, np.ndarray, float]:
-    """OpenMM topology, positions (Å) and box edge (Å): ions first (Na..., Cl...), then waters."""
+def _contact_order(grid: int, n_pairs: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of the grid^3 sites whose first Na site (0) and first Cl site (n_pairs)
+    are lattice neighbours (periodic), the rest random."""
+    n = grid**3
+    first = int(rng.integers(n))
+    ijk = np.array(np.unravel_index(first, (grid, grid, grid)))
+    step = np.zeros(3, dtype=np.int64)
+    step[int(rng.integers(3))] = 1 if rng.random() < 0.5 else -1
+    partner = int(np.ravel_multi_index(tuple((ijk + step) % grid), (grid, grid, grid)))
+    rest = rng.permutation(np.setdiff1d(np.arange(n), [first, partner]))
+    na_rest, others = rest[: n_pairs - 1], rest[n_pairs - 1 :]
+    return np.concatenate([[first], na_rest, [partner], others]).astype(np.int64)
+
+
+def build_box(
+    n_pairs: int, grid: int, rng: np.random.Generator, contact: bool = False
+) -> tuple[Any, np.ndarray, float]:
+    """OpenMM topology, positions (Å) and box edge (Å): ions first (Na..., Cl...), then waters.
+
+    With ``contact`` the first Na and the first Cl sit on neighbouring lattice sites.
+    """
     import openmm.app as app
 
     edge = (grid**3 / WATER_PER_NM3) ** (1 / 3) * NM_TO_A
@@ -137,7 +166,7 @@ def build_box(n_pairs: int, grid: int, rng: np.random.Generator) -> tuple[Any, n
     idx = np.arange(grid)
     sites = np.stack(np.meshgrid(idx, idx, idx, indexing="ij"), -1).reshape(-1, 3)
     sites = (sites + 0.5) * spacing
-    order = rng.permutation(len(sites))
+    order = _contact_order(grid, n_pairs, rng) if contact else rng.permutation(len(sites))
     ion_sites, water_sites = order[: 2 * n_pairs], order[2 * n_pairs :]
     top = app.Topology()
     chain = top.addChain()
@@ -181,7 +210,8 @@ def _md_task(payload: dict[str, Any], needed: frozenset[str]) -> Iterator[tuple[
     opts = BoxOptions(**payload["box"])
     n_pairs, temperature, seed = payload["pairs"], payload["temperature"], payload["seed"]
     rng = np.random.default_rng(seed)
-    top, pos_a, edge = build_box(n_pairs, opts.grid, rng)
+    contact = bool(opts.contact_fraction > 0 and rng.random() < opts.contact_fraction)
+    top, pos_a, edge = build_box(n_pairs, opts.grid, rng, contact)
     ff = app.ForceField(FORCE_FIELD)
     system = ff.createSystem(
         top,
@@ -216,6 +246,7 @@ def _md_task(payload: dict[str, Any], needed: frozenset[str]) -> Iterator[tuple[
         "n_waters": int((numbers == 8).sum()),
         "trustpot_version": trustpot_version(),
         "config_type": f"nacl{n_pairs}@{temperature:g}K",
+        "contact_start": contact,
     }
     for k, frame_id in enumerate(payload["frame_ids"]):
         integrator.step(opts.interval)

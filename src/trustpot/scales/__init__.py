@@ -48,6 +48,7 @@ from trustpot.scales.refine import (
     RefinementRound,
     ScaleOptimisation,
     optimise_scale,
+    refine_pool,
     refine_scale_pool,
 )
 
@@ -81,6 +82,7 @@ __all__ = [
     "oracle_scale_l2",
     "oracle_scale_mae",
     "oracle_summary",
+    "refine_pool",
     "refine_scale_pool",
     "route_atoms",
     "route_structure",

@@ -288,9 +288,9 @@ class ScaleMixturePotential(nn.Module):
         }
 
     # -- evaluation -------------------------------------------------------------------------
-    def branch_parts(self, g: Graph) -> BranchParts:
-        """Per-atom energies of both branches (eV, float64), charges and embeddings."""
-        e_short, emb_short = self.short.node_energies(graph_for_list(g, SHORT))
+    def long_parts(self, g: Graph) -> tuple[Tensor, Tensor | None, Tensor | None, Embedding]:
+        """The long branch alone: [n_atoms] per-atom energies with their Coulomb part (eV,
+        float64), the Coulomb part, the charges (e) and the long backbone's embedding."""
         e_long, emb_long = self.long.node_energies(graph_for_list(g, LONG))
         e_el = q = None
         if self.charges is not None and self.electrostatics is not None:
@@ -304,6 +304,12 @@ class ScaleMixturePotential(nn.Module):
             )
             e_el = self.electrostatics(g, q).double()
             e_long = e_long + e_el
+        return e_long, e_el, q, emb_long
+
+    def branch_parts(self, g: Graph) -> BranchParts:
+        """Per-atom energies of both branches (eV, float64), charges and embeddings."""
+        e_short, emb_short = self.short.node_energies(graph_for_list(g, SHORT))
+        e_long, e_el, q, emb_long = self.long_parts(g)
         return BranchParts(e_short, e_long, e_el, q, emb_short, emb_long)
 
     def atom_scale(

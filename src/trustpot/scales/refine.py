@@ -192,6 +192,82 @@ def refine_scale_pool(
     return RefinementResult(rounds, members, dict(losses), best, best_loss, stop_reason)
 
 
+def refine_pool(
+    pool_loss: Callable[[Sequence[float]], float],
+    pool: Sequence[float] = (0.0, 1.0),
+    tol: float = 1e-4,
+    relative: bool = True,
+    max_rounds: int = 10,
+    min_spacing: float = 1.0 / 64,
+    log: Callable[[str], None] | None = None,
+) -> RefinementResult:
+    """Loss-guided refinement of a *pool* whose loss depends on all its members.
+
+    ``pool_loss(pool)`` scores a whole pool, e.g. the force MAE when every structure uses the
+    best member of the pool (a pool used for routing). Each round tries the midpoint of every
+    interval wider than ``2 * min_spacing``, inserts the one whose insertion lowers the loss most,
+    and stops when that gain is below the tolerance (``tol`` times the current loss when
+    ``relative``, else ``tol`` in loss units), after ``max_rounds`` insertions, or when no interval
+    can be split.
+
+    Returns:
+        A :class:`RefinementResult`; ``rounds[k]`` holds the pool after k insertions, its loss
+        (``best_loss``), ``losses`` the loss of the pool after inserting each candidate tried
+        that round (in candidate order), and ``best_scale`` the inserted midpoint (NaN in the last
+        round). The result's ``losses`` maps each member to the pool loss right after it joined
+        (the anchors to the initial loss), ``best_loss`` is the final pool's loss and
+        ``best_scale`` is NaN (a pool, not one scale).
+    """
+    members = sorted({float(s) for s in pool})
+    if len(members) < 2 or members[0] < 0.0 or members[-1] > 1.0:
+        raise ConfigError(f"the initial pool needs two or more scales in [0, 1], got {pool}")
+    if tol < 0 or min_spacing <= 0 or max_rounds < 0:
+        raise ConfigError("need tol >= 0, min_spacing > 0 and max_rounds >= 0")
+
+    def score(candidate: Sequence[float]) -> float:
+        value = float(pool_loss(sorted(candidate)))
+        if not math.isfinite(value):
+            raise ValueError(f"pool loss of {sorted(candidate)} is not finite: {value}")
+        return value
+
+    current = score(members)
+    history: dict[float, float] = {s: current for s in members}
+    rounds: list[RefinementRound] = []
+    previous = math.inf
+    stop_reason = "max_rounds"
+    for index in range(max_rounds + 1):
+        record = RefinementRound(index, list(members), [], math.nan, current, previous - current)
+        rounds.append(record)
+        if log is not None:
+            log(f"round {index}: pool {members} loss={current:.6g}")
+        if index == max_rounds:
+            break
+        wide = [(a, b) for a, b in itertools.pairwise(members) if (b - a) / 2.0 >= min_spacing]
+        if not wide:
+            stop_reason = "min_spacing"
+            break
+        candidates = [(a + b) / 2.0 for a, b in wide]
+        trial = [score([*members, m]) for m in candidates]
+        record.losses = trial
+        k = min(range(len(trial)), key=lambda i: (trial[i], candidates[i]))
+        gain = current - trial[k]
+        threshold = tol * abs(current) if relative else tol
+        if gain < threshold or gain <= 0:
+            stop_reason = "tolerance"
+            if log is not None:
+                log(
+                    f"stop: best insertion {candidates[k]:g} gains {gain:.3g} "
+                    f"< tolerance {threshold:.3g}"
+                )
+            break
+        record.inserted = [candidates[k]]
+        record.best_scale = candidates[k]
+        members = sorted([*members, candidates[k]])
+        previous, current = current, trial[k]
+        history[candidates[k]] = current
+    return RefinementResult(rounds, members, history, math.nan, current, stop_reason)
+
+
 class DifferentiableScale(nn.Module):
     """A learnable scale s = sigmoid(theta) in (0, 1).
 
