@@ -9,7 +9,7 @@ interaction layer (a 5 Å receptive field instead of 15 Å). Rerunning reuses bu
 models and evaluations. Same as ``trustpot bench compositional`` with these settings.
 
     python benchmarks/compositional.py --quick --out /tmp/compositional-quick   # minutes
-    python benchmarks/compositional.py --out benchmarks/results/compositional    # ~1 h, 1 core
+    python benchmarks/compositional.py --out benchmarks/results/compositional    # ~55 min, 1 core
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ MODELS = (
     "deepset-moe:aggregation=mean",
     "schnet:n_layers=1",
 )
-MINUTES = 2.5  # per model and task (quick: the mode's default)
+MINUTES = 2.0  # per model and task (quick: the mode's default)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -461,25 +462,29 @@ def run_compositional(out: str | Path, opts: BenchOptions) -> dict[str, Any]:
         f"compositional benchmark ({mode.name}): tasks {', '.join(opts.tasks)}; models "
         f"{', '.join(s.text for s in specs)}; {minutes:g} min per model, {opts.threads} thread(s)"
     )
-    tasks = {}
+    tasks: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
     for task in opts.tasks:
         tasks[task] = run_task(task, specs, mode, opts, out, log)
-    summary = {
-        "format": "trustpot-compositional-1",
-        "mode": dataclasses.asdict(mode),
-        "options": dataclasses.asdict(opts),
-        "minutes_per_model": minutes,
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": opts.threads,
-        },
-        "tasks": tasks,
-        "wall_s": time.perf_counter() - t0,
-    }
-    summary = _nan_to_none(summary)
-    (out / "compositional.json").write_text(json.dumps(summary, indent=1))
-    write_report(summary, out)
-    log(f"wrote {out / 'compositional.json'} and {out / 'report.md'}")
+        # written after every task, so that a long run shows (and keeps) what finished
+        summary = {
+            "format": "trustpot-compositional-1",
+            "mode": dataclasses.asdict(mode),
+            "options": dataclasses.asdict(opts),
+            "minutes_per_model": minutes,
+            "machine": {
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "threads": opts.threads,
+                "cpus": os.cpu_count(),
+            },
+            "tasks": tasks,
+            "complete": len(tasks) == len(opts.tasks),
+            "wall_s": time.perf_counter() - t0,
+        }
+        summary = _nan_to_none(summary)
+        (out / "compositional.json").write_text(json.dumps(summary, indent=1))
+        write_report(summary, out)
+        log(f"wrote {out / 'compositional.json'} and {out / 'report.md'} ({len(tasks)} task(s))")
     return summary

@@ -235,6 +235,11 @@ def write_report(summary: dict[str, Any], out: str | Path) -> Path:
         "between a test structure's distance from the training manifold and its force MAE "
         "(ID and OOD structures together).",
         "",
+        *(
+            ["**Partial run**: the tasks below finished; rerun the command to add the rest.", ""]
+            if not summary.get("complete", True)
+            else []
+        ),
         "## Summary",
         "",
         *_ranking(summary),
