@@ -274,7 +274,7 @@ def test_scales_run_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     report = (out / "report.md").read_text()
     for r in rows.values():
         assert r["label"] in report
-    assert "399.65" in report and "Final pool" in report
+    assert "399.65" in report and "Final pool" in report and "| Close-contact MAE |" in report
     for png in ("mae_vs_distance.png", "pool_trajectory.png", "router_vs_distance.png"):
         assert (out / png).stat().st_size > 1000
     # a rerun reuses both branches and the router
@@ -282,6 +282,11 @@ def test_scales_run_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert printed.count("reusing") == 3
+    # other training settings in the same folder are refused, not silently reused
+    changed = list(args)
+    changed[changed.index("--epochs") + 1] = "3"
+    assert main(changed) == 2
+    assert "other settings (epochs differ)" in capsys.readouterr().err
 
 
 def test_scales_run_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

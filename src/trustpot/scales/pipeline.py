@@ -18,6 +18,7 @@ Steps (each logged with a time stamp; the expensive ones are reused on a rerun i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -53,8 +54,14 @@ from trustpot.scales.contacts import CONTACT_THRESHOLD, binned_errors, distance_
 from trustpot.scales.electrostatics import ElectrostaticsConfig
 from trustpot.scales.io import load_scale_mixture, save_scale_mixture
 from trustpot.scales.mixture import LONG, SHORT, ScaleMixturePotential
+from trustpot.scales.oracle import oracle_scale_mae
 from trustpot.scales.refine import refine_pool, refine_scale_pool
-from trustpot.scales.router import router_mixture, train_router
+from trustpot.scales.router import (
+    pretrain_router,
+    router_features,
+    router_mixture,
+    train_router,
+)
 
 #: The seed's numbers (force MAE; the seed does not state its unit).
 SEED = {
@@ -98,7 +105,7 @@ class ScalesOptions:
     lr: float = 3e-3
     router_epochs: int = 50
     router_minutes: float = 4.0
-    router_lr: float = 3e-3
+    router_lr: float = 1e-2
     router_hidden: int = 32
     valid_fraction: float = 0.2
     threshold: float = CONTACT_THRESHOLD
@@ -190,6 +197,10 @@ def _train_mixture(
         router_hidden=opts.router_hidden,
     )
     check_species(valid, mixture.species, "calibration data")
+    try:
+        mixture = mixture.to(torch.device(opts.device))
+    except (RuntimeError, AssertionError) as err:
+        raise ConfigError(f"device '{opts.device}' is not usable here: {err}") from None
     summaries: dict[str, Any] = {}
     for which in (SHORT, LONG):
         specs = [s for s in mixture.neighbor_lists() if s.name == which]
@@ -200,6 +211,82 @@ def _train_mixture(
         )
     save_scale_mixture(mixture, path, extra={"branches": summaries})
     return mixture, summaries
+
+
+def _warm_start(
+    router: ScaleMixturePotential,
+    calib: FrameSet,
+    calib_ds: GraphDataset,
+    init: float,
+    opts: ScalesOptions,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Fit the router to the per-atom oracle scales of the calibration frames on frozen features;
+    keep it only if the mixture's own calibration force MAE beats the fixed scale ``init``."""
+    assert router.router is not None
+    targets, weights = [], []
+    for a, b, r in zip(calib.short, calib.long, calib.reference):
+        targets.append(oracle_scale_mae(a, b, r, per_atom=True))
+        weights.append(np.abs(b - a).sum(axis=1))
+    before = copy.deepcopy(router.router.state_dict())
+    features = router_features(router, calib_ds, 2 * opts.batch_size)
+    bce = pretrain_router(
+        router,
+        features,
+        torch.as_tensor(np.concatenate(targets)),
+        torch.as_tensor(np.concatenate(weights)),
+    )
+    start = total_mae(calib, calib.mixed(init))
+    warmed = collect(router, calib_ds, 2 * opts.batch_size, opts.device, with_model_forces=True)
+    after = total_mae(calib, warmed.forces)
+    kept = after < start
+    if not kept:
+        router.router.load_state_dict(before)
+    log(
+        f"router warm start on per-atom oracle scales: calibration MAE {start:.5f} -> "
+        f"{after:.5f} eV/Å ({'kept' if kept else 'discarded'})"
+    )
+    return {"bce": bce, "calibration_mae_before": start, "calibration_mae_after": after,
+            "kept": kept}  # fmt: skip
+
+
+#: Options that only change the analysis, not what is trained (free to change on a rerun).
+ANALYSIS_ONLY = ("threads", "device", "tol", "threshold", "max_rounds", "min_spacing")
+
+
+def _check_settings(
+    out: Path,
+    opts: ScalesOptions,
+    train: Sequence[str],
+    valid: Sequence[str],
+    n_train: int,
+    n_valid: int,
+) -> None:
+    """Refuse to reuse checkpoints of ``out`` trained with other settings or data (the test
+    data may change: nothing is trained on it)."""
+    settings = {
+        "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ANALYSIS_ONLY},
+        "train": list(train),
+        "valid": list(valid),
+        "n_train": n_train,
+        "n_valid": n_valid,
+    }
+    path = out / "settings.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != json.loads(json.dumps(settings)):
+            changed = sorted(
+                k
+                for k in set(before["options"]) | set(settings["options"])
+                if before["options"].get(k) != settings["options"].get(k)
+            )
+            what = ", ".join(changed) if changed else "the data"
+            raise ConfigError(
+                f"{out} holds a run with other settings ({what} differ); "
+                "pick a new --out or delete it"
+            )
+    else:
+        path.write_text(json.dumps(settings, indent=1))
 
 
 def _fixed_grid(calib: FrameSet, test: FrameSet, n: int = 16) -> dict[str, list[float]]:
@@ -251,6 +338,7 @@ def run_scales(
         f"data: {len(train)} training, {len(valid)} calibration, {len(test)} test frames; "
         f"threads {torch.get_num_threads()}"
     )
+    _check_settings(out, opts, train_specs, valid_specs, len(train), len(valid))
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -306,6 +394,9 @@ def run_scales(
     # start near the best fixed scale, kept off the end points where the sigmoid saturates
     router_init = min(max(best_fixed, ROUTER_INIT_MARGIN), 1.0 - ROUTER_INIT_MARGIN)
     router0 = router_mixture(mixture, init=router_init, hidden=opts.router_hidden)
+    warm: dict[str, Any] = {}
+    if not (out / "router.ckpt").is_file():
+        warm = _warm_start(router0, calib, calib_ds, router_init, opts, log)
     router, router_summary = train_router(
         router0,
         calib_ds,
@@ -317,6 +408,7 @@ def run_scales(
         seed=opts.seed,
         device=opts.device,
         log=log,
+        notes={"warm_start": warm},
     )
     timings["router_train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()

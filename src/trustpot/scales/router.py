@@ -10,6 +10,13 @@ with forces from autograd of the mixed energy, so the dependence of s_i on the p
 both the forces and the loss. It starts at ``init`` (the best fixed scale of the calibration set),
 so before any step it reproduces that fixed scale. It trains on the calibration frames (held out
 from branch training, as the oracle gain it must recover is the gain on unseen frames).
+
+Warm start (:func:`pretrain_router`, optional and cheap): before the end-to-end stage the router
+can be fitted, on frozen features, to the per-atom oracle scales of the same calibration frames
+(a weighted binary cross-entropy; each atom weighs sum_k |F_long - F_short|_k, how much its error
+can change with s). Per-atom oracle scales mix branch *forces*, which a conservative mixture does
+not do exactly, so the warm start is kept only if the mixture's own calibration force MAE improves
+on the starting point; the end-to-end stage then trains on the true forces.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from trustpot import keys as K
 from trustpot.data.dataset import GraphDataset
@@ -29,7 +38,7 @@ from trustpot.data.graph import to_device
 from trustpot.io.checkpoint import read_checkpoint
 from trustpot.scales.build import mixture_from_meta
 from trustpot.scales.io import mixture_from_checkpoint_dict, save_scale_mixture
-from trustpot.scales.mixture import ScaleMixturePotential
+from trustpot.scales.mixture import SHORT, ScaleMixturePotential, graph_for_list
 
 
 def router_mixture(
@@ -45,6 +54,57 @@ def router_mixture(
     return model
 
 
+@torch.no_grad()
+def router_features(
+    model: ScaleMixturePotential, data: GraphDataset, batch_size: int = 8
+) -> Tensor:
+    """[n_atoms_total, F] the router's input features (short branch embedding) of ``data``, in
+    dataset order, with no gradients."""
+    device = next(model.parameters()).device
+    feats = []
+    for batch, _ in data.batches(batch_size):
+        assert batch is not None
+        g = graph_for_list(to_device(batch, device), SHORT)
+        feats.append(model.short.embed(g)["node"].detach())
+    return torch.cat(feats)
+
+
+def pretrain_router(
+    model: ScaleMixturePotential,
+    features: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+    steps: int = 300,
+    lr: float = 1e-2,
+) -> float:
+    """Fit the router of ``model`` to per-atom ``targets`` in [0, 1] on frozen ``features``.
+
+    Args:
+        features: [n_atoms, F] (:func:`router_features`).
+        targets: [n_atoms] per-atom oracle scales.
+        weights: [n_atoms] non-negative weights of the atoms.
+
+    Returns:
+        The final weighted binary cross-entropy.
+    """
+    if model.router is None:
+        raise ValueError("pretrain_router needs a 'router'-mode mixture")
+    router = model.router
+    x = features.to(next(router.parameters()).dtype)
+    y = targets.to(x.dtype).clamp(0.0, 1.0)
+    w = weights.to(x.dtype)
+    w = w / w.sum().clamp_min(1e-12)
+    optimizer = torch.optim.Adam(router.parameters(), lr=lr)
+    value = torch.zeros(())
+    for _ in range(steps):
+        optimizer.zero_grad()
+        logits = router.mlp(x).squeeze(-1)
+        value = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum()
+        value.backward()
+        optimizer.step()
+    return float(value.detach())
+
+
 def train_router(
     model: ScaleMixturePotential,
     data: GraphDataset,
@@ -56,6 +116,7 @@ def train_router(
     seed: int = 0,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] = print,
+    notes: dict[str, Any] | None = None,
 ) -> tuple[ScaleMixturePotential, dict[str, Any]]:
     """Fit the router of ``model`` (branches frozen) on ``data``; resumable by file.
 
@@ -64,6 +125,7 @@ def train_router(
         data: the frames to fit on (calibration split), with both neighbour lists.
         out: checkpoint written when done; if it exists it is loaded instead of training.
         epochs, max_minutes: stop after this many passes or minutes (0: no time limit).
+        notes: stored with the summary (e.g. how the router was warm-started).
 
     Returns:
         The trained mixture (eval mode) and a summary (epochs, steps, minutes, loss per epoch).
@@ -122,6 +184,7 @@ def train_router(
         "stopped_by": stopped_by,
         "train_mae_per_epoch": history,
         "final_train_mae": history[-1] if history else math.nan,
+        **(notes or {}),
     }
     save_scale_mixture(model, out, extra={"router_training": summary})
     return model, summary
