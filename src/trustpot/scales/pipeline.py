@@ -152,10 +152,14 @@ def _stamp(log_path: Path | None) -> Callable[[str], None]:
     return log
 
 
-def _read(specs: Sequence[str]) -> list[Structure]:
+def _read(specs: Sequence[str], sizes: list[int] | None = None) -> list[Structure]:
+    """The frames of every spec, in order (``sizes`` receives each spec's frame count)."""
     out: list[Structure] = []
     for spec in specs:
-        out += read_data(spec)
+        frames = read_data(spec)
+        out += frames
+        if sizes is not None:
+            sizes.append(len(frames))
     return out
 
 
@@ -324,7 +328,8 @@ def run_scales(
     if not train_specs or not test_specs:
         raise ConfigError("scales run needs --train and --test data (or --testbed)")
     train = _read(train_specs)
-    test = _read(test_specs)
+    test_sizes: list[int] = []
+    test = _read(test_specs, test_sizes)
     if valid_specs:
         valid = _read(valid_specs)
     else:
@@ -393,6 +398,7 @@ def run_scales(
     t0 = time.perf_counter()
     # start near the best fixed scale, kept off the end points where the sigmoid saturates
     router_init = min(max(best_fixed, ROUTER_INIT_MARGIN), 1.0 - ROUTER_INIT_MARGIN)
+    torch.manual_seed(opts.seed)
     router0 = router_mixture(mixture, init=router_init, hidden=opts.router_hidden)
     warm: dict[str, Any] = {}
     if not (out / "router.ckpt").is_file():
@@ -422,6 +428,13 @@ def run_scales(
     th = opts.threshold
     t = test_set
     oracles = oracle_predictions(t)
+    rows_predictions = {
+        "fixed_0": t.mixed(0.0),
+        "fixed_1": t.mixed(1.0),
+        "fixed_baseline": t.mixed(baseline_s),
+        "oracle_continuous_structure": oracles["oracle_continuous_structure"],
+        "router": routed.forces,
+    }
     rows = [
         make_row("fixed_0", "Fixed scale s = 0 (short branch)", t, t.mixed(0.0), True, th),
         make_row("fixed_1", "Fixed scale s = 1 (long branch)", t, t.mixed(1.0), True, th),
@@ -516,6 +529,7 @@ def run_scales(
         ),
     ]
     by_key = {r.key: r for r in rows}
+    by_source = _by_source(t, test_specs, test_sizes, rows_predictions)
     base = by_key["fixed_baseline"].errors
     cont = by_key["oracle_continuous_structure"].errors
     hard = by_key["oracle_hard_structure"].errors
@@ -616,6 +630,7 @@ def run_scales(
         "router": router_block,
         "close_contact": contact,
         "binned": binned,
+        "by_test_source": by_source,
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
     (out / "scales.json").write_text(json.dumps(result, indent=1, default=_json_default))
@@ -628,6 +643,27 @@ def run_scales(
         f"eV/Å; report {out / 'report.md'}"
     )
     return result
+
+
+def _by_source(
+    t: FrameSet,
+    specs: Sequence[str],
+    sizes: Sequence[int],
+    predictions: dict[str, list[np.ndarray]],
+) -> list[dict[str, Any]]:
+    """Test MAE (eV/Å) of a few modes on the frames of each test file or manifest subset."""
+    out, start = [], 0
+    for spec, n in zip(specs, sizes):
+        part = slice(start, start + n)
+        start += n
+        entry: dict[str, Any] = {"source": spec, "frames": n}
+        for key, preds in predictions.items():
+            errs = [p - r for p, r in zip(preds[part], t.reference[part])]
+            entry[key] = sum(float(np.abs(e).sum()) for e in errs) / max(
+                sum(e.size for e in errs), 1
+            )
+        out.append(entry)
+    return out
 
 
 def _fmt_pool(pool: Sequence[float]) -> str:

@@ -323,6 +323,19 @@ def write_report(result: dict[str, Any], out: str | Path) -> Path:
         )
         + ".",
     ]
+    sources = result.get("by_test_source") or []
+    if len(sources) > 1:
+        keys = [k for k in sources[0] if k not in ("source", "frames")]
+        lines += [
+            "",
+            "Test MAE (eV/Å) by test source:",
+            "",
+            "| source | frames | " + " | ".join(keys) + " |",
+            "|---|---|" + "---|" * len(keys),
+        ]
+        for e in sources:
+            name = Path(str(e["source"])).name
+            lines.append(f"| {name} | {e['frames']} | " + " | ".join(_f(e[k]) for k in keys) + " |")
     excluded = tb.get("excluded")
     if excluded:
         lines += [
