@@ -87,7 +87,7 @@ def structures() -> list[Structure]:
 
 
 def tiny_mixture(
-    structures: list[Structure], mode: str = "fixed", scale: float = 0.3
+    structures: list[Structure], mode: str = "fixed", scale: float = 0.3, level: str = "atom"
 ) -> ScaleMixturePotential:
     """A float64 mixture in eval mode (derivatives without a graph unless asked for)."""
     model = build_scale_mixture(
@@ -98,6 +98,7 @@ def tiny_mixture(
         scale_mode=mode,
         scale=scale,
         router_hidden=8,
+        router_level=level,
         electrostatics=ElectrostaticsConfig(charges_hidden=8),
         seed=3,
     )
@@ -212,18 +213,24 @@ def test_mixture_interface(structures: list[Structure]) -> None:
         model(g, {"dipole"})
 
 
-@pytest.mark.parametrize("mode", ["router", "fixed"])
+@pytest.mark.parametrize("mode", ["router", "router-structure", "fixed"])
 def test_mixture_forces_are_minus_energy_gradient(structures: list[Structure], mode: str) -> None:
     """Central finite differences of the mixed energy, periodic and isolated structures; the
     router's s depends on the positions, and its contribution must be in the forces too."""
-    model = tiny_mixture(structures, mode=mode)
+    level = "structure" if mode == "router-structure" else "atom"
+    mode = "router" if mode.startswith("router") else mode
+    model = tiny_mixture(structures, mode=mode, level=level)
     with torch.no_grad():  # a router far from constant, so that ds/dr matters
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
     g = batch_of(structures, model.neighbor_lists())
     out = model(g, {K.ENERGY, K.FORCES})
     if mode == "router":
-        assert float(out[SCALE].detach().std()) > 1e-3
+        s = out[SCALE].detach()
+        assert float(s.std()) > 1e-3
+        for k in range(3):  # one s per structure, or a spread of s over its atoms
+            spread = float(s[g[K.BATCH] == k].std())
+            assert spread < 1e-12 if level == "structure" else spread > 1e-6
     h = 1e-5
     atoms = [0, 5, 8, 12, 17]  # atoms of all three structures
     for atom in atoms:

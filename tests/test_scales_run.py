@@ -258,7 +258,7 @@ def test_scales_run_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     keys = [r["key"] for r in result["rows"]]
     for key in ("fixed_0", "fixed_1", "fixed_baseline", "oracle_hard_structure",
                 "oracle_hard_atom", "oracle_continuous_structure", "oracle_continuous_atom",
-                "pool_refined", "differentiable_scale", "router"):  # fmt: skip
+                "pool_refined", "differentiable_scale", "router", "router_structure"):  # fmt: skip
         assert key in keys
     rows = {r["key"]: r for r in result["rows"]}
     for r in rows.values():
@@ -275,13 +275,14 @@ def test_scales_run_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     for r in rows.values():
         assert r["label"] in report
     assert "399.65" in report and "Final pool" in report and "| Close-contact MAE |" in report
-    for png in ("mae_vs_distance.png", "pool_trajectory.png", "router_vs_distance.png"):
+    for png in ("mae_vs_distance.png", "pool_trajectory.png", "router_vs_distance.png",
+                "mae_vs_scale.png"):  # fmt: skip
         assert (out / png).stat().st_size > 1000
     # a rerun reuses both branches and the router
     capsys.readouterr()
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.count("reusing") == 3
+    assert printed.count("reusing") == 4  # two branches, two routers
     # other training settings in the same folder are refused, not silently reused
     changed = list(args)
     changed[changed.index("--epochs") + 1] = "3"

@@ -38,6 +38,7 @@ def build_scale_mixture(
     scale_mode: str = "fixed",
     scale: float = 0.5,
     router_hidden: int = 32,
+    router_level: str = "atom",
 ) -> ScaleMixturePotential:
     """A new mixture whose branches are initialised from the statistics of ``structures``.
 
@@ -66,6 +67,7 @@ def build_scale_mixture(
         scale_mode=scale_mode,
         scale=scale,
         router_hidden=router_hidden,
+        router_level=router_level,
     )
     torch.manual_seed(seed)
     return mixture_from_meta(meta)

@@ -20,7 +20,8 @@ per-atom scale comes from, in order of precedence:
 1. the ``scale`` argument of :meth:`ScaleMixturePotential.forward` (a float, or an [n_atoms]
    tensor: oracle routing, pool evaluation);
 2. the model's scale mode: ``"fixed"`` (the buffer ``fixed_scale``, one value for all atoms),
-   ``"router"`` (sigmoid of a small MLP on the short branch's invariant features, usable in
+   ``"router"`` (sigmoid of a small MLP on the short branch's invariant features, per atom, or
+   on their mean over the structure with ``router_level="structure"``; usable in
    deployment; its s depends on the positions, and the forces include that dependence, so the
    router's features are never detached: to train the router alone, freeze the branches'
    parameters with ``requires_grad_(False)``) or
@@ -84,6 +85,7 @@ MIXTURE_OUTPUTS: Final = SUPPORTED_OUTPUTS | {
     CHARGES,
 }
 SCALE_MODES: Final = ("fixed", "router", "parameter")
+ROUTER_LEVELS: Final = ("atom", "structure")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class ScaleMixtureMeta:
         scale_mode: ``"fixed"``, ``"router"`` or ``"parameter"``.
         scale: the fixed scale, or the initial s of the router (its bias) and of the parameter.
         router_hidden: hidden width of the router MLP.
+        router_level: ``"atom"`` (s_i from atom i's features) or ``"structure"`` (one s per
+            structure from the mean of its atoms' features, given to all its atoms).
         extra: free-form metadata (data split, training options...).
     """
 
@@ -109,6 +113,7 @@ class ScaleMixtureMeta:
     scale_mode: str = "fixed"
     scale: float = 0.5
     router_hidden: int = 32
+    router_level: str = "atom"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -125,6 +130,10 @@ class ScaleMixtureMeta:
             raise ConfigError(f"branch dtypes differ: {self.short.dtype} vs {self.long.dtype}")
         if self.router_hidden < 1:
             raise ConfigError("router_hidden must be at least 1")
+        if self.router_level not in ROUTER_LEVELS:
+            raise ConfigError(
+                f"router_level must be one of {ROUTER_LEVELS}, got {self.router_level!r}"
+            )
         self.electrostatics.validate()
 
     @property
@@ -320,7 +329,12 @@ class ScaleMixturePotential(nn.Module):
         device = g[K.POSITIONS].device
         if scale is None:
             if self.router is not None:
-                return self.router(parts.emb_short["node"]).double()
+                h = parts.emb_short["node"]
+                if self.meta.router_level == "structure":
+                    counts = g[K.N_ATOMS].to(h.dtype).clamp_min(1.0).unsqueeze(-1)
+                    pooled = scatter_sum(h, g[K.BATCH], int(counts.shape[0])) / counts
+                    return self.router(pooled).double()[g[K.BATCH]]
+                return self.router(h).double()
             value = self.scale_parameter() if self.scale_parameter is not None else self.fixed_scale
             return value.double().expand(n)
         s = torch.as_tensor(scale, dtype=torch.float64, device=device)

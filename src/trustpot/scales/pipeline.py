@@ -225,15 +225,24 @@ def _warm_start(
     opts: ScalesOptions,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Fit the router to the per-atom oracle scales of the calibration frames on frozen features;
-    keep it only if the mixture's own calibration force MAE beats the fixed scale ``init``."""
+    """Fit the router to the oracle scales of the calibration frames (per atom, or per structure
+    for a structure-level router) on frozen features; keep it only if the mixture's own
+    calibration force MAE beats the fixed scale ``init``."""
     assert router.router is not None
+    per_structure = router.meta.router_level == "structure"
     targets, weights = [], []
     for a, b, r in zip(calib.short, calib.long, calib.reference):
-        targets.append(oracle_scale_mae(a, b, r, per_atom=True))
-        weights.append(np.abs(b - a).sum(axis=1))
+        if per_structure:
+            targets.append(np.array([oracle_scale_mae(a, b, r)]))
+            weights.append(np.array([np.abs(b - a).sum()]))
+        else:
+            targets.append(oracle_scale_mae(a, b, r, per_atom=True))
+            weights.append(np.abs(b - a).sum(axis=1))
     before = copy.deepcopy(router.router.state_dict())
     features = router_features(router, calib_ds, 2 * opts.batch_size)
+    if per_structure:
+        sizes = [len(r) for r in calib.reference]
+        features = torch.stack([f.mean(dim=0) for f in features.split(sizes)])
     bce = pretrain_router(
         router,
         features,
@@ -247,11 +256,58 @@ def _warm_start(
     if not kept:
         router.router.load_state_dict(before)
     log(
-        f"router warm start on per-atom oracle scales: calibration MAE {start:.5f} -> "
-        f"{after:.5f} eV/Å ({'kept' if kept else 'discarded'})"
+        f"{router.meta.router_level} router warm start on oracle scales: calibration MAE "
+        f"{start:.5f} -> {after:.5f} eV/Å ({'kept' if kept else 'discarded'})"
     )
-    return {"bce": bce, "calibration_mae_before": start, "calibration_mae_after": after,
-            "kept": kept}  # fmt: skip
+    return {
+        "bce": bce,
+        "calibration_mae_before": start,
+        "calibration_mae_after": after,
+        "kept": kept,
+    }
+
+
+def _fit_router(
+    level: str,
+    mixture: ScaleMixturePotential,
+    calib: FrameSet,
+    calib_ds: GraphDataset,
+    test_ds: GraphDataset,
+    init: float,
+    path: Path,
+    opts: ScalesOptions,
+    log: Callable[[str], None],
+) -> tuple[FrameSet, dict[str, Any], float, float]:
+    """Train (or reuse) the router of ``level`` and evaluate it on the test frames.
+
+    Returns the test frames with the router mixture's forces and scales, its training summary,
+    and the training and evaluation seconds."""
+    t0 = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    start = router_mixture(mixture, init=init, hidden=opts.router_hidden, level=level)
+    warm: dict[str, Any] = {}
+    if not path.is_file():
+        warm = _warm_start(start, calib, calib_ds, init, opts, log)
+    router, summary = train_router(
+        start,
+        calib_ds,
+        path,
+        epochs=opts.router_epochs,
+        max_minutes=opts.router_minutes,
+        lr=opts.router_lr,
+        batch_size=opts.batch_size,
+        seed=opts.seed,
+        device=opts.device,
+        log=lambda m: log(f"{level} {m}"),
+        notes={"warm_start": warm, "level": level},
+    )
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    log(f"evaluating the {level}-level router mixture on the test frames")
+    routed = collect(
+        router, test_ds, 2 * opts.batch_size, opts.device, with_model_forces=True, log=log
+    )
+    return routed, summary, t_train, time.perf_counter() - t0
 
 
 #: Options that only change the analysis, not what is trained (free to change on a rerun).
@@ -394,35 +450,28 @@ def run_scales(
     )
     timings["calibration_choices_s"] = time.perf_counter() - t0
 
-    # -- router ---------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    # -- routers --------------------------------------------------------------------------
     # start near the best fixed scale, kept off the end points where the sigmoid saturates
     router_init = min(max(best_fixed, ROUTER_INIT_MARGIN), 1.0 - ROUTER_INIT_MARGIN)
-    torch.manual_seed(opts.seed)
-    router0 = router_mixture(mixture, init=router_init, hidden=opts.router_hidden)
-    warm: dict[str, Any] = {}
-    if not (out / "router.ckpt").is_file():
-        warm = _warm_start(router0, calib, calib_ds, router_init, opts, log)
-    router, router_summary = train_router(
-        router0,
+    routed, router_summary, timings["router_train_s"], timings["router_eval_s"] = _fit_router(
+        "atom", mixture, calib, calib_ds, test_ds, router_init, out / "router.ckpt", opts, log
+    )
+    (
+        routed_s,
+        router_s_summary,
+        timings["router_structure_train_s"],
+        timings["router_structure_eval_s"],
+    ) = _fit_router(
+        "structure",
+        mixture,
+        calib,
         calib_ds,
-        out / "router.ckpt",
-        epochs=opts.router_epochs,
-        max_minutes=opts.router_minutes,
-        lr=opts.router_lr,
-        batch_size=opts.batch_size,
-        seed=opts.seed,
-        device=opts.device,
-        log=log,
-        notes={"warm_start": warm},
+        test_ds,
+        router_init,
+        out / "router_structure.ckpt",
+        opts,
+        log,
     )
-    timings["router_train_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    log("evaluating the router mixture on the test frames")
-    routed = collect(
-        router, test_ds, 2 * opts.batch_size, opts.device, with_model_forces=True, log=log
-    )
-    timings["router_eval_s"] = time.perf_counter() - t0
 
     # -- rows on the test frames ----------------------------------------------------------
     th = opts.threshold
@@ -434,6 +483,7 @@ def run_scales(
         "fixed_baseline": t.mixed(baseline_s),
         "oracle_continuous_structure": oracles["oracle_continuous_structure"],
         "router": routed.forces,
+        "router_structure": routed_s.forces,
     }
     rows = [
         make_row("fixed_0", "Fixed scale s = 0 (short branch)", t, t.mixed(0.0), True, th),
@@ -525,23 +575,40 @@ def run_scales(
             th,
         ),
         make_row(
-            "router", "Learned router (per-atom s from the environment)", t, routed.forces, True, th
+            "router", "Learned router, per atom (s_i from the local environment)", t,
+            routed.forces, True, th,
         ),
-    ]
+        make_row(
+            "router_structure", "Learned router, per structure (s from the mean environment)",
+            t, routed_s.forces, True, th,
+        ),
+    ]  # fmt: skip
     by_key = {r.key: r for r in rows}
     by_source = _by_source(t, test_specs, test_sizes, rows_predictions)
     base = by_key["fixed_baseline"].errors
     cont = by_key["oracle_continuous_structure"].errors
     hard = by_key["oracle_hard_structure"].errors
     rout = by_key["router"].errors
+
+    def gains(key: str) -> dict[str, float]:
+        e = by_key[key].errors
+        return {
+            "gain_recovered_continuous": gain_recovered(base.overall, cont.overall, e.overall),
+            "gain_recovered_hard": gain_recovered(base.overall, hard.overall, e.overall),
+            "gain_recovered_contact_frames": gain_recovered(
+                base.contact_frames, cont.contact_frames, e.contact_frames
+            ),
+        }
+
     router_block = {
         "training": router_summary,
         "init_scale": router_init,
-        "gain_recovered_continuous": gain_recovered(base.overall, cont.overall, rout.overall),
-        "gain_recovered_hard": gain_recovered(base.overall, hard.overall, rout.overall),
-        "gain_recovered_contact_frames": gain_recovered(
-            base.contact_frames, cont.contact_frames, rout.contact_frames
-        ),
+        **gains("router"),
+        "structure": {
+            "training": router_s_summary,
+            **gains("router_structure"),
+            "frame_scale": [float(np.mean(s)) for s in routed_s.scale],
+        },
         "mean_scale": float(np.mean(np.concatenate(routed.scale))),
         "frame_mean_scale": [float(np.mean(s)) for s in routed.scale],
         "frame_distance": [float(d) for d in t.frame_d],
@@ -567,14 +634,7 @@ def run_scales(
     edges_f = distance_edges(t.frame_d)
     edges_a = distance_edges(np.concatenate(t.atom_d))
     binned: dict[str, Any] = {}
-    for key in ("fixed_0", "fixed_1", "fixed_baseline", "router", "oracle_continuous_structure"):
-        preds = {
-            "fixed_0": t.mixed(0.0),
-            "fixed_1": t.mixed(1.0),
-            "fixed_baseline": t.mixed(baseline_s),
-            "router": routed.forces,
-            "oracle_continuous_structure": oracles["oracle_continuous_structure"],
-        }[key]
+    for key, preds in rows_predictions.items():
         errs = t.errors(preds)
         binned[key] = {
             "frames": binned_errors(errs, t.frame_d, edges_f, per_frame=True).to_dict(),
@@ -639,8 +699,9 @@ def run_scales(
     write_report(result, out)
     log(
         f"done in {(time.perf_counter() - t_start) / 60:.1f} min: test MAE baseline "
-        f"{base.overall:.4f}, router {rout.overall:.4f}, continuous oracle {cont.overall:.4f} "
-        f"eV/Å; report {out / 'report.md'}"
+        f"{base.overall:.4f}, router per atom {rout.overall:.4f}, per structure "
+        f"{by_key['router_structure'].errors.overall:.4f}, continuous oracle "
+        f"{cont.overall:.4f} eV/Å; report {out / 'report.md'}"
     )
     return result
 

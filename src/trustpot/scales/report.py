@@ -52,7 +52,8 @@ def plot_mae_vs_distance(result: dict[str, Any], path: Path) -> None:
     labels = {
         "fixed_0": "s = 0 (short)",
         "fixed_1": "s = 1 (long)",
-        "router": "learned router",
+        "router": "router, per atom",
+        "router_structure": "router, per structure",
         "oracle_continuous_structure": "continuous oracle",
     }
     th = result["options"]["threshold"]
@@ -119,7 +120,11 @@ def plot_router(result: dict[str, Any], path: Path) -> None:
     ax.axvline(th, color="k", ls="--", lw=0.8)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("learned router per ion (test)")
-    ax2.scatter(r["frame_distance"], r["frame_mean_scale"], s=10, label="router, frame mean s")
+    ax2.scatter(r["frame_distance"], r["frame_mean_scale"], s=10, label="atom router, frame mean")
+    ax2.scatter(
+        r["frame_distance"], r["structure"]["frame_scale"], s=10, marker="^",
+        label="structure router",
+    )  # fmt: skip
     ax2.scatter(
         r["frame_distance"], r["oracle_frame_scale"], s=10, marker="x", label="continuous oracle s"
     )
@@ -180,6 +185,7 @@ def table_lines(result: dict[str, Any]) -> list[str]:
 CONTACT_ROWS = (
     ("fixed_baseline", "contact_fixed"),
     ("router", None),
+    ("router_structure", None),
     ("differentiable_scale", None),
     ("oracle_hard_structure", None),
     ("oracle_continuous_structure", "contact_adaptive"),
@@ -273,13 +279,17 @@ def write_report(result: dict[str, Any], out: str | Path) -> Path:
         "",
         "## Learned router",
         "",
-        f"Recovers **{_f(router['gain_recovered_continuous'], 3)}** of the continuous oracle's "
+        f"The per-atom router recovers **{_f(router['gain_recovered_continuous'], 3)}** of the "
+        "continuous oracle's "
         f"gain over the baseline on the test set ({_f(router['gain_recovered_hard'], 3)} of the "
         f"hard per-structure oracle's; {_f(router['gain_recovered_contact_frames'], 3)} in "
         f"close-contact frames). Gain recovered = (baseline - router) / (baseline - oracle); "
         f"above 1 the router beats that oracle, below 0 it is worse than the baseline. Mean "
         f"router s on test atoms: {_f(router['mean_scale'], 3)} (started at "
-        f"{_f(router['init_scale'], 3)}).",
+        f"{_f(router['init_scale'], 3)}). The per-structure router (one s per frame from the "
+        f"mean of its atoms' features) recovers "
+        f"**{_f(router['structure']['gain_recovered_continuous'], 3)}** "
+        f"({_f(router['structure']['gain_recovered_hard'], 3)} of the hard oracle's).",
         "",
         "![router](router_vs_distance.png)",
         "",

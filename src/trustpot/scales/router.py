@@ -42,11 +42,17 @@ from trustpot.scales.mixture import SHORT, ScaleMixturePotential, graph_for_list
 
 
 def router_mixture(
-    trained: ScaleMixturePotential, init: float, hidden: int = 32
+    trained: ScaleMixturePotential, init: float, hidden: int = 32, level: str = "atom"
 ) -> ScaleMixturePotential:
     """A ``"router"``-mode copy of ``trained`` (same branch weights), its router starting at s =
-    ``init`` for every atom."""
-    meta = replace(trained.meta, scale_mode="router", scale=float(init), router_hidden=hidden)
+    ``init`` for every atom; ``level`` ``"atom"`` or ``"structure"``."""
+    meta = replace(
+        trained.meta,
+        scale_mode="router",
+        scale=float(init),
+        router_hidden=hidden,
+        router_level=level,
+    )
     model = mixture_from_meta(meta)
     own = model.state_dict()
     shared = {k: v for k, v in trained.state_dict().items() if k in own and k != "fixed_scale"}
