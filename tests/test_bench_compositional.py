@@ -102,9 +102,16 @@ def test_cli_unknown_model_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture
 @pytest.mark.skipif(not HAVE_XTB, reason="the xtb extra (tblite, rdkit) is not installed")
 def test_quick_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench"
+    # the data command writes what the benchmark's quick mode would build, so it is reused
+    data = out / "duplication" / "data"
+    build = ["data", "compositional", "--task", "duplication", "--quick", "--frames", "6"]
+    assert main([*build, "--workers", "0", "--quiet", "--out", str(data)]) == 0
+    manifest = json.loads((data / "split.json").read_text())
+    assert set(manifest["subsets"]) == {"train", "test_id", "test_ood"}
     args = ["bench", "compositional", "--task", "duplication", "--quick", "--minutes", "0.03"]
     args += ["--models", "schnet", "deepset-moe:top_k=2", "--out", str(out)]
     assert main(args) == 0
+    assert "duplication: reusing the data" in capsys.readouterr().out
     summary = json.loads((out / "compositional.json").read_text())
     task = summary["tasks"]["duplication"]
     assert set(task["models"]) == {"schnet", "deepset-moe:top_k=2"}

@@ -175,10 +175,11 @@ def _plots(summary: dict[str, Any], out: Path) -> dict[str, list[str]]:
         routed = [(label, m) for label, m in models if m.get("routing")]
         if routed:
             legend = {int(k): v for k, v in t.get("fragment_legend", {}).items()}
-            fig, axes = plt.subplots(1, len(routed), figsize=(4.5 * len(routed), 3.2),
+            panels = [(label, m, sub) for label, m in routed for sub in ("train", "test_ood")]
+            fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3),
                                      squeeze=False)  # fmt: skip
-            for ax, (label, m) in zip(axes[0], routed):
-                r = m["routing"]["test_ood"]
+            for ax, (label, m, sub) in zip(axes[0], panels):
+                r = m["routing"][sub]
                 table = np.asarray(r["table"], float)
                 share = table / np.clip(table.sum(0, keepdims=True), 1, None)
                 ax.imshow(share, vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -186,7 +187,8 @@ def _plots(summary: dict[str, Any], out: Path) -> dict[str, list[str]]:
                 ax.set_xticks(range(len(ticks)), ticks, rotation=30, fontsize=7, ha="right")
                 ax.set_ylabel("top expert")
                 ax.set_yticks(range(table.shape[0]))
-                ax.set_title(f"{label}: share of each fragment's atoms (OOD)", fontsize=8)
+                ax.set_title(f"{label}, {sub}: atoms of each fragment\nper top expert "
+                             f"(MI {r['normalised_mi']:.2f})", fontsize=8)  # fmt: skip
             fig.tight_layout()
             path = out / f"{name}_routing.png"
             fig.savefig(path, dpi=110)
