@@ -112,6 +112,31 @@ def _ranking(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def molecule_lines(task: dict[str, Any]) -> list[str]:
+    """Force MAE per OOD molecule (rows) and model (columns): where the error comes from."""
+    models = list(task["models"])
+    per: dict[str, dict[str, float]] = {}
+    for name, m in task["models"].items():
+        ps = m["per_structure"]["test_ood"]
+        groups: dict[str, list[tuple[float, int]]] = {}
+        for smi, mae, n in zip(ps["smiles"], ps["forces_mae"], ps["n_atoms"]):
+            groups.setdefault(smi, []).append((mae, n))
+        for smi, rows in groups.items():
+            weights = [n for _, n in rows]
+            per.setdefault(smi, {})[name] = float(np.average([e for e, _ in rows], weights=weights))
+    id_row = {n: m["subsets"]["test_id"].get("forces_mae") for n, m in task["models"].items()}
+    lines = [
+        "Force MAE (eV/Å) per OOD molecule:",
+        "",
+        "| molecule | " + " | ".join(models) + " |",
+        "|---|" + "---|" * len(models),
+        "| *ID test (all)* | " + " | ".join(_f(id_row.get(m)) for m in models) + " |",
+    ]
+    for smi, row in per.items():
+        lines.append(f"| `{smi}` | " + " | ".join(_f(row.get(m)) for m in models) + " |")
+    return [*lines, ""]
+
+
 def routing_lines(task: dict[str, Any]) -> list[str]:
     """Routing diagnostics of the DeepSet-MoE models of one task."""
     legend = {int(k): v for k, v in task.get("fragment_legend", {}).items()}
@@ -262,6 +287,7 @@ def write_report(summary: dict[str, Any], out: str | Path) -> Path:
             *task_table(t),
             "",
         ]
+        lines += molecule_lines(t)
         lines += [f"![{f}]({f})" for f in figures.get(name, []) if f.endswith("distance.png")]
         lines.append("")
         routing = routing_lines(t)
