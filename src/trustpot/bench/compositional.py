@@ -342,8 +342,9 @@ def _routing(model: Any, sets: dict[str, list[Any]], labels: dict[str, list[np.n
 
 
 def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
+    """JSON-ready: NaN and infinity -> None, floats to 7 significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.7g}") if np.isfinite(value) else None
     if isinstance(value, dict):
         return {k: _nan_to_none(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -484,7 +485,7 @@ def run_compositional(out: str | Path, opts: BenchOptions) -> dict[str, Any]:
             "wall_s": time.perf_counter() - t0,
         }
         summary = _nan_to_none(summary)
-        (out / "compositional.json").write_text(json.dumps(summary, indent=1))
+        (out / "compositional.json").write_text(json.dumps(summary, separators=(",", ":")))
         write_report(summary, out)
         log(f"wrote {out / 'compositional.json'} and {out / 'report.md'} ({len(tasks)} task(s))")
     return summary
