@@ -179,8 +179,12 @@ def _plots(summary: dict[str, Any], out: Path) -> dict[str, list[str]]:
     for name, t in tasks.items():
         figures[name] = []
         models = list(t["models"].items())
-        fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.4), squeeze=False)
-        for ax, (label, m) in zip(axes[0], models):
+        ncols = min(3, len(models))
+        nrows = math.ceil(len(models) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols, 3.3 * nrows), squeeze=False)
+        for ax in axes.ravel()[len(models) :]:
+            ax.set_visible(False)
+        for ax, (label, m) in zip(axes.ravel(), models):
             for subset, color in (("test_id", "tab:blue"), ("test_ood", "tab:red")):
                 ps = m["per_structure"][subset]
                 ax.scatter(ps["distance_max"], ps["forces_mae"], s=6, alpha=0.5, c=color,
@@ -188,8 +192,8 @@ def _plots(summary: dict[str, Any], out: Path) -> dict[str, list[str]]:
             rho = m["spearman"].get("max_distance_vs_forces_mae")
             ax.set_title(f"{label}\nSpearman ρ = {_g(rho)}", fontsize=9)
             ax.set_xlabel("max atom kNN distance (scaled)")
+            ax.set_ylabel("structure force MAE (eV/Å)")
             ax.set_yscale("log")
-        axes[0][0].set_ylabel("structure force MAE (eV/Å)")
         axes[0][0].legend(fontsize=8)
         fig.suptitle(f"{name}: error vs distance from the training manifold", fontsize=10)
         fig.tight_layout()
