@@ -81,7 +81,7 @@ def run_quickstart(
     in_domain = out / "data_300K.xyz"
     ood = out / f"data_{opts.ood_temperature:g}K.xyz"
     print(
-        f"[1/5] sampling {opts.smiles} with GFN2-xTB: {opts.frames} frames at 300 K, "
+        f"[1/6] sampling {opts.smiles} with GFN2-xTB: {opts.frames} frames at 300 K, "
         f"{opts.ood_frames} at {opts.ood_temperature:g} K",
         flush=True,
     )
