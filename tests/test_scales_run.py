@@ -22,6 +22,7 @@ from trustpot.data.structures import Structure
 from trustpot.scales import build_scale_mixture, refine_pool
 from trustpot.scales.analysis import (
     FrameSet,
+    PoolScorer,
     fit_differentiable_pool,
     fit_differentiable_scale,
     gain_recovered,
@@ -135,6 +136,27 @@ def test_pool_refinement_inserts_the_best_midpoint_each_round() -> None:
     assert capped.pool == [0.0, 0.25, 0.5, 1.0] and capped.stop_reason == "max_rounds"
 
 
+def test_pool_refinement_lookahead_reaches_a_deep_scale() -> None:
+    # only 1/16 pays off: no first midpoint helps, so plain refinement stops at once
+    def loss(pool: list[float]) -> float:
+        return min(abs(s - 0.0625) for s in pool)
+
+    plain = refine_pool(loss, tol=1e-9, relative=False)
+    assert plain.pool == [0.0, 1.0] and plain.stop_reason == "tolerance"
+    deep = refine_pool(loss, tol=1e-9, relative=False, lookahead=True)
+    assert deep.trajectory()[-1] == [0.0, 0.0625, 0.125, 0.25, 0.5, 1.0]
+    assert deep.best_loss == 0.0 and deep.stop_reason == "tolerance"
+    # the look-ahead does not change the rounds of the seed-like loss above
+    targets = {0.5: 16.0, 0.25: 8.0, 0.75: 4.0, 0.125: 2.0, 0.375: 1.0}
+    seed_like = refine_pool(
+        lambda p: sum(w * min(abs(s - t) for s in p) for t, w in targets.items()),
+        tol=1e-9,
+        relative=False,
+        lookahead=True,
+    )
+    assert seed_like.pool == SEED_POOL
+
+
 def synthetic_frames(scales: list[float], seed: int = 0) -> FrameSet:
     """Frames whose labels are exactly (1 - t) F_short + t F_long with t = ``scales[k]``."""
     rng = np.random.default_rng(seed)
@@ -154,6 +176,9 @@ def test_differentiable_scale_and_pool_find_the_true_scales() -> None:
     assert fit["scale"] == pytest.approx(0.3, abs=1e-2)
     two = synthetic_frames([0.2, 0.2, 0.8, 0.8], seed=1)
     assert pool_loss(two, [0.0, 0.2, 0.8, 1.0]) == pytest.approx(0.0, abs=1e-12)
+    scorer = PoolScorer(two)
+    for pool in ([0.0, 1.0], [0.0, 0.5, 1.0], [0.0, 0.2, 0.8, 1.0]):
+        assert scorer(pool) == pytest.approx(pool_loss(two, pool), abs=1e-12)
     assert list(pool_selection(two, [0.0, 0.2, 0.8, 1.0])) == [0.2, 0.2, 0.8, 0.8]
     tuned = fit_differentiable_pool(two, [0.0, 0.25, 0.75, 1.0], steps=400, lr=0.02)
     assert tuned["pool"][1] == pytest.approx(0.2, abs=2e-2)

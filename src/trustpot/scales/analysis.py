@@ -166,6 +166,27 @@ def pool_loss(frames: FrameSet, pool: Sequence[float]) -> float:
     return float(errs.min(axis=1).sum()) / max(sum(r.size for r in frames.reference), 1)
 
 
+class PoolScorer:
+    """:func:`pool_loss` with each scale's per-frame errors computed once (refinement asks for
+    many pools that share members)."""
+
+    def __init__(self, frames: FrameSet) -> None:
+        self.frames = frames
+        self.n_components = max(sum(r.size for r in frames.reference), 1)
+        self._cache: dict[float, np.ndarray] = {}
+
+    def frame_errors(self, s: float) -> np.ndarray:
+        """[n_frames] summed absolute force error of each frame at scale ``s`` (eV/Å)."""
+        key = float(s)
+        if key not in self._cache:
+            self._cache[key] = frame_scale_errors(self.frames, [key])[:, 0]
+        return self._cache[key]
+
+    def __call__(self, pool: Sequence[float]) -> float:
+        errs = np.stack([self.frame_errors(s) for s in pool], axis=1)
+        return float(errs.min(axis=1).sum()) / self.n_components
+
+
 def oracle_predictions(frames: FrameSet) -> dict[str, list[np.ndarray]]:
     """Forces of every oracle on ``frames`` (they read the labels)."""
     hard_s = [

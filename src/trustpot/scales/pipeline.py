@@ -36,6 +36,7 @@ from trustpot.data.structures import Structure, check_species
 from trustpot.errors import ConfigError
 from trustpot.scales.analysis import (
     FrameSet,
+    PoolScorer,
     collect,
     fit_differentiable_pool,
     fit_differentiable_scale,
@@ -434,9 +435,10 @@ def run_scales(
     )
     best_fixed = bisect.best_scale
     pool_run = refine_pool(
-        lambda pool: pool_loss(calib, pool),
+        PoolScorer(calib),
         tol=opts.tol,
         relative=True,
+        lookahead=True,
         max_rounds=opts.max_rounds,
         min_spacing=opts.min_spacing,
         log=lambda m: log(f"pool refinement {m}"),
@@ -642,6 +644,8 @@ def run_scales(
         }
     pool_block = {
         "loss": "calibration force MAE (eV/Å) when every frame uses its best pool member",
+        "rule": "insert the midpoint of the interval whose refinement (any point reached by "
+        "halving it, down to min_spacing) lowers the loss most",
         "tolerance_relative": opts.tol,
         "min_spacing": opts.min_spacing,
         "stop_reason": pool_run.stop_reason,

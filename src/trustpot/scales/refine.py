@@ -192,6 +192,18 @@ def refine_scale_pool(
     return RefinementResult(rounds, members, dict(losses), best, best_loss, stop_reason)
 
 
+def _dyadic_inside(a: float, b: float, min_spacing: float) -> list[float]:
+    """Points strictly inside (a, b) reached by repeated halving, coarsest first, while the
+    half-width stays at least ``min_spacing``."""
+    points: list[float] = []
+    parts = 2
+    while (b - a) / parts >= min_spacing:
+        step = (b - a) / parts
+        points += [a + k * step for k in range(1, parts, 2)]
+        parts *= 2
+    return points
+
+
 def refine_pool(
     pool_loss: Callable[[Sequence[float]], float],
     pool: Sequence[float] = (0.0, 1.0),
@@ -199,23 +211,31 @@ def refine_pool(
     relative: bool = True,
     max_rounds: int = 10,
     min_spacing: float = 1.0 / 64,
+    lookahead: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> RefinementResult:
     """Loss-guided refinement of a *pool* whose loss depends on all its members.
 
     ``pool_loss(pool)`` scores a whole pool, e.g. the force MAE when every structure uses the
-    best member of the pool (a pool used for routing). Each round tries the midpoint of every
-    interval wider than ``2 * min_spacing``, inserts the one whose insertion lowers the loss most,
-    and stops when that gain is below the tolerance (``tol`` times the current loss when
-    ``relative``, else ``tol`` in loss units), after ``max_rounds`` insertions, or when no interval
-    can be split.
+    best member of the pool (a pool used for routing). Each round scores every interval wider
+    than ``2 * min_spacing`` by how much refining it lowers the loss, inserts the midpoint of the
+    best interval, and stops when that gain is below the tolerance (``tol`` times the current loss
+    when ``relative``, else ``tol`` in loss units), after ``max_rounds`` insertions, or when no
+    interval can be split.
+
+    The gain of refining an interval is, by default, the gain of inserting its midpoint. With
+    ``lookahead`` it is the largest gain of inserting any point that repeated halving of the
+    interval reaches (down to ``min_spacing``): an interval whose midpoint does not help yet but
+    which holds a useful scale deeper down is still refined (its midpoint is inserted, on the way
+    to that scale). Without look-ahead a loss that only pays off below the first midpoint stops at
+    once.
 
     Returns:
         A :class:`RefinementResult`; ``rounds[k]`` holds the pool after k insertions, its loss
-        (``best_loss``), ``losses`` the loss of the pool after inserting each candidate tried
-        that round (in candidate order), and ``best_scale`` the inserted midpoint (NaN in the last
-        round). The result's ``losses`` maps each member to the pool loss right after it joined
-        (the anchors to the initial loss), ``best_loss`` is the final pool's loss and
+        (``best_loss``), ``losses`` the loss of the pool after inserting each candidate midpoint
+        tried that round (in interval order), and ``best_scale`` the inserted midpoint (NaN in the
+        last round). The result's ``losses`` maps each member to the pool loss right after it
+        joined (the anchors to the initial loss), ``best_loss`` is the final pool's loss and
         ``best_scale`` is NaN (a pool, not one scale).
     """
     members = sorted({float(s) for s in pool})
@@ -249,14 +269,26 @@ def refine_pool(
         candidates = [(a + b) / 2.0 for a, b in wide]
         trial = [score([*members, m]) for m in candidates]
         record.losses = trial
-        k = min(range(len(trial)), key=lambda i: (trial[i], candidates[i]))
-        gain = current - trial[k]
+        gains = [current - t for t in trial]
+        if lookahead:
+            gains = [
+                max(
+                    [g]
+                    + [
+                        current - score([*members, p])
+                        for p in _dyadic_inside(a, b, min_spacing)[1:]
+                    ]
+                )
+                for g, (a, b) in zip(gains, wide)
+            ]
+        k = max(range(len(gains)), key=lambda i: (gains[i], -candidates[i]))
+        gain = gains[k]
         threshold = tol * abs(current) if relative else tol
         if gain < threshold or gain <= 0:
             stop_reason = "tolerance"
             if log is not None:
                 log(
-                    f"stop: best insertion {candidates[k]:g} gains {gain:.3g} "
+                    f"stop: refining around {candidates[k]:g} gains {gain:.3g} "
                     f"< tolerance {threshold:.3g}"
                 )
             break

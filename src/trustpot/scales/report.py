@@ -310,8 +310,9 @@ def write_report(result: dict[str, Any], out: str | Path) -> Path:
         "",
         "## Pool refinement",
         "",
-        f"From {{0, 1}}, each round inserts the midpoint whose insertion lowers the pool loss most "
-        f"(loss: {pool['loss']}); stop when the best insertion gains less than "
+        "From {0, 1}, each round inserts the midpoint of the interval whose refinement lowers the "
+        "pool loss most (refinement: any point that halving the interval reaches, down to "
+        f"{pool['min_spacing']:g}; loss: {pool['loss']}); stop when that gain is less than "
         f"{pool['tolerance_relative']:g} of the current loss (stop reason: "
         f"{pool['stop_reason']}). Final pool: **{{{', '.join(f'{s:g}' for s in pool['final'])}}}** "
         f"(seed: {{{', '.join(f'{s:g}' for s in pool['seed_final'])}}}).",
