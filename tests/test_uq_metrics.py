@@ -99,3 +99,28 @@ def test_small_calibration_hand_case() -> None:
     assert M.fit_std_scale(np.zeros(3), np.ones(3), y) == pytest.approx(
         math.sqrt((0.25 + 2.25 + 6.25) / 3)
     )
+
+
+def test_scale_and_floor_fit() -> None:
+    rng = np.random.default_rng(3)
+    sigma = rng.uniform(0.05, 1.0, size=40_000)
+    # a fifth of the targets where the model's std is (wrongly) zero, with a real error of 0.3
+    sigma[:8000] = 0.0
+    true_std = np.sqrt((1.5 * sigma) ** 2 + 0.3**2)
+    y = rng.normal(size=sigma.size) * true_std
+    mu = np.zeros_like(y)
+    a, b = M.fit_std_scale_floor(mu, np.maximum(sigma, 1e-9), y)
+    assert a == pytest.approx(1.5, rel=0.03)
+    assert b == pytest.approx(0.3, rel=0.05)
+    # the scale-only fit explodes on the zero-std targets; the floor keeps it calibrated
+    assert M.fit_std_scale(mu, np.maximum(sigma, 1e-9), y) > 1e5
+    assert M.miscalibration_area(mu, np.hypot(a * sigma, b), y) < 0.01
+
+
+def test_floor_stays_zero_when_not_needed() -> None:
+    rng = np.random.default_rng(4)
+    sigma = rng.uniform(0.1, 1.0, size=20_000)
+    y = rng.normal(size=sigma.size) * 2.0 * sigma
+    a, b = M.fit_std_scale_floor(np.zeros_like(y), sigma, y)
+    assert a == pytest.approx(2.0, rel=0.03)
+    assert b < 0.05

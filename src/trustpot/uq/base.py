@@ -57,9 +57,13 @@ class Recalibration:
     """Post-hoc calibration of a wrapper, fitted on held-out data and stored with it.
 
     Attributes:
-        energy_std_scale: factor applied to ``energy_std``.
-        forces_std_scale: factor applied to ``forces_std`` (and to sample spread, see
-            :meth:`UQModel.forward`).
+        energy_std_scale: factor ``a`` of ``energy_std' = sqrt((a * energy_std)^2 + b^2)``.
+        forces_std_scale: the same factor for ``forces_std`` (per component, eV/Å).
+        energy_std_floor: floor ``b`` (eV) of the same map: the error the wrapper cannot
+            see (0 when the calibration data show none).
+        forces_std_floor: floor ``b`` (eV/Å per component) for ``forces_std``. It matters
+            where members agree on a wrong answer, e.g. an atom beyond every model's cutoff
+            whose force all members predict as zero. Samples are never rescaled.
         tolerance: force MAE (eV/Å) that defines a reliable structure; NaN until fitted.
         logistic_a: slope of ``logit(reliability) = -(a * log(u) + b)``, ``u`` the mean
             per-atom ``forces_std`` of a structure in eV/Å (already rescaled).
@@ -69,6 +73,8 @@ class Recalibration:
 
     energy_std_scale: float = 1.0
     forces_std_scale: float = 1.0
+    energy_std_floor: float = 0.0
+    forces_std_floor: float = 0.0
     tolerance: float = float("nan")
     logistic_a: float = 1.0
     logistic_b: float = 0.0
@@ -90,6 +96,13 @@ class Recalibration:
         """[n_graphs] reliability from the mean per-atom force std (eV/Å) of each structure."""
         z = self.logistic_a * torch.log(score.clamp_min(1e-12)) + self.logistic_b
         return torch.sigmoid(-z)
+
+
+def recalibrated_std(std: Tensor, scale: float, floor: float) -> Tensor:
+    """``sqrt((scale * std)^2 + floor^2)``, elementwise (same shape and unit as ``std``)."""
+    if floor == 0.0:
+        return std * scale
+    return torch.sqrt((std * scale) ** 2 + floor**2)
 
 
 def fit_logistic(score: np.ndarray, positive: np.ndarray, n_iter: int = 200) -> tuple[float, float]:
@@ -198,9 +211,13 @@ class UQModel(nn.Module):
         out = self.predict(g, frozenset(inner) | {K.ENERGY, K.FORCES})
         cal = self.recalibration
         if K.ENERGY_STD in out:
-            out[K.ENERGY_STD] = out[K.ENERGY_STD] * cal.energy_std_scale
+            out[K.ENERGY_STD] = recalibrated_std(
+                out[K.ENERGY_STD], cal.energy_std_scale, cal.energy_std_floor
+            )
         if K.FORCES_STD in out:
-            out[K.FORCES_STD] = out[K.FORCES_STD] * cal.forces_std_scale
+            out[K.FORCES_STD] = recalibrated_std(
+                out[K.FORCES_STD], cal.forces_std_scale, cal.forces_std_floor
+            )
         if K.RELIABILITY in wanted and K.RELIABILITY not in self.provides:
             n = int(g[K.N_ATOMS].shape[0])
             mean_std = scatter_sum(out[K.FORCES_STD].double(), g[K.BATCH], n) / g[K.N_ATOMS]

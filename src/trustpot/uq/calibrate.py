@@ -28,7 +28,8 @@ def recalibrate(
     """Fit std scale factors and the reliability map of ``model`` in place.
 
     The structures must not have been used to train the model. Standard deviations are
-    rescaled to minimise the Gaussian NLL (energies per structure, forces per component); the
+    mapped to ``sqrt((a std)^2 + b^2)`` with the scale ``a`` and floor ``b`` that minimise the
+    Gaussian NLL (energies per structure, forces per component; ``b`` = 0 unless it helps); the
     tolerance defaults to the ``1 - top_fraction`` quantile of the per-structure force MAE; the
     reliability map of standard-deviation methods is a logistic regression of "force MAE >
     tolerance" on ``log(mean forces_std)``.
@@ -49,27 +50,28 @@ def recalibrate(
         if ok.sum() >= 2:
             mu, ref = data["energy"][ok], data["energy_ref"][ok]
             std = np.maximum(data["energy_std"][ok], MIN_STD)
-            cal.energy_std_scale = M.fit_std_scale(mu, std, ref)
+            cal.energy_std_scale, cal.energy_std_floor = M.fit_std_scale_floor(mu, std, ref)
+            after = np.sqrt((std * cal.energy_std_scale) ** 2 + cal.energy_std_floor**2)
             report["energy_nll_before"] = float(M.gaussian_nll(mu, std, ref).mean())
-            report["energy_nll_after"] = float(
-                M.gaussian_nll(mu, std * cal.energy_std_scale, ref).mean()
-            )
+            report["energy_nll_after"] = float(M.gaussian_nll(mu, after, ref).mean())
     if data.has("comp_std"):
         ok = np.isfinite(data["comp_ref"])
         mu, ref = data["comp_pred"][ok], data["comp_ref"][ok]
         std = np.maximum(data["comp_std"][ok], MIN_STD)
-        cal.forces_std_scale = M.fit_std_scale(mu, std, ref)
+        cal.forces_std_scale, cal.forces_std_floor = M.fit_std_scale_floor(mu, std, ref)
+        after = np.sqrt((std * cal.forces_std_scale) ** 2 + cal.forces_std_floor**2)
         report["forces_nll_before"] = float(M.gaussian_nll(mu, std, ref).mean())
-        report["forces_nll_after"] = float(
-            M.gaussian_nll(mu, std * cal.forces_std_scale, ref).mean()
-        )
+        report["forces_nll_after"] = float(M.gaussian_nll(mu, after, ref).mean())
     tol = (
         float(np.quantile(force_mae[has_forces], 1 - top_fraction))
         if tolerance is None
         else float(tolerance)
     )
     if K.RELIABILITY not in model.provides and data.has("force_std_mean"):
-        score = data["force_std_mean"][has_forces] * cal.forces_std_scale
+        # the wrapper's score: the mean over atoms of the recalibrated per-atom std
+        atom_std = np.hypot(data["atom_force_std"] * cal.forces_std_scale, cal.forces_std_floor)
+        per_structure = np.bincount(data["atom_structure"], weights=atom_std) / data["n_atoms"]
+        score = per_structure[has_forces]
         cal.logistic_a, cal.logistic_b = fit_logistic(score, force_mae[has_forces] > tol)
         cal.tolerance = tol
     elif K.RELIABILITY in model.provides:

@@ -93,7 +93,8 @@ def finish(
         cal = model.recalibration
         log(
             f"recalibrated on {calibration_name}: energy std x{cal.energy_std_scale:.3g}, "
-            f"force std x{cal.forces_std_scale:.3g}, tolerance {cal.tolerance:.4g} eV/Å"
+            f"force std x{cal.forces_std_scale:.3g} (floor {cal.forces_std_floor:.3g} eV/Å), "
+            f"tolerance {cal.tolerance:.4g} eV/Å"
         )
     else:
         log("no --calibration data: standard deviations are uncalibrated and no reliability map")

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 from scipy import stats
+from scipy.optimize import minimize
 from scipy.special import ndtri
 
 SQRT_PI = math.sqrt(math.pi)
@@ -152,6 +153,38 @@ def miscalibration_area(
     """Mean |observed - expected| coverage over a fine grid of levels (0 is perfect)."""
     expected, observed = calibration_curve(mean, std, target, n_levels)
     return float(np.abs(observed - expected).mean())
+
+
+def fit_std_scale_floor(
+    mean: np.ndarray, std: np.ndarray, target: np.ndarray
+) -> tuple[float, float]:
+    """Scale ``a`` and floor ``b`` minimising the Gaussian NLL of N(mean, a^2 std^2 + b^2).
+
+    The scale-only fit (:func:`fit_std_scale`) starts the search and is returned unchanged when
+    a floor does not lower the NLL, so the floor is 0 unless the data ask for one: typically
+    when some errors are large where the predicted std is near zero.
+
+    Returns:
+        ``(a, b)``, ``b`` in the unit of ``std``.
+    """
+    mu, sigma, y = _as_float(mean), _as_float(std), _as_float(target)
+    r2 = (y - mu) ** 2
+    a0 = fit_std_scale(mu, sigma, y)
+    s2 = sigma**2
+
+    def nll(params: np.ndarray) -> float:
+        var = np.exp(2 * params[0]) * s2 + np.exp(2 * params[1])
+        return float(np.mean(0.5 * np.log(2 * np.pi * var) + r2 / (2 * var)))
+
+    base = float(np.mean(0.5 * np.log(2 * np.pi * a0**2 * s2) + r2 / (2 * a0**2 * s2)))
+    rms = float(np.sqrt(np.mean(r2))) or 1.0
+    best: tuple[float, float, float] = (base, a0, 0.0)
+    for a_start in (a0, 1.0):  # the floor can absorb what inflated the scale-only fit
+        start = np.array([np.log(a_start), np.log(0.1 * rms)])
+        res = minimize(nll, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
+        if res.fun < best[0]:
+            best = (float(res.fun), float(np.exp(res.x[0])), float(np.exp(res.x[1])))
+    return best[1], best[2]
 
 
 def fit_std_scale(mean: np.ndarray, std: np.ndarray, target: np.ndarray) -> float:
