@@ -4,9 +4,9 @@ Runs, one after the other and with one torch thread each (the budget the README 
 with: about 45-55 minutes on one core of the 2-core CI machine):
 
     trustpot scales run --testbed openmm --out OUT/openmm --threads 1 \
-        --epochs 12 --branch-minutes 10 --router-minutes 3
+        --epochs 12 --branch-minutes 8 --router-minutes 2.5
     trustpot scales run --testbed dft --data-dir ../shared/data/nacl_water --out OUT/dft \
-        --threads 1 --epochs 10 --branch-minutes 15 --router-minutes 4
+        --threads 1 --epochs 10 --branch-minutes 12 --router-minutes 3
 
 then writes ``OUT/report.md`` (both tables, with links to each testbed's report) and
 ``OUT/summary.json``. Every finished branch and router is reused on a rerun.
@@ -31,8 +31,8 @@ DFT_DIR = ROOT.parent / "shared" / "data" / "nacl_water"
 
 #: Per testbed: the CLI flags of the full run.
 FULL: dict[str, list[str]] = {
-    "openmm": ["--epochs", "12", "--branch-minutes", "10", "--router-minutes", "3"],
-    "dft": ["--epochs", "10", "--branch-minutes", "15", "--router-minutes", "4"],
+    "openmm": ["--epochs", "12", "--branch-minutes", "8", "--router-minutes", "2.5"],
+    "dft": ["--epochs", "10", "--branch-minutes", "12", "--router-minutes", "3"],
 }
 
 

@@ -88,7 +88,8 @@ class ScalesOptions:
     ``schnet_rbf`` Gaussians and ``schnet_filters`` filters); the short one reads a
     ``short_cutoff`` neighbour list, the long one ``long_cutoff`` plus learned-charge Ewald.
     The budget is the same for both branches: ``epochs`` passes over the same training frames
-    (the long branch takes longer per epoch); ``branch_minutes`` is a safety cap on each.
+    (the long branch takes longer per epoch). ``branch_minutes`` caps each branch's time; the long
+    branch trains first, and if the cap stops it early the short branch gets the epochs it had.
     """
 
     short_backbone: str = "painn"
@@ -207,13 +208,19 @@ def _train_mixture(
     except (RuntimeError, AssertionError) as err:
         raise ConfigError(f"device '{opts.device}' is not usable here: {err}") from None
     summaries: dict[str, Any] = {}
-    for which in (SHORT, LONG):
+    cfg = _branch_config(opts)
+    # the long branch first: if its time cap stops it early, the short branch gets exactly as
+    # many epochs (the same budget in passes over the same data)
+    for which in (LONG, SHORT):
         specs = [s for s in mixture.neighbor_lists() if s.name == which]
         train_ds = GraphDataset(train, specs, mixture.dtype, "train")
         valid_ds = GraphDataset(valid, specs, mixture.dtype, "calibration")
         summaries[which] = train_branch(
-            mixture, which, train_ds, valid_ds, _branch_config(opts), out / which, log=log
+            mixture, which, train_ds, valid_ds, cfg, out / which, log=log
         )
+        if which == LONG:
+            epochs = max(1, min(cfg.epochs, int(summaries[LONG]["epochs"])))
+            cfg = dataclasses.replace(cfg, epochs=epochs)
     save_scale_mixture(mixture, path, extra={"branches": summaries})
     return mixture, summaries
 
