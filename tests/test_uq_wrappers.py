@@ -259,3 +259,23 @@ def test_md_logs_reliability_and_stops_below_threshold(tmp_path, ethanol_structu
     # reliability never exceeds 1, so a threshold above it stops at the first check
     stats = run_md(calc, atoms, 6, 300, tmp_path / "c.xyz", interval=2, stop_below=1.01)
     assert stats["stopped_at_step"] == 2 and stats["steps"] == 2
+
+
+def test_std_floor_keeps_raw_ranking_and_reliability(ethanol_structures):
+    ens = DeepEnsemble(_members(ethanol_structures[:4]))
+    g = _batch(ens, ethanol_structures[:6])
+    wanted = frozenset({K.FORCES_STD, K.FORCES_STD_RAW, K.ENERGY_STD, K.ENERGY_STD_RAW})
+    before = ens(g, wanted)
+    # a std map that is almost a constant: the calibrated std loses the ranking, raw keeps it
+    ens.recalibration = Recalibration(
+        forces_std_scale=1e-9, forces_std_floor=0.1, tolerance=0.05, logistic_a=2.0
+    )
+    out = ens(g, wanted | {K.RELIABILITY})
+    assert torch.allclose(out[K.FORCES_STD], torch.full_like(out[K.FORCES_STD], 0.1))
+    assert torch.equal(out[K.FORCES_STD_RAW], before[K.FORCES_STD])
+    assert torch.equal(out[K.ENERGY_STD_RAW], before[K.ENERGY_STD])
+    raw_mean = torch.stack(
+        [before[K.FORCES_STD][g[K.BATCH] == k].mean() for k in range(6)]
+    ).double()
+    expected = torch.sigmoid(-(2.0 * torch.log(raw_mean)))
+    assert torch.allclose(out[K.RELIABILITY].double(), expected, rtol=1e-5)

@@ -84,6 +84,9 @@ RELIABILITY: Final = "reliability"  # [n_graphs] in [0, 1], probability the pred
 ENERGY_SAMPLES: Final = "energy_samples"  # [n_graphs, M] eV, ensemble or stochastic samples
 FORCES_SAMPLES: Final = "forces_samples"  # [n_atoms, M, 3] eV/Å
 ATOM_IMPORTANCE: Final = "atom_importance"  # [n_atoms] attention weight of each atom (sums to 1)
+#: the same standard deviations before recalibration (the method's own ranking signal)
+ENERGY_STD_RAW: Final = "energy_std_raw"  # [n_graphs] eV
+FORCES_STD_RAW: Final = "forces_std_raw"  # [n_atoms] eV/Å
 
 FIELD_SPECS.update(
     {
@@ -93,6 +96,8 @@ FIELD_SPECS.update(
         ENERGY_SAMPLES: FieldSpec("graph", (-1,), "eV", doc="energy samples"),
         FORCES_SAMPLES: FieldSpec("node", (-1, 3), "eV/Å", doc="force samples"),
         ATOM_IMPORTANCE: FieldSpec("node", (), "", doc="per-atom importance"),
+        ENERGY_STD_RAW: FieldSpec("graph", (), "eV", doc="energy std before recalibration"),
+        FORCES_STD_RAW: FieldSpec("node", (), "eV/Å", doc="force std before recalibration"),
     }
 )
 

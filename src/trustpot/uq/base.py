@@ -66,7 +66,8 @@ class Recalibration:
             whose force all members predict as zero. Samples are never rescaled.
         tolerance: force MAE (eV/Å) that defines a reliable structure; NaN until fitted.
         logistic_a: slope of ``logit(reliability) = -(a * log(u) + b)``, ``u`` the mean
-            per-atom ``forces_std`` of a structure in eV/Å (already rescaled).
+            per-atom ``forces_std_raw`` of a structure in eV/Å (before the std map, so the
+            reliability keeps the method's ranking whatever the std map does).
         logistic_b: intercept of the same map.
         fitted_on: description of the calibration data (file and size).
     """
@@ -93,7 +94,7 @@ class Recalibration:
         return math.isfinite(self.tolerance)
 
     def reliability_from_std(self, score: Tensor) -> Tensor:
-        """[n_graphs] reliability from the mean per-atom force std (eV/Å) of each structure."""
+        """[n_graphs] reliability from the mean per-atom raw force std (eV/Å) of each structure."""
         z = self.logistic_a * torch.log(score.clamp_min(1e-12)) + self.logistic_b
         return torch.sigmoid(-z)
 
@@ -176,6 +177,10 @@ class UQModel(nn.Module):
         out = set(self.provides)
         if K.FORCES_STD in out and self.recalibration.has_reliability_map:
             out.add(K.RELIABILITY)
+        if K.ENERGY_STD in out:
+            out.add(K.ENERGY_STD_RAW)
+        if K.FORCES_STD in out:
+            out.add(K.FORCES_STD_RAW)
         return frozenset(SUPPORTED_OUTPUTS - {K.VIRIAL} | out)
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -204,12 +209,24 @@ class UQModel(nn.Module):
                 f"{self.kind or type(self).__name__} does not provide {sorted(unknown)}; "
                 f"it provides {sorted(self.supported_outputs())}"
             )
-        inner = set(wanted)
+        inner = set(wanted) - {K.ENERGY_STD_RAW, K.FORCES_STD_RAW}
+        if K.ENERGY_STD_RAW in wanted:
+            inner.add(K.ENERGY_STD)
+        if K.FORCES_STD_RAW in wanted:
+            inner.add(K.FORCES_STD)
         if K.RELIABILITY in wanted and K.RELIABILITY not in self.provides:
             inner.add(K.FORCES_STD)
             inner.discard(K.RELIABILITY)
         out = self.predict(g, frozenset(inner) | {K.ENERGY, K.FORCES})
         cal = self.recalibration
+        if K.ENERGY_STD in out:
+            out[K.ENERGY_STD_RAW] = out[K.ENERGY_STD]
+        if K.FORCES_STD in out:
+            out[K.FORCES_STD_RAW] = out[K.FORCES_STD]
+        if K.RELIABILITY in wanted and K.RELIABILITY not in self.provides:
+            n = int(g[K.N_ATOMS].shape[0])
+            raw = scatter_sum(out[K.FORCES_STD].double(), g[K.BATCH], n) / g[K.N_ATOMS]
+            out[K.RELIABILITY] = cal.reliability_from_std(raw)
         if K.ENERGY_STD in out:
             out[K.ENERGY_STD] = recalibrated_std(
                 out[K.ENERGY_STD], cal.energy_std_scale, cal.energy_std_floor
@@ -218,10 +235,6 @@ class UQModel(nn.Module):
             out[K.FORCES_STD] = recalibrated_std(
                 out[K.FORCES_STD], cal.forces_std_scale, cal.forces_std_floor
             )
-        if K.RELIABILITY in wanted and K.RELIABILITY not in self.provides:
-            n = int(g[K.N_ATOMS].shape[0])
-            mean_std = scatter_sum(out[K.FORCES_STD].double(), g[K.BATCH], n) / g[K.N_ATOMS]
-            out[K.RELIABILITY] = cal.reliability_from_std(mean_std)
         return {k: v for k, v in out.items() if k in wanted}
 
     # -- persistence --------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def recalibrate(
     Gaussian NLL (energies per structure, forces per component; ``b`` = 0 unless it helps); the
     tolerance defaults to the ``1 - top_fraction`` quantile of the per-structure force MAE; the
     reliability map of standard-deviation methods is a logistic regression of "force MAE >
-    tolerance" on ``log(mean forces_std)``.
+    tolerance" on ``log(mean raw forces_std)``.
 
     Returns:
         a report with the fitted values and the NLL before and after rescaling.
@@ -68,10 +68,7 @@ def recalibrate(
         else float(tolerance)
     )
     if K.RELIABILITY not in model.provides and data.has("force_std_mean"):
-        # the wrapper's score: the mean over atoms of the recalibrated per-atom std
-        atom_std = np.hypot(data["atom_force_std"] * cal.forces_std_scale, cal.forces_std_floor)
-        per_structure = np.bincount(data["atom_structure"], weights=atom_std) / data["n_atoms"]
-        score = per_structure[has_forces]
+        score = data["force_std_mean_raw"][has_forces]
         cal.logistic_a, cal.logistic_b = fit_logistic(score, force_mae[has_forces] > tol)
         cal.tolerance = tol
     elif K.RELIABILITY in model.provides:

@@ -25,6 +25,8 @@ class Collected:
     components; NaN without force labels), ``force_std_mean`` (eV/Å, mean per-atom std),
     ``reliability``. Per atom ([n_atoms_total]): ``atom_force_error`` (|ΔF| norm, eV/Å),
     ``atom_force_std`` (eV/Å), ``atom_importance``, ``atom_structure`` (index of the structure).
+    ``*_raw`` arrays (``energy_std_raw``, ``force_std_mean_raw``, ``atom_force_std_raw``): the
+    same standard deviations before recalibration.
     Per force component ([3 n_atoms_total]): ``comp_pred``, ``comp_ref``, ``comp_std``.
     Samples: ``energy_samples`` [n_structures, M], ``comp_samples`` [3 n_atoms_total, M].
     Arrays a method does not provide are absent from :attr:`arrays`.
@@ -69,6 +71,7 @@ def collect(
     provided = model.supported_outputs()
     wanted = {K.ENERGY, K.FORCES} | (
         provided & {K.ENERGY_STD, K.FORCES_STD, K.RELIABILITY, K.ATOM_IMPORTANCE}
+        | provided & {K.ENERGY_STD_RAW, K.FORCES_STD_RAW}
     )
     if want_samples:
         wanted |= provided & {K.ENERGY_SAMPLES, K.FORCES_SAMPLES}
@@ -107,6 +110,12 @@ def collect(
             add("atom_force_std", fs)
             add("comp_std", np.repeat(fs, 3))
             add("force_std_mean", np.array([fs[owner == k].mean() for k in range(len(chunk))]))
+        if K.FORCES_STD_RAW in pred:
+            raw = pred[K.FORCES_STD_RAW]
+            add("atom_force_std_raw", raw)
+            add("force_std_mean_raw", np.array([raw[owner == k].mean() for k in range(len(chunk))]))
+        if K.ENERGY_STD_RAW in pred:
+            add("energy_std_raw", pred[K.ENERGY_STD_RAW])
         if K.RELIABILITY in pred:
             add("reliability", pred[K.RELIABILITY])
         if K.ATOM_IMPORTANCE in pred:

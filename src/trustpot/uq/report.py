@@ -77,9 +77,14 @@ def uq_metrics(data: Collected, top_fraction: float = 0.2) -> dict[str, Any]:
     if np.isfinite(e_ref).any():
         per_atom = np.abs(data["energy"] - e_ref) / data["n_atoms"]
         out["energy_mae_per_atom"] = _nanmean(per_atom)
+
+    # rankings use the method's own (raw) std: recalibration is monotone and only calibrates
+    def raw_or(key: str) -> str:
+        return f"{key}_raw" if data.has(f"{key}_raw") else key
+
     scores: dict[str, np.ndarray] = {}
     if data.has("force_std_mean"):
-        scores["forces_std"] = data["force_std_mean"]
+        scores["forces_std"] = data[raw_or("force_std_mean")]
     if data.has("reliability"):
         scores["reliability"] = 1.0 - data["reliability"]
     if np.isfinite(err).any():
@@ -91,12 +96,13 @@ def uq_metrics(data: Collected, top_fraction: float = 0.2) -> dict[str, Any]:
         e_err = np.abs(data["energy"] - e_ref) / data["n_atoms"]
         e_scores = {k: v for k, v in scores.items() if k == "reliability"}
         if data.has("energy_std"):
-            e_scores["energy_std"] = data["energy_std"] / data["n_atoms"]
+            e_scores["energy_std"] = data[raw_or("energy_std")] / data["n_atoms"]
         out["structure_energy"] = {
             name: _ranking(sc, e_err, top_fraction) for name, sc in e_scores.items()
         }
     if data.has("atom_force_std"):
-        out["atom"] = _ranking(data["atom_force_std"], data["atom_force_error"], top_fraction)
+        atom_std = data[raw_or("atom_force_std")]
+        out["atom"] = _ranking(atom_std, data["atom_force_error"], top_fraction)
     if data.has("comp_std"):
         samples = data["comp_samples"] if data.has("comp_samples") else None
         out["forces_gaussian"] = _gaussian(
