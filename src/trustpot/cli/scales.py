@@ -47,8 +47,10 @@ def add_scales_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of splits and initialisation (default 0)")
     p.add_argument("--n-features", type=int, help="branch width (full 32, quick 8)")
     p.add_argument("--n-layers", type=int, help="branch depth (full 2, quick 1)")
+    p.add_argument("--short-backbone", help="short branch backbone (default painn)")
+    p.add_argument("--long-backbone", help="long branch backbone (default painn)")
     p.add_argument("--short-cutoff", type=float, help="Å (default 4)")
-    p.add_argument("--long-cutoff", type=float, help="Å (default 8)")
+    p.add_argument("--long-cutoff", type=float, help="Å, also Ewald's real space (default 6)")
     p.add_argument("--electrostatics", choices=["ewald", "pme"], help="default ewald")
     p.add_argument("--epochs", type=int, help="epochs of each branch (full 12, quick 10)")
     p.add_argument(
@@ -86,6 +88,8 @@ def _run(args: argparse.Namespace) -> int:
         "device": args.device,
         "n_features": args.n_features,
         "n_layers": args.n_layers,
+        "short_backbone": args.short_backbone,
+        "long_backbone": args.long_backbone,
         "short_cutoff": args.short_cutoff,
         "long_cutoff": args.long_cutoff,
         "electrostatics": args.electrostatics,

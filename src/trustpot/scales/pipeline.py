@@ -86,16 +86,18 @@ class ScalesOptions:
 
     Branch sizes: both branches use ``n_features`` and ``n_layers`` (a SchNet branch also
     ``schnet_rbf`` Gaussians and ``schnet_filters`` filters); the short one reads a
-    ``short_cutoff`` neighbour list, the long one ``long_cutoff`` plus learned-charge Ewald.
+    ``short_cutoff`` neighbour list, the long one ``long_cutoff`` plus learned-charge Ewald (whose
+    real-space cutoff is ``long_cutoff``; beyond it the reciprocal sum carries the Coulomb
+    energy to any range). By default both are PaiNN, so the branches differ only in scale.
     The budget is the same for both branches: ``epochs`` passes over the same training frames
     (the long branch takes longer per epoch). ``branch_minutes`` caps each branch's time; the long
     branch trains first, and if the cap stops it early the short branch gets the epochs it had.
     """
 
     short_backbone: str = "painn"
-    long_backbone: str = "schnet"
+    long_backbone: str = "painn"
     short_cutoff: float = 4.0
-    long_cutoff: float = 8.0
+    long_cutoff: float = 6.0
     n_features: int = 32
     n_layers: int = 2
     schnet_rbf: int = 16
