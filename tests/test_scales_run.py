@@ -308,6 +308,9 @@ def test_scales_run_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert printed.count("reusing") == 4  # two branches, two routers
+    # the report can be rebuilt from scales.json alone
+    (out / "report.md").unlink()
+    assert main(["scales", "report", str(out)]) == 0 and (out / "report.md").is_file()
     # other training settings in the same folder are refused, not silently reused
     changed = list(args)
     changed[changed.index("--epochs") + 1] = "3"

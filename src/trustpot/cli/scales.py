@@ -75,6 +75,27 @@ def add_scales_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_run, out_dir=lambda a: a.out)
 
+    r = scales_sub.add_parser(
+        "report",
+        help="rewrite report.md and the PNGs of finished runs from their scales.json",
+        description="Rebuild DIR/report.md and plots from DIR/scales.json (no model is run).",
+    )
+    r.add_argument("dirs", nargs="+", help="run folders holding scales.json")
+    r.set_defaults(func=_report, out_dir=lambda a: a.dirs[0])
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from trustpot.scales.report import write_report
+
+    for folder in args.dirs:
+        path = Path(folder) / "scales.json"
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: run 'trustpot scales run --out {folder}' first")
+        print(f"report: {write_report(json.loads(path.read_text()), folder)}")
+    return 0
+
 
 def _run(args: argparse.Namespace) -> int:
     from dataclasses import replace
