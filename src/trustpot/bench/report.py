@@ -64,6 +64,24 @@ def task_table(task: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _hardest_molecule(task: dict[str, Any]) -> tuple[str, float]:
+    """The OOD molecule with the largest median (over models) force MAE, and that MAE."""
+    per: dict[str, list[float]] = {}
+    for m in task["models"].values():
+        ps = m["per_structure"]["test_ood"]
+        groups: dict[str, list[tuple[float, int]]] = {}
+        for smi, mae, n in zip(ps["smiles"], ps["forces_mae"], ps["n_atoms"]):
+            groups.setdefault(smi, []).append((mae, n))
+        for smi, rows in groups.items():
+            value = np.average([e for e, _ in rows], weights=[n for _, n in rows])
+            per.setdefault(smi, []).append(float(value))
+    if not per:
+        return "–", math.nan
+    medians = {smi: float(np.median(v)) for smi, v in per.items()}
+    worst = max(medians, key=lambda k: medians[k])
+    return worst, medians[worst]
+
+
 def _ranking(summary: dict[str, Any]) -> list[str]:
     """Plain sentences: which model has the lowest ratio where, geometric means."""
     tasks = summary["tasks"]
@@ -77,9 +95,13 @@ def _ranking(summary: dict[str, Any]) -> list[str]:
         best_ratio = min(valid, key=valid.get) if valid else "–"
         f_ood = {m: t["models"][m]["subsets"]["test_ood"].get("forces_mae") for m in t["models"]}
         best_ood = min(f_ood, key=lambda m: f_ood[m] if f_ood[m] is not None else math.inf)
+        worst = _hardest_molecule(t)
+        median = float(np.median(list(valid.values()))) if valid else math.nan
         lines.append(
             f"- **{name}**: lowest OOD/ID force ratio {best_ratio} ({_g(valid.get(best_ratio))}); "
-            f"lowest OOD force MAE {best_ood} ({_f(f_ood[best_ood])} eV/Å)."
+            f"lowest OOD force MAE {best_ood} ({_f(f_ood[best_ood])} eV/Å); median ratio "
+            f"{_g(median)}; hardest OOD molecule `{worst[0]}` ({_f(worst[1])} eV/Å, median "
+            "over models)."
         )
         for m in models:
             if m in r and r[m] is not None:
@@ -324,6 +346,8 @@ def write_report(summary: dict[str, Any], out: str | Path) -> Path:
         "The seed's fragment-duplication force MAE (eV/Å, ID → OOD, ratio): "
         + "; ".join(f"{k} {a} → {b} ({b / a:.0f}x)" for k, (a, b) in SEED_DUPLICATION.items())
         + ".",
+        "",
+        "What the numbers mean, the design choices and the caveats: `docs/compositional.md`.",
         "",
     ]
     path = out / "report.md"
