@@ -63,5 +63,5 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="small molecules, few frames, tiny budgets")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--workers", type=int, default=1, help="xTB worker processes (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of data, splits and training (0)")
     p.set_defaults(func=_compositional, out_dir=lambda a: a.out)
