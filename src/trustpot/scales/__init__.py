@@ -5,7 +5,14 @@
 - :mod:`~trustpot.scales.build`: mixtures from metadata or from training structures;
 - :mod:`~trustpot.scales.oracle`: oracle routing and interpolation from branch forces;
 - :mod:`~trustpot.scales.refine`: loss-guided pool refinement and a differentiable scale;
-- :mod:`~trustpot.scales.io`: ``"scale-mixture"`` checkpoints.
+- :mod:`~trustpot.scales.io`: ``"scale-mixture"`` checkpoints;
+- :mod:`~trustpot.scales.contacts`: close-contact distances (minimum image) and binned errors;
+- :mod:`~trustpot.scales.branches`: training each branch separately with the Trainer;
+- :mod:`~trustpot.scales.router`: the learned router (per atom or per structure);
+- :mod:`~trustpot.scales.analysis`: the seed's modes on branch forces, rows of the table;
+- :mod:`~trustpot.scales.testbeds`: the DFT and OpenMM NaCl(aq) testbeds and their manifests;
+- :mod:`~trustpot.scales.options`, :mod:`~trustpot.scales.pipeline`,
+  :mod:`~trustpot.scales.report`: ``trustpot scales run`` and its report.
 """
 
 from trustpot.scales.build import build_scale_mixture, mixture_from_meta
