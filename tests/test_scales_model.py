@@ -93,6 +93,7 @@ def tiny_mixture(
     model = build_scale_mixture(
         structures,
         short_hypers={"cutoff": 3.0, "n_features": 8, "n_layers": 1, "n_rbf": 6},
+        long_backbone="schnet",
         long_hypers={"cutoff": 5.0, "n_features": 8, "n_layers": 1, "n_rbf": 8, "n_filters": 8},
         dtype="float64",
         scale_mode=mode,
@@ -381,6 +382,7 @@ def test_float32_mixture_and_payload(structures: list[Structure], tmp_path: Path
     model = build_scale_mixture(
         structures,
         short_hypers={"cutoff": 3.0, "n_features": 8, "n_layers": 1},
+        long_backbone="schnet",
         long_hypers={"cutoff": 5.0, "n_features": 8, "n_layers": 1, "n_filters": 8},
         scale_mode="fixed",
         scale=0.3,

@@ -193,6 +193,7 @@ def tiny_mixture(structures: list[Structure]):  # type: ignore[no-untyped-def]
     return build_scale_mixture(
         structures,
         short_hypers={"n_features": 8, "n_layers": 1, "cutoff": 3.0},
+        long_backbone="schnet",
         long_hypers={"n_features": 8, "n_layers": 1, "cutoff": 4.5, "n_rbf": 8, "n_filters": 8},
         dtype="float64",
     )
