@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,7 @@ def prepare_dft(
     }
     log(f"DFT testbed: {sizes} frames; manifests in {Path(out) / 'splits'}")
     info = {
-        "data_dir": str(data_dir),
+        "data_dir": os.path.relpath(data_dir),  # no absolute path of this machine in reports
         "method": DFT_METHOD,
         "train_generations": list(train_generations),
         "test_generations": list(test_generations),
