@@ -130,6 +130,12 @@ class Potential(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.meta.torch_dtype
 
+    def payload(self, state: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """Checkpoint fields (kind ``"potential"``), weights from ``state`` when given."""
+        from trustpot.io.checkpoint import potential_payload
+
+        return potential_payload(self, state)
+
     def embed(self, g: Graph) -> Embedding:
         """Per-atom invariant features of ``g`` (no energies, no gradients needed)."""
         return self.backbone(g)

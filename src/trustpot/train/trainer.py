@@ -26,7 +26,7 @@ from trustpot.config import TrainConfig
 from trustpot.data.dataset import GraphDataset
 from trustpot.data.graph import Graph, to_device
 from trustpot.errors import TrustpotError
-from trustpot.io.checkpoint import potential_payload, read_checkpoint, save_checkpoint
+from trustpot.io.checkpoint import read_checkpoint, save_checkpoint
 from trustpot.models.potential import Potential
 from trustpot.train.distributed import (
     DistInfo,
@@ -165,11 +165,7 @@ class Trainer:
         self.best_metrics = {k: float(v) for k, v in state["best_metrics"].items()}
 
     def _payload(self, with_training: bool) -> dict[str, Any]:
-        own_payload = getattr(self.model, "payload", None)
-        if callable(own_payload):  # composite models (scale mixtures, ...) know their own kind
-            payload = own_payload(self.inference_state())
-        else:
-            payload = potential_payload(self.model, self.inference_state())
+        payload = self.model.payload(self.inference_state())  # each model knows its kind
         if with_training:
             payload["training"] = self.training_state()
         if self.extra_payload is not None:
