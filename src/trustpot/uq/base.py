@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ UQ_OUTPUTS = frozenset(
         K.ATOM_IMPORTANCE,
     }
 )
+
+
+StdArray = TypeVar("StdArray", Tensor, np.ndarray)
 
 
 @dataclass
@@ -99,11 +102,12 @@ class Recalibration:
         return torch.sigmoid(-z)
 
 
-def recalibrated_std(std: Tensor, scale: float, floor: float) -> Tensor:
-    """``sqrt((scale * std)^2 + floor^2)``, elementwise (same shape and unit as ``std``)."""
+def recalibrated_std(std: StdArray, scale: float, floor: float) -> StdArray:
+    """``sqrt((scale * std)^2 + floor^2)``, elementwise (a tensor or an array, same shape and
+    unit as ``std``)."""
     if floor == 0.0:
         return std * scale
-    return torch.sqrt((std * scale) ** 2 + floor**2)
+    return ((std * scale) ** 2 + floor**2) ** 0.5
 
 
 def fit_logistic(score: np.ndarray, positive: np.ndarray, n_iter: int = 200) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from trustpot import keys as K
 from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError
 from trustpot.uq import metrics as M
-from trustpot.uq.base import Recalibration, UQModel, fit_logistic
+from trustpot.uq.base import Recalibration, UQModel, fit_logistic, recalibrated_std
 from trustpot.uq.collect import collect
 
 MIN_STD = 1e-9  # eV or eV/Å: floor for standard deviations before dividing by them
@@ -51,7 +51,7 @@ def recalibrate(
             mu, ref = data["energy"][ok], data["energy_ref"][ok]
             std = np.maximum(data["energy_std"][ok], MIN_STD)
             cal.energy_std_scale, cal.energy_std_floor = M.fit_std_scale_floor(mu, std, ref)
-            after = np.sqrt((std * cal.energy_std_scale) ** 2 + cal.energy_std_floor**2)
+            after = recalibrated_std(std, cal.energy_std_scale, cal.energy_std_floor)
             report["energy_nll_before"] = float(M.gaussian_nll(mu, std, ref).mean())
             report["energy_nll_after"] = float(M.gaussian_nll(mu, after, ref).mean())
     if data.has("comp_std"):
@@ -59,7 +59,7 @@ def recalibrate(
         mu, ref = data["comp_pred"][ok], data["comp_ref"][ok]
         std = np.maximum(data["comp_std"][ok], MIN_STD)
         cal.forces_std_scale, cal.forces_std_floor = M.fit_std_scale_floor(mu, std, ref)
-        after = np.sqrt((std * cal.forces_std_scale) ** 2 + cal.forces_std_floor**2)
+        after = recalibrated_std(std, cal.forces_std_scale, cal.forces_std_floor)
         report["forces_nll_before"] = float(M.gaussian_nll(mu, std, ref).mean())
         report["forces_nll_after"] = float(M.gaussian_nll(mu, after, ref).mean())
     tol = (

@@ -47,6 +47,12 @@ class Collected:
         return len(self.arrays["n_atoms"])
 
 
+def per_structure_mean(per_atom: np.ndarray, owner: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
+    """[n_structures] mean of a per-atom array [n_atoms_total] over each structure's atoms
+    (``owner``: structure index of each atom; ``n_atoms``: atoms per structure)."""
+    return np.bincount(owner, weights=per_atom, minlength=len(n_atoms)) / n_atoms
+
+
 def collect(
     model: UQModel,
     structures: Sequence[Structure],
@@ -109,11 +115,11 @@ def collect(
             fs = pred[K.FORCES_STD]
             add("atom_force_std", fs)
             add("comp_std", np.repeat(fs, 3))
-            add("force_std_mean", np.array([fs[owner == k].mean() for k in range(len(chunk))]))
+            add("force_std_mean", per_structure_mean(fs, owner, n_atoms))
         if K.FORCES_STD_RAW in pred:
             raw = pred[K.FORCES_STD_RAW]
             add("atom_force_std_raw", raw)
-            add("force_std_mean_raw", np.array([raw[owner == k].mean() for k in range(len(chunk))]))
+            add("force_std_mean_raw", per_structure_mean(raw, owner, n_atoms))
         if K.ENERGY_STD_RAW in pred:
             add("energy_std_raw", pred[K.ENERGY_STD_RAW])
         if K.RELIABILITY in pred:

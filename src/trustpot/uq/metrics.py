@@ -176,7 +176,7 @@ def fit_std_scale_floor(
         var = np.exp(2 * params[0]) * s2 + np.exp(2 * params[1])
         return float(np.mean(0.5 * np.log(2 * np.pi * var) + r2 / (2 * var)))
 
-    base = float(np.mean(0.5 * np.log(2 * np.pi * a0**2 * s2) + r2 / (2 * a0**2 * s2)))
+    base = nll(np.array([np.log(a0), -np.inf]))  # no floor: exp(-inf) = 0
     rms = float(np.sqrt(np.mean(r2))) or 1.0
     best: tuple[float, float, float] = (base, a0, 0.0)
     for a_start in (a0, 1.0):  # the floor can absorb what inflated the scale-only fit
