@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from trustpot.data.reader import read_structures
 from trustpot.data.splits import write_manifest
+from trustpot.engines.nacl_water import BoxOptions
 from trustpot.errors import ConfigError, DataError
 
 DFT_METHOD = "revPBE0-D3"
@@ -145,22 +146,20 @@ def prepare_dft(
     return Testbed("dft", spec["train"], spec["valid"], spec["test"], info)
 
 
+def _testbed_box(**changes: Any) -> BoxOptions:
+    """Box options of the OpenMM testbed: 12.4 Å boxes like the DFT ones, half the
+    trajectories started from a contact ion pair."""
+    return replace(BoxOptions(grid=4, cutoff=0.6, chunk=10, contact_fraction=0.5), **changes)
+
+
 @dataclass(frozen=True)
 class OpenMMPlan:
-    """What the OpenMM testbed generates (see :class:`~trustpot.engines.nacl_water.BoxOptions`).
-
-    ``frames`` is per ion-pair count; ``chunk`` frames per trajectory; ``grid`` lattice sites per
-    edge (4: 12.4 Å boxes like the DFT ones), ``cutoff`` nm.
-    """
+    """What the OpenMM testbed generates: ``frames`` per ion-pair count in ``pairs``, sampled
+    with ``box`` (:class:`~trustpot.engines.nacl_water.BoxOptions`), split by trajectory."""
 
     pairs: tuple[int, ...] = (1, 2, 4, 8)
     frames: int = 120
-    chunk: int = 10
-    grid: int = 4
-    cutoff: float = 0.6
-    equilibration: int = 2000
-    interval: int = 200
-    contact_fraction: float = 0.5
+    box: BoxOptions = field(default_factory=_testbed_box)
     test_fraction: float = 0.25
     valid_fraction: float = 0.25
 
@@ -169,11 +168,7 @@ class OpenMMPlan:
         return cls(
             pairs=(1, 2),
             frames=8,
-            chunk=4,
-            grid=3,
-            cutoff=0.45,
-            equilibration=200,
-            interval=50,
+            box=_testbed_box(chunk=4, grid=3, cutoff=0.45, equilibration=200, interval=50),
             test_fraction=0.25,
             valid_fraction=0.34,
         )
@@ -186,20 +181,14 @@ def prepare_openmm(
     log: Callable[[str], None] = print,
 ) -> Testbed:
     """Generate (or resume) ``out/data/nacl_openmm.xyz`` and split it by trajectory."""
-    from trustpot.engines.nacl_water import BoxOptions, generate_nacl_water
+    from trustpot.engines.nacl_water import generate_nacl_water
 
     data = Path(out) / "data" / "nacl_openmm.xyz"
     data.parent.mkdir(parents=True, exist_ok=True)
-    box = BoxOptions(
-        grid=plan.grid,
-        cutoff=plan.cutoff,
-        equilibration=plan.equilibration,
-        interval=plan.interval,
-        chunk=plan.chunk,
-        contact_fraction=plan.contact_fraction,
-    )
     log(f"OpenMM testbed: generating {plan.frames} frames x pairs {list(plan.pairs)} into {data}")
-    summary = generate_nacl_water(plan.pairs, plan.frames, data, seed=seed, box=box, progress=False)
+    summary = generate_nacl_water(
+        plan.pairs, plan.frames, data, seed=seed, box=plan.box, progress=False
+    )
     if summary.failed:
         log(f"  {summary.failed} frame(s) failed (see {data}.failed.jsonl); using the others")
     structures = read_structures(data)
@@ -225,13 +214,13 @@ def prepare_openmm(
         subsets[name] += groups[keys[int(j)]]
     subsets = {k: sorted(v) for k, v in subsets.items()}
     manifest = Path(out) / "splits" / "nacl_openmm.json"
-    params = {"by": "trajectory (info seed)", "plan": plan.__dict__}
+    params = {"by": "trajectory (info seed)", "plan": asdict(plan)}
     write_manifest(data, subsets, "trajectory", seed, params, manifest)
     sizes = {k: len(v) for k, v in subsets.items()}
     log(f"OpenMM testbed: {sizes} frames from {len(keys)} trajectories; manifest {manifest}")
     info = {
         "data": str(data),
-        "plan": dict(plan.__dict__),
+        "plan": asdict(plan),
         "trajectories": len(keys),
         "failed_frames": summary.failed,
         "manifests": [str(manifest)],
