@@ -10,7 +10,7 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from conftest import labelled_bulk, labelled_molecules
 
 from trustpot import Predictor, TrustpotCalculator
-from trustpot.io.checkpoint import potential_payload, save_checkpoint
+from trustpot.io.checkpoint import save_model
 from trustpot.models import build_potential
 
 
@@ -18,7 +18,7 @@ from trustpot.models import build_potential
 def mol_ckpt(ethanol_structures: list, tmp_path: Path) -> Path:
     model = build_potential("painn", {"n_features": 8, "n_layers": 2}, ethanol_structures)
     path = tmp_path / "m.ckpt"
-    save_checkpoint(potential_payload(model), path)
+    save_model(model, path)
     return path
 
 
@@ -37,7 +37,7 @@ def test_implemented_properties_are_what_is_returned(mol_ckpt: Path) -> None:
 
 def test_periodic_returns_every_declared_property(bulk_structures: list, tmp_path: Path) -> None:
     model = build_potential("schnet", {"n_features": 8, "n_layers": 1}, bulk_structures)
-    save_checkpoint(potential_payload(model), tmp_path / "cu.ckpt")
+    save_model(model, tmp_path / "cu.ckpt")
     calc = TrustpotCalculator.from_checkpoint(tmp_path / "cu.ckpt")
     atoms = labelled_bulk(1)[0]
     atoms.calc = calc

@@ -24,7 +24,7 @@ def resave(data: dict, path: Path) -> None:
 def saved(ethanol_structures: list, tmp_path: Path) -> Path:
     model = build_potential("schnet", {"n_features": 8, "n_layers": 1}, ethanol_structures)
     path = tmp_path / "m.ckpt"
-    ckpt.save_checkpoint(ckpt.potential_payload(model), path)
+    ckpt.save_model(model, path)
     return path
 
 

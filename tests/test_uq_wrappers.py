@@ -15,7 +15,7 @@ from trustpot.calculator import Predictor, TrustpotCalculator
 from trustpot.cli.main import main
 from trustpot.data.graph import collate, structure_to_graph
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.io.checkpoint import potential_payload, save_checkpoint
+from trustpot.io.checkpoint import save_model
 from trustpot.models.build import build_potential
 from trustpot.uq.base import Recalibration, fit_logistic
 from trustpot.uq.calibrate import recalibrate
@@ -146,7 +146,7 @@ def test_uq_checkpoint_round_trip_and_tamper(tmp_path, ethanol_structures):
     with pytest.raises(CheckpointError, match="digest"):
         load_uq(tmp_path / "bad.ckpt")
     plain = tmp_path / "plain.ckpt"
-    save_checkpoint(potential_payload(ens.base), plain)
+    save_model(ens.base, plain)
     with pytest.raises(CheckpointError, match="not a reliability wrapper"):
         load_uq(plain)
 
@@ -156,7 +156,7 @@ def test_uq_cli_fit_and_eval(tmp_path, ethanol_file, ethanol_structures, capsys)
     members = []
     for k, m in enumerate(_members(ethanol_structures, 2)):
         members.append(tmp_path / f"m{k}.ckpt")
-        save_checkpoint(potential_payload(m), members[-1])
+        save_model(m, members[-1])
     out = tmp_path / "ens"
     argv = ["uq", "fit", "ensemble", "--members", *map(str, members)]
     argv += ["--calibration", str(ethanol_file), "--out", str(out)]
@@ -221,7 +221,7 @@ def test_uq_cli_probe_and_perturb(tmp_path, ethanol_file, ethanol_structures):
     from trustpot.uq.probe import Probe
 
     base = tmp_path / "base.ckpt"
-    save_checkpoint(potential_payload(_members(ethanol_structures, 1)[0]), base)
+    save_model(_members(ethanol_structures, 1)[0], base)
     out = tmp_path / "probe"
     argv = ["uq", "fit", "probe", "--from", str(base), "--calibration", str(ethanol_file)]
     assert main([*argv, "--fit-epochs", "3", "--out", str(out)]) == 0

@@ -22,9 +22,8 @@ from trustpot import keys as K
 from trustpot.data.graph import collate, structure_to_graph, to_device
 from trustpot.data.reader import atoms_to_structure
 from trustpot.data.structures import Structure, check_species
-from trustpot.io.checkpoint import potential_from_checkpoint_dict, read_checkpoint
-from trustpot.models.potential import Potential
-from trustpot.uq.base import UQModel
+from trustpot.io.checkpoint import load_model
+from trustpot.models.contract import Model
 
 #: ASE names of the properties a model output gives, in the order they are listed.
 ASE_PROPERTIES: dict[str, list[str]] = {
@@ -42,24 +41,6 @@ CALCULATOR_OUTPUTS = (K.ENERGY, K.FORCES, K.NODE_ENERGY, K.ENERGY_STD, K.FORCES_
 CALCULATOR_OUTPUTS += (K.RELIABILITY, K.ATOM_IMPORTANCE)
 
 
-def load_model(path: str | Path) -> Potential | UQModel:
-    """A plain potential, a scale mixture or a reliability wrapper, as the checkpoint holds."""
-    data = read_checkpoint(path)
-    if str(data["kind"]).startswith("uq:"):
-        from trustpot.uq.io import uq_from_checkpoint_dict
-
-        return uq_from_checkpoint_dict(data, path)
-    if data["kind"] == "scale-mixture":
-        from trustpot.scales.io import mixture_from_checkpoint_dict
-
-        return mixture_from_checkpoint_dict(data, path).eval()
-    if data["kind"] != "potential":
-        from trustpot.errors import CheckpointError
-
-        raise CheckpointError(f"{path}: holds a '{data['kind']}' model, not a potential")
-    return potential_from_checkpoint_dict(data, path).eval()
-
-
 class Predictor:
     """Evaluates a potential, or a reliability wrapper, on many structures in batches.
 
@@ -69,9 +50,7 @@ class Predictor:
         batch_size: structures per forward pass.
     """
 
-    def __init__(
-        self, model: Potential | UQModel, device: str = "cpu", batch_size: int = 32
-    ) -> None:
+    def __init__(self, model: Model, device: str = "cpu", batch_size: int = 32) -> None:
         self.model = model.eval().to(device)
         self.device = device
         self.batch_size = batch_size
@@ -125,7 +104,7 @@ class Predictor:
             g = collate([structure_to_graph(s, specs, self.model.dtype) for s in chunk])
             g = to_device(g, self.device)
             pred = self.model(g, wanted, create_graph=False)
-            results.extend(split_batch(pred, g))
+            results.extend(split_batch(pred, g, self.model.output_specs()))
         return results
 
     def predict(
@@ -136,9 +115,10 @@ class Predictor:
 
 
 def split_batch(
-    pred: dict[str, torch.Tensor], g: dict[str, torch.Tensor]
+    pred: dict[str, torch.Tensor], g: dict[str, torch.Tensor], specs: dict[str, K.FieldSpec]
 ) -> list[dict[str, np.ndarray]]:
-    """Cut batched outputs into per-structure NumPy arrays."""
+    """Cut batched outputs into per-structure NumPy arrays, by the level of each output's
+    spec as the model declares it (``graph``: one row per structure; ``node``: its atoms)."""
     n_atoms = g[K.N_ATOMS].tolist()
     bounds = np.concatenate([[0], np.cumsum(n_atoms)])
     out: list[dict[str, np.ndarray]] = []
@@ -146,7 +126,7 @@ def split_batch(
         item: dict[str, np.ndarray] = {}
         for key, value in pred.items():
             arr = value.detach().cpu().numpy()
-            if K.field_spec(key).level == "graph":
+            if specs[key].level == "graph":
                 item[key] = arr[k]
             else:
                 item[key] = arr[bounds[k] : bounds[k + 1]]

@@ -10,6 +10,7 @@ Neighbour lists are keyed by the name of their :class:`NeighborListSpec`:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -101,6 +102,31 @@ FIELD_SPECS.update(
     }
 )
 
+# -- outputs of scale mixtures (trustpot.scales.mixture) -----------------------------------
+ENERGY_SHORT: Final = "energy_short"  # [n_graphs] eV, total energy of the short branch
+ENERGY_LONG: Final = "energy_long"  # [n_graphs] eV, total energy of the long branch (with Coulomb)
+ENERGY_ELECTROSTATIC: Final = "energy_electrostatic"  # [n_graphs] eV, Coulomb part of the long
+NODE_ENERGY_SHORT: Final = "energies_short"  # [n_atoms] eV
+NODE_ENERGY_LONG: Final = "energies_long"  # [n_atoms] eV
+FORCES_SHORT: Final = "forces_short"  # [n_atoms, 3] eV/Å, -dE_short/dr
+FORCES_LONG: Final = "forces_long"  # [n_atoms, 3] eV/Å, -dE_long/dr
+SCALE: Final = "scale"  # [n_atoms] s_i in [0, 1]
+CHARGES: Final = "charges"  # [n_atoms] e, learned charges of the long branch
+
+FIELD_SPECS.update(
+    {
+        ENERGY_SHORT: FieldSpec("graph", (), "eV", doc="total energy of the short branch"),
+        ENERGY_LONG: FieldSpec("graph", (), "eV", doc="total energy of the long branch"),
+        ENERGY_ELECTROSTATIC: FieldSpec("graph", (), "eV", doc="Coulomb energy (long branch)"),
+        NODE_ENERGY_SHORT: FieldSpec("node", (), "eV", doc="per-atom energies, short branch"),
+        NODE_ENERGY_LONG: FieldSpec("node", (), "eV", doc="per-atom energies, long branch"),
+        FORCES_SHORT: FieldSpec("node", (3,), "eV/Å", doc="forces of the short branch"),
+        FORCES_LONG: FieldSpec("node", (3,), "eV/Å", doc="forces of the long branch"),
+        SCALE: FieldSpec("node", (), "", doc="per-atom mixing scale s in [0, 1]"),
+        CHARGES: FieldSpec("node", (), "e", doc="learned partial charges"),
+    }
+)
+
 #: Properties a potential may be asked for, with their units.
 OUTPUT_UNITS: Final[dict[str, str]] = {
     ENERGY: "eV",
@@ -118,3 +144,8 @@ def field_spec(key: str) -> FieldSpec:
     if key.startswith(EDGE_SHIFT_PREFIX):
         return FieldSpec("edge", (3,), "", doc="integer cell shifts")
     return FIELD_SPECS[key]
+
+
+def specs_of(names: Iterable[str]) -> dict[str, FieldSpec]:
+    """``{name: field_spec(name)}`` for each of ``names`` (a model's output declaration)."""
+    return {name: field_spec(name) for name in names}

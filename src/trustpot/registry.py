@@ -1,61 +1,151 @@
-"""Explicit registry of backbones, with aliases, so checkpoints name models by a stable string."""
+"""The one registry: backbones, model kinds and reliability methods, by stable names.
+
+Three kinds of entry:
+
+- ``"backbone"``: :class:`~trustpot.models.base.Backbone` subclasses (``model.name`` in a run
+  config, ``meta.backbone`` in a checkpoint);
+- ``"model"``: classes implementing :class:`~trustpot.models.contract.Model`, keyed by the
+  ``kind`` a checkpoint stores (``potential``, ``scale-mixture``, ``uq:ensemble``...);
+  :func:`trustpot.io.checkpoint.load_model` dispatches on it;
+- ``"uq"``: reliability methods (the wrapper class of ``trustpot uq fit METHOD``).
+
+Names are case-normalised (lower case, ``_`` read as ``-``) both when registered and when
+looked up, so ``PaiNN``, ``painn`` and ``PAINN`` are one name.
+
+Built-in entries are named by ``module:attribute`` strings and imported on first use, the way
+Python entry points are: the registry imports no model module at import time, so no module that
+registers or looks up a name forms an import cycle with it. Third-party plug-ins declare entry
+points in the group ``trustpot.plugins``; each entry point is a callable taking no argument that
+calls :func:`register` (``[project.entry-points."trustpot.plugins"] mine = "pkg.mod:setup"``).
+Plug-ins never hide built-ins: built-ins are always present, and a plug-in that registers an
+existing name of the same kind is an error unless it passes ``replace=True``.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from importlib import metadata
+from typing import Any, Final, Literal, TypeVar
 
 from trustpot.errors import ConfigError
 
 T = TypeVar("T")
+Kind = Literal["backbone", "model", "uq"]
+KINDS: Final[tuple[str, ...]] = ("backbone", "model", "uq")
+PLUGIN_GROUP: Final = "trustpot.plugins"
 
-_REGISTRY: dict[str, dict[str, Any]] = {"backbone": {}}
-_ALIASES: dict[str, dict[str, str]] = {"backbone": {}}
+#: Built-in entries: kind -> name -> "module:attribute" (imported lazily) and aliases.
+_BUILTIN: Final[dict[str, dict[str, str]]] = {
+    "backbone": {
+        "schnet": "trustpot.models.schnet:SchNet",
+        "painn": "trustpot.models.painn:PaiNN",
+        "egnn": "trustpot.models.egnn:EGNN",
+        "deepset-moe": "trustpot.models.deepset_moe:DeepSetMoE",
+    },
+    "model": {
+        "potential": "trustpot.models.potential:Potential",
+        "scale-mixture": "trustpot.scales.mixture:ScaleMixturePotential",
+        "uq:ensemble": "trustpot.uq.ensemble:DeepEnsemble",
+        "uq:mc-dropout": "trustpot.uq.ensemble:MCDropout",
+        "uq:probe": "trustpot.uq.probe:Probe",
+        "uq:perturb": "trustpot.uq.perturb:PerturbedPotential",
+    },
+    "uq": {
+        "ensemble": "trustpot.uq.ensemble:DeepEnsemble",
+        "mc-dropout": "trustpot.uq.ensemble:MCDropout",
+        "probe": "trustpot.uq.probe:Probe",
+        "perturb": "trustpot.uq.perturb:PerturbedPotential",
+    },
+}
+_BUILTIN_ALIASES: Final[dict[str, dict[str, str]]] = {
+    "backbone": {"egnn-e": "egnn", "en-gnn": "egnn", "deepsetmoe": "deepset-moe"},
+    "model": {},
+    "uq": {"mc_dropout": "mc-dropout", "dropout": "mc-dropout", "perturbation": "perturb"},
+}
+
+_registered: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+_aliases: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
+_plugins_loaded = False
 
 
-def register(kind: str, name: str, aliases: tuple[str, ...] = ()) -> Callable[[T], T]:
-    """Class decorator: make ``cls`` buildable as ``name`` (and its aliases) of ``kind``."""
+def normalise(name: str) -> str:
+    """The registry spelling of ``name``: stripped, lower case, ``_`` as ``-``."""
+    return name.strip().lower().replace("_", "-")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ConfigError(f"unknown registry kind '{kind}'; kinds: {', '.join(KINDS)}")
+
+
+def register(
+    kind: str, name: str, aliases: tuple[str, ...] = (), replace: bool = False
+) -> Callable[[T], T]:
+    """Class decorator: make ``cls`` known as ``name`` (and its aliases) of ``kind``.
+
+    Raises:
+        ConfigError: unknown kind, or ``name`` already taken (built-in or registered) and
+            ``replace`` is false.
+    """
+    _check_kind(kind)
+    key = normalise(name)
 
     def wrap(cls: T) -> T:
-        _REGISTRY.setdefault(kind, {})[name] = cls
+        taken = key in _registered[kind] or key in _BUILTIN[kind]
+        if taken and not replace and _registered[kind].get(key) is not cls:
+            raise ConfigError(
+                f"{kind} '{key}' is already registered; pass replace=True to override it"
+            )
+        _registered[kind][key] = cls
         for alias in aliases:
-            _ALIASES.setdefault(kind, {})[alias] = name
+            _aliases[kind][normalise(alias)] = key
         return cls
 
     return wrap
 
 
-def lookup(kind: str, name: str) -> Any:
-    """The class registered as ``name`` (or an alias) of ``kind``."""
-    _ensure_builtin()
-    table = _REGISTRY.get(kind, {})
-    canonical = _ALIASES.get(kind, {}).get(name.lower(), name.lower())
-    if canonical not in table:
-        raise ConfigError(f"unknown {kind} '{name}'; known: {', '.join(sorted(table))}")
-    return table[canonical]
+def _load_plugins() -> None:
+    """Call every ``trustpot.plugins`` entry point once."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for entry in metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            setup = entry.load()
+            setup()
+        except Exception as err:  # a broken plug-in is named, never silently skipped
+            raise ConfigError(
+                f"trustpot plug-in '{entry.name}' ({entry.value}) failed to load: {err}"
+            ) from err
 
 
 def canonical_name(kind: str, name: str) -> str:
-    """Registered name behind ``name``."""
-    _ensure_builtin()
-    return _ALIASES.get(kind, {}).get(name.lower(), name.lower())
+    """The registered name behind ``name`` (an alias or another spelling)."""
+    _check_kind(kind)
+    _load_plugins()
+    key = normalise(name)
+    return _aliases[kind].get(key) or _BUILTIN_ALIASES[kind].get(key) or key
+
+
+def lookup(kind: str, name: str) -> Any:
+    """The object registered as ``name`` (or an alias) of ``kind``.
+
+    Raises:
+        ConfigError: no such name; the message lists the known names.
+    """
+    key = canonical_name(kind, name)
+    if key in _registered[kind]:
+        return _registered[kind][key]
+    if key in _BUILTIN[kind]:
+        module, _, attribute = _BUILTIN[kind][key].partition(":")
+        return getattr(importlib.import_module(module), attribute)
+    raise ConfigError(f"unknown {kind} '{name}'; known: {', '.join(names(kind))}")
 
 
 def names(kind: str) -> list[str]:
-    """Registered names of ``kind``."""
-    _ensure_builtin()
-    return sorted(_REGISTRY.get(kind, {}))
-
-
-def _ensure_builtin() -> None:
-    if _REGISTRY["backbone"]:
-        return
-    from trustpot.models.deepset_moe import DeepSetMoE
-    from trustpot.models.egnn import EGNN
-    from trustpot.models.painn import PaiNN
-    from trustpot.models.schnet import SchNet
-
-    register("backbone", "schnet")(SchNet)
-    register("backbone", "painn")(PaiNN)
-    register("backbone", "egnn", aliases=("egnn-e", "en-gnn"))(EGNN)
-    register("backbone", "deepset-moe", aliases=("deepset_moe", "deepsetmoe"))(DeepSetMoE)
+    """Every registered name of ``kind`` (built-ins and plug-ins), sorted."""
+    _check_kind(kind)
+    _load_plugins()
+    return sorted(set(_BUILTIN[kind]) | set(_registered[kind]))

@@ -1,19 +1,24 @@
-"""Versioned checkpoints, written atomically and read as untrusted input.
+"""Checkpoint files: the format, its versions and migrations, and dispatch to model kinds.
 
 A checkpoint is a plain dict of tensors and builtins, loaded with
-``torch.load(weights_only=True)`` so a tampered file cannot run code. Layout (version 1)::
+``torch.load(weights_only=True)`` so that opening a file cannot run code. Layout (version 2)::
 
     format: "trustpot-checkpoint"
     version: int                  # CHECKPOINT_VERSION when written
-    digest: str                   # SHA-256 of every other field: edits are detected
+    digest: str                   # SHA-256 of every other field
     trustpot_version: str
-    kind: "potential" | <wrapper kind>
-    meta: ModelMeta.to_dict()
+    kind: str                     # registry name of the model kind ("potential", "uq:probe"...)
+    meta: {...}                   # what the kind needs to rebuild the model
     model: state_dict             # inference weights (EMA weights when EMA is on)
+    summary: {...}                # version 2: species, neighbour lists and outputs declared by
+                                  # the model contract when saved; checked after loading
     training: {...} | absent      # optimizer, schedule, epoch, rng: only in last.ckpt
-    extra: {...}                  # wrapper-specific payload
+    extra: {...} | absent         # kind-specific payload
 
-Older versions are upgraded by ``MIGRATIONS[v]`` (v -> v + 1) in order.
+The digest is stored inside the file, so it detects corruption (a truncated or bit-flipped
+file), not deliberate edits: whoever can edit the file can recompute it. Older versions are
+upgraded by ``MIGRATIONS[v]`` (v -> v + 1) in order. Which class rebuilds a checkpoint is the
+registry's business (kind ``"model"``): this module names no model class.
 """
 
 from __future__ import annotations
@@ -29,19 +34,24 @@ from typing import Any
 import torch
 
 from trustpot.errors import CheckpointError
-from trustpot.models.build import potential_from_meta
-from trustpot.models.potential import ModelMeta, Potential
+from trustpot.models.contract import Model
+from trustpot.models.potential import Potential
+from trustpot.registry import lookup, names
+from trustpot.version import __version__
 
 CHECKPOINT_FORMAT = "trustpot-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+
+
+def _migrate_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 had no ``summary``: mark it unknown (nothing to check it against)."""
+    data = dict(data)
+    data["summary"] = None
+    return data
+
+
 #: MIGRATIONS[v] turns a version-v dict into a version-(v+1) dict.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-
-
-def _package_version() -> str:
-    from trustpot import __version__
-
-    return __version__
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _migrate_1_to_2}
 
 
 def checkpoint_digest(value: Any, h: Any | None = None) -> Any:
@@ -67,7 +77,10 @@ def checkpoint_digest(value: Any, h: Any | None = None) -> Any:
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write ``payload`` (plus format and version fields) atomically to ``path``.
+    """Write checkpoint fields (plus format, version and digest) atomically to ``path``.
+
+    Most callers want :func:`save_model`; this is for payloads with extra fields
+    (``training``) such as the trainer's ``last.ckpt``.
 
     The file is written to ``path.tmp`` and renamed, so a kill never leaves a half-written
     checkpoint under the real name.
@@ -77,7 +90,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     data = dict(payload)
     data["format"] = CHECKPOINT_FORMAT
     data["version"] = CHECKPOINT_VERSION
-    data["trustpot_version"] = _package_version()
+    data["trustpot_version"] = __version__
     data.pop("digest", None)
     data["digest"] = checkpoint_digest(data)
     tmp = path.with_name(path.name + ".tmp")
@@ -91,7 +104,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and validate a checkpoint dict (no model is built).
 
     Raises:
-        CheckpointError: missing file, not a trustpot checkpoint, tampered or truncated file,
+        CheckpointError: missing file, not a trustpot checkpoint, corrupted or truncated file,
             or a version this trustpot cannot read.
     """
     path = Path(path)
@@ -110,14 +123,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"{path}: not a loadable checkpoint "
-            f"(tampered, truncated or not a trustpot file): {first}"
+            f"(corrupted, truncated or not a trustpot file): {first}"
         ) from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a trustpot checkpoint (no '{CHECKPOINT_FORMAT}' tag)")
     digest = data.pop("digest", None)
     if digest is None or checkpoint_digest(data) != digest:
         raise CheckpointError(
-            f"{path}: content does not match its SHA-256 digest (tampered or corrupted file)"
+            f"{path}: content does not match its SHA-256 digest (corrupted or edited file)"
         )
     version = data.get("version")
     if not isinstance(version, int):
@@ -142,43 +155,61 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def potential_from_checkpoint_dict(
-    data: dict[str, Any], path: str | Path = "checkpoint"
-) -> Potential:
-    """Rebuild the potential stored in a checkpoint dict and check every tensor's shape."""
-    try:
-        meta = ModelMeta.from_dict(data["meta"])
-        model = potential_from_meta(meta)
-    except (TypeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: malformed model metadata: {err}") from None
-    state = data["model"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: 'model' is not a state dict")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
+def model_summary(model: Model) -> dict[str, Any]:
+    """What the model contract declares: kind, species, neighbour lists and outputs."""
+    return {
+        "kind": model.kind,
+        "species": [int(z) for z in model.species],
+        "neighbor_lists": {spec.name: float(spec.cutoff) for spec in model.neighbor_lists()},
+        "outputs": sorted(model.supported_outputs()),
+    }
+
+
+def model_from_checkpoint_dict(data: dict[str, Any], path: str | Path = "checkpoint") -> Model:
+    """Rebuild the model of a validated checkpoint dict through the registry, in eval mode.
+
+    Raises:
+        CheckpointError: unknown kind, malformed fields, weights that do not fit, or a model
+            whose declared species, neighbour lists or outputs differ from those saved.
+    """
+    kind = str(data["kind"])
+    if kind not in names("model"):
         raise CheckpointError(
-            f"{path}: weights do not fit the model they claim to be: {' '.join(first[:2])}"
-        ) from None
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{path}: tensor '{name}' holds NaN or inf")
-    return model
+            f"{path}: unknown model kind '{kind}'; known: {', '.join(names('model'))} "
+            "(a plug-in kind needs its package installed)"
+        )
+    cls = lookup("model", kind)
+    model: Model = cls.from_payload(data, str(path))
+    saved = data.get("summary")
+    if isinstance(saved, dict):
+        now = model_summary(model)
+        diff = sorted(k for k in now if k in saved and saved[k] != now[k])
+        if diff:
+            raise CheckpointError(
+                f"{path}: the model rebuilt by this trustpot differs from the one saved in "
+                + "; ".join(f"{k}: saved {saved[k]}, now {now[k]}" for k in diff)
+            )
+    return model.eval()
+
+
+def load_model(path: str | Path) -> Model:
+    """The model stored at ``path`` (any kind: potential, scale mixture, wrapper...), in eval
+    mode. Read with ``weights_only=True``; every tensor's name and shape is checked."""
+    return model_from_checkpoint_dict(read_checkpoint(path), path)
+
+
+def save_model(model: Model, path: str | Path, **fields: Any) -> None:
+    """Write ``model`` (its :meth:`~trustpot.models.contract.Model.payload` and summary, plus
+    any extra checkpoint ``fields`` such as ``extra``) atomically to ``path``."""
+    payload = model.payload()
+    payload["summary"] = model_summary(model)
+    payload.update(fields)
+    save_checkpoint(payload, path)
 
 
 def load_potential(path: str | Path) -> Potential:
-    """The potential stored at ``path``, in eval mode."""
-    data = read_checkpoint(path)
-    if data["kind"] != "potential":
-        raise CheckpointError(f"{path}: holds a '{data['kind']}' model, not a plain potential")
-    return potential_from_checkpoint_dict(data, path).eval()
-
-
-def potential_payload(model: Potential, state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Checkpoint fields of a plain potential (weights from ``state`` when given)."""
-    return {
-        "kind": "potential",
-        "meta": model.meta.to_dict(),
-        "model": state if state is not None else model.state_dict(),
-    }
+    """The plain potential stored at ``path``, in eval mode; any other kind is an error."""
+    model = load_model(path)
+    if not isinstance(model, Potential):
+        raise CheckpointError(f"{path}: holds a '{model.kind}' model, not a plain potential")
+    return model

@@ -14,17 +14,12 @@ from trustpot.data.stats import (
     residual_energy_stats,
 )
 from trustpot.data.structures import Structure
+from trustpot.errors import ConfigError
 from trustpot.models.base import make_hypers
-from trustpot.models.potential import ModelMeta, Potential
+from trustpot.models.potential import ModelMeta, Potential, potential_from_meta
 from trustpot.registry import canonical_name, lookup
 
-
-def potential_from_meta(meta: ModelMeta) -> Potential:
-    """A freshly initialised potential described by ``meta``."""
-    cls = lookup("backbone", meta.backbone)
-    hypers = make_hypers(cls.Hypers, meta.hypers)
-    backbone = cls(hypers, meta.species, meta.avg_neighbors)
-    return Potential(backbone, meta).to(meta.torch_dtype)
+__all__ = ["build_potential", "meta_from_data", "potential_from_meta"]
 
 
 def meta_from_data(
@@ -49,8 +44,6 @@ def meta_from_data(
     else:
         missing = [z for z in species if z not in reference_energies]
         if missing:
-            from trustpot.errors import ConfigError
-
             raise ConfigError(f"no isolated-atom energy for element(s) {missing}")
         e0 = {z: reference_energies[z] for z in species}
     shift, _ = residual_energy_stats(structures, e0)

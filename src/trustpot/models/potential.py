@@ -6,9 +6,9 @@ conservative by construction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -16,12 +16,14 @@ from torch import Tensor, nn
 from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
-from trustpot.errors import ConfigError
-from trustpot.models.base import Backbone, Embedding
+from trustpot.errors import CheckpointError, ConfigError
+from trustpot.models.base import Backbone, Embedding, make_hypers
+from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
 from trustpot.nn import MLP, scatter_sum
+from trustpot.registry import lookup
 
-DEFAULT_OUTPUTS = frozenset({K.ENERGY, K.FORCES})
 SUPPORTED_OUTPUTS = frozenset({K.ENERGY, K.FORCES, K.STRESS, K.VIRIAL, K.NODE_ENERGY})
+__all__ = ["DEFAULT_OUTPUTS", "SUPPORTED_OUTPUTS", "ModelMeta", "Potential", "potential_from_meta"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class EnergyHead(nn.Module):
         return self.mlp(emb["node"]).squeeze(-1)
 
 
-class Potential(nn.Module):
+class Potential(Model):
     """Energy = sum over atoms of (scale * head(features) + shift + E0[z]).
 
     Args:
@@ -99,6 +101,8 @@ class Potential(nn.Module):
             has one (a non-additive head returns per-atom shares of a structure energy, e.g.
             DeepSet-MoE), else an :class:`EnergyHead`.
     """
+
+    kind: ClassVar[str] = "potential"
 
     def __init__(self, backbone: Backbone, meta: ModelMeta, head: nn.Module | None = None) -> None:
         super().__init__()
@@ -119,8 +123,9 @@ class Potential(nn.Module):
         """Neighbour lists the data pipeline must build for this model."""
         return self.backbone.neighbor_lists()
 
-    def supported_outputs(self) -> frozenset[str]:
-        return SUPPORTED_OUTPUTS
+    def output_specs(self) -> dict[str, K.FieldSpec]:
+        """``energy``, ``forces``, ``stress``, ``virial`` and per-atom ``energies``."""
+        return K.specs_of(SUPPORTED_OUTPUTS)
 
     @property
     def species(self) -> list[int]:
@@ -130,11 +135,24 @@ class Potential(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.meta.torch_dtype
 
-    def payload(self, state: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    def payload(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
         """Checkpoint fields (kind ``"potential"``), weights from ``state`` when given."""
-        from trustpot.io.checkpoint import potential_payload
+        return {
+            "kind": self.kind,
+            "meta": self.meta.to_dict(),
+            "model": dict(state) if state is not None else self.state_dict(),
+        }
 
-        return potential_payload(self, state)
+    @classmethod
+    def from_payload(cls, data: Mapping[str, Any], path: str = "checkpoint") -> Potential:
+        """Rebuild a potential from its checkpoint fields, checking every tensor."""
+        try:
+            meta = ModelMeta.from_dict(data["meta"])
+            model = potential_from_meta(meta)
+        except (TypeError, KeyError, ValueError, ConfigError) as err:
+            raise CheckpointError(f"{path}: malformed model metadata: {err}") from None
+        load_state_checked(model, data.get("model"), path, "potential")
+        return model
 
     def embed(self, g: Graph) -> Embedding:
         """Per-atom invariant features of ``g`` (no energies, no gradients needed)."""
@@ -168,15 +186,18 @@ class Potential(nn.Module):
             ``stress`` [n_graphs, 3, 3] eV/Å^3, ``virial`` [n_graphs, 3, 3] eV,
             ``energies`` [n_atoms] eV, as requested.
         """
-        wanted = frozenset(outputs)
-        unknown = wanted - SUPPORTED_OUTPUTS
-        if unknown:
-            raise ConfigError(
-                f"unsupported output(s) {sorted(unknown)}; supported: {sorted(SUPPORTED_OUTPUTS)}"
-            )
+        wanted = self.check_outputs(outputs)
         return compute_outputs(
             self.node_energies, g, wanted, self.training if create_graph is None else create_graph
         )
+
+
+def potential_from_meta(meta: ModelMeta) -> Potential:
+    """A freshly initialised potential described by ``meta`` (backbone from the registry)."""
+    cls = lookup("backbone", meta.backbone)
+    hypers = make_hypers(cls.Hypers, meta.hypers)
+    backbone = cls(hypers, meta.species, meta.avg_neighbors)
+    return Potential(backbone, meta).to(meta.torch_dtype)
 
 
 def compute_outputs(

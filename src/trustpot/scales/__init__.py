@@ -26,10 +26,7 @@ from trustpot.scales.electrostatics import (
     neutralise,
 )
 from trustpot.scales.io import (
-    MIXTURE_KIND,
     load_scale_mixture,
-    mixture_from_checkpoint_dict,
-    mixture_payload,
     save_scale_mixture,
 )
 from trustpot.scales.mixture import (
@@ -61,7 +58,6 @@ from trustpot.scales.refine import (
 
 __all__ = [
     "COULOMB_EV_A",
-    "MIXTURE_KIND",
     "MIXTURE_OUTPUTS",
     "TOTAL_CHARGE",
     "BranchForces",
@@ -80,9 +76,7 @@ __all__ = [
     "coulomb_direct",
     "graph_for_list",
     "load_scale_mixture",
-    "mixture_from_checkpoint_dict",
     "mixture_from_meta",
-    "mixture_payload",
     "neutralise",
     "optimise_scale",
     "oracle_gain_recovered",

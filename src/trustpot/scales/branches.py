@@ -28,7 +28,7 @@ from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.models.base import Embedding
 from trustpot.models.potential import DEFAULT_OUTPUTS, compute_outputs
-from trustpot.scales.io import load_scale_mixture, mixture_payload
+from trustpot.scales.io import load_scale_mixture
 from trustpot.scales.mixture import LONG, SHORT, ScaleMixturePotential, graph_for_list
 from trustpot.train.losses import LossWeights
 from trustpot.train.trainer import Objective, Trainer, TrainResult
@@ -102,7 +102,7 @@ class BranchModel(nn.Module):
         inner = None
         if state is not None:
             inner = {k[len(_PREFIX) :]: v for k, v in state.items() if k.startswith(_PREFIX)}
-        return mixture_payload(self.mixture, inner)
+        return self.mixture.payload(inner)
 
 
 def copy_branch(source: ScaleMixturePotential, target: ScaleMixturePotential, which: str) -> None:

@@ -10,18 +10,11 @@ import torch
 
 from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError
-from trustpot.models.build import meta_from_data, potential_from_meta
+from trustpot.models.build import meta_from_data
 from trustpot.scales.electrostatics import ElectrostaticsConfig
-from trustpot.scales.mixture import ScaleMixtureMeta, ScaleMixturePotential
+from trustpot.scales.mixture import ScaleMixtureMeta, ScaleMixturePotential, mixture_from_meta
 
-
-def mixture_from_meta(meta: ScaleMixtureMeta) -> ScaleMixturePotential:
-    """A freshly initialised mixture described by ``meta``, in its dtype."""
-    meta.validate()
-    model = ScaleMixturePotential(
-        potential_from_meta(meta.short), potential_from_meta(meta.long), meta
-    )
-    return model.to(meta.short.torch_dtype)
+__all__ = ["build_scale_mixture", "mixture_from_meta"]
 
 
 def build_scale_mixture(

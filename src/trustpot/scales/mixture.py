@@ -34,9 +34,9 @@ of the graph in which ``"main"`` points at that branch's list.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import torch
 from torch import Tensor, nn
@@ -44,14 +44,16 @@ from torch import Tensor, nn
 from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
-from trustpot.errors import ConfigError
+from trustpot.errors import CheckpointError, ConfigError
 from trustpot.models.base import Embedding
+from trustpot.models.contract import Model, load_state_checked
 from trustpot.models.potential import (
     DEFAULT_OUTPUTS,
     SUPPORTED_OUTPUTS,
     ModelMeta,
     Potential,
     compute_outputs,
+    potential_from_meta,
 )
 from trustpot.nn import MLP, scatter_sum
 from trustpot.scales.electrostatics import (
@@ -64,15 +66,16 @@ from trustpot.scales.refine import DifferentiableScale
 
 SHORT: Final = "short"
 LONG: Final = "long"
-ENERGY_SHORT: Final = "energy_short"  # [n_graphs] eV, total energy of the short branch
-ENERGY_LONG: Final = "energy_long"  # [n_graphs] eV, total energy of the long branch (with Coulomb)
-ENERGY_ELECTROSTATIC: Final = "energy_electrostatic"  # [n_graphs] eV, Coulomb part of the long
-NODE_ENERGY_SHORT: Final = "energies_short"  # [n_atoms] eV
-NODE_ENERGY_LONG: Final = "energies_long"  # [n_atoms] eV
-FORCES_SHORT: Final = "forces_short"  # [n_atoms, 3] eV/Å, -dE_short/dr
-FORCES_LONG: Final = "forces_long"  # [n_atoms, 3] eV/Å, -dE_long/dr
-SCALE: Final = "scale"  # [n_atoms] s_i in [0, 1]
-CHARGES: Final = "charges"  # [n_atoms] e, learned charges of the long branch
+# the mixture's own outputs are declared once, in trustpot.keys
+ENERGY_SHORT: Final = K.ENERGY_SHORT
+ENERGY_LONG: Final = K.ENERGY_LONG
+ENERGY_ELECTROSTATIC: Final = K.ENERGY_ELECTROSTATIC
+NODE_ENERGY_SHORT: Final = K.NODE_ENERGY_SHORT
+NODE_ENERGY_LONG: Final = K.NODE_ENERGY_LONG
+FORCES_SHORT: Final = K.FORCES_SHORT
+FORCES_LONG: Final = K.FORCES_LONG
+SCALE: Final = K.SCALE
+CHARGES: Final = K.CHARGES
 MIXTURE_OUTPUTS: Final = SUPPORTED_OUTPUTS | {
     ENERGY_SHORT,
     ENERGY_LONG,
@@ -211,7 +214,7 @@ class BranchParts:
     emb_long: Embedding
 
 
-class ScaleMixturePotential(nn.Module):
+class ScaleMixturePotential(Model):
     """Short-scale and long-range experts mixed per atom by s in [0, 1].
 
     Args:
@@ -220,6 +223,7 @@ class ScaleMixturePotential(nn.Module):
         meta: the mixture's metadata (``short``/``long`` must describe the two potentials).
     """
 
+    kind: ClassVar[str] = "scale-mixture"
     fixed_scale: Tensor
     energy_scale: Tensor
 
@@ -259,8 +263,9 @@ class ScaleMixturePotential(nn.Module):
             NeighborListSpec(LONG, self.meta.long_cutoff),
         ]
 
-    def supported_outputs(self) -> frozenset[str]:
-        return frozenset(MIXTURE_OUTPUTS)
+    def output_specs(self) -> dict[str, K.FieldSpec]:
+        """A potential's outputs plus the branch energies, forces, scale and charges."""
+        return K.specs_of(MIXTURE_OUTPUTS)
 
     @property
     def species(self) -> list[int]:
@@ -281,11 +286,26 @@ class ScaleMixturePotential(nn.Module):
         self.fixed_scale.fill_(float(value))
         self.meta = replace(self.meta, scale=float(value))
 
-    def payload(self, state: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    def payload(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
         """Checkpoint fields (kind ``"scale-mixture"``), weights from ``state`` when given."""
-        from trustpot.scales.io import mixture_payload
+        return {
+            "kind": self.kind,
+            "meta": self.meta.to_dict(),
+            "model": dict(state) if state is not None else self.state_dict(),
+        }
 
-        return mixture_payload(self, state)
+    @classmethod
+    def from_payload(
+        cls, data: Mapping[str, Any], path: str = "checkpoint"
+    ) -> ScaleMixturePotential:
+        """Rebuild a mixture from its checkpoint fields, checking names, shapes, finiteness."""
+        try:
+            meta = ScaleMixtureMeta.from_dict(data["meta"])
+            model = mixture_from_meta(meta)
+        except (TypeError, KeyError, ValueError, ConfigError) as err:
+            raise CheckpointError(f"{path}: malformed scale-mixture metadata: {err}") from None
+        load_state_checked(model, data.get("model"), path, "scale mixture")
+        return model
 
     def embed(self, g: Graph) -> Embedding:
         """Invariant features of both branches, concatenated: ``node`` [n_atoms, F_s + F_l]."""
@@ -376,12 +396,7 @@ class ScaleMixturePotential(nn.Module):
             ``forces_long`` [n_atoms, 3] eV/Å (autograd of each branch's total, same forward
             pass), ``energy_electrostatic`` [n_graphs] eV and ``charges`` [n_atoms] e.
         """
-        wanted = frozenset(outputs)
-        unknown = wanted - MIXTURE_OUTPUTS
-        if unknown:
-            raise ConfigError(
-                f"unsupported output(s) {sorted(unknown)}; supported: {sorted(MIXTURE_OUTPUTS)}"
-            )
+        wanted = self.check_outputs(outputs)
         create = self.training if create_graph is None else create_graph
         branch_forces = [k for k in (FORCES_SHORT, FORCES_LONG) if k in wanted]
         core = set(wanted & SUPPORTED_OUTPUTS) | ({K.FORCES} if branch_forces else set())
@@ -426,3 +441,12 @@ class ScaleMixturePotential(nn.Module):
             q = parts.charges
             out[CHARGES] = q if q is not None else torch.zeros_like(out[SCALE])
         return out
+
+
+def mixture_from_meta(meta: ScaleMixtureMeta) -> ScaleMixturePotential:
+    """A freshly initialised mixture described by ``meta``, in its dtype."""
+    meta.validate()
+    model = ScaleMixturePotential(
+        potential_from_meta(meta.short), potential_from_meta(meta.long), meta
+    )
+    return model.to(meta.short.torch_dtype)

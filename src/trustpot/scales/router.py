@@ -37,7 +37,7 @@ from trustpot.data.dataset import GraphDataset
 from trustpot.data.graph import to_device
 from trustpot.io.checkpoint import read_checkpoint
 from trustpot.scales.build import mixture_from_meta
-from trustpot.scales.io import mixture_from_checkpoint_dict, save_scale_mixture
+from trustpot.scales.io import save_scale_mixture
 from trustpot.scales.mixture import SHORT, ScaleMixturePotential, graph_for_list
 
 
@@ -139,7 +139,7 @@ def train_router(
     out = Path(out)
     if out.is_file():
         data = read_checkpoint(out)
-        loaded = mixture_from_checkpoint_dict(data, out).eval()
+        loaded = ScaleMixturePotential.from_payload(data, str(out)).eval()
         log(f"router: reusing {out}")
         extra = data.get("extra") or {}
         return loaded, {**extra.get("router_training", {}), "reused": True}

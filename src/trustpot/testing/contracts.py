@@ -169,9 +169,9 @@ def check_cutoff_smoothness(
 
 def check_save_load(model: Potential, s: Structure, path: Path, atol: float = 0.0) -> None:
     """A checkpoint written and read back gives identical predictions."""
-    from trustpot.io.checkpoint import load_potential, potential_payload, save_checkpoint
+    from trustpot.io.checkpoint import load_potential, save_model
 
-    save_checkpoint(potential_payload(model), path)
+    save_model(model, path)
     again = load_potential(path)
     a, b = _evaluate(model.eval(), [s]), _evaluate(again, [s])
     assert torch.allclose(a[K.ENERGY], b[K.ENERGY], atol=atol), "energy changed after save/load"

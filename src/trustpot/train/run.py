@@ -21,8 +21,9 @@ from trustpot.data.splits import is_manifest_spec, read_data
 from trustpot.data.stats import isolated_atom_energies
 from trustpot.data.structures import Structure, check_species
 from trustpot.errors import ConfigError
-from trustpot.io.checkpoint import potential_from_checkpoint_dict, read_checkpoint
+from trustpot.io.checkpoint import read_checkpoint
 from trustpot.models.build import build_potential
+from trustpot.models.potential import Potential
 from trustpot.train.distributed import init_distributed
 from trustpot.train.losses import LossWeights
 from trustpot.train.trainer import Objective, Trainer, TrainResult
@@ -92,7 +93,7 @@ def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> Train
                 f"{last}: the model options differ from the run being resumed; "
                 f"saved {saved['model']}, now {config_to_dict(cfg)['model']}"
             )
-        model = potential_from_checkpoint_dict(data, last)
+        model = Potential.from_payload(data, str(last))
     else:
         e0 = None
         if cfg.data.isolated_atoms:

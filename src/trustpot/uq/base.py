@@ -23,20 +23,22 @@ force components; ``reliability`` of standard-deviation methods comes from a log
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
-from trustpot.errors import ConfigError
-from trustpot.models.potential import DEFAULT_OUTPUTS, SUPPORTED_OUTPUTS, Potential
+from trustpot.errors import CheckpointError, ConfigError
+from trustpot.models.contract import DEFAULT_OUTPUTS, Model
+from trustpot.models.potential import SUPPORTED_OUTPUTS, ModelMeta, Potential
 from trustpot.nn import scatter_sum
 
 #: Uncertainty outputs a wrapper may add to a potential's outputs.
@@ -141,11 +143,13 @@ def fit_logistic(score: np.ndarray, positive: np.ndarray, n_iter: int = 200) -> 
     return float(a), float(w[1] - a * mu)
 
 
-class UQModel(nn.Module):
+class UQModel(Model):
     """Base class of reliability wrappers.
 
-    Subclasses set ``kind`` (the ``uq fit`` method name), implement :meth:`predict` and
-    :meth:`payload` / :meth:`from_payload`, and list their outputs in ``provides``.
+    Subclasses set ``method`` (the ``uq fit`` method name) and ``kind`` (``"uq:" + method``,
+    the checkpoint kind), implement :meth:`predict`, :meth:`wrapper_payload` and
+    :meth:`~trustpot.models.contract.Model.from_payload`, and list their outputs in
+    ``provides``.
 
     Args:
         base: the potential whose species, dtype and neighbour lists the wrapper uses (for an
@@ -153,6 +157,8 @@ class UQModel(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    #: the reliability method's name (``trustpot uq fit METHOD``)
+    method: ClassVar[str] = ""
     #: uncertainty outputs the method returns (a subset of :data:`UQ_OUTPUTS`).
     provides: ClassVar[frozenset[str]] = frozenset()
 
@@ -171,7 +177,7 @@ class UQModel(nn.Module):
         return self.base.dtype
 
     @property
-    def meta(self) -> Any:
+    def meta(self) -> ModelMeta:
         return self.base.meta
 
     def neighbor_lists(self) -> list[NeighborListSpec]:
@@ -187,6 +193,10 @@ class UQModel(nn.Module):
             out.add(K.FORCES_STD_RAW)
         return frozenset(SUPPORTED_OUTPUTS - {K.VIRIAL} | out)
 
+    def output_specs(self) -> dict[str, K.FieldSpec]:
+        """The base potential's outputs (but ``virial``) and the method's uncertainties."""
+        return K.specs_of(self.supported_outputs())
+
     # -- evaluation ---------------------------------------------------------------------------
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
         """Raw predictions (before recalibration) of the requested outputs.
@@ -197,7 +207,7 @@ class UQModel(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, g: Graph, outputs: Iterable[str] = DEFAULT_OUTPUTS, create_graph: bool = False
+        self, g: Graph, outputs: Iterable[str] = DEFAULT_OUTPUTS, create_graph: bool | None = None
     ) -> dict[str, Tensor]:
         """Predictive means plus the uncertainty outputs asked for, recalibrated.
 
@@ -206,13 +216,7 @@ class UQModel(nn.Module):
             outputs: any of the potential's outputs and of :data:`UQ_OUTPUTS`.
             create_graph: unused (wrappers are evaluated, not trained, through this call).
         """
-        wanted = frozenset(outputs)
-        unknown = wanted - self.supported_outputs()
-        if unknown:
-            raise ConfigError(
-                f"{self.kind or type(self).__name__} does not provide {sorted(unknown)}; "
-                f"it provides {sorted(self.supported_outputs())}"
-            )
+        wanted = self.check_outputs(outputs)
         inner = set(wanted) - {K.ENERGY_STD_RAW, K.FORCES_STD_RAW}
         if K.ENERGY_STD_RAW in wanted:
             inner.add(K.ENERGY_STD)
@@ -242,14 +246,26 @@ class UQModel(nn.Module):
         return {k: v for k, v in out.items() if k in wanted}
 
     # -- persistence --------------------------------------------------------------------------
-    def payload(self) -> dict[str, Any]:
-        """Checkpoint fields (``kind``, ``meta``, ``model``, ``extra``) of this wrapper."""
+    def payload(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
+        """Checkpoint fields (``kind``, ``meta``, ``model``, ``extra``) of this wrapper, with
+        the weights ``state`` (e.g. EMA weights) when given."""
+        if state is None:
+            return self.wrapper_payload()
+        clone = copy.deepcopy(self)
+        clone.load_state_dict(dict(state))
+        return clone.wrapper_payload()
+
+    def wrapper_payload(self) -> dict[str, Any]:
+        """Checkpoint fields of this wrapper with its current weights."""
         raise NotImplementedError
 
-    @classmethod
-    def from_payload(cls, data: dict[str, Any], path: str) -> UQModel:
-        """Rebuild the wrapper from a validated checkpoint dict (see :mod:`trustpot.uq.io`)."""
-        raise NotImplementedError
+
+def wrapper_extra(data: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The ``extra`` payload of a wrapper checkpoint; raises naming ``path`` when absent."""
+    extra = data.get("extra")
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path}: wrapper checkpoint lacks its 'extra' payload")
+    return extra
 
 
 def sample_statistics(energies: Tensor, forces: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

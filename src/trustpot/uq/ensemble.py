@@ -6,7 +6,7 @@ ordinary conservative potential (forces = -dE/dr of that sample's energy).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -15,9 +15,8 @@ from torch import Tensor, nn
 from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.io.checkpoint import potential_from_checkpoint_dict
 from trustpot.models.potential import Potential
-from trustpot.uq.base import Recalibration, UQModel, sample_statistics
+from trustpot.uq.base import Recalibration, UQModel, sample_statistics, wrapper_extra
 
 SAMPLE_OUTPUTS = frozenset({K.ENERGY_STD, K.FORCES_STD, K.ENERGY_SAMPLES, K.FORCES_SAMPLES})
 
@@ -56,7 +55,8 @@ class DeepEnsemble(UQModel):
         members: at least two potentials with the same species, dtype and neighbour lists.
     """
 
-    kind: ClassVar[str] = "ensemble"
+    kind: ClassVar[str] = "uq:ensemble"
+    method: ClassVar[str] = "ensemble"
     provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
 
     def __init__(self, members: Sequence[Potential]) -> None:
@@ -90,7 +90,7 @@ class DeepEnsemble(UQModel):
         forces = torch.stack([s[K.FORCES].detach() for s in samples], dim=1)
         return _finish(energies, forces, outputs, _means_of(samples, outputs))
 
-    def payload(self) -> dict[str, Any]:
+    def wrapper_payload(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "meta": self.base.meta.to_dict(),
@@ -105,16 +105,16 @@ class DeepEnsemble(UQModel):
         }
 
     @classmethod
-    def from_payload(cls, data: dict[str, Any], path: str) -> DeepEnsemble:
-        extra = data["extra"]
+    def from_payload(cls, data: Mapping[str, Any], path: str = "checkpoint") -> DeepEnsemble:
+        extra = wrapper_extra(data, path)
         raw = extra.get("members")
         if not isinstance(raw, list) or not raw:
             raise CheckpointError(f"{path}: ensemble checkpoint lists no further members")
-        members = [potential_from_checkpoint_dict(data, path)]
+        members = [Potential.from_payload(data, path)]
         for k, item in enumerate(raw, start=1):
             if not isinstance(item, dict) or "meta" not in item or "model" not in item:
                 raise CheckpointError(f"{path}: ensemble member {k} is malformed")
-            members.append(potential_from_checkpoint_dict(item, f"{path} (member {k})"))
+            members.append(Potential.from_payload(item, f"{path} (member {k})"))
         try:
             model = cls(members)
         except ConfigError as err:
@@ -138,7 +138,8 @@ class MCDropout(UQModel):
         eval_seed: seed of the dropout masks (None: global RNG).
     """
 
-    kind: ClassVar[str] = "mc-dropout"
+    kind: ClassVar[str] = "uq:mc-dropout"
+    method: ClassVar[str] = "mc-dropout"
     provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
 
     def __init__(self, base: Potential, n_samples: int = 16, eval_seed: int | None = 0) -> None:
@@ -176,7 +177,7 @@ class MCDropout(UQModel):
         forces = torch.stack([s[K.FORCES].detach() for s in samples], dim=1)
         return _finish(energies, forces, outputs, _means_of(samples, outputs))
 
-    def payload(self) -> dict[str, Any]:
+    def wrapper_payload(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "meta": self.base.meta.to_dict(),
@@ -190,9 +191,9 @@ class MCDropout(UQModel):
         }
 
     @classmethod
-    def from_payload(cls, data: dict[str, Any], path: str) -> MCDropout:
-        extra = data["extra"]
-        base = potential_from_checkpoint_dict(data, path)
+    def from_payload(cls, data: Mapping[str, Any], path: str = "checkpoint") -> MCDropout:
+        extra = wrapper_extra(data, path)
+        base = Potential.from_payload(data, path)
         try:
             seed = int(extra.get("eval_seed", 0))
             model = cls(base, int(extra.get("n_samples", 16)), None if seed < 0 else seed)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -39,11 +39,10 @@ from trustpot.data.dataset import GraphDataset
 from trustpot.data.graph import Graph, to_device
 from trustpot.data.structures import Structure, check_species
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.io.checkpoint import potential_from_checkpoint_dict
 from trustpot.models.base import Backbone
 from trustpot.models.potential import Potential, compute_outputs
 from trustpot.nn import MLP
-from trustpot.uq.base import Recalibration, UQModel, sample_statistics
+from trustpot.uq.base import Recalibration, UQModel, sample_statistics, wrapper_extra
 
 SAMPLE_OUTPUTS = frozenset({K.ENERGY_STD, K.FORCES_STD, K.ENERGY_SAMPLES, K.FORCES_SAMPLES})
 _GRAPH_LEVEL = (K.ENERGY, K.STRESS, K.VIRIAL)
@@ -181,7 +180,8 @@ class PerturbedPotential(UQModel):
         finetuned_backbone: whether the base weights were fine-tuned (recorded only).
     """
 
-    kind: ClassVar[str] = "perturb"
+    kind: ClassVar[str] = "uq:perturb"
+    method: ClassVar[str] = "perturb"
     provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
 
     def __init__(
@@ -302,7 +302,7 @@ class PerturbedPotential(UQModel):
         return out
 
     # -- persistence --------------------------------------------------------------------------
-    def payload(self) -> dict[str, Any]:
+    def wrapper_payload(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "meta": self.base.meta.to_dict(),
@@ -322,9 +322,9 @@ class PerturbedPotential(UQModel):
         }
 
     @classmethod
-    def from_payload(cls, data: dict[str, Any], path: str) -> PerturbedPotential:
-        extra = data["extra"]
-        base = potential_from_checkpoint_dict(data, path)
+    def from_payload(cls, data: Mapping[str, Any], path: str = "checkpoint") -> PerturbedPotential:
+        extra = wrapper_extra(data, path)
+        base = Potential.from_payload(data, path)
         hypers, state = extra.get("hypers"), extra.get("modulator")
         if not isinstance(hypers, dict) or not isinstance(state, dict):
             raise CheckpointError(f"{path}: perturbation checkpoint lacks its hypers or modulator")

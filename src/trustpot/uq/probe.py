@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -28,11 +28,10 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph, collate, structure_to_graph, to_device
 from trustpot.data.structures import Structure, check_species
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.io.checkpoint import potential_from_checkpoint_dict
 from trustpot.models.base import Embedding
 from trustpot.models.potential import SUPPORTED_OUTPUTS, Potential, compute_outputs
 from trustpot.nn import MLP, scatter_sum
-from trustpot.uq.base import Recalibration, UQModel
+from trustpot.uq.base import Recalibration, UQModel, wrapper_extra
 from trustpot.uq.metrics import auroc
 
 #: Fewest labelled structures :func:`fit_probe` accepts.
@@ -185,7 +184,8 @@ class Probe(UQModel):
         temperature: T of ``reliability = 1 - sigmoid(logit / T)``.
     """
 
-    kind: ClassVar[str] = "probe"
+    kind: ClassVar[str] = "uq:probe"
+    method: ClassVar[str] = "probe"
     provides: ClassVar[frozenset[str]] = frozenset({K.RELIABILITY, K.ATOM_IMPORTANCE})
 
     def __init__(
@@ -230,7 +230,7 @@ class Probe(UQModel):
             out[K.ATOM_IMPORTANCE] = weights
         return out
 
-    def payload(self) -> dict[str, Any]:
+    def wrapper_payload(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "meta": self.base.meta.to_dict(),
@@ -246,14 +246,14 @@ class Probe(UQModel):
         }
 
     @classmethod
-    def from_payload(cls, data: dict[str, Any], path: str) -> Probe:
-        extra = data["extra"]
+    def from_payload(cls, data: Mapping[str, Any], path: str = "checkpoint") -> Probe:
+        extra = wrapper_extra(data, path)
         missing = [
             k for k in ("hypers", "classifier", "temperature", "tolerance") if k not in extra
         ]
         if missing:
             raise CheckpointError(f"{path}: PROBE checkpoint lacks {missing}")
-        base = potential_from_checkpoint_dict(data, path)
+        base = Potential.from_payload(data, path)
         try:
             hypers = ProbeHypers.from_dict(extra["hypers"])
             temperature, tolerance = float(extra["temperature"]), float(extra["tolerance"])
