@@ -369,7 +369,7 @@ def test_checkpoint_errors(structures: list[Structure], tmp_path: Path) -> None:
     data = read_checkpoint(path)
     data["kind"] = "potential"
     save_checkpoint(data, bad)
-    with pytest.raises(CheckpointError, match="malformed model metadata|not a scale mixture"):
+    with pytest.raises(CheckpointError, match=r"malformed model metadata|not a scale mixture"):
         load_scale_mixture(bad)
     data = read_checkpoint(path)
     del data["model"]["fixed_scale"]

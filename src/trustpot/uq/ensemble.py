@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from trustpot import keys as K
 from trustpot.data.graph import Graph
@@ -127,10 +128,14 @@ class DeepEnsemble(UQModel):
 class MCDropout(UQModel):
     """Monte Carlo dropout: M forward passes of one potential with its dropout layers on.
 
-    The potential must have been trained with dropout (``model.head_dropout > 0``). The dropout
-    masks of one call come from a generator seeded with ``eval_seed``, so repeated calls on the
-    same structure give the same answer (smooth energies along an MD trajectory; set
-    ``eval_seed=None`` for fresh masks every call).
+    The potential must have been trained with dropout (``model.head_dropout > 0``). With
+    ``eval_seed`` set, the mask of sample ``k`` for an atom is a fixed function of
+    ``(eval_seed, k, dropout layer, the atom's index within its structure)``: repeated calls on
+    the same structure give the same answer (smooth energies along an MD trajectory), and a
+    structure gets the same answer alone or in any batch (the ASE calculator and the batched
+    Predictor agree). The mean over M fixed masks still depends on the order of atoms within
+    a structure, as any finite set of per-atom masks must. ``eval_seed=None`` draws fresh
+    masks from the global generator on every call.
 
     Args:
         base: a potential with dropout.
@@ -160,19 +165,52 @@ class MCDropout(UQModel):
             if isinstance(m, nn.Dropout):
                 m.train(on)
 
+    def _seeded_masks(self, g: Graph, sample: int) -> list[RemovableHandle]:
+        """Hooks that apply sample ``sample``'s fixed masks on every (eval-mode) dropout layer.
+
+        The mask of an atom depends on its index within its structure, never on the batch.
+        """
+        batch = g[K.BATCH]
+        first = torch.zeros_like(g[K.N_ATOMS])
+        first[1:] = torch.cumsum(g[K.N_ATOMS], 0)[:-1]
+        local = (torch.arange(batch.shape[0], device=batch.device) - first[batch]).cpu()
+        n_local = int(local.max()) + 1 if local.numel() else 0
+        handles = []
+        layers = [m for m in self.base.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        for index, layer in enumerate(layers):
+            seed = (int(self.eval_seed or 0) * 1_000_003 + sample * 7919 + index) % (2**62)
+            p = float(layer.p)
+
+            def hook(
+                mod: nn.Module, args: tuple[Tensor, ...], out: Tensor, s: int = seed, p: float = p
+            ) -> Tensor:
+                gen = torch.Generator().manual_seed(s)
+                table = torch.rand((n_local, out.shape[-1]), generator=gen, dtype=torch.float64)
+                keep = (table[local] >= p).to(out.device, out.dtype)
+                return out * keep / (1.0 - p)
+
+            handles.append(layer.register_forward_hook(hook))
+        return handles
+
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
         wanted = _potential_outputs(outputs)
         samples = []
-        devices = [g[K.POSITIONS].device] if g[K.POSITIONS].is_cuda else []
-        with torch.random.fork_rng(devices=devices, enabled=self.eval_seed is not None):
-            if self.eval_seed is not None:
-                torch.manual_seed(self.eval_seed)
+        if self.eval_seed is None:
             self._dropout_on(True)
             try:
                 for _ in range(self.n_samples):
                     samples.append(self.base(g, wanted, create_graph=False))
             finally:
                 self._dropout_on(False)
+        else:
+            self._dropout_on(False)
+            for k in range(self.n_samples):
+                handles = self._seeded_masks(g, k)
+                try:
+                    samples.append(self.base(g, wanted, create_graph=False))
+                finally:
+                    for handle in handles:
+                        handle.remove()
         energies = torch.stack([s[K.ENERGY].detach() for s in samples], dim=1)
         forces = torch.stack([s[K.FORCES].detach() for s in samples], dim=1)
         return _finish(energies, forces, outputs, _means_of(samples, outputs))
