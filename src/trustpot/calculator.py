@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +37,15 @@ ASE_PROPERTIES: dict[str, list[str]] = {
     K.ATOM_IMPORTANCE: ["atom_importance"],
 }
 #: outputs the calculator computes on every call (stress only when asked: it costs extra)
-CALCULATOR_OUTPUTS = (K.ENERGY, K.FORCES, K.NODE_ENERGY, K.ENERGY_STD, K.FORCES_STD)
-CALCULATOR_OUTPUTS += (K.RELIABILITY, K.ATOM_IMPORTANCE)
+CALCULATOR_OUTPUTS = (
+    K.ENERGY,
+    K.FORCES,
+    K.NODE_ENERGY,
+    K.ENERGY_STD,
+    K.FORCES_STD,
+    K.RELIABILITY,
+    K.ATOM_IMPORTANCE,
+)
 
 
 class Predictor:
@@ -144,16 +151,17 @@ class TrustpotCalculator(Calculator):
         predictor: what evaluates the model.
     """
 
-    implemented_properties: ClassVar[list[str]] = [
+    #: per instance: exactly what its predictor returns
+    implemented_properties: list[str] = [  # noqa: RUF012 (ASE's attribute, replaced per instance)
         "energy",
         "free_energy",
         "forces",
         "energies",
         "stress",
-    ]  # type: ignore[misc]  # per instance: what its predictor returns
+    ]
 
     def __init__(self, predictor: Predictor, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # ase is untyped
         self.predictor = predictor
         self.implemented_properties = predictor.implemented_properties()
 
@@ -167,7 +175,7 @@ class TrustpotCalculator(Calculator):
         properties: Sequence[str] = ("energy",),
         system_changes: Sequence[str] = tuple(all_changes),
     ) -> None:
-        super().calculate(atoms, properties, system_changes)
+        super().calculate(atoms, properties, system_changes)  # type: ignore[no-untyped-call]
         assert self.atoms is not None
         periodic = bool(np.any(self.atoms.pbc))
         if "stress" in properties and not periodic:

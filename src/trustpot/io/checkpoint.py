@@ -111,7 +111,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data: Any = torch.load(path, map_location="cpu", weights_only=True)
     except (
         pickle.UnpicklingError,
         zipfile.BadZipFile,
@@ -152,7 +152,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     for key in ("meta", "model", "kind"):
         if key not in data:
             raise CheckpointError(f"{path}: checkpoint lacks the '{key}' field")
-    return data
+    checked: dict[str, Any] = data
+    return checked
 
 
 def model_summary(model: Model) -> dict[str, Any]:

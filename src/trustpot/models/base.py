@@ -106,6 +106,7 @@ class Backbone(nn.Module, ABC):
     """
 
     Hypers: ClassVar[type[BackboneHypers]] = BackboneHypers
+    type_table: Tensor
 
     def __init__(self, hypers: BackboneHypers, species: list[int], avg_neighbors: float) -> None:
         super().__init__()

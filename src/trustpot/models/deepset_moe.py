@@ -42,12 +42,14 @@ import torch
 from torch import Tensor, nn
 
 from trustpot import keys as K
-from trustpot.data.graph import Graph
+from trustpot.data.graph import Graph, collate, structure_to_graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError
 from trustpot.models.base import Backbone, BackboneHypers, Embedding, make_hypers
+from trustpot.models.potential import Potential
 from trustpot.nn import MLP, scatter_sum
+from trustpot.registry import canonical_name, lookup
 
 AGGREGATIONS = ("sum", "mean", "attention")
 GATES = ("margin", "renormalised")
@@ -81,8 +83,6 @@ class DeepSetMoEHypers(BackboneHypers):
 
     def validate(self) -> None:
         super().validate()
-        from trustpot.registry import canonical_name, lookup
-
         if canonical_name("backbone", self.encoder) == "deepset-moe":
             raise ConfigError("a DeepSet-MoE cannot be its own encoder")
         lookup("backbone", self.encoder)
@@ -189,7 +189,8 @@ class DeepSetMoEHead(nn.Module):
     def phi(self, x: Tensor) -> Tensor:
         """x: [n, F] -> [n, D], the weighted mixture of expert outputs."""
         _, weights = self.route(x)
-        return (weights.unsqueeze(-1) * self.experts(x)).sum(1)
+        mixed: Tensor = (weights.unsqueeze(-1) * self.experts(x)).sum(1)
+        return mixed
 
     def pool(self, phi: Tensor, batch: Tensor, n_atoms: Tensor) -> Tensor:
         """phi [n, D], batch [n], n_atoms [G] -> [G, D] aggregated per structure."""
@@ -197,7 +198,8 @@ class DeepSetMoEHead(nn.Module):
         if self.aggregation == "attention":
             assert self.score is not None
             alpha = segment_softmax(self.score(phi).squeeze(-1), batch, n_graphs)
-            return scatter_sum(alpha.unsqueeze(-1) * phi, batch, n_graphs)
+            pooled: Tensor = scatter_sum(alpha.unsqueeze(-1) * phi, batch, n_graphs)
+            return pooled
         total = scatter_sum(phi, batch, n_graphs)
         if self.aggregation == "mean":
             return total / n_atoms.to(phi.dtype).clamp_min(1.0).unsqueeze(-1)
@@ -206,7 +208,8 @@ class DeepSetMoEHead(nn.Module):
     def structure_energy(self, g: Graph, emb: Embedding) -> Tensor:
         """[n_graphs] dimensionless rho(AGG phi) (before the potential's scale)."""
         phi = self.phi(emb["node"])
-        return self.rho(self.pool(phi, g[K.BATCH], g[K.N_ATOMS])).squeeze(-1)
+        energy: Tensor = self.rho(self.pool(phi, g[K.BATCH], g[K.N_ATOMS]))
+        return energy.squeeze(-1)
 
     def forward(self, g: Graph, emb: Embedding) -> Tensor:
         """-> [n_atoms]: each structure's energy split evenly among its atoms."""
@@ -226,8 +229,6 @@ class DeepSetMoE(Backbone):
 
     def __init__(self, hypers: DeepSetMoEHypers, species: list[int], avg_neighbors: float) -> None:
         super().__init__(hypers, species, avg_neighbors)
-        from trustpot.registry import lookup
-
         cls = lookup("backbone", hypers.encoder)
         shared = {"cutoff": hypers.cutoff, "n_features": hypers.n_features}
         shared["n_layers"] = hypers.n_layers
@@ -242,7 +243,8 @@ class DeepSetMoE(Backbone):
     def forward(self, g: Graph) -> Embedding:
         # a plain attribute, as trustpot.uq.perturb.attached sets it: never a submodule
         object.__setattr__(self.encoder, "modulator", self.modulator)
-        return self.encoder(g)
+        emb: Embedding = self.encoder(g)
+        return emb
 
     def energy_head(self, dropout: float = 0.0) -> DeepSetMoEHead:
         """The non-additive energy head :class:`~trustpot.models.potential.Potential` uses."""
@@ -338,15 +340,13 @@ def routing_statistics(
 
 @torch.no_grad()
 def router_outputs(
-    model: nn.Module, structures: Sequence[Structure], batch_size: int = 32
+    model: Potential, structures: Sequence[Structure], batch_size: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
     """Router probabilities and expert weights, each [total atoms, K], structures in order.
 
     Raises:
         ConfigError: ``model`` is not a potential with a DeepSet-MoE head.
     """
-    from trustpot.data.graph import collate, structure_to_graph
-
     head = getattr(model, "head", None)
     if not isinstance(head, DeepSetMoEHead):
         raise ConfigError("routing diagnostics need a DeepSet-MoE potential (--model deepset-moe)")
@@ -361,7 +361,7 @@ def router_outputs(
 
 
 def routing_diagnostics(
-    model: nn.Module,
+    model: Potential,
     structures: Sequence[Structure],
     labels: np.ndarray | Sequence[np.ndarray],
     batch_size: int = 32,

@@ -88,7 +88,8 @@ class EnergyHead(nn.Module):
 
     def forward(self, g: Graph, emb: Embedding) -> Tensor:
         """-> [n_atoms] dimensionless per-atom energies (before scale and shift)."""
-        return self.mlp(emb["node"]).squeeze(-1)
+        out: Tensor = self.mlp(emb["node"])
+        return out.squeeze(-1)
 
 
 class Potential(Model):
@@ -103,13 +104,17 @@ class Potential(Model):
     """
 
     kind: ClassVar[str] = "potential"
+    reference_energies: Tensor
+    energy_scale: Tensor
+    energy_shift: Tensor
 
     def __init__(self, backbone: Backbone, meta: ModelMeta, head: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.meta = meta
-        if head is None and hasattr(backbone, "energy_head"):
-            head = backbone.energy_head(meta.head_dropout)
+        own_head = getattr(type(backbone), "energy_head", None)
+        if head is None and callable(own_head):
+            head = own_head(backbone, meta.head_dropout)
         self.head = head if head is not None else EnergyHead(backbone.n_features, meta.head_dropout)
         e0 = torch.zeros(119, dtype=torch.float64)
         for z, value in meta.reference_energies.items():
@@ -156,7 +161,8 @@ class Potential(Model):
 
     def embed(self, g: Graph) -> Embedding:
         """Per-atom invariant features of ``g`` (no energies, no gradients needed)."""
-        return self.backbone(g)
+        emb: Embedding = self.backbone(g)
+        return emb
 
     # -- evaluation -----------------------------------------------------------------------
     def node_energies(self, g: Graph) -> tuple[Tensor, Embedding]:

@@ -41,7 +41,8 @@ class CFConv(nn.Module):
         i, j = index[0], index[1]
         w = self.filter(rbf) * fcut.unsqueeze(-1)
         messages = self.in_proj(h)[j] * w
-        return self.out(scatter_sum(messages, i, h.shape[0]) / norm)
+        out: Tensor = self.out(scatter_sum(messages, i, h.shape[0]) / norm)
+        return out
 
 
 class SchNet(Backbone):

@@ -353,8 +353,10 @@ class ScaleMixturePotential(Model):
                 if self.meta.router_level == "structure":
                     counts = g[K.N_ATOMS].to(h.dtype).clamp_min(1.0).unsqueeze(-1)
                     pooled = scatter_sum(h, g[K.BATCH], int(counts.shape[0])) / counts
-                    return self.router(pooled).double()[g[K.BATCH]]
-                return self.router(h).double()
+                    pooled_scale: Tensor = self.router(pooled)
+                    return pooled_scale.double()[g[K.BATCH]]
+                atom_scale: Tensor = self.router(h)
+                return atom_scale.double()
             value = self.scale_parameter() if self.scale_parameter is not None else self.fixed_scale
             return value.double().expand(n)
         s = torch.as_tensor(scale, dtype=torch.float64, device=device)

@@ -82,7 +82,7 @@ class DeepEnsemble(UQModel):
 
     @property
     def members(self) -> list[Potential]:
-        return [self.base, *self.others]  # type: ignore[list-item]
+        return [self.base, *(m for m in self.others if isinstance(m, Potential))]
 
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
         wanted = _potential_outputs(outputs)
@@ -98,7 +98,7 @@ class DeepEnsemble(UQModel):
             "model": self.base.state_dict(),
             "extra": {
                 "members": [
-                    {"meta": m.meta.to_dict(), "model": m.state_dict()} for m in self.others
+                    {"meta": m.meta.to_dict(), "model": m.state_dict()} for m in self.members[1:]
                 ],
                 "recalibration": self.recalibration.to_dict(),
                 "fit_report": dict(self.fit_report),
