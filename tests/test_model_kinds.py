@@ -20,6 +20,7 @@ from ase.io import read
 from trustpot import keys as K
 from trustpot.calculator import Predictor, TrustpotCalculator
 from trustpot.cli.main import main
+from trustpot.data.graph import collate, structure_to_graph
 from trustpot.data.reader import read_structures
 from trustpot.io.checkpoint import CHECKPOINT_VERSION, load_model, read_checkpoint, save_model
 from trustpot.models.contract import Model
@@ -55,6 +56,11 @@ def test_loads_as_its_kind(kind: str) -> None:
     assert {K.ENERGY, K.FORCES} <= model.supported_outputs()
     for name, spec in model.output_specs().items():
         assert spec.level in ("node", "graph", "edge"), name
+    structures = read_structures(FRAMES, use_cache=False)
+    g = collate([structure_to_graph(s, model.neighbor_lists(), model.dtype) for s in structures])
+    emb = model.embed(g)
+    assert emb["node"].shape[0] == g[K.POSITIONS].shape[0]
+    assert all(layer.shape[0] == emb["node"].shape[0] for layer in emb.get("layers", []))
 
 
 @pytest.mark.parametrize("kind", KINDS)

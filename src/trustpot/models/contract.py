@@ -12,7 +12,8 @@ A model
 - declares each output it can return with its field spec (level, per-item shape, unit)
   exactly once (:meth:`Model.output_specs`), so batched outputs can be cut per structure and
   shown with their units without a global table;
-- evaluates a batched graph (:meth:`Model.forward`);
+- evaluates a batched graph (:meth:`Model.forward`) and, where it has them, exposes per-atom
+  invariant embeddings per layer (:meth:`Model.embed`);
 - writes its checkpoint fields (:meth:`Model.payload`) and is rebuilt from them
   (:meth:`Model.from_payload`); its ``kind`` is the registry name
   (:mod:`trustpot.registry`, kind ``"model"``) that the checkpoint stores.
@@ -31,6 +32,7 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
+from trustpot.models.base import Embedding
 
 #: outputs computed when a caller names none
 DEFAULT_OUTPUTS: frozenset[str] = frozenset({K.ENERGY, K.FORCES})
@@ -88,6 +90,15 @@ class Model(nn.Module, ABC):
 
         ``create_graph`` keeps the graph of derivatives for training (default: training mode).
         """
+
+    def embed(self, g: Graph) -> Embedding:
+        """Per-atom invariant features (``node`` [n_atoms, F], ``layers``: one [n_atoms, F_l]
+        per interaction layer) for the methods that read them (PROBE, drift reports).
+
+        Raises:
+            ConfigError: the model exposes none (the default).
+        """
+        raise ConfigError(f"{self.kind or type(self).__name__} exposes no per-atom embeddings")
 
     # -- persistence ----------------------------------------------------------------------
     @abstractmethod

@@ -37,6 +37,7 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
+from trustpot.models.base import Embedding
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model
 from trustpot.models.potential import SUPPORTED_OUTPUTS, ModelMeta, Potential
 from trustpot.nn import scatter_sum
@@ -192,6 +193,10 @@ class UQModel(Model):
         if K.FORCES_STD in out:
             out.add(K.FORCES_STD_RAW)
         return frozenset(SUPPORTED_OUTPUTS - {K.VIRIAL} | out)
+
+    def embed(self, g: Graph) -> Embedding:
+        """The base potential's per-atom embeddings."""
+        return self.base.embed(g)
 
     def output_specs(self) -> dict[str, K.FieldSpec]:
         """The base potential's outputs (but ``virial``) and the method's uncertainties."""
