@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from trustpot.data.structures import Structure
-from trustpot.uq import metrics as M
+from trustpot.metrics import uncertainty as M
 from trustpot.uq.collect import Collected
 
 MIN_STD = 1e-9

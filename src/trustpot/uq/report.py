@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from trustpot.uq import metrics as M
+from trustpot.metrics import uncertainty as M
 from trustpot.uq.collect import Collected
 
 MIN_STD = 1e-9
