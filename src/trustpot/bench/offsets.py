@@ -52,10 +52,11 @@ def energy_offset_analysis(
     """
     from ase.data import chemical_symbols
 
-    rows = [(s, float(p)) for s, p in zip(structures, predicted) if s.energy is not None]
+    labelled = [(s, float(p), s.energy) for s, p in zip(structures, predicted)]
+    rows = [(s, p) for s, p, e in labelled if e is not None]
     if not rows:
         return {}
-    errors = np.array([p - float(s.energy) for s, p in rows])  # type: ignore[arg-type]
+    errors = np.array([p - e for _, p, e in labelled if e is not None])
     elements = sorted({int(z) for s, _ in rows for z in s.numbers})
     column = {z: k for k, z in enumerate(elements)}
     counts = np.zeros((len(rows), len(elements)))

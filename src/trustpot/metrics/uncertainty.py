@@ -40,7 +40,8 @@ def high_error_labels(error: np.ndarray, top_fraction: float = 0.2) -> np.ndarra
     e = _as_float(error)
     k = max(1, math.ceil(top_fraction * len(e)))
     threshold = np.sort(e)[-k]
-    return e >= threshold
+    labels: np.ndarray = e >= threshold
+    return labels
 
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:
@@ -96,7 +97,10 @@ def gaussian_crps(mean: np.ndarray, std: np.ndarray, target: np.ndarray) -> np.n
     """CRPS of N(mean, std^2) at ``target``: std [z (2 Phi(z) - 1) + 2 phi(z) - 1/sqrt(pi)]."""
     mu, sigma, y = _as_float(mean), _as_float(std), _as_float(target)
     z = (y - mu) / sigma
-    return sigma * (z * (2 * stats.norm.cdf(z) - 1) + 2 * stats.norm.pdf(z) - 1 / SQRT_PI)
+    crps: np.ndarray = sigma * (
+        z * (2 * stats.norm.cdf(z) - 1) + 2 * stats.norm.pdf(z) - 1 / SQRT_PI
+    )
+    return crps
 
 
 def ensemble_crps(samples: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -111,15 +115,16 @@ def ensemble_crps(samples: np.ndarray, target: np.ndarray) -> np.ndarray:
     m = x.shape[1]
     if m < 2:
         raise ValueError("the fair CRPS needs at least two samples")
-    skill = np.abs(x - y[:, None]).mean(axis=1)
-    spread = np.abs(x[:, :, None] - x[:, None, :]).sum(axis=(1, 2)) / (m * (m - 1))
+    skill: np.ndarray = np.abs(x - y[:, None]).mean(axis=1)
+    spread: np.ndarray = np.abs(x[:, :, None] - x[:, None, :]).sum(axis=(1, 2)) / (m * (m - 1))
     return skill - 0.5 * spread
 
 
 def gaussian_nll(mean: np.ndarray, std: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Negative log-likelihood of ``target`` under N(mean, std^2)."""
     mu, sigma, y = _as_float(mean), _as_float(std), _as_float(target)
-    return 0.5 * np.log(2 * np.pi * sigma**2) + (y - mu) ** 2 / (2 * sigma**2)
+    nll: np.ndarray = 0.5 * np.log(2 * np.pi * sigma**2) + (y - mu) ** 2 / (2 * sigma**2)
+    return nll
 
 
 def interval_coverage(

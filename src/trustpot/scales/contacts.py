@@ -55,14 +55,16 @@ def minimum_image_distances(
     d = a[:, None, :] - b[None, :, :]
     pbc = np.asarray(pbc, dtype=bool)
     if not pbc.any() or len(a) == 0 or len(b) == 0:
-        return np.linalg.norm(d, axis=-1)
+        direct: np.ndarray = np.linalg.norm(d, axis=-1)
+        return direct
     cell = np.asarray(cell, dtype=np.float64)
     frac = d @ np.linalg.inv(cell)
     frac[..., pbc] -= np.round(frac[..., pbc])
     images = _IMAGES * pbc[None, :]
     images = np.unique(images, axis=0)
     shifted = (frac[..., None, :] + images[None, None, :, :]) @ cell
-    return np.linalg.norm(shifted, axis=-1).min(axis=-1)
+    nearest: np.ndarray = np.linalg.norm(shifted, axis=-1).min(axis=-1)
+    return nearest
 
 
 def ion_distances(

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 import torch
-import torchpme  # type: ignore[import-untyped]
+import torchpme
 from torch import Tensor, nn
 
 from trustpot import keys as K

@@ -63,7 +63,8 @@ def route_atoms(f_short: ArrayLike, f_long: ArrayLike, f_ref: ArrayLike) -> np.n
     An analysis upper bound on the branch forces (see the module docstring).
     """
     a, b, c = _check(f_short, f_long, f_ref)
-    return (np.abs(b - c).mean(axis=1) < np.abs(a - c).mean(axis=1)).astype(np.int64)
+    longer: np.ndarray = np.abs(b - c).mean(axis=1) < np.abs(a - c).mean(axis=1)
+    return longer.astype(np.int64)
 
 
 @overload

@@ -51,7 +51,8 @@ class Collected:
 def per_structure_mean(per_atom: np.ndarray, owner: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
     """[n_structures] mean of a per-atom array [n_atoms_total] over each structure's atoms
     (``owner``: structure index of each atom; ``n_atoms``: atoms per structure)."""
-    return np.bincount(owner, weights=per_atom, minlength=len(n_atoms)) / n_atoms
+    means: np.ndarray = np.bincount(owner, weights=per_atom, minlength=len(n_atoms)) / n_atoms
+    return means
 
 
 def collect(

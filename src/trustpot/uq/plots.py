@@ -26,7 +26,7 @@ def write_plots(data: Collected, out: Path, title: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     err = data["force_mae"]
-    score_name, score = None, None
+    score_name, score = "", None
     if data.has("force_std_mean"):
         score_name, score = "mean per-atom force std (eV/Å)", data["force_std_mean"]
     elif data.has("reliability"):
