@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from trustpot.errors import ConfigError
+from trustpot.metrics.accuracy import force_mae
 from trustpot.scales import (
     BranchForces,
     DifferentiableScale,
@@ -22,7 +23,7 @@ from trustpot.scales import (
     route_atoms,
     route_structure,
 )
-from trustpot.scales.oracle import force_mae, mixed_forces
+from trustpot.scales.oracle import mixed_forces
 
 GRID = np.linspace(0.0, 1.0, 20001)  # brute-force search step 5e-5
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from trustpot.uq import metrics as M
+from trustpot.metrics import uncertainty as M
 
 
 def test_spearman_and_pearson() -> None:

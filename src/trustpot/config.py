@@ -11,11 +11,16 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from trustpot.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Config = TypeVar("_Config", bound="DataclassInstance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +176,7 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def _build(cls: type[_Config], values: dict[str, Any], where: str) -> _Config:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -179,11 +184,11 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             f"unknown option(s) {[f'{where}{u}' for u in unknown]}; known: "
             f"{sorted(where + k for k in fields)}"
         )
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{name} must be a section (mapping)")
             kwargs[name] = _build(hint, value, f"{where}{name}.")
@@ -257,7 +262,9 @@ def describe_defaults() -> str:
         docs = _attribute_docs(cls)
         lines.append(f"{section.name}:")
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default: Any = f.default
+            if default is dataclasses.MISSING and callable(f.default_factory):
+                default = f.default_factory()
             lines.append(f"  {f.name}: {default!r}  # {docs.get(f.name, '')}")
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""Accuracy metrics of a potential on labelled data, per ``config_type``, with parity plots."""
+"""Evaluate a potential on labelled data: metrics (overall and per ``config_type``, from
+:mod:`trustpot.metrics.accuracy`), parity plots and predictions on disk."""
 
 from __future__ import annotations
 
@@ -12,68 +13,11 @@ import numpy as np
 from trustpot import keys as K
 from trustpot.calculator import Predictor
 from trustpot.data.structures import Structure
+from trustpot.metrics.accuracy import accuracy_metrics, grouped_metrics, mae
 
-
-def accuracy_metrics(
-    structures: Sequence[Structure], predictions: Sequence[dict[str, np.ndarray]]
-) -> dict[str, float]:
-    """Energy and force errors (eV, eV/Å) over structures that carry the labels.
-
-    Returns ``energy_mae``, ``energy_rmse`` (per structure), ``energy_mae_per_atom``,
-    ``energy_rmse_per_atom``, ``forces_mae`` and ``forces_rmse`` (per component),
-    ``forces_cosine`` (mean over atoms of the cosine between predicted and reference force),
-    ``forces_magnitude_mae`` (per atom), ``n_structures``, ``n_atoms``; force keys are absent
-    when no structure has forces, energy keys when none has energies.
-    """
-    out: dict[str, float] = {"n_structures": len(structures)}
-    e_err, e_err_pa, f_err, cos, mag = [], [], [], [], []
-    n_atoms = 0
-    for s, p in zip(structures, predictions):
-        n_atoms += s.n_atoms
-        if s.energy is not None:
-            e_err.append(float(p[K.ENERGY]) - s.energy)
-            e_err_pa.append(e_err[-1] / s.n_atoms)
-        if s.forces is not None and K.FORCES in p:
-            pf, rf = np.asarray(p[K.FORCES], np.float64), s.forces
-            f_err.append((pf - rf).ravel())
-            pn, rn = np.linalg.norm(pf, axis=1), np.linalg.norm(rf, axis=1)
-            valid = (pn > 1e-12) & (rn > 1e-12)
-            cos.append((pf * rf).sum(1)[valid] / (pn[valid] * rn[valid]))
-            mag.append(np.abs(pn - rn))
-    out["n_atoms"] = n_atoms
-    if e_err:
-        e, epa = np.array(e_err), np.array(e_err_pa)
-        out.update(
-            energy_mae=float(np.abs(e).mean()),
-            energy_rmse=float(np.sqrt((e**2).mean())),
-            energy_mae_per_atom=float(np.abs(epa).mean()),
-            energy_rmse_per_atom=float(np.sqrt((epa**2).mean())),
-        )
-    if f_err:
-        f = np.concatenate(f_err)
-        out.update(
-            forces_mae=float(np.abs(f).mean()),
-            forces_rmse=float(np.sqrt((f**2).mean())),
-            forces_cosine=float(np.concatenate(cos).mean()),
-            forces_magnitude_mae=float(np.concatenate(mag).mean()),
-        )
-    return out
-
-
-def grouped_metrics(
-    structures: Sequence[Structure],
-    predictions: Sequence[dict[str, np.ndarray]],
-    key: str = "config_type",
-) -> dict[str, dict[str, float]]:
-    """:func:`accuracy_metrics` per value of ``info[key]`` (only when some frame has it)."""
-    groups: dict[str, list[int]] = {}
-    for k, s in enumerate(structures):
-        if key in s.info:
-            groups.setdefault(str(s.info[key]), []).append(k)
-    return {
-        name: accuracy_metrics([structures[i] for i in idx], [predictions[i] for i in idx])
-        for name, idx in sorted(groups.items())
-    }
+#: ``accuracy_metrics`` and ``grouped_metrics`` live in :mod:`trustpot.metrics.accuracy`; they
+#: stay importable from here.
+__all__ = ["accuracy_metrics", "evaluate_file", "grouped_metrics", "parity_plot"]
 
 
 def parity_plot(
@@ -118,10 +62,10 @@ def parity_plot(
         ax.scatter(ref, pred, s=3, alpha=0.4, rasterized=True)
         lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        mae = float(np.abs(pred - ref).mean())
+        err = mae(pred - ref)
         ax.set_xlabel(f"reference {label}")
         ax.set_ylabel(f"predicted {label}")
-        ax.set_title(f"MAE {1000 * mae:.3g} {unit}, {len(ref)} points")
+        ax.set_title(f"MAE {1000 * err:.3g} {unit}, {len(ref)} points")
         ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.yaxis.set_major_locator(MaxNLocator(6))
     if title:

@@ -9,6 +9,7 @@ import numpy as np
 from ase import Atoms, units
 from ase.io import Trajectory, write
 from ase.md.langevin import Langevin
+from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
@@ -23,6 +24,25 @@ def _thermalize(atoms: Atoms, temperature: float, rng: np.random.Generator) -> N
         vd.thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
     else:
         vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+
+
+def _integrator(
+    atoms: Atoms,
+    thermostat: str,
+    timestep_fs: float,
+    temperature: float,
+    friction: float,
+    rng: np.random.Generator,
+) -> MolecularDynamics:
+    """Langevin (``friction`` in 1/fs, ``temperature`` in K) or velocity Verlet (``nve``)."""
+    dt = timestep_fs * units.fs
+    if thermostat == "langevin":
+        return Langevin(
+            atoms, dt, temperature_K=temperature, friction=friction / units.fs, rng=rng, fixcm=False
+        )
+    if thermostat == "nve":
+        return VelocityVerlet(atoms, dt)
+    raise ConfigError(f"thermostat must be 'langevin' or 'nve', got '{thermostat}'")
 
 
 def run_md(
@@ -74,15 +94,7 @@ def run_md(
     Stationary(atoms)
     if not atoms.pbc.any():
         ZeroRotation(atoms)
-    dt = timestep_fs * units.fs
-    if thermostat == "langevin":
-        dyn = Langevin(
-            atoms, dt, temperature_K=temperature, friction=friction / units.fs, rng=rng, fixcm=False
-        )
-    elif thermostat == "nve":
-        dyn = VelocityVerlet(atoms, dt)
-    else:
-        raise ConfigError(f"thermostat must be 'langevin' or 'nve', got '{thermostat}'")
+    dyn = _integrator(atoms, thermostat, timestep_fs, temperature, friction, rng)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():

@@ -8,6 +8,18 @@ from ase import units as ase_units
 
 from trustpot.errors import ConfigError
 
+# Every physical constant of trustpot is defined here, once, from one source: ``ase.units``
+# (CODATA 2014, ASE's default set). Other modules import these names instead of writing numbers.
+
+#: 1 kJ/mol in eV (≈ 1 / 96.485332).
+KJ_PER_MOL_TO_EV: Final[float] = ase_units.kJ / ase_units.mol
+#: 1 kJ/mol/nm in eV/Å (1 nm = 10 Å), the factor that turns OpenMM forces into trustpot forces.
+KJ_PER_MOL_PER_NM_TO_EV_PER_A: Final[float] = KJ_PER_MOL_TO_EV / 10.0
+#: 1 eV/Å in kJ/mol/nm (≈ 964.8533), the unit seed 000 reports forces in.
+EV_PER_A_IN_KJ_PER_MOL_PER_NM: Final[float] = 1.0 / KJ_PER_MOL_PER_NM_TO_EV_PER_A
+#: Coulomb constant e² / (4π ε0) in eV·Å/e² (≈ 14.399645): Hartree × Bohr in atomic units.
+COULOMB_EV_A: Final[float] = ase_units.Hartree * ase_units.Bohr
+
 #: Size of one unit in eV.
 ENERGY_UNITS: Final[dict[str, float]] = {
     "eV": 1.0,
@@ -15,7 +27,7 @@ ENERGY_UNITS: Final[dict[str, float]] = {
     "Hartree": ase_units.Hartree,
     "Ha": ase_units.Hartree,
     "kcal/mol": ase_units.kcal / ase_units.mol,
-    "kJ/mol": ase_units.kJ / ase_units.mol,
+    "kJ/mol": KJ_PER_MOL_TO_EV,
     "Ry": ase_units.Rydberg,
 }
 
@@ -27,9 +39,6 @@ LENGTH_UNITS: Final[dict[str, float]] = {
     "Bohr": ase_units.Bohr,
     "nm": 10.0,
 }
-
-#: Force of 1 eV/Å expressed in kJ/mol/nm (the unit seed 000 reports).
-EV_PER_A_IN_KJ_PER_MOL_PER_NM: Final[float] = 1.0 / (ase_units.kJ / ase_units.mol) / 10.0
 
 
 def energy_factor(unit: str) -> float:

@@ -17,17 +17,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError
+from trustpot.metrics import uncertainty
+
+if TYPE_CHECKING:
+    from trustpot.models.potential import Potential
+
+
+class KDTree(Protocol):
+    """What this module uses of ``scipy.spatial.cKDTree``."""
+
+    @property
+    def n(self) -> int: ...
+
+    def query(self, x: np.ndarray, k: int) -> tuple[Any, Any]: ...
 
 
 @torch.no_grad()
 def atom_embeddings(
-    model: torch.nn.Module, structures: Sequence[Structure], batch_size: int = 32
+    model: Potential, structures: Sequence[Structure], batch_size: int = 32
 ) -> list[np.ndarray]:
     """Per-structure embeddings, each [n_atoms, F] float64, in the order of ``structures``."""
     from trustpot.data.graph import collate, structure_to_graph
@@ -56,18 +70,19 @@ class KnnReference:
         n_atoms: atomic number -> training atoms in the tree.
     """
 
-    trees: dict[int, object]
+    trees: dict[int, KDTree]
     scale: dict[int, float]
     k: int
     n_atoms: dict[int, int]
 
 
-def _knn_mean(tree: object, x: np.ndarray, k: int) -> np.ndarray:
-    n_ref = tree.n  # type: ignore[attr-defined]
-    kk = min(k, n_ref)
-    dist, _ = tree.query(x, k=kk)  # type: ignore[attr-defined]
-    dist = np.asarray(dist, dtype=np.float64).reshape(len(x), kk)
-    return dist.mean(1)
+def _knn_mean(tree: KDTree, x: np.ndarray, k: int) -> np.ndarray:
+    """[n_query] mean distance of each row of ``x`` to its ``k`` nearest points of ``tree``
+    (all of them when the tree holds fewer)."""
+    kk = min(k, tree.n)
+    dist, _ = tree.query(x, k=kk)
+    mean: np.ndarray = np.asarray(dist, dtype=np.float64).reshape(len(x), kk).mean(1)
+    return mean
 
 
 def fit_reference(
@@ -95,7 +110,7 @@ def fit_reference(
     x = np.concatenate(embeddings)
     z = np.concatenate(numbers).astype(int)
     rng = np.random.default_rng(seed)
-    trees: dict[int, object] = {}
+    trees: dict[int, KDTree] = {}
     scale: dict[int, float] = {}
     counts: dict[int, int] = {}
     for element in np.unique(z):
@@ -141,10 +156,8 @@ def structure_distances(
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman rank correlation of finite pairs; NaN with fewer than 3 or a constant input."""
-    from scipy.stats import spearmanr
-
     x, y = np.asarray(x, float), np.asarray(y, float)
     ok = np.isfinite(x) & np.isfinite(y)
     if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
         return float("nan")
-    return float(spearmanr(x[ok], y[ok]).statistic)
+    return uncertainty.spearman(x[ok], y[ok])

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from trustpot.data.structures import Structure
+from trustpot.metrics.accuracy import mae
 
 
 def energy_offset_analysis(
@@ -52,10 +53,11 @@ def energy_offset_analysis(
     """
     from ase.data import chemical_symbols
 
-    rows = [(s, float(p)) for s, p in zip(structures, predicted) if s.energy is not None]
+    labelled = [(s, float(p), s.energy) for s, p in zip(structures, predicted)]
+    rows = [(s, p) for s, p, e in labelled if e is not None]
     if not rows:
         return {}
-    errors = np.array([p - float(s.energy) for s, p in rows])  # type: ignore[arg-type]
+    errors = np.array([p - e for _, p, e in labelled if e is not None])
     elements = sorted({int(z) for s, _ in rows for z in s.numbers})
     column = {z: k for k, z in enumerate(elements)}
     counts = np.zeros((len(rows), len(elements)))
@@ -79,10 +81,10 @@ def energy_offset_analysis(
     o_sq = float((offset**2).sum())
     element_share = 1.0 - float(((offset - counts @ delta) ** 2).sum()) / o_sq if o_sq > 0 else 0.0
     return {
-        "energy_mae": float(np.abs(errors).mean()),
+        "energy_mae": mae(errors),
         "energy_bias": float(errors.mean()),
-        "offset_mae": float(np.abs(offset).mean()),
-        "mae_rest": float(np.abs(rest).mean()),
+        "offset_mae": mae(offset),
+        "mae_rest": mae(rest),
         "offset_share": 1.0 - float((rest**2).sum()) / sse if sse > 0 else 0.0,
         "offset_per_molecule": {k: float(errors[idx].mean()) for k, idx in groups.items()},
         "offset_per_element": {chemical_symbols[z]: float(delta[column[z]]) for z in elements},

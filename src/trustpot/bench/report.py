@@ -86,13 +86,13 @@ def _ranking(summary: dict[str, Any]) -> list[str]:
     """Plain sentences: which model has the lowest ratio where, geometric means."""
     tasks = summary["tasks"]
     models = list(next(iter(tasks.values()))["models"]) if tasks else []
-    ratios = {m: [] for m in models}
-    oods = {m: [] for m in models}
+    ratios: dict[str, list[float]] = {m: [] for m in models}
+    oods: dict[str, list[float]] = {m: [] for m in models}
     lines = []
     for name, t in tasks.items():
         r = {m: t["models"][m]["ratios"].get("forces_mae") for m in t["models"]}
         valid = {m: v for m, v in r.items() if v is not None}
-        best_ratio = min(valid, key=valid.get) if valid else "–"
+        best_ratio = min(valid, key=lambda m: valid[m]) if valid else "–"
         f_ood = {m: t["models"][m]["subsets"]["test_ood"].get("forces_mae") for m in t["models"]}
         best_ood = min(f_ood, key=lambda m: f_ood[m] if f_ood[m] is not None else math.inf)
         worst = _hardest_molecule(t)

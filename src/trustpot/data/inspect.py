@@ -26,7 +26,8 @@ def _robust_z(values: np.ndarray) -> np.ndarray:
     med = np.median(values)
     mad = 1.4826 * np.median(np.abs(values - med))
     scale = mad if mad > 1e-12 else (np.std(values) or 1.0)
-    return (values - med) / scale
+    z: np.ndarray = (values - med) / scale
+    return z
 
 
 def shortest_distance(s: Structure, search: float = 3.0) -> float:
@@ -55,14 +56,15 @@ def dataset_stats(structures: Sequence[Structure], k: float = 8.0) -> dict[str, 
         "info_keys": sorted({key for s in structures for key in s.info}),
     }
     outliers: list[dict[str, Any]] = []
-    labelled = [k_ for k_, s in enumerate(structures) if s.energy is not None]
+    energies = {k_: s.energy for k_, s in enumerate(structures) if s.energy is not None}
+    labelled = list(energies)
     if labelled:
         species = sorted({int(z) for s in structures for z in s.numbers})
         e0 = fit_reference_energies(structures, species)
-        epa = np.array([structures[i].energy / structures[i].n_atoms for i in labelled])
+        epa = np.array([energies[i] / structures[i].n_atoms for i in labelled])
         resid = np.array(
             [
-                (structures[i].energy - sum(e0[int(z)] for z in structures[i].numbers))
+                (energies[i] - sum(e0[int(z)] for z in structures[i].numbers))
                 / structures[i].n_atoms
                 for i in labelled
             ]
@@ -74,10 +76,11 @@ def dataset_stats(structures: Sequence[Structure], k: float = 8.0) -> dict[str, 
                 outliers.append(
                     {"frame": i, "reason": "energy per atom", "value": float(value), "z": float(z)}
                 )
-    with_forces = [k_ for k_, s in enumerate(structures) if s.forces is not None]
+    forces = {k_: s.forces for k_, s in enumerate(structures) if s.forces is not None}
+    with_forces = list(forces)
     if with_forces:
-        comps = np.concatenate([structures[i].forces.ravel() for i in with_forces])
-        fmax = np.array([np.linalg.norm(structures[i].forces, axis=1).max() for i in with_forces])
+        comps = np.concatenate([forces[i].ravel() for i in with_forces])
+        fmax = np.array([np.linalg.norm(forces[i], axis=1).max() for i in with_forces])
         out["force_component"] = _summary(comps)
         out["max_force"] = _summary(fmax)
         for i, value, z in zip(with_forces, fmax, _robust_z(fmax)):

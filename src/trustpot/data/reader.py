@@ -149,7 +149,7 @@ def _save_cache(target: Path, structures: Sequence[Structure]) -> None:
         "info": np.array(json.dumps([s.info for s in structures])),
     }
     tmp = target.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, allow_pickle=True, **arrays)  # numpy's default, spelled out for the type check
     os.replace(tmp, target)
 
 

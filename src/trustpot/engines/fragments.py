@@ -117,11 +117,12 @@ DEFAULT_SCAFFOLDS = (
 
 def _parse(smiles: str) -> Any:
     try:
-        from rdkit import Chem, RDLogger
+        from rdkit import Chem
+        from rdkit.rdBase import DisableLog
     except ImportError:
         raise ConfigError("fragment molecules need RDKit: pip install 'trustpot[xtb]'") from None
 
-    RDLogger.DisableLog("rdApp.*")
+    DisableLog("rdApp.*")
     return Chem.MolFromSmiles(smiles)
 
 

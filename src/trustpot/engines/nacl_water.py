@@ -23,7 +23,8 @@ sampled *configurations* towards close contacts; the force field and the labels 
 Frames record it in ``info["contact_start"]``.
 
 Units: OpenMM works in nm, kJ/mol and kJ/mol/nm; frames are written in Å, eV and eV/Å with
-:data:`KJ_PER_MOL_TO_EV` and :data:`KJ_PER_MOL_PER_NM_TO_EV_PER_A`.
+:data:`trustpot.units.KJ_PER_MOL_TO_EV` and
+:data:`trustpot.units.KJ_PER_MOL_PER_NM_TO_EV_PER_A`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-from ase import units
 
 from trustpot.engines.labelling import (
     Failure,
@@ -47,11 +47,8 @@ from trustpot.engines.labelling import (
     trustpot_version,
 )
 from trustpot.errors import ConfigError
+from trustpot.units import KJ_PER_MOL_PER_NM_TO_EV_PER_A, KJ_PER_MOL_TO_EV
 
-#: 1 kJ/mol in eV (= 1 / 96.485...).
-KJ_PER_MOL_TO_EV: Final[float] = units.kJ / units.mol
-#: 1 kJ/mol/nm in eV/Å (1 nm = 10 Å).
-KJ_PER_MOL_PER_NM_TO_EV_PER_A: Final[float] = KJ_PER_MOL_TO_EV / 10.0
 #: 1 nm in Å.
 NM_TO_A: Final[float] = 10.0
 #: Number density of liquid water at 300 K, molecules per nm^3.

@@ -5,8 +5,9 @@
 
     E = sum_{i<j} [ K q_i q_j / r_ij + B / r_ij^9 ],    B = K r0^8 / 9
 
-with ``K = e^2 / (4 pi eps0) = 14.3996 eV Å`` and ``r0`` (Å, default 2.8) the separation at which a
-+/- pair has its energy minimum. Energies are in eV, forces ``-dE/dr`` in eV/Å, both analytic.
+with ``K = e^2 / (4 pi eps0) = 14.3996 eV Å`` (:data:`trustpot.units.COULOMB_EV_A`) and ``r0``
+(Å, default 2.8) the separation at which a +/- pair has its energy minimum. Energies are in eV,
+forces ``-dE/dr`` in eV/Å, both analytic.
 Positive particles are written as Na, negative ones as Cl (chemical symbols only: nothing else of
 those elements is used). Not periodic.
 
@@ -38,9 +39,8 @@ from trustpot.engines.labelling import (
     trustpot_version,
 )
 from trustpot.errors import ConfigError
+from trustpot.units import COULOMB_EV_A
 
-#: Coulomb constant e^2 / (4 pi eps0) in eV Å.
-COULOMB_EV_A: float = units.Hartree * units.Bohr
 #: Chemical symbols standing for the positive and the negative particles.
 POSITIVE, NEGATIVE = "Na", "Cl"
 #: Version of the functional form (goes into provenance).

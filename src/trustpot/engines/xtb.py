@@ -95,9 +95,10 @@ def check_method(method: str) -> None:
 
 
 def _mol_from_smiles(smiles: str) -> Any:
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem
+    from rdkit.rdBase import DisableLog
 
-    RDLogger.DisableLog("rdApp.*")
+    DisableLog("rdApp.*")
     mol = Chem.MolFromSmiles(smiles)
     if mol is None:
         raise ConfigError(f"invalid SMILES '{smiles}': RDKit cannot parse it")
@@ -119,19 +120,21 @@ def embed(smiles: str, seed: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     Raises:
         ConfigError: invalid SMILES, or RDKit cannot embed it.
     """
-    from rdkit.Chem import AllChem
+    # the modules that define these (``rdkit.Chem.AllChem`` re-exports them)
+    from rdkit.Chem import rdDistGeom, rdForceFieldHelpers
 
     mol = _mol_from_smiles(smiles)
-    params = AllChem.ETKDGv3()
-    params.randomSeed = int(seed)
-    if AllChem.EmbedMolecule(mol, params) != 0:
-        params.useRandomCoords = True
-        if AllChem.EmbedMolecule(mol, params) != 0:
+    params = rdDistGeom.ETKDGv3()
+    # rdkit-stubs type these Boost.Python property setters as taking EmbedParameters
+    params.randomSeed = int(seed)  # type: ignore[assignment]
+    if rdDistGeom.EmbedMolecule(mol, params) != 0:
+        params.useRandomCoords = True  # type: ignore[assignment]
+        if rdDistGeom.EmbedMolecule(mol, params) != 0:
             raise ConfigError(f"SMILES '{smiles}': RDKit cannot embed a 3D conformer")
-    if AllChem.MMFFHasAllMoleculeParams(mol):
-        AllChem.MMFFOptimizeMolecule(mol, maxIters=500)
-    elif AllChem.UFFHasAllMoleculeParams(mol):
-        AllChem.UFFOptimizeMolecule(mol, maxIters=500)
+    if rdForceFieldHelpers.MMFFHasAllMoleculeParams(mol):
+        rdForceFieldHelpers.MMFFOptimizeMolecule(mol, maxIters=500)
+    elif rdForceFieldHelpers.UFFHasAllMoleculeParams(mol):
+        rdForceFieldHelpers.UFFOptimizeMolecule(mol, maxIters=500)
     numbers = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
     positions = np.array(mol.GetConformer().GetPositions(), dtype=np.float64)
     charge, uhf = charge_and_uhf(mol)

@@ -61,6 +61,8 @@ class GaussianBasis(nn.Module):
         n_basis: number of Gaussians.
     """
 
+    centres: Tensor  # [n_basis] Å, a buffer
+
     def __init__(self, cutoff: float, n_basis: int = 50) -> None:
         super().__init__()
         centres = torch.linspace(0.0, float(cutoff), n_basis)

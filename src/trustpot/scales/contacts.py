@@ -26,9 +26,12 @@ from typing import Final
 import numpy as np
 
 from trustpot.data.structures import Structure
+from trustpot.metrics.accuracy import pooled_mae
+from trustpot.units import EV_PER_A_IN_KJ_PER_MOL_PER_NM
 
-#: 1 eV/Å in kJ/mol/nm.
-EV_A_TO_KJ_MOL_NM: Final[float] = 964.8533
+#: 1 eV/Å in kJ/mol/nm (defined in :mod:`trustpot.units`; this name is kept for the modules
+#: that import it from here).
+EV_A_TO_KJ_MOL_NM: Final[float] = EV_PER_A_IN_KJ_PER_MOL_PER_NM
 #: Default close-contact threshold, Å (0.6 nm).
 CONTACT_THRESHOLD: Final[float] = 6.0
 #: Default cations and anions (atomic numbers).
@@ -52,14 +55,16 @@ def minimum_image_distances(
     d = a[:, None, :] - b[None, :, :]
     pbc = np.asarray(pbc, dtype=bool)
     if not pbc.any() or len(a) == 0 or len(b) == 0:
-        return np.linalg.norm(d, axis=-1)
+        direct: np.ndarray = np.linalg.norm(d, axis=-1)
+        return direct
     cell = np.asarray(cell, dtype=np.float64)
     frac = d @ np.linalg.inv(cell)
     frac[..., pbc] -= np.round(frac[..., pbc])
     images = _IMAGES * pbc[None, :]
     images = np.unique(images, axis=0)
     shifted = (frac[..., None, :] + images[None, None, :, :]) @ cell
-    return np.linalg.norm(shifted, axis=-1).min(axis=-1)
+    nearest: np.ndarray = np.linalg.norm(shifted, axis=-1).min(axis=-1)
+    return nearest
 
 
 def ion_distances(
@@ -109,12 +114,6 @@ class ContactErrors:
     n_contact_atoms: int
 
 
-def _mae(errors: Sequence[np.ndarray]) -> float:
-    total = sum(float(np.abs(e).sum()) for e in errors)
-    count = sum(int(e.size) for e in errors)
-    return total / count if count else float("nan")
-
-
 def contact_errors(
     errors: Sequence[np.ndarray],
     frame_d: np.ndarray,
@@ -138,10 +137,10 @@ def contact_errors(
     close = frame_d < threshold
     atom_rows = [e[np.nan_to_num(d, nan=np.inf) < threshold] for e, d in zip(errors, atom_d)]
     return ContactErrors(
-        overall=_mae(errors),
-        contact_frames=_mae([e for e, c in zip(errors, close) if c]),
-        contact_atoms=_mae(atom_rows),
-        far_frames=_mae([e for e, c in zip(errors, close) if not c]),
+        overall=pooled_mae(errors),
+        contact_frames=pooled_mae([e for e, c in zip(errors, close) if c]),
+        contact_atoms=pooled_mae(atom_rows),
+        far_frames=pooled_mae([e for e, c in zip(errors, close) if not c]),
         n_contact_frames=int(close.sum()),
         n_contact_atoms=int(sum(len(r) for r in atom_rows)),
     )

@@ -1,7 +1,8 @@
 """Explicit electrostatics with learned charges: the physics of the long-range branch.
 
 Units: charges in e, lengths in Å, energies in eV; the Coulomb constant is
-:data:`COULOMB_EV_A` = 14.399645 eV·Å/e² (``torchpme.prefactors.eV_A``).
+:data:`trustpot.units.COULOMB_EV_A` = 14.399645 eV·Å/e² (from ``ase.units``; it is passed to
+torch-pme as its prefactor, so direct sums and Ewald/PME use the same constant).
 
 Periodic structures (periodic in all three directions) are summed with torch-pme's Ewald (default)
 or PME calculator, one structure at a time; the real-space part uses a neighbour list of the graph
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 import torch
-import torchpme  # type: ignore[import-untyped]
+import torchpme
 from torch import Tensor, nn
 
 from trustpot import keys as K
@@ -33,9 +34,8 @@ from trustpot.data.graph import Graph
 from trustpot.errors import ConfigError
 from trustpot.models.base import edge_vectors
 from trustpot.nn import MLP, scatter_sum
+from trustpot.units import COULOMB_EV_A as COULOMB_EV_A  # re-exported by trustpot.scales
 
-#: Coulomb constant e²/(4 π ε0) in eV·Å/e².
-COULOMB_EV_A: Final[float] = float(torchpme.prefactors.eV_A)
 #: Optional graph field: [n_graphs] formal total charge of each structure (e); 0 when absent.
 TOTAL_CHARGE: Final = "total_charge"
 #: Madelung constant of rock salt (per ion pair, nearest-neighbour distance r0).

@@ -30,17 +30,13 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
+from trustpot.metrics.accuracy import as_float_array, force_mae, pooled_mae
+
 ArrayLike = Any
 
 
-def _arr(x: ArrayLike) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
 def _check(f_short: ArrayLike, f_long: ArrayLike, f_ref: ArrayLike) -> tuple[np.ndarray, ...]:
-    a, b, c = _arr(f_short), _arr(f_long), _arr(f_ref)
+    a, b, c = as_float_array(f_short), as_float_array(f_long), as_float_array(f_ref)
     if not (a.shape == b.shape == c.shape) or a.ndim != 2 or a.shape[1] != 3:
         raise ValueError(f"forces must all be [n, 3]; got {a.shape}, {b.shape}, {c.shape}")
     return a, b, c
@@ -48,22 +44,17 @@ def _check(f_short: ArrayLike, f_long: ArrayLike, f_ref: ArrayLike) -> tuple[np.
 
 def mixed_forces(f_short: ArrayLike, f_long: ArrayLike, s: float | ArrayLike) -> np.ndarray:
     """(1 - s) F_short + s F_long; ``s`` a scalar or [n] per atom. -> [n, 3] eV/Å."""
-    a, b = _arr(f_short), _arr(f_long)
+    a, b = as_float_array(f_short), as_float_array(f_long)
     w = np.asarray(s, dtype=np.float64)
     if w.ndim == 1:
         w = w[:, None]
     return (1.0 - w) * a + w * b
 
 
-def force_mae(pred: ArrayLike, ref: ArrayLike) -> float:
-    """Mean absolute error over all force components (eV/Å)."""
-    return float(np.mean(np.abs(_arr(pred) - _arr(ref))))
-
-
 def route_structure(f_short: ArrayLike, f_long: ArrayLike, f_ref: ArrayLike) -> int:
     """Hard oracle for one structure: 0 (short) or 1 (long), the lower force MAE; ties -> 0."""
     a, b, c = _check(f_short, f_long, f_ref)
-    return int(np.mean(np.abs(b - c)) < np.mean(np.abs(a - c)))
+    return int(force_mae(b, c) < force_mae(a, c))
 
 
 def route_atoms(f_short: ArrayLike, f_long: ArrayLike, f_ref: ArrayLike) -> np.ndarray:
@@ -72,7 +63,8 @@ def route_atoms(f_short: ArrayLike, f_long: ArrayLike, f_ref: ArrayLike) -> np.n
     An analysis upper bound on the branch forces (see the module docstring).
     """
     a, b, c = _check(f_short, f_long, f_ref)
-    return (np.abs(b - c).mean(axis=1) < np.abs(a - c).mean(axis=1)).astype(np.int64)
+    longer: np.ndarray = np.abs(b - c).mean(axis=1) < np.abs(a - c).mean(axis=1)
+    return longer.astype(np.int64)
 
 
 @overload
@@ -157,11 +149,7 @@ class BranchForces:
 
 def _total_mae(predictions: Iterable[np.ndarray], frames: Sequence[BranchForces]) -> float:
     """MAE over all force components of all frames (every component weighs the same)."""
-    total, count = 0.0, 0
-    for pred, frame in zip(predictions, frames):
-        total += float(np.abs(pred - frame.reference).sum())
-        count += frame.reference.size
-    return total / max(count, 1)
+    return pooled_mae(pred - frame.reference for pred, frame in zip(predictions, frames))
 
 
 @dataclass(frozen=True)

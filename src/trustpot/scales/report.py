@@ -20,9 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from trustpot.scales.contacts import EV_A_TO_KJ_MOL_NM
-
-KJ = EV_A_TO_KJ_MOL_NM
+from trustpot.units import EV_PER_A_IN_KJ_PER_MOL_PER_NM as KJ
 
 
 def _plt() -> Any:

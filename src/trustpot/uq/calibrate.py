@@ -10,7 +10,7 @@ import numpy as np
 from trustpot import keys as K
 from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError
-from trustpot.uq import metrics as M
+from trustpot.metrics import uncertainty as M
 from trustpot.uq.base import Recalibration, UQModel, fit_logistic, recalibrated_std
 from trustpot.uq.collect import collect
 

@@ -13,6 +13,7 @@ from trustpot import keys as K
 from trustpot.data.graph import collate, structure_to_graph, to_device
 from trustpot.data.structures import Structure, check_species
 from trustpot.errors import DataError
+from trustpot.metrics.accuracy import per_structure_force_mae
 from trustpot.uq.base import UQModel
 
 
@@ -50,7 +51,8 @@ class Collected:
 def per_structure_mean(per_atom: np.ndarray, owner: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
     """[n_structures] mean of a per-atom array [n_atoms_total] over each structure's atoms
     (``owner``: structure index of each atom; ``n_atoms``: atoms per structure)."""
-    return np.bincount(owner, weights=per_atom, minlength=len(n_atoms)) / n_atoms
+    means: np.ndarray = np.bincount(owner, weights=per_atom, minlength=len(n_atoms)) / n_atoms
+    return means
 
 
 def collect(
@@ -103,9 +105,9 @@ def collect(
         f_ref = np.concatenate(
             [np.full((s.n_atoms, 3), np.nan) if s.forces is None else s.forces for s in chunk]
         )
-        diff = pred[K.FORCES] - f_ref
-        add("force_mae", np.array([np.abs(diff[owner == k]).mean() for k in range(len(chunk))]))
-        add("atom_force_error", np.linalg.norm(diff, axis=1))
+        per_structure = np.split(pred[K.FORCES], np.cumsum(n_atoms)[:-1])
+        add("force_mae", per_structure_force_mae(chunk, [{K.FORCES: f} for f in per_structure]))
+        add("atom_force_error", np.linalg.norm(pred[K.FORCES] - f_ref, axis=1))
         add("atom_structure", owner + offset)
         add("comp_pred", pred[K.FORCES].ravel())
         add("comp_ref", f_ref.ravel())

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from trustpot.data.structures import Structure
-from trustpot.uq import metrics as M
+from trustpot.metrics import uncertainty as M
 from trustpot.uq.collect import Collected
 
 MIN_STD = 1e-9
@@ -26,7 +26,7 @@ def write_plots(data: Collected, out: Path, title: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     err = data["force_mae"]
-    score_name, score = None, None
+    score_name, score = "", None
     if data.has("force_std_mean"):
         score_name, score = "mean per-atom force std (eV/Å)", data["force_std_mean"]
     elif data.has("reliability"):

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from trustpot.uq import metrics as M
+from trustpot.metrics import uncertainty as M
+from trustpot.metrics.accuracy import mae
 from trustpot.uq.collect import Collected
 
 MIN_STD = 1e-9
@@ -52,7 +53,7 @@ def _gaussian(
         "miscalibration_area": M.miscalibration_area(mu, sd, y),
         "coverage_68": M.interval_coverage(mu, sd, y, 1.0),
         "coverage_95": M.interval_coverage(mu, sd, y, 1.959964),
-        "mae": float(np.abs(mu - y).mean()),
+        "mae": mae(mu - y),
         "mean_std": float(sd.mean()),
     }
     if samples is not None:
