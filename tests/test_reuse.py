@@ -120,3 +120,14 @@ def test_a_broken_state_file_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text(json.dumps({"status": "maybe", "config": {}}))
     with pytest.raises(ConfigError, match="not a step state"):
         step_status(tmp_path, {})
+
+
+def test_config_comparison_is_by_json_value() -> None:
+    nan = float("nan")
+    same = config_differences(
+        {"a": 1, "b": nan, "c": [1, 2.0]}, {"a": 1.0, "b": nan, "c": [1.0, 2]}
+    )
+    assert same == []
+    assert config_differences({"a": True}, {"a": 1}) == ["a"]
+    assert config_differences({"a": [{"x": 1}]}, {"a": [{"x": 2}]}) == ["a"]
+    assert config_differences({"a": {"b": 1}}, {"a": {}}) == ["a.b"]

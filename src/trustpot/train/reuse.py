@@ -18,6 +18,7 @@ Configs are compared after a JSON round trip (tuples become lists, keys strings)
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -36,6 +37,19 @@ def _plain(value: Any) -> Any:
         raise ConfigError(f"a step's config and result must be JSON data: {err}") from None
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal JSON values; numbers by value (``1 == 1.0``), NaN equal to NaN."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
 def config_differences(
     before: Mapping[str, Any], now: Mapping[str, Any], prefix: str = ""
 ) -> list[str]:
@@ -46,7 +60,7 @@ def config_differences(
         a, b = before.get(key, "<missing>"), now.get(key, "<missing>")
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(config_differences(a, b, f"{prefix}{key}."))
-        elif a != b:
+        elif not _same(a, b):
             out.append(f"{prefix}{key}")
     return out
 
