@@ -162,3 +162,34 @@ def test_torchrun_two_processes_match_one(ethanol_file: Path, tmp_path: Path) ->
     for ra, rb in zip(a, b):
         for key in ("train_loss", "val_forces_mae", "val_energy_mae_per_atom"):
             assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-7), key
+
+
+def _stress_term(length: float) -> float:
+    """Stress loss of a synthetic two-structure batch whose lengths are ``length`` times the
+    reference ones (energies fixed: forces, force scale and stress rescale with them)."""
+    from trustpot import keys as K
+    from trustpot.train.losses import LossWeights, loss_sums
+
+    cell = torch.tensor([[[3.0, 0.0, 0.0], [0.5, 4.0, 0.0], [0.0, 0.0, 5.0]]]).double()
+    cells = torch.cat([cell, 1.7 * cell]) * length
+    stress_ref = torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(0)).double()
+    stress_err = 0.01 * torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(1)).double()
+    g = {
+        K.CELL: cells,
+        K.N_ATOMS: torch.tensor([4, 9]),
+        K.STRESS: stress_ref / length**3,
+        K.STRESS_WEIGHT: torch.ones(2, dtype=torch.float64),
+    }
+    pred = {K.STRESS: (stress_ref + stress_err) / length**3}
+    weights = LossWeights(energy=0.0, forces=0.0, stress=1.0)
+    sums, counts = loss_sums(pred, g, weights, scale=0.7 / length)
+    return float(sums["stress"] / counts["stress"])
+
+
+def test_stress_loss_is_dimensionless() -> None:
+    """Rescaling every length by 2 (eV/Å^3 by 1/8, eV/Å by 1/2) leaves the stress term as it
+    is; the old formula (stress error / force scale) changed it by a factor 1/16."""
+    one, two = _stress_term(1.0), _stress_term(2.0)
+    assert one > 0
+    assert two == pytest.approx(one, rel=1e-12)
+    assert _stress_term(0.37) == pytest.approx(one, rel=1e-12)

@@ -15,6 +15,7 @@ finished evaluations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -67,11 +68,12 @@ def run_quickstart(
 ) -> dict[str, Any]:
     """Run the whole job into folder ``out``; returns the summary written to ``summary.json``."""
     from trustpot.calculator import Predictor
-    from trustpot.config import load_config
+    from trustpot.config import config_to_dict, load_config
     from trustpot.data.reader import read_structures
     from trustpot.data.splits import make_split, read_data, write_manifest
     from trustpot.engines.xtb import generate_molecules
     from trustpot.evaluate import evaluate_file
+    from trustpot.train.reuse import run_step, step_status
     from trustpot.train.run import run_training
 
     out = Path(out)
@@ -109,20 +111,26 @@ def run_quickstart(
 
     run_dir = out / "train"
     t1 = time.perf_counter()
-    if (run_dir / "best.ckpt").exists() and "stopped by" in (run_dir / "log.txt").read_text():
+    cfg = load_config(
+        overrides=[
+            f"data.train={manifest}:train",
+            "data.valid_fraction=0.1",
+            f"model.name={opts.model}",
+            f"train.max_minutes={opts.minutes}",
+            f"train.seed={opts.seed}",
+        ]
+    )
+    train_config = config_to_dict(cfg)
+    if step_status(run_dir, train_config) == "done":
         print("[3/6] training: done already", flush=True)
     else:
         print(f"[3/6] training {opts.model} for {opts.minutes:g} min", flush=True)
-        cfg = load_config(
-            overrides=[
-                f"data.train={manifest}:train",
-                "data.valid_fraction=0.1",
-                f"model.name={opts.model}",
-                f"train.max_minutes={opts.minutes}",
-                f"train.seed={opts.seed}",
-            ]
-        )
-        run_training(cfg, run_dir, resume=(run_dir / "last.ckpt").exists())
+
+    def train_step(folder: Path, resuming: bool) -> dict[str, Any]:
+        result = run_training(cfg, folder, resume=(folder / "last.ckpt").exists())
+        return dataclasses.asdict(result)
+
+    run_step(run_dir, train_config, train_step)
     timings["train_s"] = time.perf_counter() - t1
 
     print(

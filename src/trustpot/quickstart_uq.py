@@ -26,9 +26,12 @@ def reliability_step(
     Returns per test set the force MAE, mean force std and reliability, 95% interval coverage,
     and, on all test frames together, how well the uncertainty ranks the errors (Spearman,
     AUROC of the top-20% errors) and the share of out-of-domain frames among the 20% least
-    reliable. Reuses ``out/uq.ckpt`` when it exists.
+    reliable. The fit is a step under the one reuse rule (``out/fit/state.json``): reused when
+    done with the same checkpoint and options, resumed when interrupted.
     """
+    from trustpot.data.reader import file_sha256
     from trustpot.io.checkpoint import load_potential
+    from trustpot.train.reuse import run_step
     from trustpot.uq.collect import collect
     from trustpot.uq.fit import finish
     from trustpot.uq.io import load_uq
@@ -37,10 +40,16 @@ def reliability_step(
     from trustpot.uq.report import uq_metrics
 
     ckpt = out / "uq.ckpt"
-    if ckpt.is_file():
-        model = load_uq(ckpt)
-    else:
-        n_val = max(1, len(train) // 10)
+    n_val = max(1, len(train) // 10)
+    config = {
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "minutes": minutes,
+        "seed": seed,
+        "n_train": len(train),
+        "n_calibration": len(calibration),
+    }
+
+    def fit(folder: Path, resuming: bool) -> dict[str, Any]:
         model = fit_perturbation(
             load_potential(checkpoint),
             list(train[n_val:]),
@@ -49,9 +58,13 @@ def reliability_step(
             epochs=100000,
             lr=1e-2,
             seed=seed,
+            run_dir=folder / "run",
         )
         finish(model, out, calibration, "calibration frames", {"method": "perturb"})
-        model = load_uq(ckpt)
+        return {"checkpoint": ckpt.name, "fit_report": model.fit_report}
+
+    run_step(out / "fit", config, fit)
+    model = load_uq(ckpt)
     result: dict[str, Any] = {"method": model.kind, "sets": {}}
     names, frames = [], []
     for name, structures in tests.items():

@@ -5,8 +5,9 @@ For each task (:mod:`trustpot.engines.compositional`) the pipeline
 1. builds the task's xTB data (``OUT/<task>/data``: ``data.xyz`` and ``split.json`` with
    subsets ``train``, ``test_id``, ``test_ood``; resumable);
 2. trains every model on ``split.json:train`` (10 % of it held out for validation) with the same
-   wall-clock budget, seed and training options (``OUT/<task>/<model>/``; a finished model has
-   ``done.json`` and is reused, an unfinished one is resumed);
+   wall-clock budget, seed and training options (``OUT/<task>/<model>/``, a step under the one
+   reuse rule of :mod:`trustpot.train.reuse`: a finished model is reused, an unfinished one is
+   resumed, one trained with other options is an error);
 3. evaluates it on ``test_id`` and ``test_ood``: force MAE, force cosine similarity, force
    magnitude MAE, energy MAE and its offset part (:mod:`trustpot.bench.offsets`), the OOD/ID
    ratios, the kNN distance of every test structure from the training atoms in the model's
@@ -189,14 +190,12 @@ def _logger(path: Path) -> Log:
 def _train(
     spec: ModelSpec, mode: BenchMode, opts: BenchOptions, manifest: Path, run_dir: Path, log: Log
 ) -> dict[str, Any]:
-    """Train (or resume, or reuse) one model; returns its ``done.json`` record."""
-    from trustpot.config import load_config
+    """Train (or resume, or reuse) one model: a step under the one reuse rule
+    (:func:`trustpot.train.reuse.run_step`) in ``run_dir``; returns its result record."""
+    from trustpot.config import config_to_dict, load_config
+    from trustpot.train.reuse import run_step, step_status
     from trustpot.train.run import run_training
 
-    done = run_dir / "done.json"
-    if done.is_file():
-        log(f"  {spec.text}: trained already, reusing {run_dir}")
-        return json.loads(done.read_text())
     hypers = {**mode.hypers, **spec.hypers}
     minutes = opts.minutes if opts.minutes is not None else mode.minutes
     cfg = load_config(
@@ -214,15 +213,24 @@ def _train(
             },
         },
     )
-    resume = (run_dir / "last.ckpt").is_file()
-    log(f"  {spec.text}: {'resuming' if resume else 'training'} for {minutes:g} min")
-    t0 = time.perf_counter()
-    result = run_training(cfg, run_dir, resume=resume)
-    record = dataclasses.asdict(result)
-    record["wall_s"] = time.perf_counter() - t0
-    record["minutes"] = minutes
-    record["hypers"] = hypers
-    done.write_text(json.dumps(record, indent=1))
+    config = config_to_dict(cfg)
+    config["train"].pop("threads", None)  # how many threads ran it does not change the model
+    if step_status(run_dir, config) == "done":
+        log(f"  {spec.text}: trained already, reusing {run_dir}")
+
+    def work(folder: Path, resuming: bool) -> dict[str, Any]:
+        resume = (folder / "last.ckpt").is_file()
+        log(f"  {spec.text}: {'resuming' if resume else 'training'} for {minutes:g} min")
+        t0 = time.perf_counter()
+        result = run_training(cfg, folder, resume=resume)
+        record = dataclasses.asdict(result)
+        record["wall_s"] = time.perf_counter() - t0
+        record["minutes"] = minutes
+        record["hypers"] = hypers
+        return record
+
+    record = run_step(run_dir, config, work)
+    record.pop("reused", None)
     return record
 
 

@@ -25,10 +25,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from trustpot import keys as K
 from trustpot.data.dataset import GraphDataset
@@ -50,6 +52,7 @@ from trustpot.scales.oracle import (
     route_structure,
 )
 from trustpot.scales.refine import DifferentiableScale, optimise_scale
+from trustpot.train.full_batch import minimise
 
 Log = Callable[[str], None]
 
@@ -235,7 +238,11 @@ def _stack(frames: FrameSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 def fit_differentiable_scale(
-    frames: FrameSet, init: float = 0.5, steps: int = 400, lr: float = 0.05
+    frames: FrameSet,
+    init: float = 0.5,
+    steps: int = 400,
+    lr: float = 0.05,
+    run_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """One trainable s = sigmoid(theta) minimising the force MAE of ``frames`` (Adam).
 
@@ -247,7 +254,7 @@ def fit_differentiable_scale(
     def loss(s: torch.Tensor) -> torch.Tensor:
         return ((1.0 - s) * a + s * b - r).abs().mean()
 
-    result = optimise_scale(loss, init=init, steps=steps, lr=lr)
+    result = optimise_scale(loss, init=init, steps=steps, lr=lr, run_dir=run_dir)
     return {
         "scale": result.scale,
         "calibration_mae": result.loss,
@@ -258,34 +265,34 @@ def fit_differentiable_scale(
 
 
 def fit_differentiable_pool(
-    frames: FrameSet, pool: Sequence[float], steps: int = 300, lr: float = 0.05
+    frames: FrameSet,
+    pool: Sequence[float],
+    steps: int = 300,
+    lr: float = 0.05,
+    run_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The interior members of ``pool`` as trainable scales (the anchors 0 and 1 stay), trained
     with Adam on the pool loss of ``frames`` (each frame's lowest error over the pool; its
-    gradient flows to the member each frame selects)."""
+    gradient flows to the member each frame selects). Runs on the trainer, one full-batch step
+    per epoch (:func:`trustpot.train.full_batch.minimise`; ``run_dir`` ``None``: temporary)."""
     anchors = [s for s in pool if s in (0.0, 1.0)]
     inner = [s for s in pool if s not in (0.0, 1.0)]
     if not inner:
         return {"pool": sorted(pool), "calibration_loss": pool_loss(frames, pool), "steps": 0}
     a, b, r, index = _stack(frames)
     n_frames, n_comp = len(frames), float(r.numel())
-    params = [DifferentiableScale(s) for s in inner]
-    optimizer = torch.optim.Adam([p.theta for p in params], lr=lr)
+    params = nn.ModuleList([DifferentiableScale(s) for s in inner])
     fixed = torch.tensor(anchors, dtype=torch.float64)
 
-    def loss() -> torch.Tensor:
-        members = torch.cat([fixed, torch.stack([p() for p in params]).double()])
+    def loss(module: nn.Module) -> torch.Tensor:
+        members = torch.cat([fixed, torch.stack([p() for p in module]).double()])
         pred = (1.0 - members)[None, None, :] * a[..., None] + members[None, None, :] * b[..., None]
         per_atom = (pred - r[..., None]).abs().sum(dim=1)  # [n_atoms, n_pool]
         per_frame = torch.zeros(n_frames, len(members), dtype=per_atom.dtype)
         per_frame.index_add_(0, index, per_atom)
         return per_frame.min(dim=1).values.sum() / n_comp
 
-    for _ in range(steps):
-        optimizer.zero_grad()
-        value = loss()
-        value.backward()
-        optimizer.step()
+    minimise(params, loss, steps, lr, run_dir=run_dir, desc="scale pool")
     tuned = sorted([*anchors, *(p.value for p in params)])
     return {"pool": tuned, "calibration_loss": pool_loss(frames, tuned), "steps": steps}
 

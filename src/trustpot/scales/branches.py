@@ -14,7 +14,7 @@ loadable model.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
@@ -31,6 +31,7 @@ from trustpot.models.potential import DEFAULT_OUTPUTS, compute_outputs
 from trustpot.scales.io import load_scale_mixture
 from trustpot.scales.mixture import LONG, SHORT, ScaleMixturePotential, graph_for_list
 from trustpot.train.losses import LossWeights
+from trustpot.train.reuse import run_step
 from trustpot.train.trainer import Objective, Trainer, TrainResult
 
 BRANCHES: Final = (SHORT, LONG)
@@ -123,54 +124,63 @@ def train_branch(
     weights: LossWeights | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train branch ``which`` of ``mixture`` in place; resumable.
+    """Train branch ``which`` of ``mixture`` in place: a step under the one reuse rule
+    (:func:`trustpot.train.reuse.run_step`) in the folder ``out``.
 
     Writes ``out/best.ckpt`` and ``out/last.ckpt`` (scale-mixture checkpoints), ``metrics.csv``
-    and, when finished, ``out/done.json``. If ``done.json`` exists the branch is not retrained:
-    its weights are read from ``best.ckpt``. If only ``last.ckpt`` exists (a killed run), training
-    continues from it.
+    and ``out/state.json``. A finished step with the same options is not retrained: its weights
+    are read from ``best.ckpt``. An unfinished one (a killed run) continues from ``last.ckpt``.
+    One with other options (or data sizes) is a ConfigError naming them.
 
     Args:
         train, valid: datasets holding the branch's neighbour list (and any other).
         cfg: training options (epochs, minutes, learning rate...).
 
     Returns:
-        The summary stored in ``done.json`` (epochs, best epoch, minutes, validation metrics).
+        The summary stored in ``state.json`` (epochs, best epoch, minutes, validation metrics).
     """
     out = Path(out)
-    done = out / "done.json"
     best = out / "best.ckpt"
-    if done.is_file() and best.is_file():
-        copy_branch(load_scale_mixture(best), mixture, which)
-        summary: dict[str, Any] = json.loads(done.read_text())
-        log(f"{which} branch: reusing {best} (trained before: {summary.get('epochs')} epochs)")
-        return summary
-    out.mkdir(parents=True, exist_ok=True)
-    model = BranchModel(mixture, which)
-    try:
-        trainer = Trainer(model, [Objective("main", "main", weights or LossWeights())], cfg)  # type: ignore[arg-type]
-        last = out / "last.ckpt"
-        if last.is_file():
-            trainer.load_training_state(last)
-            log(f"{which} branch: resuming at epoch {trainer.epoch}")
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log(
-            f"{which} branch: training {n_params} parameters on {len(train)} structures "
-            f"(at most {cfg.epochs} epochs, {cfg.max_minutes:g} min)"
-        )
-        result: TrainResult = trainer.fit({"main": train}, {"main": valid}, out, log=log)
-    finally:
-        model.release()
-    copy_branch(load_scale_mixture(best), mixture, which)
-    summary = {
+    weights = weights or LossWeights()
+    config = {
         "branch": which,
-        "epochs": result.epochs,
-        "best_epoch": result.best_epoch,
-        "minutes": result.elapsed_s / 60.0,
-        "stopped_by": result.stopped_by,
-        "best_metrics": result.best_metrics,
+        "train": dataclasses.asdict(cfg),
+        "weights": dataclasses.asdict(weights),
+        "n_train": len(train),
+        "n_valid": len(valid),
     }
-    done.write_text(json.dumps(summary, indent=1))
+    for key in ("threads", "device"):  # where it runs does not change what is trained
+        config["train"].pop(key, None)
+
+    def work(folder: Path, resuming: bool) -> dict[str, Any]:
+        model = BranchModel(mixture, which)
+        try:
+            trainer = Trainer(model, [Objective("main", "main", weights)], cfg)
+            last = folder / "last.ckpt"
+            if last.is_file():
+                trainer.load_training_state(last)
+                log(f"{which} branch: resuming at epoch {trainer.epoch}")
+            n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            log(
+                f"{which} branch: training {n_params} parameters on {len(train)} structures "
+                f"(at most {cfg.epochs} epochs, {cfg.max_minutes:g} min)"
+            )
+            result: TrainResult = trainer.fit({"main": train}, {"main": valid}, folder, log=log)
+        finally:
+            model.release()
+        return {
+            "branch": which,
+            "epochs": result.epochs,
+            "best_epoch": result.best_epoch,
+            "minutes": result.elapsed_s / 60.0,
+            "stopped_by": result.stopped_by,
+            "best_metrics": result.best_metrics,
+        }
+
+    summary = run_step(out, config, work)
+    copy_branch(load_scale_mixture(best), mixture, which)
+    if summary.get("reused"):
+        log(f"{which} branch: reusing {best} (trained before: {summary.get('epochs')} epochs)")
     return summary
 
 

@@ -4,13 +4,12 @@ folder uses the same training settings."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trustpot.errors import ConfigError
 from trustpot.scales.contacts import CONTACT_THRESHOLD
+from trustpot.train.reuse import step_status, write_state
 
 #: The seed's numbers (force MAE; the seed does not state its unit).
 SEED = {
@@ -104,29 +103,26 @@ def check_settings(
     valid: Sequence[str],
     n_train: int,
     n_valid: int,
-) -> None:
+) -> dict[str, Any]:
     """Refuse to reuse checkpoints of ``out`` trained with other settings or data (the test
-    data may change: nothing is trained on it)."""
+    data may change: nothing is trained on it).
+
+    The run folder is a step under the one reuse rule (:mod:`trustpot.train.reuse`): its
+    ``state.json`` holds these settings; a different config is a ConfigError naming the keys.
+    A new folder gets a ``running`` state (see :func:`mark_done`)."""
     settings = {
-        "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ANALYSIS_ONLY},
-        "train": list(train),
-        "valid": list(valid),
+        **{k: v for k, v in dataclasses.asdict(opts).items() if k not in ANALYSIS_ONLY},
+        "train_data": list(train),
+        "valid_data": list(valid),
         "n_train": n_train,
         "n_valid": n_valid,
     }
-    path = out / "settings.json"
-    if path.is_file():
-        before = json.loads(path.read_text())
-        if before != json.loads(json.dumps(settings)):
-            changed = sorted(
-                k
-                for k in set(before["options"]) | set(settings["options"])
-                if before["options"].get(k) != settings["options"].get(k)
-            )
-            what = ", ".join(changed) if changed else "the data"
-            raise ConfigError(
-                f"{out} holds a run with other settings ({what} differ); "
-                "pick a new --out or delete it"
-            )
-    else:
-        path.write_text(json.dumps(settings, indent=1))
+    if step_status(out, settings) == "new":
+        write_state(out, {"status": "running", "config": settings, "result": {}})
+    return settings
+
+
+def mark_done(out: Path, settings: dict[str, Any], result: dict[str, Any]) -> None:
+    """Record a finished scales run (its trained steps are reused on a rerun; the analysis,
+    whose options are free to change, always runs again)."""
+    write_state(out, {"status": "done", "config": settings, "result": result})

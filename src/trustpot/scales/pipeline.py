@@ -5,12 +5,12 @@ Steps (each logged with a time stamp; the expensive ones are reused on a rerun i
 
 1. read the training, calibration (``valid``) and test frames (files or manifest subsets);
 2. build the mixture and train the short branch, then the long branch, separately with the same
-   budget (``out/short``, ``out/long``; reused when ``done.json`` exists);
+   budget (``out/short``, ``out/long``; steps reused when their ``state.json`` is done);
 3. evaluate both branches on the calibration and test frames;
 4. choose on calibration frames: the best fixed endpoint (the baseline), the best fixed scale
    (bisection), the refined pool (loss: the calibration force MAE when each frame uses its best
    pool member), the differentiable scale and pool;
-5. train the router on the calibration frames (``out/router.ckpt``, reused);
+5. train the router on the calibration frames (``out/router.ckpt``, a reused step);
 6. report on the test frames: every row in eV/Å and kJ/mol/nm, overall and in close contact,
    MAE against ion distance, the pool trajectory, the router's s against ion distance
    (``out/scales.json``, ``out/report.md``, PNGs).
@@ -60,6 +60,7 @@ from trustpot.scales.options import (
     SEED,
     ScalesOptions,
     check_settings,
+    mark_done,
 )
 from trustpot.scales.oracle import oracle_scale_mae
 from trustpot.scales.refine import refine_pool, refine_scale_pool
@@ -221,9 +222,6 @@ def _fit_router(
     t0 = time.perf_counter()
     torch.manual_seed(opts.seed)
     start = router_mixture(mixture, init=init, hidden=opts.router_hidden, level=level)
-    warm: dict[str, Any] = {}
-    if not path.is_file():
-        warm = _warm_start(start, calib, calib_ds, init, opts, log)
     router, summary = train_router(
         start,
         calib_ds,
@@ -235,7 +233,8 @@ def _fit_router(
         seed=opts.seed,
         device=opts.device,
         log=lambda m: log(f"{level} {m}"),
-        notes={"warm_start": warm, "level": level},
+        notes={"level": level},
+        warm_start=lambda model: _warm_start(model, calib, calib_ds, init, opts, log),
     )
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -296,7 +295,7 @@ def run_scales(
         f"data: {len(train)} training, {len(valid)} calibration, {len(test)} test frames; "
         f"threads {torch.get_num_threads()}"
     )
-    check_settings(out, opts, train_specs, valid_specs, len(train), len(valid))
+    settings = check_settings(out, opts, train_specs, valid_specs, len(train), len(valid))
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -597,6 +596,7 @@ def run_scales(
     from trustpot.scales.report import write_report
 
     write_report(result, out)
+    mark_done(out, settings, {"report": "report.md", "scales": "scales.json"})
     log(
         f"done in {(time.perf_counter() - t_start) / 60:.1f} min: test MAE baseline "
         f"{base.overall:.4f}, router per atom {rout.overall:.4f}, per structure "

@@ -30,6 +30,8 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -345,6 +347,7 @@ def optimise_scale(
     lr: float = 0.05,
     tol: float = 1e-6,
     scale: DifferentiableScale | None = None,
+    run_dir: str | Path | None = None,
 ) -> ScaleOptimisation:
     """Differentiable scale update: Adam on theta of s = sigmoid(theta) minimising ``loss(s)``.
 
@@ -356,27 +359,32 @@ def optimise_scale(
         lr: Adam learning rate on theta.
         tol: converged when |Δs| stays below ``tol`` for 10 consecutive steps.
         scale: an existing :class:`DifferentiableScale` to optimise in place.
+        run_dir: run folder of the optimisation (it runs on the trainer, one full-batch step
+            per epoch: :func:`trustpot.train.full_batch.minimise`); ``None``: temporary.
 
     Returns:
         The final scale, its loss and the trajectory.
     """
+    from trustpot.train.full_batch import minimise
+
     module = scale if scale is not None else DifferentiableScale(init)
-    optimizer = torch.optim.Adam([module.theta], lr=lr)
-    history: list[tuple[float, float]] = []
-    quiet = 0
-    converged = False
-    for _ in range(steps):
-        optimizer.zero_grad()
-        s = module()
-        value = loss(s)
-        value.backward()
-        before = float(s.detach())
-        history.append((before, float(value.detach())))
-        optimizer.step()
-        quiet = quiet + 1 if abs(module.value - before) < tol else 0
-        if quiet >= 10:
-            converged = True
-            break
+    start = module.value
+
+    def on_epoch(trainer: Any, row: dict[str, Any]) -> str | None:
+        # kept in the trainer's user state, so a resumed run continues the same trajectory
+        state = trainer.user_state
+        before = float(state.get("s", start))
+        state.setdefault("history", []).append([before, float(row["train_loss"])])
+        state["s"] = module.value
+        quiet = int(state.get("quiet", 0))
+        state["quiet"] = quiet + 1 if abs(module.value - before) < tol else 0
+        return "converged" if state["quiet"] >= 10 else None
+
+    result, trainer = minimise(
+        module, lambda m: loss(m()), steps, lr, on_epoch=on_epoch, run_dir=run_dir, desc="scale"
+    )
+    history = [(float(a), float(b)) for a, b in trainer.user_state.get("history", [])]
+    converged = result.stopped_by == "converged"
     with torch.no_grad():
         final = float(loss(module()).detach())
     return ScaleOptimisation(module.value, final, history, converged)

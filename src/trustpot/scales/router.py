@@ -35,9 +35,8 @@ from torch import Tensor
 from trustpot import keys as K
 from trustpot.data.dataset import GraphDataset
 from trustpot.data.graph import to_device
-from trustpot.io.checkpoint import read_checkpoint
 from trustpot.scales.build import mixture_from_meta
-from trustpot.scales.io import save_scale_mixture
+from trustpot.scales.io import load_scale_mixture, save_scale_mixture
 from trustpot.scales.mixture import SHORT, ScaleMixturePotential, graph_for_list
 
 
@@ -82,8 +81,12 @@ def pretrain_router(
     weights: Tensor,
     steps: int = 300,
     lr: float = 1e-2,
+    run_dir: str | Path | None = None,
 ) -> float:
     """Fit the router of ``model`` to per-atom ``targets`` in [0, 1] on frozen ``features``.
+
+    Full-batch Adam on the trainer (:func:`trustpot.train.full_batch.minimise`, one step per
+    epoch; ``run_dir`` ``None``: a temporary folder).
 
     Args:
         features: [n_atoms, F] (:func:`router_features`).
@@ -91,8 +94,10 @@ def pretrain_router(
         weights: [n_atoms] non-negative weights of the atoms.
 
     Returns:
-        The final weighted binary cross-entropy.
+        The weighted binary cross-entropy of the last step (before its update).
     """
+    from trustpot.train.full_batch import minimise
+
     if model.router is None:
         raise ValueError("pretrain_router needs a 'router'-mode mixture")
     router = model.router
@@ -100,15 +105,25 @@ def pretrain_router(
     y = targets.to(x.dtype).clamp(0.0, 1.0)
     w = weights.to(x.dtype)
     w = w / w.sum().clamp_min(1e-12)
-    optimizer = torch.optim.Adam(router.parameters(), lr=lr)
-    value = torch.zeros(())
-    for _ in range(steps):
-        optimizer.zero_grad()
-        logits = router.mlp(x).squeeze(-1)
-        value = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum()
-        value.backward()
-        optimizer.step()
-    return float(value.detach())
+
+    def loss(module: torch.nn.Module) -> Tensor:
+        logits = module.mlp(x).squeeze(-1)  # type: ignore[operator]
+        return (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).sum()
+
+    def on_epoch(trainer: Any, row: dict[str, Any]) -> None:
+        trainer.user_state["last_loss"] = float(row["train_loss"])
+
+    _, trainer = minimise(
+        router, loss, steps, lr, on_epoch=on_epoch, run_dir=run_dir, desc="router warm start"
+    )
+    return float(trainer.user_state.get("last_loss", math.nan))
+
+
+def router_run_folder(out: str | Path) -> Path:
+    """The step folder of the router whose final checkpoint is ``out`` (``state.json``,
+    ``metrics.csv``, ``best.ckpt``, ``last.ckpt``)."""
+    out = Path(out)
+    return out.with_name(out.name + ".run")
 
 
 def train_router(
@@ -123,74 +138,137 @@ def train_router(
     device: str | torch.device = "cpu",
     log: Callable[[str], None] = print,
     notes: dict[str, Any] | None = None,
+    warm_start: Callable[[ScaleMixturePotential], dict[str, Any]] | None = None,
 ) -> tuple[ScaleMixturePotential, dict[str, Any]]:
-    """Fit the router of ``model`` (branches frozen) on ``data``; resumable by file.
+    """Fit the router of ``model`` (branches frozen) on ``data``; a step under the one reuse
+    rule (:func:`trustpot.train.reuse.run_step`) in :func:`router_run_folder` of ``out``.
+
+    Runs on the trainer: AdamW without weight decay at a constant ``lr``, the router's weights
+    the only trainable parameter group, the L1 force loss of the mixture (a
+    :class:`~trustpot.train.objectives.CallableLoss`), no validation set (the last epoch is
+    kept, as the frames are the calibration split), torchrun-aware.
 
     Args:
         model: a ``"router"``-mode mixture (:func:`router_mixture`).
         data: the frames to fit on (calibration split), with both neighbour lists.
-        out: checkpoint written when done; if it exists it is loaded instead of training.
+        out: checkpoint written when done. A finished step with the same options is reused
+            (``out`` loaded), an interrupted one resumes from its ``last.ckpt``, one with
+            other options is a ConfigError.
         epochs, max_minutes: stop after this many passes or minutes (0: no time limit).
-        notes: stored with the summary (e.g. how the router was warm-started).
+        notes: stored with the summary (e.g. the router level).
+        warm_start: run on ``model`` before training when the step is not done yet; its
+            dict is stored in the summary under ``warm_start``.
 
     Returns:
         The trained mixture (eval mode) and a summary (epochs, steps, minutes, loss per epoch).
     """
+    from trustpot.train.reuse import run_step
+
     out = Path(out)
-    if out.is_file():
-        data = read_checkpoint(out)
-        loaded = ScaleMixturePotential.from_payload(data, str(out)).eval()
-        log(f"router: reusing {out}")
-        extra = data.get("extra") or {}
-        return loaded, {**extra.get("router_training", {}), "reused": True}
     if model.router is None:
         raise ValueError("train_router needs a 'router'-mode mixture (see router_mixture)")
+    config = {
+        "epochs": epochs,
+        "max_minutes": max_minutes,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "n_frames": len(data),
+        "router_level": model.meta.router_level,
+        "router_hidden": model.meta.router_hidden,
+        "init_scale": model.meta.scale,
+        "out": out.name,
+    }
+    fresh: list[ScaleMixturePotential] = []
+
+    def work(folder: Path, resuming: bool) -> dict[str, Any]:
+        extra = dict(notes or {})
+        if warm_start is not None:
+            extra["warm_start"] = warm_start(model)
+        trained, summary = _train_router(model, data, folder, config, device, log, extra)
+        save_scale_mixture(trained, out, extra={"router_training": summary})
+        fresh.append(trained)
+        return summary
+
+    summary = run_step(router_run_folder(out), config, work)
+    if fresh:
+        return fresh[0], summary
+    loaded = load_scale_mixture(out)
+    log(f"router: reusing {out}")
+    return loaded, summary
+
+
+def _train_router(
+    model: ScaleMixturePotential,
+    data: GraphDataset,
+    folder: Path,
+    config: dict[str, Any],
+    device: str | torch.device,
+    log: Callable[[str], None],
+    notes: dict[str, Any],
+) -> tuple[ScaleMixturePotential, dict[str, Any]]:
+    """The router's training run in ``folder`` (resumed from its ``last.ckpt`` if any)."""
+    from trustpot.config import TrainConfig
+    from trustpot.train.distributed import init_distributed
+    from trustpot.train.objectives import CallableLoss
+    from trustpot.train.trainer import Objective, ParamGroup, Trainer
+
+    assert model.router is not None
     model = model.to(device)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("router."))
-    params = [p for p in model.router.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    model.train()
-    history: list[float] = []
+    router = [p for n, p in model.named_parameters() if n.startswith("router.")]
+    frozen = [p for n, p in model.named_parameters() if not n.startswith("router.")]
+    cfg = TrainConfig(
+        epochs=config["epochs"], max_minutes=config["max_minutes"],
+        batch_size=config["batch_size"], lr=config["lr"], min_lr=config["lr"],
+        schedule="plateau", lr_patience=10**9, ema_decay=0.0, clip_grad=0.0,
+        seed=config["seed"],
+    )  # fmt: skip
+
+    def l1(m: torch.nn.Module, batch: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        pred = m(batch, {K.ENERGY, K.FORCES}, create_graph=True)
+        diff = (pred[K.FORCES] - batch[K.FORCES]).abs()
+        n = torch.tensor(float(diff.numel()), dtype=torch.float64)
+        return {"forces_l1": diff.sum()}, {"forces_l1": n}
+
     t0 = time.perf_counter()
-    steps = 0
-    stopped_by = "epochs"
-    for epoch in range(epochs):
-        total, count = 0.0, 0
-        for batch, _ in data.batches(batch_size, shuffle=True, seed=seed * 7919 + epoch):
-            assert batch is not None
-            batch = to_device(batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            pred = model(batch, {K.ENERGY, K.FORCES}, create_graph=True)
-            diff = (pred[K.FORCES] - batch[K.FORCES]).abs()
-            loss = diff.mean()
-            loss.backward()
-            optimizer.step()
-            total += float(diff.sum().detach())
-            count += diff.numel()
-            steps += 1
-            if max_minutes > 0 and time.perf_counter() - t0 > 60 * max_minutes:
-                stopped_by = "budget"
-                break
-        history.append(total / max(count, 1))
-        mean_s = float(torch.sigmoid(model.router.mlp[-1].bias.detach()).mean())  # type: ignore[index]
+
+    def on_epoch(trainer: Trainer, row: dict[str, Any]) -> None:
+        trainer.user_state.setdefault("history", []).append(float(row["train_loss"]))
+        mean_s = float(torch.sigmoid(model.router.mlp[-1].bias.detach()).mean())  # type: ignore[union-attr,index]
         log(
-            f"router epoch {epoch}: train force MAE {history[-1]:.5f} eV/Å "
+            f"router epoch {trainer.epoch - 1}: train force MAE {row['train_loss']:.5f} eV/Å "
             f"({time.perf_counter() - t0:.0f} s, bias s {mean_s:.3f})"
         )
-        if stopped_by == "budget":
-            break
+
+    trainer = Trainer(
+        model,
+        [Objective("forces_l1", "main", loss=CallableLoss(l1, {"forces_l1": 1.0}))],
+        cfg,
+        init_distributed(),
+        run_config=config,
+        param_groups=[
+            ParamGroup(router, name="router"),
+            ParamGroup(frozen, frozen=True, name="branches"),
+        ],
+        amsgrad=False,
+        on_epoch=on_epoch,
+        desc="router",
+    )
+    if trainer.resume(folder):
+        log(f"router: resuming {folder} at epoch {trainer.epoch}")
+    with torch.random.fork_rng(devices=[]):
+        result = trainer.fit({"main": data}, {}, folder, log=lambda _: None)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
+    history = list(trainer.user_state.get("history", []))
     summary = {
-        "epochs": len(history),
-        "steps": steps,
-        "minutes": (time.perf_counter() - t0) / 60.0,
-        "stopped_by": stopped_by,
+        "epochs": result.epochs,
+        "steps": trainer.step,
+        "minutes": result.elapsed_s / 60.0,
+        "stopped_by": result.stopped_by,
         "train_mae_per_epoch": history,
         "final_train_mae": history[-1] if history else math.nan,
-        **(notes or {}),
+        **notes,
     }
-    save_scale_mixture(model, out, extra={"router_training": summary})
     return model, summary

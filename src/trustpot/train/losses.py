@@ -3,6 +3,13 @@
 Every term is a sum of squared (or Huber) errors in units of the force scale; the trainer
 divides by global counts (structures for energy and stress, force components for forces), so
 the loss of a batch split across processes equals the loss of the whole batch.
+
+All terms are dimensionless. Energy errors are per atom (eV) over the force scale ``s`` (eV/Å),
+i.e. in Å; force errors (eV/Å) over ``s``. A stress error (eV/Å^3) is first multiplied by
+``(V/N)^(2/3)`` (Å^2, volume per atom to the 2/3), which turns it into a force-like quantity
+(eV/Å) -- the force per atom's cross-section -- and then divided by ``s``. The stress term
+thus does not change when all lengths and the force scale are rescaled consistently, and its
+weight means the same for dense and dilute cells.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ def loss_sums(
         pred: model outputs (``energy`` [n_graphs] eV, ``forces`` [n_atoms, 3] eV/Å, ...).
         g: the batch with labels and label weights.
         weights: which terms to compute.
-        scale: force scale (eV/Å) that makes errors dimensionless.
+        scale: force scale (eV/Å) that makes errors dimensionless (stress errors are first
+            multiplied by ``(V/N)^(2/3)``, see the module docstring).
 
     Returns:
         ``sums[term]`` and ``counts[term]`` (0-d tensors).
@@ -63,10 +71,18 @@ def loss_sums(
         counts["forces"] = w.sum() * 3
     if weights.stress > 0 and K.STRESS in pred:
         w = g[K.STRESS_WEIGHT].view(-1, 1, 1)
-        diff = (pred[K.STRESS] - g[K.STRESS]) / scale
+        diff = (pred[K.STRESS] - g[K.STRESS]) * stress_length2(g).view(-1, 1, 1) / scale
         sums["stress"] = (_penalty(diff, weights.kind, weights.huber_delta) * w).sum()
         counts["stress"] = w.sum() * 9
     return sums, counts
+
+
+def stress_length2(g: Graph) -> Tensor:
+    """[n_graphs] ``(V/N)^(2/3)`` in Å^2: volume per atom to the 2/3 (0 for a cell without
+    volume, where no stress label can exist)."""
+    volume = torch.linalg.det(g[K.CELL]).abs()
+    per_atom = volume / g[K.N_ATOMS].to(volume.dtype)
+    return per_atom.clamp_min(0.0) ** (2.0 / 3.0)
 
 
 def combine(sums: dict[str, Tensor], counts: dict[str, Tensor], weights: LossWeights) -> Tensor:

@@ -1,9 +1,19 @@
 """The training loop: several objectives, AdamW, schedules, EMA, budget, atomic checkpoints.
 
+Every optimiser loop of trustpot runs here: force fields (``trustpot train``), perturbation
+fine-tuning, PROBE classifiers, the scale router and scalar scale fits. What differs between
+them is the model, its :class:`Objective` losses (:mod:`trustpot.train.objectives`), its
+parameter groups and its checkpoint payload; the loop, the schedule, EMA, the wall-clock
+budget, ``best.ckpt`` / ``last.ckpt`` and bit-identical resume are shared.
+
 One epoch is one pass over the first objective's training set; other objectives (replay
 data, auxiliary tasks) contribute one batch each per step, cycling through their sets. With
 ``torchrun`` every rank takes a slice of each global batch and gradients are summed, which
 reproduces the single-process step up to floating-point rounding.
+
+The validation loss is the training loss: every objective's own loss on its validation set,
+with the inference weights in eval mode and no ``create_graph``, weighted as in training.
+Without any validation set the last epoch counts as the best one.
 """
 
 from __future__ import annotations
@@ -14,20 +24,19 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from trustpot import keys as K
 from trustpot.config import TrainConfig
-from trustpot.data.dataset import GraphDataset
-from trustpot.data.graph import Graph, to_device
-from trustpot.errors import TrustpotError
-from trustpot.io.checkpoint import read_checkpoint, save_checkpoint
-from trustpot.models.potential import Potential
+from trustpot.data.graph import to_device
+from trustpot.errors import ConfigError, TrustpotError
+from trustpot.io.checkpoint import model_summary, read_checkpoint, save_checkpoint
+from trustpot.models.contract import Model
+from trustpot.train.datasets import TrainerDataset
 from trustpot.train.distributed import (
     DistInfo,
     all_reduce_max,
@@ -36,7 +45,7 @@ from trustpot.train.distributed import (
     sync_gradients,
 )
 from trustpot.train.ema import EMA
-from trustpot.train.losses import LossWeights, combine, loss_sums, required_outputs
+from trustpot.train.objectives import Objective, ObjectiveLoss, ParamGroup, TrainResult
 from trustpot.train.schedule import Schedule
 
 
@@ -44,71 +53,103 @@ class TrainingError(TrustpotError):
     """Training cannot go on (e.g. the loss became NaN)."""
 
 
-@dataclass(frozen=True)
-class Objective:
-    """A loss on one dataset.
-
-    Attributes:
-        name: shown in logs and ``metrics.csv`` column prefixes.
-        dataset: key of the training and validation datasets it uses.
-        weights: weights of its energy, force and stress terms.
-        weight: weight of the whole objective in the total loss.
-    """
-
-    name: str
-    dataset: str
-    weights: LossWeights = field(default_factory=LossWeights)
-    weight: float = 1.0
-
-
-@dataclass
-class TrainResult:
-    """What a finished run reports."""
-
-    epochs: int
-    best_epoch: int
-    best_val_loss: float
-    elapsed_s: float
-    stopped_by: str
-    best_metrics: dict[str, float]
+EpochHook = Callable[["Trainer", dict[str, Any]], "str | None"]
 
 
 def _seed_for(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
 
 
+def _move(batch: Any, device: torch.device) -> Any:
+    """``batch`` on ``device``: a graph dict, a tensor, or a tuple / list of tensors."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return to_device(batch, device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_move(b, device) for b in batch)
+    return batch
+
+
+def _zero_loss(model: nn.Module) -> Tensor:
+    """A zero that depends on every trainable parameter (a rank without data this step)."""
+    return sum(
+        (p.sum() * 0.0 for p in model.parameters() if p.requires_grad), start=torch.zeros(())
+    )
+
+
 class Trainer:
-    """Fits a potential.
+    """Fits a model with one or more objectives.
 
     Args:
-        model: the potential (trained in place).
+        model: the model (trained in place); a potential unless every objective has its own
+            loss kind and ``payload_fn`` is given.
         objectives: losses; the first defines an epoch.
-        cfg: training options.
+        cfg: training options (epochs, budget, lr, schedule, EMA, seed, ...).
         dist: rank and world size (single process by default).
         extra_payload: called at each checkpoint; its dict is stored under ``extra``.
+        run_config: stored with the training state; :meth:`resume` refuses a different one.
+        param_groups: AdamW groups (default: every trainable parameter at ``cfg.lr``).
+        payload_fn: checkpoint fields from the inference weights (default ``model.payload``).
+        train_mode: puts the model in training mode (default ``model.train()``; e.g. keep a
+            frozen backbone in eval mode).
+        amsgrad: AdamW's AMSGrad variant.
+        on_epoch: called after every epoch with the metrics row; a non-empty string return
+            stops training with that reason (must be the same on every rank).
+        validate_start: validate the starting weights first; they are the best so far
+            (``best_epoch`` -1) until an epoch beats them.
+        progress: show a progress bar.
+        desc: name of the progress bar.
     """
 
     def __init__(
         self,
-        model: Potential,
+        model: nn.Module,
         objectives: Sequence[Objective],
         cfg: TrainConfig,
         dist: DistInfo | None = None,
         extra_payload: Callable[[], dict[str, Any]] | None = None,
         run_config: dict[str, Any] | None = None,
+        *,
+        param_groups: Sequence[ParamGroup] | None = None,
+        payload_fn: Callable[[dict[str, Tensor]], dict[str, Any]] | None = None,
+        train_mode: Callable[[nn.Module], Any] | None = None,
+        amsgrad: bool = True,
+        on_epoch: EpochHook | None = None,
+        validate_start: bool = False,
+        progress: bool = True,
+        desc: str = "train",
     ) -> None:
         if not objectives:
             raise TrainingError("at least one objective is needed")
+        if cfg.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {cfg.lr}")
+        if payload_fn is None and not callable(getattr(model, "payload", None)):
+            raise ConfigError(f"{type(model).__name__} has no payload(); pass payload_fn")
         self.model = model
         self.objectives = list(objectives)
         self.cfg = cfg
         self.dist = dist or DistInfo()
         self.extra_payload = extra_payload
         self.run_config = run_config or {}
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.payload_fn = payload_fn
+        self.train_mode = train_mode or (lambda m: m.train())
+        self.on_epoch = on_epoch
+        self.validate_start = validate_start
+        self.progress = progress
+        self.desc = desc
+        self.param_groups = self._resolve_groups(param_groups)
         self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True
+            [
+                {"params": list(g.params), "lr": self._peak(g), "weight_decay": self._wd(g)}
+                for g in self.param_groups
+                if not g.frozen
+            ],
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            amsgrad=amsgrad,
         )
+        self.peaks = [self._peak(g) for g in self.param_groups if not g.frozen]
         self.schedule = Schedule(
             cfg.schedule, cfg.lr, cfg.min_lr, cfg.lr_factor, cfg.lr_patience, cfg.warmup_epochs
         )
@@ -121,13 +162,51 @@ class Trainer:
         self.best_epoch = -1
         self.best_metrics: dict[str, float] = {}
         self.bad_epochs = 0
-        self.scale = float(model.energy_scale)
+        self.user_state: dict[str, Any] = {}  # hooks keep what must survive a resume here
+        self._best_state: dict[str, Tensor] | None = None
+        self._best_dirty = False
         self.device = next(model.parameters()).device
 
+    # -- parameter groups -------------------------------------------------------------------
+    def _peak(self, group: ParamGroup) -> float:
+        return float(self.cfg.lr if group.lr is None else group.lr)
+
+    def _wd(self, group: ParamGroup) -> float:
+        return float(self.cfg.weight_decay if group.weight_decay is None else group.weight_decay)
+
+    def _resolve_groups(self, groups: Sequence[ParamGroup] | None) -> list[ParamGroup]:
+        if groups is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            return [ParamGroup(params)]
+        owned = {id(p) for p in self.model.parameters()}
+        seen: set[int] = set()
+        for g in groups:
+            for p in g.params:
+                if id(p) not in owned:
+                    raise ConfigError(f"parameter group '{g.name}' holds a tensor not in the model")
+                if id(p) in seen:
+                    raise ConfigError(f"a parameter is in two groups (second: '{g.name}')")
+                seen.add(id(p))
+                p.requires_grad_(not g.frozen)
+        if not any(g.params and not g.frozen for g in groups):
+            raise ConfigError("no trainable parameters: every parameter group is frozen or empty")
+        return list(groups)
+
+    def _set_lr(self, rate: float) -> None:
+        """Every group at ``rate / cfg.lr`` of its own peak."""
+        factor = rate / self.cfg.lr
+        for group, peak in zip(self.optimizer.param_groups, self.peaks):
+            group["lr"] = peak * factor
+
     # -- state ------------------------------------------------------------------------------
-    def inference_state(self) -> dict[str, torch.Tensor]:
+    def inference_state(self) -> dict[str, Tensor]:
         """Weights used for evaluation: the EMA shadow when EMA is on."""
         return self.ema.shadow if self.ema is not None else self.model.state_dict()
+
+    def best_state(self) -> dict[str, Tensor] | None:
+        """Inference weights of the best epoch of this process's run (``None`` after a resume
+        that has not improved yet: read ``best.ckpt`` then)."""
+        return self._best_state
 
     def training_state(self) -> dict[str, Any]:
         return {
@@ -143,6 +222,8 @@ class Trainer:
             "bad_epochs": self.bad_epochs,
             "best_metrics": dict(self.best_metrics),
             "config": self.run_config,
+            "losses": {o.name: o.kind.state_dict() for o in self.objectives},
+            "user": copy.deepcopy(self.user_state),
         }
 
     def load_training_state(self, path: Path) -> None:
@@ -163,17 +244,58 @@ class Trainer:
         self.best_epoch = int(state["best_epoch"])
         self.bad_epochs = int(state["bad_epochs"])
         self.best_metrics = {k: float(v) for k, v in state["best_metrics"].items()}
+        for obj in self.objectives:
+            obj.kind.load_state_dict(state.get("losses", {}).get(obj.name, {}))
+        self.user_state = copy.deepcopy(state.get("user", {}))
 
-    def _payload(self, with_training: bool) -> dict[str, Any]:
-        payload = self.model.payload(self.inference_state())  # each model knows its kind
+    def resume(self, run_dir: Path) -> bool:
+        """Resume from ``run_dir/last.ckpt`` if there is one; ``False`` when starting afresh.
+
+        Raises:
+            ConfigError: the saved run was made with another ``run_config`` (names the keys).
+        """
+        last = Path(run_dir) / "last.ckpt"
+        if not last.is_file():
+            return False
+        saved = read_checkpoint(last).get("training", {}).get("config", {})
+        from trustpot.train.reuse import config_differences
+
+        diff = config_differences(saved, self.run_config)
+        if diff:
+            raise ConfigError(
+                f"{run_dir}: holds a run with other settings ({', '.join(diff)} differ); "
+                "use another folder or delete it"
+            )
+        self.load_training_state(last)
+        return True
+
+    def _payload(self, state: dict[str, Tensor], with_training: bool) -> dict[str, Any]:
+        if self.payload_fn is not None:
+            payload = self.payload_fn(state)
+        elif callable(own := getattr(type(self.model), "payload", None)):
+            payload = own(self.model, state)  # each model (or a view of one) knows its kind
+        else:
+            raise TrainingError(
+                f"{type(self.model).__name__} has no payload(): pass payload_fn to say what its "
+                "checkpoints hold"
+            )
+        if isinstance(self.model, Model) and payload.get("kind") == self.model.kind:
+            payload.setdefault("summary", model_summary(self.model))
         if with_training:
             payload["training"] = self.training_state()
         if self.extra_payload is not None:
             payload["extra"] = self.extra_payload()
         return payload
 
+    def _write_checkpoints(self, run_dir: Path) -> None:
+        """``best.ckpt`` (if it changed) and ``last.ckpt``, each atomically, best first."""
+        if self._best_dirty and self._best_state is not None:
+            save_checkpoint(self._payload(self._best_state, False), run_dir / "best.ckpt")
+            self._best_dirty = False
+        save_checkpoint(self._payload(self.inference_state(), True), run_dir / "last.ckpt")
+
     # -- loop ---------------------------------------------------------------------------------
-    def _batches(self, ds: GraphDataset, epoch: int) -> Iterator[tuple[Graph | None, int]]:
+    def _batches(self, ds: TrainerDataset, epoch: int) -> Iterator[tuple[Any | None, int]]:
         return ds.batches(
             self.cfg.batch_size,
             shuffle=True,
@@ -182,32 +304,39 @@ class Trainer:
             world_size=self.dist.world_size,
         )
 
-    def _cycle(self, ds: GraphDataset, epoch: int) -> Iterator[tuple[Graph | None, int]]:
+    def _cycle(self, ds: TrainerDataset, epoch: int) -> Iterator[tuple[Any | None, int]]:
         round_ = 0
         while True:
             yield from self._batches(ds, epoch * 1000 + round_)
             round_ += 1
 
-    def _objective_loss(self, obj: Objective, batch: Graph | None) -> torch.Tensor:
+    def _reduce_counts(
+        self, loss: ObjectiveLoss, counts: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Global counts of every term (zeros for terms this rank did not compute)."""
+        names = list(loss.weights)
+        local = torch.stack(
+            [
+                counts[n].detach().double() if n in counts else torch.zeros((), dtype=torch.float64)
+                for n in names
+            ]
+        ).float()
+        total = all_reduce_sum(local.cpu(), self.dist)
+        return {n: total[k] for k, n in enumerate(names)}
+
+    def _objective_loss(self, obj: Objective, batch: Any | None) -> Tensor:
+        loss = obj.kind
         if batch is not None:
-            batch = to_device(batch, self.device)
-        has_stress = batch is not None and bool((batch[K.STRESS_WEIGHT] > 0).any())
-        has_stress_t = all_reduce_sum(torch.tensor([float(has_stress)]), self.dist)
-        outputs = required_outputs(obj.weights, bool(has_stress_t.item() > 0))
+            batch = _move(batch, self.device)
+        loss.prepare(batch, self.dist)
         if batch is None:
             # a rank with no structures in this step still joins the reductions with zeros
-            w = obj.weights
-            n_terms = (w.energy > 0) + (w.forces > 0) + (w.stress > 0 and K.STRESS in outputs)
-            all_reduce_sum(torch.zeros(n_terms), self.dist)
-            return sum(p.sum() * 0.0 for p in self.model.parameters())  # type: ignore[return-value]
-        pred = self.model(batch, outputs, create_graph=True)
-        sums, counts = loss_sums(pred, batch, obj.weights, self.scale)
-        names = list(counts)
-        total_counts = all_reduce_sum(
-            torch.stack([counts[n].double() for n in names]).float(), self.dist
-        )
-        counts = {n: total_counts[k] for k, n in enumerate(names)}
-        return obj.weight * combine(sums, counts, obj.weights)
+            self._reduce_counts(loss, {})
+            return _zero_loss(self.model)
+        sums, counts = loss.sums(self.model, batch, True)
+        total = self._reduce_counts(loss, counts)
+        counts = {n: total[n].to(sums[n].device) for n in sums}
+        return obj.weight * loss.combine(sums, counts)
 
     def _progress(self) -> float:
         by_epoch = self.epoch / self.cfg.epochs
@@ -224,7 +353,7 @@ class Trainer:
         self.elapsed = float(all_reduce_max(torch.tensor([self.elapsed]), self.dist).item())
         return self._out_of_time()
 
-    def train_step(self, batches: Sequence[Graph | None]) -> float:
+    def train_step(self, batches: Sequence[Any | None]) -> float:
         """One optimiser step on one batch per objective (in ``self.objectives`` order).
 
         Returns the loss summed over processes. A rank may pass ``None`` for an objective
@@ -233,15 +362,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = sum(
             (self._objective_loss(obj, b) for obj, b in zip(self.objectives, batches)),
-            start=torch.zeros(()),
+            start=torch.zeros((), device=self.device),
         )
         loss.backward()
         sync_gradients(self.model, self.dist)
-        global_loss = float(all_reduce_sum(loss.detach().reshape(1), self.dist).item())
+        global_loss = float(all_reduce_sum(loss.detach().reshape(1).cpu(), self.dist).item())
         if not math.isfinite(global_loss):
             raise TrainingError(
-                f"loss became {global_loss} at epoch {self.epoch}, step {self.step}; "
-                "lower train.lr or check the data (trustpot data stats)"
+                f"{self.desc}: loss became {global_loss} at epoch {self.epoch}, step {self.step}; "
+                "lower the learning rate(s) or check the data (trustpot data stats)"
             )
         if self.cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
@@ -251,13 +380,11 @@ class Trainer:
         self.step += 1
         return global_loss
 
-    def train_epoch(self, train: Mapping[str, GraphDataset]) -> float:
+    def train_epoch(self, train: Mapping[str, TrainerDataset]) -> float:
         """One pass over the first objective's data; returns the mean training loss."""
-        self.model.train()
+        self.train_mode(self.model)
         torch.manual_seed(_seed_for(self.cfg.seed + 17, self.epoch))
-        lr = self.schedule.rate(self.epoch, self._progress())
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self._set_lr(self.schedule.rate(self.epoch, self._progress()))
         first, *others = self.objectives
         other_iters = [self._cycle(train[o.dataset], self.epoch) for o in others]
         loss_sum, n_steps = 0.0, 0
@@ -272,80 +399,123 @@ class Trainer:
                 break
         return loss_sum / max(n_steps, 1)
 
-    def validate(self, val: Mapping[str, GraphDataset]) -> dict[str, float]:
-        """Metrics of the inference weights on every objective's validation set."""
+    def validate(self, val: Mapping[str, TrainerDataset]) -> dict[str, float]:
+        """Every objective's own loss (and extra metric columns) of the inference weights on
+        its validation set, in eval mode; ``val_loss`` is their weighted sum."""
         self.eval_model.load_state_dict(self.inference_state())
         self.eval_model.eval()
         metrics: dict[str, float] = {}
         total = 0.0
+        several = len(self.objectives) > 1
         for obj in self.objectives:
             ds = val.get(obj.dataset)
             if ds is None:
                 continue
-            sums = torch.zeros(6, dtype=torch.float64)
+            loss = obj.kind
+            names = list(loss.weights)
+            sums: dict[str, float] = {n: 0.0 for n in names}
+            counts: dict[str, float] = {n: 0.0 for n in names}
+            extra: dict[str, Tensor] = {}
             for batch, _ in ds.batches(
                 4 * self.cfg.batch_size, rank=self.dist.rank, world_size=self.dist.world_size
             ):
+                if batch is not None:
+                    batch = _move(batch, self.device)
+                loss.prepare(batch, self.dist)
                 if batch is None:
                     continue
-                batch = to_device(batch, self.device)
-                pred = self.eval_model(batch, {K.ENERGY, K.FORCES}, create_graph=False)
-                ew = batch[K.ENERGY_WEIGHT].double()
-                de = (pred[K.ENERGY].detach() - batch[K.ENERGY]) / batch[K.N_ATOMS]
-                fw = batch[K.FORCES_WEIGHT][batch[K.BATCH]].double().unsqueeze(-1)
-                df = (pred[K.FORCES].detach() - batch[K.FORCES]).double()
-                sums += torch.stack(
-                    [
-                        (de.abs() * ew).sum(),
-                        (de**2 * ew).sum(),
-                        ew.sum(),
-                        (df.abs() * fw).sum(),
-                        (df**2 * fw).sum(),
-                        fw.sum() * 3,
-                    ]
-                ).cpu()
-            sums = all_reduce_sum(sums, self.dist)
-            e_n, f_n = max(float(sums[2]), 1.0), max(float(sums[5]), 1.0)
-            prefix = "" if len(self.objectives) == 1 else f"{obj.name}_"
-            m = {
-                f"{prefix}val_energy_mae_per_atom": float(sums[0]) / e_n,
-                f"{prefix}val_energy_rmse_per_atom": math.sqrt(float(sums[1]) / e_n),
-                f"{prefix}val_forces_mae": float(sums[3]) / f_n,
-                f"{prefix}val_forces_rmse": math.sqrt(float(sums[4]) / f_n),
-            }
-            metrics.update(m)
-            w = obj.weights
-            total += obj.weight * (
-                w.energy * float(sums[1]) / e_n / self.scale**2
-                + w.forces * float(sums[4]) / f_n / self.scale**2
+                s, c = loss.sums(self.eval_model, batch, False)
+                for n in s:
+                    sums[n] += float(s[n].detach().double())
+                    counts[n] += float(c[n].detach().double())
+                pred = getattr(loss, "last_pred", None)
+                for key, value in loss.metric_sums(self.eval_model, batch, pred).items():
+                    if key not in loss.metric_keys:
+                        raise TrainingError(f"{type(loss).__name__}: metric '{key}' undeclared")
+                    value = value.detach().double().cpu()
+                    extra[key] = extra[key] + value if key in extra else value
+            keys = list(loss.metric_keys)
+            local = torch.tensor(
+                [sums[n] for n in names]
+                + [counts[n] for n in names]
+                + [float(extra.get(k, 0.0)) for k in keys],
+                dtype=torch.float64,
             )
+            glob = all_reduce_sum(local, self.dist).tolist()
+            k = len(names)
+            value = sum(
+                loss.weights[n] * glob[i] / max(glob[k + i], 1.0) for i, n in enumerate(names)
+            )
+            prefix = f"{obj.name}_" if several else ""
+            if several:
+                metrics[f"{prefix}val_loss"] = value
+            if keys:
+                totals = dict(zip(keys, glob[2 * k :]))
+                metrics.update({prefix + m: v for m, v in loss.metrics(totals).items()})
+            total += obj.weight * value
         metrics["val_loss"] = total
         return metrics
 
-    def fit(
-        self,
-        train: Mapping[str, GraphDataset],
-        val: Mapping[str, GraphDataset],
-        run_dir: Path,
-        log: Callable[[str], None] = print,
-    ) -> TrainResult:
-        """Train until epochs, budget or patience run out; writes checkpoints and metrics."""
-        run_dir = Path(run_dir)
-        main = self.dist.is_main
-        metrics_path = run_dir / "metrics.csv"
-        stopped_by = "epochs"
-        bar = tqdm(
-            total=self.cfg.epochs,
-            initial=self.epoch,
-            desc="train",
-            unit="epoch",
-            disable=not main,
+    def _record_best(self, val_metrics: dict[str, float], has_val: bool) -> bool:
+        improved = (not has_val) or val_metrics["val_loss"] < self.best_val
+        if improved:
+            self.best_val = val_metrics["val_loss"] if has_val else math.nan
+            self.best_epoch = self.epoch
+            self.best_metrics = dict(val_metrics)
+            self.bad_epochs = 0
+            self._best_state = {k: v.detach().clone() for k, v in self.inference_state().items()}
+            self._best_dirty = True
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    def _bar(self) -> tqdm:
+        """Progress by budget: seconds of ``max_minutes`` when set, else epochs."""
+        common = dict(
+            desc=self.desc,
+            disable=not (self.dist.is_main and self.progress),
             dynamic_ncols=True,
             mininterval=1.0 if sys.stderr.isatty() else 30.0,
         )
+        if self.cfg.max_minutes > 0:
+            budget = 60.0 * self.cfg.max_minutes
+            return tqdm(
+                total=round(budget, 1),
+                initial=round(min(self.elapsed, budget), 1),
+                unit="s",
+                bar_format=(
+                    "{l_bar}{bar}| {n:.0f}/{total:.0f} s of budget [{elapsed}<{remaining}{postfix}]"
+                ),
+                **common,
+            )
+        return tqdm(total=self.cfg.epochs, initial=self.epoch, unit="epoch", **common)
+
+    def fit(
+        self,
+        train: Mapping[str, TrainerDataset],
+        val: Mapping[str, TrainerDataset],
+        run_dir: Path,
+        log: Callable[[str], None] = print,
+    ) -> TrainResult:
+        """Train until epochs, budget, patience or ``on_epoch`` stop; writes ``best.ckpt``,
+        ``last.ckpt`` (atomically) and ``metrics.csv`` in ``run_dir``."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
+        metrics_path = run_dir / "metrics.csv"
+        has_val = any(o.dataset in val for o in self.objectives)
+        by_time = self.cfg.max_minutes > 0
+        stopped_by = "epochs"
         writer_fields: list[str] | None = None
         if main and metrics_path.exists():
             _drop_rows_from(metrics_path, self.epoch)
+        if self.validate_start and has_val and self.epoch == 0 and self.best_epoch < 0:
+            start = self.validate(val)
+            self.best_val, self.best_metrics = start["val_loss"], dict(start)
+            self._best_state = {k: v.detach().clone() for k, v in self.inference_state().items()}
+            self._best_dirty = True
+            self.user_state["start_metrics"] = dict(start)
+        bar = self._bar()
         if self.epoch >= self.cfg.epochs:
             stopped_by = "epochs"
         elif self._out_of_time():
@@ -354,11 +524,14 @@ class Trainer:
             t_epoch = time.perf_counter()
             base_elapsed = self.elapsed
             train_loss = self.train_epoch(train)
-            val_metrics = self.validate(val)
+            val_metrics = self.validate(val) if has_val else {}
             self.elapsed = base_elapsed + time.perf_counter() - t_epoch
             self._budget_spent()
-            self.schedule.observe(val_metrics["val_loss"])
-            row = {
+            if has_val:
+                self.schedule.observe(val_metrics["val_loss"])
+            else:
+                self.schedule.observe(train_loss)
+            row: dict[str, Any] = {
                 "epoch": self.epoch,
                 "step": self.step,
                 "elapsed_s": round(self.elapsed, 2),
@@ -367,15 +540,9 @@ class Trainer:
                 "train_loss": train_loss,
                 **val_metrics,
             }
-            improved = val_metrics["val_loss"] < self.best_val
-            if improved:
-                self.best_val = val_metrics["val_loss"]
-                self.best_epoch = self.epoch
-                self.best_metrics = dict(val_metrics)
-                self.bad_epochs = 0
-            else:
-                self.bad_epochs += 1
+            self._record_best(val_metrics, has_val)
             self.epoch += 1
+            hook_stop = self.on_epoch(self, row) if self.on_epoch is not None else None
             if main:
                 new_file = not metrics_path.exists()
                 with open(metrics_path, "a", newline="") as handle:
@@ -385,16 +552,23 @@ class Trainer:
                     if new_file:
                         writer.writeheader()
                     writer.writerow(row)
-                if improved:
-                    save_checkpoint(self._payload(with_training=False), run_dir / "best.ckpt")
                 if self.epoch % self.cfg.checkpoint_every == 0 or self._out_of_time():
-                    save_checkpoint(self._payload(with_training=True), run_dir / "last.ckpt")
-                fmae = val_metrics.get("val_forces_mae", float("nan"))
-                bar.set_postfix(
-                    loss=f"{train_loss:.3g}", val_F_mae=f"{fmae:.4f}", lr=f"{row['lr']:.2g}"
-                )
-                bar.update(1)
+                    self._write_checkpoints(run_dir)
+                post = {"loss": f"{train_loss:.3g}", "lr": f"{row['lr']:.2g}"}
+                if "val_forces_mae" in val_metrics:
+                    post["val_F_mae"] = f"{val_metrics['val_forces_mae']:.4f}"
+                elif has_val:
+                    post["val"] = f"{val_metrics['val_loss']:.4g}"
+                if by_time:
+                    post["epoch"] = str(self.epoch)
+                    bar.update(max(min(self.elapsed, bar.total) - bar.n, 0))
+                else:
+                    bar.update(1)
+                bar.set_postfix(post, refresh=False)
             barrier(self.dist)
+            if hook_stop:
+                stopped_by = hook_stop
+                break
             if self.cfg.patience > 0 and self.bad_epochs >= self.cfg.patience:
                 stopped_by = "patience"
                 break
@@ -402,10 +576,10 @@ class Trainer:
                 stopped_by = "budget"
         bar.close()
         if main:
-            save_checkpoint(self._payload(with_training=True), run_dir / "last.ckpt")
+            self._write_checkpoints(run_dir)
             log(
-                f"stopped by {stopped_by} after {self.epoch} epochs, {self.elapsed / 60:.1f} min; "
-                f"best epoch {self.best_epoch}: "
+                f"{self.desc}: stopped by {stopped_by} after {self.epoch} epochs, "
+                f"{self.elapsed / 60:.1f} min; best epoch {self.best_epoch}: "
                 + ", ".join(f"{k}={v:.5g}" for k, v in self.best_metrics.items())
             )
         barrier(self.dist)

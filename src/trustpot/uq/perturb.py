@@ -24,15 +24,14 @@ trajectories, reproducible uncertainties). ``eval_seed=None`` draws fresh noise 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from trustpot import keys as K
 from trustpot.data.dataset import GraphDataset
@@ -42,6 +41,8 @@ from trustpot.errors import CheckpointError, ConfigError
 from trustpot.models.base import Backbone
 from trustpot.models.potential import Potential, compute_outputs
 from trustpot.nn import MLP
+from trustpot.train.objectives import CRPSLoss
+from trustpot.train.run_folder import best_weights, run_folder, state_payload
 from trustpot.uq.base import Recalibration, UQModel, sample_statistics, wrapper_extra
 
 SAMPLE_OUTPUTS = frozenset({K.ENERGY_STD, K.FORCES_STD, K.ENERGY_SAMPLES, K.FORCES_SAMPLES})
@@ -402,6 +403,33 @@ def crps_scores(
     }
 
 
+class _SampleCRPS(CRPSLoss):
+    """CRPS of a :class:`PerturbedPotential`'s samples: in training ``n_train`` samples with
+    noise per (structure, sample) from a seeded generator (saved for resume); in validation
+    the samples of :meth:`PerturbedPotential.predict` (its fixed ``eval_seed`` noise)."""
+
+    def __init__(
+        self, n_train: int, seed: int, energy_weight: float, forces_weight: float, scale: float
+    ) -> None:
+        super().__init__(self._samples, energy_weight, forces_weight, scale, fair_crps_loss)
+        self.n_train = n_train
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _samples(self, model: nn.Module, g: Graph, training: bool) -> tuple[Tensor, Tensor]:
+        assert isinstance(model, PerturbedPotential)
+        if training:
+            return model.sample(g, self.n_train, self.generator, create_graph=True)
+        wanted = frozenset({K.ENERGY, K.FORCES, K.ENERGY_SAMPLES, K.FORCES_SAMPLES})
+        out = model.predict(g, wanted)
+        return out[K.ENERGY_SAMPLES], out[K.FORCES_SAMPLES]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
 def fit_perturbation(
     base: Potential,
     train: Sequence[Structure],
@@ -423,32 +451,44 @@ def fit_perturbation(
     clip_grad: float = 10.0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    run_dir: str | Path | None = None,
+    ema_decay: float = 0.0,
 ) -> PerturbedPotential:
     """Train perturbations (and optionally the base) by minimising the fair ensemble CRPS.
 
-    Loss per batch: ``energy_weight * mean CRPS(E_m / N) + forces_weight * mean CRPS(F_m)``
-    over labelled structures and force components, in units of the base's ``energy_scale``,
-    with ``n_samples_train`` samples whose noise is drawn per (structure, sample). AdamW with
-    two parameter groups (modulator at ``lr``; base at ``backbone_lr`` when
-    ``finetune_backbone``, else frozen), cosine decay to 1 % over the budget (steps or
-    ``max_minutes``, whichever is further), gradient-norm clipping. After every epoch the
-    validation CRPS of :meth:`PerturbedPotential.predict` (fixed ``eval_seed`` noise) is
-    measured and the best weights are kept; the zero-initialised start (the base itself) is
-    the first candidate. Without ``max_minutes`` a run is deterministic for a ``seed``.
+    Runs on :class:`trustpot.train.trainer.Trainer`. Loss per batch (a :class:`CRPSLoss`):
+    ``energy_weight * mean CRPS(E_m / N) + forces_weight * mean CRPS(F_m)`` over labelled
+    structures and force components, in units of the base's ``energy_scale``, with
+    ``n_samples_train`` samples whose noise is drawn per (structure, sample). AdamW with two
+    parameter groups (modulator at ``lr``; base at ``backbone_lr`` when ``finetune_backbone``,
+    else frozen), cosine decay per epoch to 1 % over the budget (epochs or ``max_minutes``,
+    whichever is further), gradient-norm clipping. The validation loss is the same CRPS of
+    :meth:`PerturbedPotential.predict` (fixed ``eval_seed`` noise); the best weights are kept,
+    and the zero-initialised start (the base itself) is the first candidate. Without
+    ``max_minutes`` a run is deterministic for a ``seed``.
 
     ``base`` is copied, never changed. To train a probabilistic model from scratch, train a
     base with trustpot's ordinary trainer (``trustpot train``), then call this function with
     ``finetune_backbone=True``.
 
+    Args:
+        run_dir: folder of the run (``metrics.csv``, ``best.ckpt``, ``last.ckpt``); a run
+            killed there is resumed by calling again with the same options (other options:
+            ConfigError). ``None``: a temporary folder.
+        ema_decay: EMA of the weights (0: off, the default, as the run is short and the
+            best epoch is selected by validation anyway).
+
     Returns:
-        the wrapper in eval mode; ``fit_report`` holds ``epochs``, ``seconds``, ``best_epoch``,
-        ``val_energy_crps`` (eV/atom), ``val_forces_crps`` (eV/Å), their values before
-        training, ``val_forces_mae`` and ``base_val_forces_mae`` (eV/Å).
+        the wrapper in eval mode; ``fit_report`` holds ``epochs``, ``seconds``, ``best_epoch``
+        (0: the start), ``val_energy_crps`` (eV/atom), ``val_forces_crps`` (eV/Å), their values
+        before training, ``val_forces_mae`` and ``base_val_forces_mae`` (eV/Å).
 
     Raises:
         ConfigError: bad options. DataError: unknown elements. TrainingError: the loss is NaN.
     """
-    from trustpot.train.trainer import TrainingError
+    from trustpot.config import TrainConfig
+    from trustpot.train.distributed import init_distributed
+    from trustpot.train.trainer import Objective, ParamGroup, Trainer
 
     if n_samples_train < 2 or epochs < 1 or batch_size < 1:
         raise ConfigError("fit_perturbation needs n_samples_train >= 2, epochs >= 1, batch >= 1")
@@ -462,101 +502,84 @@ def fit_perturbation(
         model = PerturbedPotential(
             copy.deepcopy(base), noise_dim, None, n_samples, eval_seed, finetune_backbone
         )
-    device = _device_of(base)
     train_ds = GraphDataset(train, base.neighbor_lists(), base.dtype, "training data")
     valid_ds = GraphDataset(valid, base.neighbor_lists(), base.dtype, "validation data")
     scale = float(base.meta.energy_scale)
-    for p in model.base.parameters():
-        p.requires_grad_(finetune_backbone)
-    groups: list[dict[str, Any]] = [{"params": list(model.modulator.parameters()), "lr": lr}]
-    if finetune_backbone:
-        groups.append({"params": list(model.base.parameters()), "lr": backbone_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    peaks = [group["lr"] for group in optimizer.param_groups]
-    trainable = [p for group in groups for p in group["params"]]
+    options = dict(
+        n_samples_train=n_samples_train, epochs=epochs, max_minutes=max_minutes, lr=lr,
+        backbone_lr=backbone_lr, finetune_backbone=finetune_backbone, batch_size=batch_size,
+        energy_weight=energy_weight, forces_weight=forces_weight, noise_dim=noise_dim, seed=seed,
+        n_samples=n_samples, eval_seed=eval_seed, clip_grad=clip_grad, ema_decay=ema_decay,
+        n_train=len(train_ds), n_valid=len(valid_ds),
+    )  # fmt: skip
+    cfg = TrainConfig(
+        epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, lr=lr, min_lr=0.01 * lr,
+        schedule="cosine", warmup_epochs=0, ema_decay=ema_decay, clip_grad=clip_grad, seed=seed,
+    )  # fmt: skip
+    loss = _SampleCRPS(n_samples_train, seed + 1, energy_weight, forces_weight, scale)
+    groups = [
+        ParamGroup(list(model.modulator.parameters()), lr, name="modulator"),
+        ParamGroup(list(model.base.parameters()), backbone_lr, not finetune_backbone, 0.0, "base"),
+    ]
 
-    def objective(scores: dict[str, float]) -> float:
-        e, f = scores["energy_crps"], scores["forces_crps"]
-        return (energy_weight * e + forces_weight * f) / scale
+    def train_mode(m: nn.Module) -> None:
+        m.eval()  # the base stays in eval mode: no dropout noise
+        assert isinstance(m, PerturbedPotential)
+        m.modulator.train()
 
-    model.eval()
-    initial = crps_scores(model, valid_ds, batch_size)
-    best, best_epoch = objective(initial), 0
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    best_scores = dict(initial)
-    log(
-        f"perturb: start val CRPS energy {initial['energy_crps']:.4g} eV/atom, "
-        f"forces {initial['forces_crps']:.4g} eV/Å (base force MAE {initial['forces_mae']:.4g})"
-    )
-    noise_gen = torch.Generator().manual_seed(seed + 1)
-    total_steps = epochs * math.ceil(len(train_ds) / batch_size)
-    budget = max_minutes * 60.0
-    step, epoch, out_of_time = 0, 0, False
-    bar = tqdm(total=epochs, desc="perturb", unit="epoch", disable=not progress)
-    for epoch in range(1, epochs + 1):
-        model.modulator.train()  # the base stays in eval mode: no dropout noise
-        loss_sum, n_steps = 0.0, 0
-        for batch, _ in train_ds.batches(batch_size, shuffle=True, seed=seed + 7919 * epoch):
-            assert batch is not None
-            frac = step / total_steps
-            if budget > 0:
-                frac = max(frac, (time.perf_counter() - t0) / budget)
-            factor = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-            for group, peak in zip(optimizer.param_groups, peaks):
-                group["lr"] = peak * factor
-            g = to_device(batch, device)
-            energies, forces = model.sample(g, n_samples_train, noise_gen, create_graph=True)
-            e_sum, e_n, f_sum, f_n = _crps_terms(energies, forces, g, scale)
-            e_loss, f_loss = e_sum / e_n.clamp_min(1), f_sum / f_n.clamp_min(1)
-            loss = energy_weight * e_loss + forces_weight * f_loss
-            if not bool(torch.isfinite(loss.detach())):
-                raise TrainingError(
-                    f"perturbation loss became {float(loss.detach())} at epoch {epoch}, step "
-                    f"{step}; lower lr / backbone_lr or check the data (trustpot data stats)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, clip_grad)
-            optimizer.step()
-            step += 1
-            loss_sum, n_steps = loss_sum + float(loss.detach()), n_steps + 1
-            if budget > 0 and time.perf_counter() - t0 >= budget:
-                out_of_time = True
-                break
-        model.eval()
-        scores = crps_scores(model, valid_ds, batch_size)
-        value = objective(scores)
-        if value < best:
-            best, best_epoch, best_scores = value, epoch, dict(scores)
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    def on_epoch(trainer: Trainer, row: dict[str, Any]) -> None:
+        start = trainer.user_state.get("start_metrics")
+        if trainer.epoch == 1 and start is not None:
+            e, f, mae = start["val_energy_crps"], start["val_forces_crps"], start["val_forces_mae"]
+            log(
+                f"perturb: start val CRPS energy {e:.4g} eV/atom, forces {f:.4g} eV/Å "
+                f"(base force MAE {mae:.4g})"
+            )
         log(
-            f"perturb epoch {epoch}: train loss {loss_sum / max(n_steps, 1):.4g}, val CRPS energy "
-            f"{scores['energy_crps']:.4g} eV/atom, forces {scores['forces_crps']:.4g} eV/Å"
+            f"perturb epoch {trainer.epoch}: train loss {row['train_loss']:.4g}, val CRPS energy "
+            f"{row['val_energy_crps']:.4g} eV/atom, forces {row['val_forces_crps']:.4g} eV/Å"
         )
-        bar.set_postfix(val_F_crps=f"{scores['forces_crps']:.4g}", refresh=False)
-        bar.update(1)
-        if out_of_time:
-            log(f"perturb: wall-clock budget of {max_minutes} min reached")
-            break
-    bar.close()
-    model.load_state_dict(best_state)
+
+    trainer = Trainer(
+        model,
+        [Objective("crps", "main", loss=loss)],
+        cfg,
+        init_distributed(),
+        run_config=options,
+        param_groups=groups,
+        payload_fn=state_payload("perturbation_fit"),
+        train_mode=train_mode,
+        amsgrad=False,
+        on_epoch=on_epoch,
+        validate_start=True,
+        progress=progress,
+        desc="perturb",
+    )
+    with run_folder(run_dir) as folder, torch.random.fork_rng(devices=[]):
+        if trainer.resume(folder):
+            log(f"perturb: resuming {folder} at epoch {trainer.epoch}")
+        result = trainer.fit({"main": train_ds}, {"main": valid_ds}, folder, log=lambda _: None)
+        model.load_state_dict(best_weights(trainer, folder))
+        start = trainer.user_state["start_metrics"]
+    if result.stopped_by == "budget":
+        log(f"perturb: wall-clock budget of {max_minutes} min reached")
     for p in model.parameters():
         p.requires_grad_(True)
+    best = result.best_metrics
     model.fit_report = {
-        "epochs": epoch,
+        "epochs": result.epochs,
         "seconds": round(time.perf_counter() - t0, 3),
-        "best_epoch": best_epoch,
-        "val_energy_crps": best_scores["energy_crps"],
-        "val_forces_crps": best_scores["forces_crps"],
-        "val_forces_mae": best_scores["forces_mae"],
-        "initial_val_energy_crps": initial["energy_crps"],
-        "initial_val_forces_crps": initial["forces_crps"],
-        "base_val_forces_mae": initial["forces_mae"],
+        "best_epoch": result.best_epoch + 1,
+        "val_energy_crps": best["val_energy_crps"],
+        "val_forces_crps": best["val_forces_crps"],
+        "val_forces_mae": best["val_forces_mae"],
+        "initial_val_energy_crps": start["val_energy_crps"],
+        "initial_val_forces_crps": start["val_forces_crps"],
+        "base_val_forces_mae": start["val_forces_mae"],
         "n_train": len(train_ds),
         "n_valid": len(valid_ds),
         "n_samples_train": n_samples_train,
         "finetune_backbone": finetune_backbone,
-        "stopped_by": "time" if out_of_time else "epochs",
+        "stopped_by": "time" if result.stopped_by == "budget" else result.stopped_by,
     }
     return model.eval()

@@ -13,16 +13,15 @@ the base potential's, computed in the same forward pass as the embedding.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from trustpot import keys as K
 from trustpot.data.graph import Graph, collate, structure_to_graph, to_device
@@ -381,6 +380,8 @@ def fit_probe(
     seed: int = 0,
     log: Callable[[str], None] = print,
     source: str = "calibration data",
+    run_dir: str | Path | None = None,
+    ema_decay: float = 0.0,
 ) -> Probe:
     """Fit a PROBE classifier on labelled structures the base potential did not train on.
 
@@ -391,13 +392,29 @@ def fit_probe(
     class-balanced BCE; the ``log(pos_weight)`` offset it adds to the logits is removed from the
     output bias afterwards, so that probabilities refer to the true class frequencies.
 
+    Training runs on :class:`trustpot.train.trainer.Trainer` (a :class:`BCELoss` objective on
+    the cached per-atom features, AdamW at a constant ``lr``, weight decay 0.01); the
+    validation loss is the same weighted BCE on the held-out structures.
+
     Args:
         epochs: most epochs; ``max_minutes`` (> 0) also stops training on wall-clock time.
+        run_dir: folder of the classifier's run (``metrics.csv``, ``best.ckpt``,
+            ``last.ckpt``); a run killed there resumes when called again with the same
+            options (other options: ConfigError). ``None``: a temporary folder.
+        ema_decay: EMA of the classifier weights; 0 (off) by default: the classifier is tiny,
+            trains in seconds and its best epoch is chosen on held-out data.
 
     Raises:
         ConfigError: fewer than :data:`MIN_STRUCTURES` structures, missing force labels,
             invalid options, or a tolerance that leaves only one class.
     """
+    from trustpot.config import TrainConfig
+    from trustpot.train.datasets import ItemDataset
+    from trustpot.train.distributed import init_distributed
+    from trustpot.train.objectives import BCELoss
+    from trustpot.train.run_folder import best_weights, run_folder, state_payload
+    from trustpot.train.trainer import Objective, Trainer
+
     structures = list(structures)
     if len(structures) < MIN_STRUCTURES:
         raise ConfigError(
@@ -439,37 +456,45 @@ def fit_probe(
         clf = probe.classifier
         clf.standardise(*_gather(feats, train)[:2])
         pos_weight = float((~labels[train]).sum()) / float(labels[train].sum())
-        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
-        optimizer = torch.optim.AdamW(clf.parameters(), lr=lr)
         select = held if len(held) else train
-        best = (math.inf, -1, {k: v.clone() for k, v in clf.state_dict().items()})
-        stopped_by, epoch = "epochs", 0
-        bar = tqdm(
-            total=epochs,
+
+        def collate(idx: list[int]) -> tuple[tuple[Tensor, ...], Tensor]:
+            return _gather(feats, idx), y[torch.as_tensor(idx, device=device)]
+
+        loss = BCELoss(lambda m, b: (m(*b[0])[0], b[1]), pos_weight)
+        cfg = TrainConfig(
+            epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, lr=lr, min_lr=lr,
+            weight_decay=0.01, schedule="plateau", lr_patience=10**9, ema_decay=ema_decay,
+            clip_grad=0.0, seed=seed,
+        )  # fmt: skip
+        options = dict(
+            epochs=epochs, max_minutes=max_minutes, lr=lr, batch_size=batch_size, seed=seed,
+            ema_decay=ema_decay, tolerance=tol, n_pos=n_pos, n_structures=len(labels),
+            temperature_fraction=temperature_fraction, hypers=probe.hypers.to_dict(),
+        )  # fmt: skip
+        trainer = Trainer(
+            clf,
+            [Objective("bce", "main", loss=loss)],
+            cfg,
+            init_distributed(),
+            run_config=options,
+            payload_fn=state_payload("probe_fit"),
+            amsgrad=False,
             desc="probe",
-            unit="epoch",
-            dynamic_ncols=True,
-            mininterval=1.0 if sys.stderr.isatty() else 30.0,
         )
-        for epoch in range(1, epochs + 1):
-            clf.train()
-            order = rng.permutation(train)
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
-                loss = loss_fn(clf(*_gather(feats, idx))[0], y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            val = float(loss_fn(_all_logits(clf, feats, select, batch_size).to(y), y[select]))
-            if val < best[0]:
-                best = (val, epoch, {k: v.clone() for k, v in clf.state_dict().items()})
-            bar.set_postfix(loss=f"{loss.item():.3g}", val=f"{val:.3g}", best=best[1])
-            bar.update(1)
-            if max_minutes > 0 and time.perf_counter() - t0 > 60.0 * max_minutes:
-                stopped_by = "time"
-                break
-        bar.close()
-        clf.load_state_dict(best[2])
+        with run_folder(run_dir) as folder:
+            if trainer.resume(folder):
+                log(f"PROBE: resuming {folder} at epoch {trainer.epoch}")
+            result = trainer.fit(
+                {"main": ItemDataset([int(i) for i in train], collate, "PROBE training set")},
+                {"main": ItemDataset([int(i) for i in select], collate, "PROBE held-out set")},
+                folder,
+                log=lambda _: None,
+            )
+            best_state = best_weights(trainer, folder)
+        epoch, best_epoch = result.epochs, result.best_epoch + 1
+        stopped_by = "time" if result.stopped_by == "budget" else result.stopped_by
+        clf.load_state_dict(best_state)
         with torch.no_grad():
             clf.head[-1].bias.sub_(math.log(pos_weight))
         clf.eval()
@@ -500,7 +525,7 @@ def fit_probe(
             binary_nll(held_logits, labels[held], temperature) if len(held) else nan
         ),
         "epochs": epoch,
-        "best_epoch": best[1],
+        "best_epoch": best_epoch,
         "stopped_by": stopped_by,
         "seconds": time.perf_counter() - t0,
         "hypers": probe.hypers.to_dict(),
@@ -509,6 +534,6 @@ def fit_probe(
     log(
         f"PROBE on {source}: tolerance {tol:.4g} eV/Å, {n_pos}/{len(labels)} unreliable, "
         f"AUROC train {report['train_auroc']:.3f} held-out {report['val_auroc']:.3f}, "
-        f"T {temperature:.3g}, best epoch {best[1]}/{epoch} ({report['seconds']:.1f} s)"
+        f"T {temperature:.3g}, best epoch {best_epoch}/{epoch} ({report['seconds']:.1f} s)"
     )
     return probe

@@ -1,0 +1,79 @@
+"""Datasets the trainer reads besides :class:`trustpot.data.dataset.GraphDataset`.
+
+A trainer dataset is anything with ``__len__`` and ``batches(batch_size, shuffle=..., seed=...,
+rank=..., world_size=...)`` yielding ``(batch_or_None, n_global)`` with the semantics of
+:meth:`GraphDataset.batches`: every rank gets a slice of the same global batch, and ``None``
+where its slice is empty, so that all ranks take the same number of steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+
+from trustpot.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class TrainerDataset(Protocol):
+    """What :class:`trustpot.train.trainer.Trainer` needs from a dataset."""
+
+    def __len__(self) -> int: ...
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[tuple[Any | None, int]]: ...
+
+
+class ItemDataset(Generic[T]):
+    """Items (e.g. cached per-structure feature tensors) collated into batches on demand.
+
+    Args:
+        items: the items, e.g. indices into a feature cache.
+        collate: builds one batch from a list of items.
+        name: shown in errors.
+    """
+
+    def __init__(
+        self, items: Sequence[T], collate: Callable[[list[T]], Any], name: str = "items"
+    ) -> None:
+        if len(items) == 0:
+            raise ConfigError(f"{name}: no items (empty dataset)")
+        self.items = list(items)
+        self.collate = collate
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[tuple[Any | None, int]]:
+        """Yield ``(batch, n_global)``; ``batch`` is ``None`` on a rank with an empty slice."""
+        order = np.arange(len(self.items))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(self.items))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            mine = chunk[rank::world_size]
+            batch = self.collate([self.items[int(k)] for k in mine]) if len(mine) else None
+            yield batch, len(chunk)
+
+
+def full_batch(item: Any, name: str = "full batch") -> ItemDataset[Any]:
+    """A dataset of one item whose every batch is that item: one optimiser step per epoch
+    (full-batch optimisation of a small problem, e.g. a scalar)."""
+    return ItemDataset([item], lambda items: items[0], name)

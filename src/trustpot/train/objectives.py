@@ -1,0 +1,298 @@
+"""Objectives of the training loop: a loss kind, the dataset it reads and its weight.
+
+Every loss kind turns ``(model, batch)`` into ``(sums, counts)``: per-term sums of errors and
+the numbers they are averaged over (0-d tensors). The trainer adds the counts over
+data-parallel ranks before dividing, so a batch split across ``torchrun`` processes gives the
+loss of the whole batch. The same loss, on the validation set and with the model in eval mode,
+is the validation loss (:meth:`ObjectiveLoss.combine` of the summed sums and counts).
+
+Kinds:
+
+* :class:`ForceFieldLoss` -- energy / force / stress MSE or Huber (a potential).
+* :class:`CRPSLoss` -- fair ensemble CRPS of sampled energies and forces (a sampler).
+* :class:`BCELoss` -- class-balanced binary cross-entropy of logits (a classifier).
+* :class:`CallableLoss` -- any ``fn(model, batch) -> (sums, counts)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trustpot import keys as K
+from trustpot.train.distributed import DistInfo, all_reduce_sum
+from trustpot.train.losses import LossWeights, loss_sums, required_outputs
+
+Sums = dict[str, Tensor]
+LossFn = Callable[[nn.Module, Any], tuple[Sums, Sums]]
+
+
+class ObjectiveLoss:
+    """A loss kind. Subclasses set :attr:`weights` and implement :meth:`sums`.
+
+    Attributes:
+        weights: weight of every term; the term names are its keys (fixed, so that every
+            data-parallel rank reduces the same vector).
+    """
+
+    weights: dict[str, float]
+    metric_keys: tuple[str, ...] = ()  # keys of metric_sums (fixed: ranks reduce them together)
+
+    def prepare(self, batch: Any | None, dist: DistInfo) -> None:
+        """Called on every rank before each batch (``None`` on a rank with no share of it);
+        may run collective reductions that all ranks must join."""
+
+    def sums(self, model: nn.Module, batch: Any, training: bool) -> tuple[Sums, Sums]:
+        """Per-term error sums and counts of ``batch`` (keys a subset of :attr:`weights`)."""
+        raise NotImplementedError
+
+    def combine(self, sums: Mapping[str, Tensor], counts: Mapping[str, Tensor]) -> Tensor:
+        """Weighted sum of term means; a term with no count anywhere contributes zero."""
+        total: Tensor | None = None
+        for term, value in sums.items():
+            part = self.weights[term] * (value / counts[term].clamp_min(1.0))
+            total = part if total is None else total + part
+        if total is None:
+            raise ValueError("the loss has no term with a positive weight")
+        return total
+
+    def metric_sums(self, model: nn.Module, batch: Any, pred: Any) -> dict[str, Tensor]:
+        """Extra validation sums (e.g. MAE); ``pred`` is what :meth:`sums` left in
+        :attr:`last_pred`. Keys ending in ``_n`` are counts."""
+        return {}
+
+    def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
+        """Extra validation columns from the summed :meth:`metric_sums`."""
+        return {}
+
+    # state that must survive a resume (e.g. a noise generator); empty by default
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
+
+
+class ForceFieldLoss(ObjectiveLoss):
+    """Energy / force / stress loss of a potential (``mse`` or ``huber``, see
+    :func:`trustpot.train.losses.loss_sums`), in units of the force scale ``scale`` (eV/Å;
+    default the model's ``energy_scale``). Validation adds MAE / RMSE columns of per-atom
+    energies (eV/atom) and force components (eV/Å)."""
+
+    def __init__(self, weights: LossWeights, scale: float | None = None) -> None:
+        self.loss_weights = weights
+        self.scale = scale
+        terms = {"energy": weights.energy, "forces": weights.forces, "stress": weights.stress}
+        self.weights = {k: float(v) for k, v in terms.items() if v > 0}
+        self.metric_keys = ("e_abs", "e_sq", "e_n", "f_abs", "f_sq", "f_n")
+        self._has_stress = False
+        self.last_pred: dict[str, Tensor] | None = None
+
+    def prepare(self, batch: Any | None, dist: DistInfo) -> None:
+        local = batch is not None and bool((batch[K.STRESS_WEIGHT] > 0).any())
+        flag = all_reduce_sum(torch.tensor([float(local)]), dist)
+        self._has_stress = bool(flag.item() > 0)
+
+    def sums(self, model: nn.Module, batch: Any, training: bool) -> tuple[Sums, Sums]:
+        outputs = required_outputs(self.loss_weights, self._has_stress)
+        if not training:
+            outputs = outputs | {K.FORCES}  # the MAE / RMSE columns need forces
+        pred = model(batch, outputs, create_graph=training)
+        scale = self.scale if self.scale is not None else float(model.energy_scale)  # type: ignore[arg-type]
+        self.last_pred = pred
+        return loss_sums(pred, batch, self.loss_weights, scale)
+
+    def metric_sums(self, model: nn.Module, batch: Any, pred: Any) -> dict[str, Tensor]:
+        ew = batch[K.ENERGY_WEIGHT].double()
+        de = ((pred[K.ENERGY].detach() - batch[K.ENERGY]) / batch[K.N_ATOMS]).double()
+        fw = batch[K.FORCES_WEIGHT][batch[K.BATCH]].double().unsqueeze(-1)
+        df = (pred[K.FORCES].detach() - batch[K.FORCES]).double()
+        return {
+            "e_abs": (de.abs() * ew).sum(),
+            "e_sq": (de**2 * ew).sum(),
+            "e_n": ew.sum(),
+            "f_abs": (df.abs() * fw).sum(),
+            "f_sq": (df**2 * fw).sum(),
+            "f_n": fw.sum() * 3,
+        }
+
+    def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
+        e_n, f_n = max(totals["e_n"], 1.0), max(totals["f_n"], 1.0)
+        return {
+            "val_energy_mae_per_atom": totals["e_abs"] / e_n,
+            "val_energy_rmse_per_atom": (totals["e_sq"] / e_n) ** 0.5,
+            "val_forces_mae": totals["f_abs"] / f_n,
+            "val_forces_rmse": (totals["f_sq"] / f_n) ** 0.5,
+        }
+
+
+class CRPSLoss(ObjectiveLoss):
+    """Fair ensemble CRPS of sampled per-atom energies and force components.
+
+    Args:
+        samples: ``samples(model, batch, training) -> (energies [n_graphs, M] eV,
+            forces [n_atoms, M, 3] eV/Å)``; with ``training`` it must keep the graph for
+            backpropagation.
+        energy_weight, forces_weight: weights of the two terms.
+        scale: force scale (eV/Å) dividing both terms (dimensionless loss).
+        crps: the CRPS of ``[n, M]`` samples against ``[n]`` targets, returning ``[n]`` (e.g.
+            :func:`trustpot.uq.perturb.fair_crps_loss`).
+    """
+
+    def __init__(
+        self,
+        samples: Callable[[nn.Module, Any, bool], tuple[Tensor, Tensor]],
+        energy_weight: float,
+        forces_weight: float,
+        scale: float,
+        crps: Callable[[Tensor, Tensor], Tensor],
+    ) -> None:
+        self.samples = samples
+        self.scale = float(scale)
+        self.crps = crps
+        self.weights = {"energy": float(energy_weight), "forces": float(forces_weight)}
+        self.metric_keys = ("e_crps", "e_n", "f_crps", "f_mae", "f_n")
+        self.last_pred: tuple[Tensor, Tensor] | None = None
+
+    def sums(self, model: nn.Module, batch: Any, training: bool) -> tuple[Sums, Sums]:
+        energies, forces = self.samples(model, batch, training)
+        self.last_pred = (energies, forces)
+        n = batch[K.N_ATOMS].to(energies.dtype)
+        e = self.crps(energies / n.unsqueeze(-1), batch[K.ENERGY] / n) / self.scale
+        w_e = batch[K.ENERGY_WEIGHT].to(e.dtype)
+        m = forces.shape[1]
+        f = self.crps(forces.permute(0, 2, 1).reshape(-1, m), batch[K.FORCES].reshape(-1))
+        f = f / self.scale
+        w_f = batch[K.FORCES_WEIGHT][batch[K.BATCH]].repeat_interleave(3).to(f.dtype)
+        return (
+            {"energy": (e * w_e).sum(), "forces": (f * w_f).sum()},
+            {"energy": w_e.sum(), "forces": w_f.sum()},
+        )
+
+    def metric_sums(self, model: nn.Module, batch: Any, pred: Any) -> dict[str, Tensor]:
+        energies, forces = pred
+        n = batch[K.N_ATOMS].to(energies.dtype)
+        e = self.crps(energies.detach() / n.unsqueeze(-1), batch[K.ENERGY] / n).double()
+        w_e = batch[K.ENERGY_WEIGHT].double()
+        m = forces.shape[1]
+        flat = forces.detach().permute(0, 2, 1).reshape(-1, m)
+        f = self.crps(flat, batch[K.FORCES].reshape(-1)).double()
+        w_f = batch[K.FORCES_WEIGHT][batch[K.BATCH]].repeat_interleave(3).double()
+        mae = (flat.mean(-1) - batch[K.FORCES].reshape(-1)).abs().double()
+        return {
+            "e_crps": (e * w_e).sum(),
+            "e_n": w_e.sum(),
+            "f_crps": (f * w_f).sum(),
+            "f_mae": (mae * w_f).sum(),
+            "f_n": w_f.sum(),
+        }
+
+    def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
+        e_n, f_n = max(totals["e_n"], 1.0), max(totals["f_n"], 1.0)
+        return {
+            "val_energy_crps": totals["e_crps"] / e_n,
+            "val_forces_crps": totals["f_crps"] / f_n,
+            "val_forces_mae": totals["f_mae"] / f_n,
+        }
+
+
+class BCELoss(ObjectiveLoss):
+    """Binary cross-entropy of logits, positives weighted by ``pos_weight``.
+
+    Args:
+        logits: ``logits(model, batch) -> (logits [n], targets [n] in [0, 1])``.
+        pos_weight: weight of the positive class (class balance: n_neg / n_pos).
+    """
+
+    def __init__(
+        self, logits: Callable[[nn.Module, Any], tuple[Tensor, Tensor]], pos_weight: float = 1.0
+    ) -> None:
+        self.logits = logits
+        self.pos_weight = float(pos_weight)
+        self.weights = {"bce": 1.0}
+
+    def sums(self, model: nn.Module, batch: Any, training: bool) -> tuple[Sums, Sums]:
+        logits, y = self.logits(model, batch)
+        y = y.to(logits.dtype)
+        pw = torch.tensor(self.pos_weight, dtype=logits.dtype, device=logits.device)
+        value = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, y, pos_weight=pw, reduction="sum"
+        )
+        return {"bce": value}, {"bce": torch.tensor(float(y.numel()), device=logits.device)}
+
+
+@dataclass
+class CallableLoss(ObjectiveLoss):
+    """Any loss: ``fn(model, batch) -> (sums, counts)`` with the term weights ``weights``."""
+
+    fn: LossFn
+    weights: dict[str, float]
+
+    def sums(self, model: nn.Module, batch: Any, training: bool) -> tuple[Sums, Sums]:
+        return self.fn(model, batch)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A loss on one dataset.
+
+    Attributes:
+        name: shown in logs and ``metrics.csv`` column prefixes.
+        dataset: key of the training and validation datasets it uses.
+        weights: weights of its energy, force and stress terms (force-field objectives).
+        weight: weight of the whole objective in the total loss.
+        loss: the loss kind; ``None`` means :class:`ForceFieldLoss` with ``weights``.
+    """
+
+    name: str
+    dataset: str
+    weights: LossWeights = field(default_factory=LossWeights)
+    weight: float = 1.0
+    loss: ObjectiveLoss | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss is None:
+            object.__setattr__(self, "loss", ForceFieldLoss(self.weights))
+
+    @property
+    def kind(self) -> ObjectiveLoss:
+        """The loss kind (never ``None`` after construction)."""
+        assert self.loss is not None
+        return self.loss
+
+
+@dataclass
+class ParamGroup:
+    """Parameters sharing a peak learning rate.
+
+    Attributes:
+        params: the parameters.
+        lr: peak learning rate (``None``: ``cfg.lr``); the schedule scales every group by the
+            same factor, so each group follows the schedule relative to its own peak.
+        frozen: keep these parameters fixed (``requires_grad`` off while training).
+        weight_decay: AdamW weight decay (``None``: ``cfg.weight_decay``).
+        name: shown in errors.
+    """
+
+    params: Sequence[nn.Parameter]
+    lr: float | None = None
+    frozen: bool = False
+    weight_decay: float | None = None
+    name: str = "params"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    epochs: int
+    best_epoch: int
+    best_val_loss: float
+    elapsed_s: float
+    stopped_by: str
+    best_metrics: dict[str, float]
