@@ -31,7 +31,6 @@ from trustpot.scales.analysis import (
 )
 from trustpot.scales.branches import BranchModel, train_branch
 from trustpot.scales.contacts import (
-    EV_A_TO_KJ_MOL_NM,
     binned_errors,
     contact_errors,
     frame_distance,
@@ -39,6 +38,7 @@ from trustpot.scales.contacts import (
     minimum_image_distances,
 )
 from trustpot.scales.mixture import FORCES_LONG, FORCES_SHORT
+from trustpot.units import EV_PER_A_IN_KJ_PER_MOL_PER_NM
 
 SEED_POOL = [0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0]
 
@@ -289,7 +289,9 @@ def test_scales_run_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert key in keys
     rows = {r["key"]: r for r in result["rows"]}
     for r in rows.values():
-        assert r["overall_kjmolnm"] == pytest.approx(r["overall_ev_a"] * EV_A_TO_KJ_MOL_NM)
+        assert r["overall_kjmolnm"] == pytest.approx(
+            r["overall_ev_a"] * EV_PER_A_IN_KJ_PER_MOL_PER_NM
+        )
     # the oracles are bounds: never worse than the end points or hard routing
     ends = min(rows["fixed_0"]["overall_ev_a"], rows["fixed_1"]["overall_ev_a"])
     assert rows["oracle_hard_structure"]["overall_ev_a"] <= ends + 1e-12

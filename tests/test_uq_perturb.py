@@ -17,7 +17,7 @@ from trustpot.errors import CheckpointError, ConfigError
 from trustpot.models import build_potential
 from trustpot.models.potential import Potential
 from trustpot.testing import random_rotation
-from trustpot.uq.metrics import ensemble_crps
+from trustpot.metrics.uncertainty import ensemble_crps
 from trustpot.uq.perturb import (
     PerturbationModulator,
     PerturbedPotential,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from trustpot import keys as K
+from trustpot.metrics.accuracy import per_structure_force_mae
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,6 @@ class QuickstartOptions:
     uq_minutes: float = 1.0
     workers: int = 2
     seed: int = 0
-
-
-def _per_frame_force_mae(structures: list, preds: list) -> np.ndarray:
-    return np.array(
-        [
-            float(np.abs(np.asarray(p[K.FORCES]) - s.forces).mean())
-            for s, p in zip(structures, preds)
-        ]
-    )
 
 
 def run_quickstart(
@@ -147,7 +138,7 @@ def run_quickstart(
         data = read_data(spec)
         metrics = evaluate_file(predictor, data, out / f"eval_{name}", source=spec)
         results[name] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        per_frame[name] = _per_frame_force_mae(data, predictor.predict_structures(data))
+        per_frame[name] = per_structure_force_mae(data, predictor.predict_structures(data))
     id_name, ood_name = list(results)
     ratio = results[ood_name]["forces_mae"] / results[id_name]["forces_mae"]
 

@@ -246,17 +246,6 @@ def _fragment_labels(manifest: Path) -> dict[str, list[np.ndarray]]:
     }
 
 
-def _per_structure_force_mae(structures: Sequence[Any], preds: Sequence[dict]) -> np.ndarray:
-    from trustpot import keys as K
-
-    return np.array(
-        [
-            float(np.abs(np.asarray(p[K.FORCES]) - s.forces).mean())
-            for s, p in zip(structures, preds)
-        ]
-    )
-
-
 def evaluate_model(
     checkpoint: Path,
     sets: dict[str, list[Any]],
@@ -282,8 +271,8 @@ def evaluate_model(
     )
     from trustpot.bench.offsets import energy_offset_analysis
     from trustpot.calculator import Predictor
-    from trustpot.evaluate import accuracy_metrics
     from trustpot.io.checkpoint import load_potential
+    from trustpot.metrics.accuracy import accuracy_metrics, per_structure_force_mae
 
     model = load_potential(checkpoint)
     predictor = Predictor(model, batch_size=32)
@@ -304,7 +293,7 @@ def evaluate_model(
         d_max, d_mean = structure_distances(
             ref, atom_embeddings(model, structures), [s.numbers for s in structures]
         )
-        f_mae = _per_structure_force_mae(structures, preds)
+        f_mae = per_structure_force_mae(structures, preds)
         e_err = [float(p[K.ENERGY]) - float(s.energy) for s, p in zip(structures, preds)]
         metrics["distance_max_mean"] = float(np.mean(d_max))
         metrics["distance_mean_mean"] = float(np.mean(d_mean))

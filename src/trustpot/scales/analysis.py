@@ -35,9 +35,9 @@ from torch import nn
 from trustpot import keys as K
 from trustpot.data.dataset import GraphDataset
 from trustpot.data.graph import to_device
+from trustpot.metrics.accuracy import pooled_mae
 from trustpot.scales.contacts import (
     CONTACT_THRESHOLD,
-    EV_A_TO_KJ_MOL_NM,
     ContactErrors,
     contact_errors,
     frame_distance,
@@ -53,6 +53,7 @@ from trustpot.scales.oracle import (
 )
 from trustpot.scales.refine import DifferentiableScale, optimise_scale
 from trustpot.train.full_batch import minimise
+from trustpot.units import EV_PER_A_IN_KJ_PER_MOL_PER_NM
 
 Log = Callable[[str], None]
 
@@ -143,8 +144,7 @@ def collect(
 
 def total_mae(frames: FrameSet, predictions: Sequence[np.ndarray]) -> float:
     """Force MAE (eV/Å) over all components of all frames."""
-    num = sum(float(np.abs(p - r).sum()) for p, r in zip(predictions, frames.reference))
-    return num / max(sum(r.size for r in frames.reference), 1)
+    return pooled_mae(p - r for p, r in zip(predictions, frames.reference))
 
 
 # -- oracles and pools ------------------------------------------------------------------------
@@ -325,7 +325,7 @@ class Row:
         for name in ("overall", "contact_frames", "contact_atoms", "far_frames"):
             value = float(getattr(e, name))
             out[f"{name}_ev_a"] = value
-            out[f"{name}_kjmolnm"] = value * EV_A_TO_KJ_MOL_NM
+            out[f"{name}_kjmolnm"] = value * EV_PER_A_IN_KJ_PER_MOL_PER_NM
         return out
 
 

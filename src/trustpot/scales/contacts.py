@@ -27,11 +27,9 @@ import numpy as np
 
 from trustpot.data.structures import Structure
 from trustpot.metrics.accuracy import pooled_mae
-from trustpot.units import EV_PER_A_IN_KJ_PER_MOL_PER_NM
 
 #: 1 eV/Å in kJ/mol/nm (defined in :mod:`trustpot.units`; this name is kept for the modules
 #: that import it from here).
-EV_A_TO_KJ_MOL_NM: Final[float] = EV_PER_A_IN_KJ_PER_MOL_PER_NM
 #: Default close-contact threshold, Å (0.6 nm).
 CONTACT_THRESHOLD: Final[float] = 6.0
 #: Default cations and anions (atomic numbers).

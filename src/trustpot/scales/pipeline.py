@@ -34,6 +34,7 @@ from trustpot.data.dataset import GraphDataset
 from trustpot.data.splits import read_data
 from trustpot.data.structures import Structure, check_species
 from trustpot.errors import ConfigError
+from trustpot.metrics.accuracy import pooled_mae
 from trustpot.scales.analysis import (
     FrameSet,
     PoolScorer,
@@ -70,6 +71,7 @@ from trustpot.scales.router import (
     router_mixture,
     train_router,
 )
+from trustpot.units import EV_PER_A_IN_KJ_PER_MOL_PER_NM
 
 
 def _stamp(log_path: Path | None) -> Callable[[str], None]:
@@ -571,7 +573,10 @@ def run_scales(
             "n_test_contact_frames": int(np.sum(t.frame_d < th)),
         },
         "options": dataclasses.asdict(opts),
-        "units": {"force": "eV/Å and kJ/mol/nm (1 eV/Å = 964.8533 kJ/mol/nm)", "distance": "Å"},
+        "units": {
+            "force": f"eV/Å and kJ/mol/nm (1 eV/Å = {EV_PER_A_IN_KJ_PER_MOL_PER_NM:.4f} kJ/mol/nm)",
+            "distance": "Å",
+        },
         "seed_paper": SEED,
         "branches": branches,
         "calibration": {
@@ -619,10 +624,7 @@ def _by_source(
         start += n
         entry: dict[str, Any] = {"source": spec, "frames": n}
         for key, preds in predictions.items():
-            errs = [p - r for p, r in zip(preds[part], t.reference[part])]
-            entry[key] = sum(float(np.abs(e).sum()) for e in errs) / max(
-                sum(e.size for e in errs), 1
-            )
+            entry[key] = pooled_mae(p - r for p, r in zip(preds[part], t.reference[part]))
         out.append(entry)
     return out
 

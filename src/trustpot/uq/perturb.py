@@ -151,8 +151,8 @@ def fair_crps_loss(samples: Tensor, target: Tensor) -> Tensor:
     """Fair (unbiased) ensemble CRPS of each item, differentiable.
 
     ``CRPS = mean_i |X_i - y| - 1 / (2 M (M - 1)) * sum_{i != j} |X_i - X_j|``, equal to
-    :func:`trustpot.uq.metrics.ensemble_crps`. Where samples coincide the spread term has zero
-    (sub)gradient, so the loss is finite for a zero-spread start.
+    :func:`trustpot.metrics.uncertainty.ensemble_crps`. Where samples coincide the spread term
+    has zero (sub)gradient, so the loss is finite for a zero-spread start.
 
     Args:
         samples: [n, M] with M >= 2.

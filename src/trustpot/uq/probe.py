@@ -27,11 +27,11 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph, collate, structure_to_graph, to_device
 from trustpot.data.structures import Structure, check_species
 from trustpot.errors import CheckpointError, ConfigError
+from trustpot.metrics.uncertainty import auroc
 from trustpot.models.base import Embedding
 from trustpot.models.potential import SUPPORTED_OUTPUTS, Potential, compute_outputs
 from trustpot.nn import MLP, scatter_sum
 from trustpot.uq.base import Recalibration, UQModel, wrapper_extra
-from trustpot.uq.metrics import auroc
 
 #: Fewest labelled structures :func:`fit_probe` accepts.
 MIN_STRUCTURES = 10
