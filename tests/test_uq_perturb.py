@@ -14,10 +14,10 @@ from trustpot.data.graph import collate, structure_to_graph
 from trustpot.data.reader import atoms_to_structure
 from trustpot.data.structures import Structure
 from trustpot.errors import CheckpointError, ConfigError
+from trustpot.metrics.uncertainty import ensemble_crps
 from trustpot.models import build_potential
 from trustpot.models.potential import Potential
 from trustpot.testing import random_rotation
-from trustpot.metrics.uncertainty import ensemble_crps
 from trustpot.uq.perturb import (
     PerturbationModulator,
     PerturbedPotential,
