@@ -24,9 +24,8 @@ import torch
 from trustpot import keys as K
 from trustpot.data.graph import collate, structure_to_graph, to_device
 from trustpot.data.reader import read_structures
-from trustpot.models.build import build_potential
-from trustpot.scales.build import build_scale_mixture
-from trustpot.scales.electrostatics import ElectrostaticsConfig
+from trustpot.models.build import build_potential, build_scale_mixture
+from trustpot.models.electrostatics import ElectrostaticsConfig
 from trustpot.uq.perturb import PerturbedPotential
 
 

@@ -46,7 +46,7 @@ def _command(testbed: str, out: Path, quick: bool, threads: int) -> list[str]:
 
 
 def _summary_lines(results: list[tuple[str, dict[str, Any], list[str]]]) -> list[str]:
-    from trustpot.scales.report import contact_lines, gain_vs, table_lines
+    from trustpot.bench.scales.report import contact_lines, gain_vs, table_lines
 
     lines = [
         "# Adaptive scale refinement on NaCl in water (seed 000)",

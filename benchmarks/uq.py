@@ -175,11 +175,11 @@ def run_dataset(
     from trustpot.calculator import Predictor
     from trustpot.config import load_config
     from trustpot.data.splits import read_data
-    from trustpot.io.checkpoint import load_potential
+    from trustpot.io.checkpoint import load_model, load_potential
     from trustpot.uq import fit as F
+    from trustpot.uq.base import UQModel
     from trustpot.uq.collect import collect
     from trustpot.uq.ensemble import DeepEnsemble
-    from trustpot.uq.io import load_uq
     from trustpot.uq.perturb import fit_perturbation
     from trustpot.uq.probe import fit_probe
     from trustpot.uq.report import headline, uq_metrics
@@ -274,7 +274,7 @@ def run_dataset(
 
     if recalibrate:  # refit the recalibration of the trained wrappers, evaluate them afresh
         for method in ("ensemble", "mc-dropout", "perturb"):
-            model = load_uq(ckpts[method])
+            model = load_model(ckpts[method], UQModel)
             F.finish(model, out / method, cal, "calibration", {"method": method}, log=log)
             for stale in (out / method).glob("eval_*.json"):
                 stale.unlink()
@@ -299,7 +299,7 @@ def run_dataset(
             if result_path.is_file():
                 rows.append(json.loads(result_path.read_text()))
                 continue
-            model = load_uq(ckpts[method])
+            model = load_model(ckpts[method], UQModel)
             data = collect(model, structures, 16, f"{name}/{test_name}", progress=False)
             metrics = uq_metrics(data)
             row = {

@@ -11,27 +11,22 @@ import torch
 from ase.build import bulk
 
 from trustpot import keys as K
+from trustpot.bench.scales import oracle_scale_l2
 from trustpot.data.graph import Graph, collate, structure_to_graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.data.structures import Structure
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.io.checkpoint import read_checkpoint, save_checkpoint
-from trustpot.models.potential import compute_outputs
-from trustpot.scales import (
-    COULOMB_EV_A,
+from trustpot.io.checkpoint import load_model, read_checkpoint, save_checkpoint, save_model
+from trustpot.models.build import build_scale_mixture
+from trustpot.models.electrostatics import (
+    MADELUNG_ROCKSALT,
     TOTAL_CHARGE,
     ElectrostaticEnergy,
     ElectrostaticsConfig,
     LearnedCharges,
-    ScaleMixturePotential,
-    build_scale_mixture,
     coulomb_direct,
-    load_scale_mixture,
-    oracle_scale_l2,
-    save_scale_mixture,
 )
-from trustpot.scales.electrostatics import MADELUNG_ROCKSALT
-from trustpot.scales.mixture import (
+from trustpot.models.mixture import (
     CHARGES,
     ENERGY_LONG,
     ENERGY_SHORT,
@@ -40,7 +35,10 @@ from trustpot.scales.mixture import (
     NODE_ENERGY_LONG,
     NODE_ENERGY_SHORT,
     SCALE,
+    ScaleMixturePotential,
 )
+from trustpot.models.potential import compute_outputs
+from trustpot.units import COULOMB_EV_A
 
 R0 = 2.82  # Å, Na-Cl nearest-neighbour distance of the test rock salt
 
@@ -339,8 +337,8 @@ def test_parameter_mode_scale_gets_gradients(structures: list[Structure]) -> Non
 def test_checkpoint_round_trip(structures: list[Structure], tmp_path: Path) -> None:
     model = tiny_mixture(structures, mode="router")
     path = tmp_path / "mix.ckpt"
-    save_scale_mixture(model, path, extra={"split": "train"})
-    loaded = load_scale_mixture(path)
+    save_model(model, path, extra={"split": "train"})
+    loaded = load_model(path, ScaleMixturePotential)
     assert isinstance(loaded, ScaleMixturePotential) and not loaded.training
     assert loaded.meta == model.meta
     g = batch_of(structures, model.neighbor_lists())
@@ -351,31 +349,31 @@ def test_checkpoint_round_trip(structures: list[Structure], tmp_path: Path) -> N
     # the fixed scale travels with the weights
     fixed = tiny_mixture(structures)
     fixed.set_scale(0.625)
-    save_scale_mixture(fixed, path)
-    assert float(load_scale_mixture(path).fixed_scale) == 0.625
+    save_model(fixed, path)
+    assert float(load_model(path, ScaleMixturePotential).fixed_scale) == 0.625
 
 
 def test_checkpoint_errors(structures: list[Structure], tmp_path: Path) -> None:
     model = tiny_mixture(structures)
     path = tmp_path / "mix.ckpt"
-    save_scale_mixture(model, path)
+    save_model(model, path)
     data = read_checkpoint(path)
     name = next(k for k in data["model"] if k.startswith("charges."))
     data["model"][name] = torch.zeros(7, 7, dtype=torch.float64)
     bad = tmp_path / "bad.ckpt"
     save_checkpoint(data, bad)  # a valid digest, but a tensor of the wrong shape
     with pytest.raises(CheckpointError, match=f"tensor '{name}' has shape"):
-        load_scale_mixture(bad)
+        load_model(bad, ScaleMixturePotential)
     data = read_checkpoint(path)
     data["kind"] = "potential"
     save_checkpoint(data, bad)
-    with pytest.raises(CheckpointError, match=r"malformed model metadata|not a scale mixture"):
-        load_scale_mixture(bad)
+    with pytest.raises(CheckpointError, match=r"malformed model metadata|not a ScaleMixturePotential"):
+        load_model(bad, ScaleMixturePotential)
     data = read_checkpoint(path)
     del data["model"]["fixed_scale"]
     save_checkpoint(data, bad)
     with pytest.raises(CheckpointError, match="missing"):
-        load_scale_mixture(bad)
+        load_model(bad, ScaleMixturePotential)
 
 
 def test_float32_mixture_and_payload(structures: list[Structure], tmp_path: Path) -> None:
@@ -395,4 +393,4 @@ def test_float32_mixture_and_payload(structures: list[Structure], tmp_path: Path
     payload = model.payload()
     assert payload["kind"] == "scale-mixture" and payload["meta"]["scale"] == 0.3
     save_checkpoint(payload, tmp_path / "m.ckpt")
-    assert load_scale_mixture(tmp_path / "m.ckpt").meta == model.meta
+    assert load_model(tmp_path / "m.ckpt", ScaleMixturePotential).meta == model.meta

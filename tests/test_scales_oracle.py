@@ -9,11 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from trustpot.errors import ConfigError
-from trustpot.metrics.accuracy import force_mae
-from trustpot.scales import (
+from trustpot.bench.scales import (
     BranchForces,
-    DifferentiableScale,
     optimise_scale,
     oracle_gain_recovered,
     oracle_scale_l2,
@@ -23,7 +20,10 @@ from trustpot.scales import (
     route_atoms,
     route_structure,
 )
-from trustpot.scales.oracle import mixed_forces
+from trustpot.bench.scales.oracle import mixed_forces
+from trustpot.errors import ConfigError
+from trustpot.metrics.accuracy import force_mae
+from trustpot.models.mixture import DifferentiableScale
 
 GRID = np.linspace(0.0, 1.0, 20001)  # brute-force search step 5e-5
 

@@ -16,11 +16,8 @@ from ase.geometry import get_distances
 from ase.io import write
 from conftest import needs_shared
 
-from trustpot.cli.main import main
-from trustpot.data.dataset import GraphDataset
-from trustpot.data.structures import Structure
-from trustpot.scales import build_scale_mixture, refine_pool
-from trustpot.scales.analysis import (
+from trustpot.bench.scales import refine_pool
+from trustpot.bench.scales.analysis import (
     FrameSet,
     PoolScorer,
     fit_differentiable_pool,
@@ -29,15 +26,19 @@ from trustpot.scales.analysis import (
     pool_loss,
     pool_selection,
 )
-from trustpot.scales.branches import BranchModel, train_branch
-from trustpot.scales.contacts import (
+from trustpot.bench.scales.branches import BranchModel, train_branch
+from trustpot.bench.scales.contacts import (
     binned_errors,
     contact_errors,
     frame_distance,
     ion_distances,
     minimum_image_distances,
 )
-from trustpot.scales.mixture import FORCES_LONG, FORCES_SHORT
+from trustpot.cli.main import main
+from trustpot.data.dataset import GraphDataset
+from trustpot.data.structures import Structure
+from trustpot.models.build import build_scale_mixture
+from trustpot.models.mixture import FORCES_LONG, FORCES_SHORT
 from trustpot.units import EV_PER_A_IN_KJ_PER_MOL_PER_NM
 
 SEED_POOL = [0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0]
@@ -238,8 +239,8 @@ def test_branch_model_is_one_branch_and_trains_only_it(tmp_path: Path) -> None:
 
 # -- testbeds and the command ---------------------------------------------------------------------
 def test_dft_testbed_manifests(tmp_path: Path) -> None:
+    from trustpot.bench.scales.testbeds import prepare_dft
     from trustpot.data.splits import read_data
-    from trustpot.scales.testbeds import prepare_dft
 
     folder = needs_shared("nacl_water")
     bed = prepare_dft(folder, tmp_path, max_train=20, max_valid=6,

@@ -329,13 +329,14 @@ def test_payload_validation(ethanol_structures: list[Structure]) -> None:
 def test_save_load_round_trip(ethanol_structures: list[Structure], tmp_path: Path) -> None:
     pytest.importorskip("trustpot.uq.ensemble")
     pytest.importorskip("trustpot.uq.probe")
-    from trustpot.uq.io import load_uq, save_uq
+    from trustpot.io.checkpoint import load_model, save_model
+    from trustpot.uq.base import UQModel
 
     model = randomise(PerturbedPotential(tiny_base("schnet", ethanol_structures), n_samples=5))
     model.recalibration.forces_std_scale = 1.7
     model.fit_report = {"epochs": 3}
-    save_uq(model, tmp_path / "uq.ckpt")
-    again = load_uq(tmp_path / "uq.ckpt")
+    save_model(model, tmp_path / "uq.ckpt")
+    again = load_model(tmp_path / "uq.ckpt", UQModel)
     assert isinstance(again, PerturbedPotential)
     assert again.recalibration.forces_std_scale == 1.7 and again.fit_report == {"epochs": 3}
     g = batch_of(model, ethanol_structures[:3])

@@ -212,10 +212,11 @@ def test_payload_round_trip(fitted: Probe, data: list[Structure], tmp_path: Path
 def test_save_uq_load_uq_round_trip(fitted: Probe, data: list[Structure], tmp_path: Path) -> None:
     pytest.importorskip("trustpot.uq.ensemble")
     pytest.importorskip("trustpot.uq.perturb")
-    from trustpot.uq.io import load_uq, save_uq
+    from trustpot.io.checkpoint import load_model, save_model
+    from trustpot.uq.base import UQModel
 
-    save_uq(fitted, tmp_path / "p.ckpt")
-    loaded = load_uq(tmp_path / "p.ckpt")
+    save_model(fitted, tmp_path / "p.ckpt")
+    loaded = load_model(tmp_path / "p.ckpt", UQModel)
     assert isinstance(loaded, Probe)
     a, b = run(fitted, data[:4]), run(loaded, data[:4])
     assert all(torch.equal(a[k], b[k]) for k in ALL)

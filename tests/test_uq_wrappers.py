@@ -128,13 +128,14 @@ def test_predictor_and_calculator_expose_exactly_the_wrapper_outputs(tmp_path, e
 
 
 def test_uq_checkpoint_round_trip_and_tamper(tmp_path, ethanol_structures):
-    from trustpot.uq.io import load_uq, save_uq
+    from trustpot.io.checkpoint import load_model, save_model
+    from trustpot.uq.base import UQModel
 
     ens = DeepEnsemble(_members(ethanol_structures, 2))
     recalibrate(ens, ethanol_structures[:10])
     path = tmp_path / "uq.ckpt"
-    save_uq(ens, path)
-    again = load_uq(path)
+    save_model(ens, path)
+    again = load_model(path, UQModel)
     g = _batch(ens, ethanol_structures[:2])
     want = {K.ENERGY, K.FORCES_STD, K.RELIABILITY}
     a, b = ens.eval()(g, want), again(g, want)
@@ -144,11 +145,11 @@ def test_uq_checkpoint_round_trip_and_tamper(tmp_path, ethanol_structures):
     data["extra"]["members"][0]["model"]["head.mlp.0.weight"] = torch.zeros(3, 3)
     torch.save(data, tmp_path / "bad.ckpt")
     with pytest.raises(CheckpointError, match="digest"):
-        load_uq(tmp_path / "bad.ckpt")
+        load_model(tmp_path / "bad.ckpt", UQModel)
     plain = tmp_path / "plain.ckpt"
     save_model(ens.base, plain)
-    with pytest.raises(CheckpointError, match="not a reliability wrapper"):
-        load_uq(plain)
+    with pytest.raises(CheckpointError, match="not a UQModel"):
+        load_model(plain, UQModel)
 
 
 @pytest.mark.integration
@@ -187,9 +188,10 @@ def test_uq_cli_trains_mc_dropout(tmp_path, ethanol_file):
     argv += ["-o", "model.hypers.n_features=16", "-o", "model.hypers.n_layers=2"]
     assert main(argv) == 0
     assert (out / "model" / "done.json").is_file()
-    from trustpot.uq.io import load_uq
+    from trustpot.io.checkpoint import load_model
+    from trustpot.uq.base import UQModel
 
-    mc = load_uq(out / "uq.ckpt")
+    mc = load_model(out / "uq.ckpt", UQModel)
     assert isinstance(mc, MCDropout) and mc.n_samples == 4
     assert mc.base.meta.head_dropout == pytest.approx(0.1)
     # rerun: the trained model is reused, not retrained
@@ -216,7 +218,8 @@ def test_save_directory_is_created(tmp_path: Path, ethanol_structures):
 
 @pytest.mark.integration
 def test_uq_cli_probe_and_perturb(tmp_path, ethanol_file, ethanol_structures):
-    from trustpot.uq.io import load_uq
+    from trustpot.io.checkpoint import load_model
+    from trustpot.uq.base import UQModel
     from trustpot.uq.perturb import PerturbedPotential
     from trustpot.uq.probe import Probe
 
@@ -225,7 +228,7 @@ def test_uq_cli_probe_and_perturb(tmp_path, ethanol_file, ethanol_structures):
     out = tmp_path / "probe"
     argv = ["uq", "fit", "probe", "--from", str(base), "--calibration", str(ethanol_file)]
     assert main([*argv, "--fit-epochs", "3", "--out", str(out)]) == 0
-    probe = load_uq(out / "uq.ckpt")
+    probe = load_model(out / "uq.ckpt", UQModel)
     assert isinstance(probe, Probe) and np.isfinite(probe.recalibration.tolerance)
     ev = tmp_path / "ev_probe"
     assert main(["uq", "eval", str(out / "uq.ckpt"), str(ethanol_file), "--out", str(ev)]) == 0
@@ -237,7 +240,7 @@ def test_uq_cli_probe_and_perturb(tmp_path, ethanol_file, ethanol_structures):
     argv = ["uq", "fit", "perturb", "--from", str(base), "--train", str(ethanol_file)]
     argv += ["--calibration", str(ethanol_file), "--fit-epochs", "2", "--n-samples", "3"]
     assert main([*argv, "--out", str(out)]) == 0
-    pert = load_uq(out / "uq.ckpt")
+    pert = load_model(out / "uq.ckpt", UQModel)
     assert isinstance(pert, PerturbedPotential) and pert.n_samples == 3
     assert K.RELIABILITY in pert.supported_outputs()
 

@@ -102,7 +102,7 @@ FIELD_SPECS.update(
     }
 )
 
-# -- outputs of scale mixtures (trustpot.scales.mixture) -----------------------------------
+# -- outputs of scale mixtures (trustpot.models.mixture) -----------------------------------
 ENERGY_SHORT: Final = "energy_short"  # [n_graphs] eV, total energy of the short branch
 ENERGY_LONG: Final = "energy_long"  # [n_graphs] eV, total energy of the long branch (with Coulomb)
 ENERGY_ELECTROSTATIC: Final = "energy_electrostatic"  # [n_graphs] eV, Coulomb part of the long

@@ -45,7 +45,7 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
     },
     "model": {
         "potential": "trustpot.models.potential:Potential",
-        "scale-mixture": "trustpot.scales.mixture:ScaleMixturePotential",
+        "scale-mixture": "trustpot.models.mixture:ScaleMixturePotential",
         "uq:ensemble": "trustpot.uq.ensemble:DeepEnsemble",
         "uq:mc-dropout": "trustpot.uq.ensemble:MCDropout",
         "uq:probe": "trustpot.uq.probe:Probe",

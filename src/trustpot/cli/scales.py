@@ -87,7 +87,7 @@ def add_scales_commands(sub: argparse._SubParsersAction) -> None:
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from trustpot.scales.report import write_report
+    from trustpot.bench.scales.report import write_report
 
     for folder in args.dirs:
         path = Path(folder) / "scales.json"
@@ -100,8 +100,8 @@ def _report(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from trustpot.scales.pipeline import ScalesOptions, run_scales
-    from trustpot.scales.testbeds import FORCE_CAP, OpenMMPlan, prepare_dft, prepare_openmm
+    from trustpot.bench.scales.pipeline import ScalesOptions, run_scales
+    from trustpot.bench.scales.testbeds import FORCE_CAP, OpenMMPlan, prepare_dft, prepare_openmm
 
     overrides = {
         "seed": args.seed,

@@ -29,7 +29,7 @@ import pickle
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
 
@@ -38,6 +38,8 @@ from trustpot.models.contract import Model
 from trustpot.models.potential import Potential
 from trustpot.registry import lookup, names
 from trustpot.version import __version__
+
+M = TypeVar("M", bound=Model)
 
 CHECKPOINT_FORMAT = "trustpot-checkpoint"
 CHECKPOINT_VERSION = 2
@@ -193,10 +195,32 @@ def model_from_checkpoint_dict(data: dict[str, Any], path: str | Path = "checkpo
     return model.eval()
 
 
-def load_model(path: str | Path) -> Model:
-    """The model stored at ``path`` (any kind: potential, scale mixture, wrapper...), in eval
-    mode. Read with ``weights_only=True``; every tensor's name and shape is checked."""
-    return model_from_checkpoint_dict(read_checkpoint(path), path)
+@overload
+def load_model(path: str | Path) -> Model: ...
+
+
+@overload
+def load_model(path: str | Path, expect: type[M]) -> M: ...
+
+
+def load_model(path: str | Path, expect: type[Model] = Model) -> Model:
+    """The model stored at ``path``, in eval mode: the one loader for every kind.
+
+    Read with ``weights_only=True``; every tensor's name and shape is checked.
+
+    Args:
+        path: a checkpoint file.
+        expect: the class the caller needs (``Potential``, ``UQModel``,
+            ``ScaleMixturePotential``...); another kind is a :class:`CheckpointError`. By
+            default any :class:`~trustpot.models.contract.Model`.
+    """
+    model = model_from_checkpoint_dict(read_checkpoint(path), path)
+    if not isinstance(model, expect):
+        raise CheckpointError(
+            f"{path}: holds a '{model.kind}' model, not a {expect.__name__} "
+            f"(kinds: {', '.join(names('model'))})"
+        )
+    return model
 
 
 def save_model(model: Model, path: str | Path, **fields: Any) -> None:
@@ -209,8 +233,5 @@ def save_model(model: Model, path: str | Path, **fields: Any) -> None:
 
 
 def load_potential(path: str | Path) -> Potential:
-    """The plain potential stored at ``path``, in eval mode; any other kind is an error."""
-    model = load_model(path)
-    if not isinstance(model, Potential):
-        raise CheckpointError(f"{path}: holds a '{model.kind}' model, not a plain potential")
-    return model
+    """The plain potential stored at ``path`` (shorthand for ``load_model(path, Potential)``)."""
+    return load_model(path, Potential)

@@ -1,8 +1,10 @@
-"""Build a potential from a registry name, hyper-parameters and training-set statistics."""
+"""Build a potential or a scale mixture from registry names, hyper-parameters and training-set
+statistics."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,10 +18,18 @@ from trustpot.data.stats import (
 from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError
 from trustpot.models.base import make_hypers
+from trustpot.models.electrostatics import ElectrostaticsConfig
+from trustpot.models.mixture import ScaleMixtureMeta, ScaleMixturePotential, mixture_from_meta
 from trustpot.models.potential import ModelMeta, Potential, potential_from_meta
 from trustpot.registry import canonical_name, lookup
 
-__all__ = ["build_potential", "meta_from_data", "potential_from_meta"]
+__all__ = [
+    "build_potential",
+    "build_scale_mixture",
+    "meta_from_data",
+    "mixture_from_meta",
+    "potential_from_meta",
+]
 
 
 def meta_from_data(
@@ -72,3 +82,53 @@ def build_potential(
     meta = meta_from_data(backbone, hypers, structures, dtype, **kwargs)
     torch.manual_seed(seed)
     return potential_from_meta(meta)
+
+
+def build_scale_mixture(
+    structures: Sequence[Structure],
+    short_backbone: str = "painn",
+    short_hypers: dict[str, Any] | None = None,
+    long_backbone: str = "painn",
+    long_hypers: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    reference_energies: dict[int, float] | None = None,
+    electrostatics: ElectrostaticsConfig | None = None,
+    use_electrostatics: bool = True,
+    scale_mode: str = "fixed",
+    scale: float = 0.5,
+    router_hidden: int = 32,
+    router_level: str = "atom",
+) -> ScaleMixturePotential:
+    """A new mixture whose branches are initialised from the statistics of ``structures``.
+
+    Defaults, as ``trustpot scales run``: PaiNN branches with 4 Å (short) and 6 Å (long)
+    cutoffs (``hypers["cutoff"]`` overrides them), so they differ only in range; a SchNet 8 Å
+    long branch was far too weak in our NaCl(aq) runs (``docs/scales.md``). Both branches
+    share the reference energies (fitted once, or given) and the force scale of the data.
+    """
+    short_h = {"cutoff": 4.0, **(short_hypers or {})}
+    long_h = {"cutoff": 6.0, **(long_hypers or {})}
+    if float(short_h["cutoff"]) > float(long_h["cutoff"]):
+        raise ConfigError(
+            f"the short cutoff ({short_h['cutoff']} Å) exceeds the long one ({long_h['cutoff']} Å)"
+        )
+    short_meta = meta_from_data(
+        short_backbone, short_h, structures, dtype, reference_energies=reference_energies
+    )
+    long_meta = meta_from_data(
+        long_backbone, long_h, structures, dtype, reference_energies=short_meta.reference_energies
+    )
+    long_meta = replace(long_meta, species=list(short_meta.species))
+    meta = ScaleMixtureMeta(
+        short=short_meta,
+        long=long_meta,
+        electrostatics=electrostatics or ElectrostaticsConfig(),
+        use_electrostatics=use_electrostatics,
+        scale_mode=scale_mode,
+        scale=scale,
+        router_hidden=router_hidden,
+        router_level=router_level,
+    )
+    torch.manual_seed(seed)
+    return mixture_from_meta(meta)

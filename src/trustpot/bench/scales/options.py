@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trustpot.scales.contacts import CONTACT_THRESHOLD
+from trustpot.bench.scales.contacts import CONTACT_THRESHOLD
 from trustpot.train.reuse import step_status, write_state
 
 #: The seed's numbers (force MAE; the seed does not state its unit).

@@ -26,10 +26,10 @@ from trustpot.config import TrainConfig
 from trustpot.data.dataset import GraphDataset
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
+from trustpot.io.checkpoint import load_model
 from trustpot.models.base import Embedding
+from trustpot.models.mixture import LONG, SHORT, ScaleMixturePotential, graph_for_list
 from trustpot.models.potential import DEFAULT_OUTPUTS, compute_outputs
-from trustpot.scales.io import load_scale_mixture
-from trustpot.scales.mixture import LONG, SHORT, ScaleMixturePotential, graph_for_list
 from trustpot.train.losses import LossWeights
 from trustpot.train.reuse import run_step
 from trustpot.train.trainer import Objective, Trainer, TrainResult
@@ -178,7 +178,7 @@ def train_branch(
         }
 
     summary = run_step(out, config, work)
-    copy_branch(load_scale_mixture(best), mixture, which)
+    copy_branch(load_model(best, ScaleMixturePotential), mixture, which)
     if summary.get("reused"):
         log(f"{which} branch: reusing {best} (trained before: {summary.get('epochs')} epochs)")
     return summary

@@ -29,13 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trustpot.config import TrainConfig
-from trustpot.data.dataset import GraphDataset
-from trustpot.data.splits import read_data
-from trustpot.data.structures import Structure, check_species
-from trustpot.errors import ConfigError
-from trustpot.metrics.accuracy import pooled_mae
-from trustpot.scales.analysis import (
+from trustpot.bench.scales.analysis import (
     FrameSet,
     PoolScorer,
     collect,
@@ -50,27 +44,33 @@ from trustpot.scales.analysis import (
     reduction_percent,
     total_mae,
 )
-from trustpot.scales.branches import train_branch
-from trustpot.scales.build import build_scale_mixture
-from trustpot.scales.contacts import binned_errors, distance_edges
-from trustpot.scales.electrostatics import ElectrostaticsConfig
-from trustpot.scales.io import load_scale_mixture, save_scale_mixture
-from trustpot.scales.mixture import LONG, SHORT, ScaleMixturePotential
-from trustpot.scales.options import (
+from trustpot.bench.scales.branches import train_branch
+from trustpot.bench.scales.contacts import binned_errors, distance_edges
+from trustpot.bench.scales.options import (
     ROUTER_INIT_MARGIN,
     SEED,
     ScalesOptions,
     check_settings,
     mark_done,
 )
-from trustpot.scales.oracle import oracle_scale_mae
-from trustpot.scales.refine import refine_pool, refine_scale_pool
-from trustpot.scales.router import (
+from trustpot.bench.scales.oracle import oracle_scale_mae
+from trustpot.bench.scales.refine import refine_pool, refine_scale_pool
+from trustpot.bench.scales.router import (
     pretrain_router,
     router_features,
     router_mixture,
     train_router,
 )
+from trustpot.config import TrainConfig
+from trustpot.data.dataset import GraphDataset
+from trustpot.data.splits import read_data
+from trustpot.data.structures import Structure, check_species
+from trustpot.errors import ConfigError
+from trustpot.io.checkpoint import save_model
+from trustpot.metrics.accuracy import pooled_mae
+from trustpot.models.build import build_scale_mixture
+from trustpot.models.electrostatics import ElectrostaticsConfig
+from trustpot.models.mixture import LONG, SHORT, ScaleMixturePotential
 from trustpot.units import EV_PER_A_IN_KJ_PER_MOL_PER_NM
 
 
@@ -152,7 +152,7 @@ def _train_mixture(
         if which == LONG:
             epochs = max(1, min(cfg.epochs, int(summaries[LONG]["epochs"])))
             cfg = dataclasses.replace(cfg, epochs=epochs)
-    save_scale_mixture(mixture, path, extra={"branches": summaries})
+    save_model(mixture, path, extra={"branches": summaries})
     return mixture, summaries
 
 
@@ -598,7 +598,7 @@ def run_scales(
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
     (out / "scales.json").write_text(json.dumps(result, indent=1, default=_json_default))
-    from trustpot.scales.report import write_report
+    from trustpot.bench.scales.report import write_report
 
     write_report(result, out)
     mark_done(out, settings, {"report": "report.md", "scales": "scales.json"})
@@ -641,4 +641,4 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-__all__ = ["SEED", "ScalesOptions", "load_scale_mixture", "run_scales"]
+__all__ = ["SEED", "ScalesOptions", "run_scales"]

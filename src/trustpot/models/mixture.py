@@ -6,7 +6,7 @@ E = sum_i [(1 - s_i) e_i^short + s_i e_i^long], s_i in [0, 1]
   list ``"short"`` (small cutoff);
 - ``e^long``: a potential on the neighbour list ``"long"`` (large cutoff) plus the per-atom
   electrostatic energy q_i φ_i of charges learned from the long backbone's invariant features
-  (:mod:`trustpot.scales.electrostatics`).
+  (:mod:`trustpot.models.electrostatics`).
 
 Both branches follow the :class:`~trustpot.models.potential.ModelMeta` conventions: each per-atom
 energy is scale * head + shift + E0[z], with the same reference energies E0 in both branches. As
@@ -47,6 +47,12 @@ from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
 from trustpot.models.base import Embedding
 from trustpot.models.contract import Model, load_state_checked
+from trustpot.models.electrostatics import (
+    TOTAL_CHARGE,
+    ElectrostaticEnergy,
+    ElectrostaticsConfig,
+    LearnedCharges,
+)
 from trustpot.models.potential import (
     DEFAULT_OUTPUTS,
     SUPPORTED_OUTPUTS,
@@ -56,13 +62,6 @@ from trustpot.models.potential import (
     potential_from_meta,
 )
 from trustpot.nn import MLP, scatter_sum
-from trustpot.scales.electrostatics import (
-    TOTAL_CHARGE,
-    ElectrostaticEnergy,
-    ElectrostaticsConfig,
-    LearnedCharges,
-)
-from trustpot.scales.refine import DifferentiableScale
 
 SHORT: Final = "short"
 LONG: Final = "long"
@@ -89,6 +88,27 @@ MIXTURE_OUTPUTS: Final = SUPPORTED_OUTPUTS | {
 }
 SCALE_MODES: Final = ("fixed", "router", "parameter")
 ROUTER_LEVELS: Final = ("atom", "structure")
+
+
+class DifferentiableScale(nn.Module):
+    """A learnable scale s = sigmoid(theta) in (0, 1).
+
+    Args:
+        init: initial s, clipped to [1e-4, 1 - 1e-4].
+    """
+
+    def __init__(self, init: float = 0.5) -> None:
+        super().__init__()
+        s = min(max(float(init), 1e-4), 1.0 - 1e-4)
+        self.theta = nn.Parameter(torch.tensor(math.log(s / (1.0 - s))))
+
+    def forward(self) -> Tensor:
+        """0-d tensor s in (0, 1)."""
+        return torch.sigmoid(self.theta)
+
+    @property
+    def value(self) -> float:
+        return float(torch.sigmoid(self.theta.detach()))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The learned router: s_i from the local environment, trained with the branches frozen.
 
-The router is the mixture's ``"router"`` scale mode (:class:`~trustpot.scales.mixture.ScaleRouter`:
+The router is the mixture's ``"router"`` scale mode (:class:`~trustpot.models.mixture.ScaleRouter`:
 a small MLP on the short branch's invariant per-atom features, s_i = sigmoid(MLP(h_i))). It is the
 only adaptive mode usable in deployment: it reads positions and species, never labels.
 
@@ -35,9 +35,9 @@ from torch import Tensor
 from trustpot import keys as K
 from trustpot.data.dataset import GraphDataset
 from trustpot.data.graph import to_device
-from trustpot.scales.build import mixture_from_meta
-from trustpot.scales.io import load_scale_mixture, save_scale_mixture
-from trustpot.scales.mixture import SHORT, ScaleMixturePotential, graph_for_list
+from trustpot.io.checkpoint import load_model, save_model
+from trustpot.models.build import mixture_from_meta
+from trustpot.models.mixture import SHORT, ScaleMixturePotential, graph_for_list
 
 
 def router_mixture(
@@ -186,14 +186,14 @@ def train_router(
         if warm_start is not None:
             extra["warm_start"] = warm_start(model)
         trained, summary = _train_router(model, data, folder, config, device, log, extra)
-        save_scale_mixture(trained, out, extra={"router_training": summary})
+        save_model(trained, out, extra={"router_training": summary})
         fresh.append(trained)
         return summary
 
     summary = run_step(router_run_folder(out), config, work)
     if fresh:
         return fresh[0], summary
-    loaded = load_scale_mixture(out)
+    loaded = load_model(out, ScaleMixturePotential)
     log(f"router: reusing {out}")
     return loaded, summary
 

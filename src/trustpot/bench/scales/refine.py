@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from trustpot.errors import ConfigError
+from trustpot.models.mixture import DifferentiableScale
 
 RULES = ("neighbors", "greedy")
 
@@ -300,27 +301,6 @@ def refine_pool(
         previous, current = current, trial[k]
         history[candidates[k]] = current
     return RefinementResult(rounds, members, history, math.nan, current, stop_reason)
-
-
-class DifferentiableScale(nn.Module):
-    """A learnable scale s = sigmoid(theta) in (0, 1).
-
-    Args:
-        init: initial s, clipped to [1e-4, 1 - 1e-4].
-    """
-
-    def __init__(self, init: float = 0.5) -> None:
-        super().__init__()
-        s = min(max(float(init), 1e-4), 1.0 - 1e-4)
-        self.theta = nn.Parameter(torch.tensor(math.log(s / (1.0 - s))))
-
-    def forward(self) -> Tensor:
-        """0-d tensor s in (0, 1)."""
-        return torch.sigmoid(self.theta)
-
-    @property
-    def value(self) -> float:
-        return float(torch.sigmoid(self.theta.detach()))
 
 
 @dataclass

@@ -9,9 +9,9 @@ Modes (all force MAEs over force components, eV/Å):
 
 - fixed scale s: (1 - s) F_short + s F_long (exactly the forces of the mixture at that s);
 - oracle hard routing per structure / per atom, continuous oracle per structure (exact MAE
-  minimiser) and per atom: :mod:`trustpot.scales.oracle`, on the test labels (upper bounds);
+  minimiser) and per atom: :mod:`trustpot.bench.scales.oracle`, on the test labels (upper bounds);
 - pool with oracle selection: each structure uses the pool member with its lowest MAE; the pool is
-  refined on the calibration set (:func:`~trustpot.scales.refine.refine_pool`);
+  refined on the calibration set (:func:`~trustpot.bench.scales.refine.refine_pool`);
 - differentiable scale: one s = sigmoid(theta) fitted by Adam on the calibration MAE (with frozen
   branches this is exactly training the ``"parameter"`` mode of the mixture), and a
   differentiable pool (the interior pool values trained on the calibration pool loss);
@@ -33,25 +33,31 @@ import torch
 from torch import nn
 
 from trustpot import keys as K
-from trustpot.data.dataset import GraphDataset
-from trustpot.data.graph import to_device
-from trustpot.metrics.accuracy import pooled_mae
-from trustpot.scales.contacts import (
+from trustpot.bench.scales.contacts import (
     CONTACT_THRESHOLD,
     ContactErrors,
     contact_errors,
     frame_distance,
     ion_distances,
 )
-from trustpot.scales.mixture import FORCES_LONG, FORCES_SHORT, SCALE, ScaleMixturePotential
-from trustpot.scales.oracle import (
+from trustpot.bench.scales.oracle import (
     mixed_forces,
     oracle_scale_l2,
     oracle_scale_mae,
     route_atoms,
     route_structure,
 )
-from trustpot.scales.refine import DifferentiableScale, optimise_scale
+from trustpot.bench.scales.refine import optimise_scale
+from trustpot.data.dataset import GraphDataset
+from trustpot.data.graph import to_device
+from trustpot.metrics.accuracy import pooled_mae
+from trustpot.models.mixture import (
+    FORCES_LONG,
+    FORCES_SHORT,
+    SCALE,
+    DifferentiableScale,
+    ScaleMixturePotential,
+)
 from trustpot.train.full_batch import minimise
 from trustpot.units import EV_PER_A_IN_KJ_PER_MOL_PER_NM
 
