@@ -150,7 +150,10 @@ def run_quickstart(
         "recalibrated on the calibration frames",
         flush=True,
     )
-    tests = {id_name: read_data(f"{manifest}:test"), ood_name: read_data(str(ood))}
+    tests: dict[str, Sequence[Structure]] = {
+        id_name: read_data(f"{manifest}:test"),
+        ood_name: read_data(str(ood)),
+    }
     reliability = reliability_step(
         run_dir / "best.ckpt",
         read_data(f"{manifest}:train"),
@@ -189,7 +192,7 @@ def _error_histogram(per_frame: dict[str, np.ndarray], path: Path) -> None:
     for name, values in per_frame.items():
         ax.hist(
             1000 * values,
-            bins=1000 * bins,
+            bins=(1000 * bins).tolist(),
             alpha=0.6,
             label=f"{name} (median {1000 * np.median(values):.1f})",
         )
@@ -304,7 +307,8 @@ def reliability_step(
     run_step(out / "fit", config, fit)
     model = load_model(ckpt, UQModel)
     result: dict[str, Any] = {"method": model.kind, "sets": {}}
-    names, frames = [], []
+    names: list[str] = []
+    frames: list[Any] = []
     for name, structures in tests.items():
         data = collect(model, structures, source=name, progress=False)
         m = uq_metrics(data)

@@ -206,7 +206,14 @@ class ScaleRouter(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """[n_atoms, F] -> [n_atoms] in (0, 1)."""
-        return torch.sigmoid(self.mlp(features).squeeze(-1))
+        logits: Tensor = self.mlp(features)
+        return torch.sigmoid(logits.squeeze(-1))
+
+    def output_bias(self) -> Tensor:
+        """[1] bias of the last layer (logit of the scale of an atom with zero features)."""
+        last = self.mlp[-1]
+        assert isinstance(last, nn.Linear)
+        return last.bias.detach()
 
 
 def graph_for_list(g: Graph, name: str) -> Graph:

@@ -166,7 +166,8 @@ def frame_scale_errors(frames: FrameSet, pool: Sequence[float]) -> np.ndarray:
 def pool_selection(frames: FrameSet, pool: Sequence[float]) -> np.ndarray:
     """[n_frames] the pool member each frame's oracle picks (lowest MAE; smallest on ties)."""
     errs = frame_scale_errors(frames, pool)
-    return np.asarray(pool, dtype=np.float64)[np.argmin(errs, axis=1)]
+    picked: np.ndarray = np.asarray(pool, dtype=np.float64)[np.argmin(errs, axis=1)]
+    return picked
 
 
 def pool_loss(frames: FrameSet, pool: Sequence[float]) -> float:
@@ -287,11 +288,12 @@ def fit_differentiable_pool(
         return {"pool": sorted(pool), "calibration_loss": pool_loss(frames, pool), "steps": 0}
     a, b, r, index = _stack(frames)
     n_frames, n_comp = len(frames), float(r.numel())
-    params = nn.ModuleList([DifferentiableScale(s) for s in inner])
+    scales = [DifferentiableScale(s) for s in inner]
+    params = nn.ModuleList(scales)
     fixed = torch.tensor(anchors, dtype=torch.float64)
 
     def loss(module: nn.Module) -> torch.Tensor:
-        members = torch.cat([fixed, torch.stack([p() for p in module]).double()])
+        members = torch.cat([fixed, torch.stack([p() for p in scales]).double()])
         pred = (1.0 - members)[None, None, :] * a[..., None] + members[None, None, :] * b[..., None]
         per_atom = (pred - r[..., None]).abs().sum(dim=1)  # [n_atoms, n_pool]
         per_frame = torch.zeros(n_frames, len(members), dtype=per_atom.dtype)
@@ -299,7 +301,7 @@ def fit_differentiable_pool(
         return per_frame.min(dim=1).values.sum() / n_comp
 
     minimise(params, loss, steps, lr, run_dir=run_dir, desc="scale pool")
-    tuned = sorted([*anchors, *(p.value for p in params)])
+    tuned = sorted([*anchors, *(p.value for p in scales)])
     return {"pool": tuned, "calibration_loss": pool_loss(frames, tuned), "steps": steps}
 
 

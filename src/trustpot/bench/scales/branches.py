@@ -149,8 +149,10 @@ def train_branch(
         "n_train": len(train),
         "n_valid": len(valid),
     }
+    train_options = config["train"]
+    assert isinstance(train_options, dict)
     for key in ("threads", "device"):  # where it runs does not change what is trained
-        config["train"].pop(key, None)
+        train_options.pop(key, None)
 
     def work(folder: Path, resuming: bool) -> dict[str, Any]:
         model = BranchModel(mixture, which)

@@ -181,7 +181,7 @@ def _warm_start(
     features = router_features(router, calib_ds, 2 * opts.batch_size)
     if per_structure:
         sizes = [len(r) for r in calib.reference]
-        features = torch.stack([f.mean(dim=0) for f in features.split(sizes)])
+        features = torch.stack([f.mean(dim=0) for f in torch.split(features, sizes)])
     bce = pretrain_router(
         router,
         features,

@@ -234,7 +234,8 @@ def _train_router(
 
     def on_epoch(trainer: Trainer, row: dict[str, Any]) -> None:
         trainer.user_state.setdefault("history", []).append(float(row["train_loss"]))
-        mean_s = float(torch.sigmoid(model.router.mlp[-1].bias.detach()).mean())  # type: ignore[union-attr,index]
+        assert model.router is not None
+        mean_s = float(torch.sigmoid(model.router.output_bias()).mean())
         log(
             f"router epoch {trainer.epoch - 1}: train force MAE {row['train_loss']:.5f} eV/Å "
             f"({time.perf_counter() - t0:.0f} s, bias s {mean_s:.3f})"
