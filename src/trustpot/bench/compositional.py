@@ -287,7 +287,7 @@ def evaluate_model(
     for name in TEST_SUBSETS:
         structures = sets[name]
         preds = predictor.predict_structures(structures, (K.ENERGY, K.FORCES), source=name)
-        metrics = accuracy_metrics(structures, preds)
+        metrics: dict[str, Any] = accuracy_metrics(structures, preds)
         offsets = energy_offset_analysis(structures, [float(p[K.ENERGY]) for p in preds])
         metrics["energy_offset"] = offsets
         d_max, d_mean = structure_distances(
@@ -327,10 +327,12 @@ def evaluate_model(
     return out
 
 
-def _routing(model: Any, sets: dict[str, list[Any]], labels: dict[str, list[np.ndarray]]) -> dict:
+def _routing(
+    model: Any, sets: dict[str, list[Any]], labels: dict[str, list[np.ndarray]]
+) -> dict[str, Any]:
     from trustpot.models.deepset_moe import router_outputs, routing_statistics
 
-    result = {}
+    result: dict[str, Any] = {}
     for name in ("train", *TEST_SUBSETS):
         probs, weights = router_outputs(model, sets[name])
         flat = np.concatenate(labels[name])

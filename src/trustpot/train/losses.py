@@ -82,15 +82,16 @@ def stress_length2(g: Graph) -> Tensor:
     volume, where no stress label can exist)."""
     volume = torch.linalg.det(g[K.CELL]).abs()
     per_atom = volume / g[K.N_ATOMS].to(volume.dtype)
-    return per_atom.clamp_min(0.0) ** (2.0 / 3.0)
+    length2: Tensor = per_atom.clamp_min(0.0) ** (2.0 / 3.0)
+    return length2
 
 
 def combine(sums: dict[str, Tensor], counts: dict[str, Tensor], weights: LossWeights) -> Tensor:
     """Weighted sum of term means; a term with no labels anywhere contributes zero."""
-    total = None
+    total: Tensor | None = None
     for term, value in sums.items():
         mean = value / counts[term].clamp_min(1.0)
-        part = getattr(weights, term) * mean
+        part: Tensor = getattr(weights, term) * mean
         total = part if total is None else total + part
     assert total is not None, "at least one loss term must have a positive weight"
     return total

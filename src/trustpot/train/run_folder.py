@@ -50,4 +50,5 @@ def best_weights(trainer: Trainer, folder: Path) -> dict[str, Tensor]:
     path = Path(folder) / "best.ckpt"
     if not path.is_file():
         raise CheckpointError(f"{folder}: the run finished without a best.ckpt")
-    return read_checkpoint(path)["model"]
+    weights: dict[str, Tensor] = read_checkpoint(path)["model"]
+    return weights

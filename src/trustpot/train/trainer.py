@@ -48,6 +48,17 @@ from trustpot.train.ema import EMA
 from trustpot.train.objectives import Objective, ObjectiveLoss, ParamGroup, TrainResult
 from trustpot.train.schedule import Schedule
 
+# Objective, ParamGroup and TrainResult live in trustpot.train.objectives; they are
+# re-exported here, next to the loop that uses them.
+__all__ = [
+    "EpochHook",
+    "Objective",
+    "ParamGroup",
+    "TrainResult",
+    "Trainer",
+    "TrainingError",
+]
+
 
 class TrainingError(TrustpotError):
     """Training cannot go on (e.g. the loss became NaN)."""
@@ -364,7 +375,7 @@ class Trainer:
             (self._objective_loss(obj, b) for obj, b in zip(self.objectives, batches)),
             start=torch.zeros((), device=self.device),
         )
-        loss.backward()
+        torch.autograd.backward(loss)
         sync_gradients(self.model, self.dist)
         global_loss = float(all_reduce_sum(loss.detach().reshape(1).cpu(), self.dist).item())
         if not math.isfinite(global_loss):

@@ -95,7 +95,8 @@ class PerturbationModulator(nn.Module):
         if not 0 <= layer < len(self.mlps):
             raise ConfigError(f"modulator has {len(self.mlps)} layers, asked for layer {layer}")
         eps = self._noise.to(h.dtype)[g[K.BATCH]]
-        gamma, beta = self.mlps[layer](torch.cat([h, eps], dim=-1)).chunk(2, dim=-1)
+        film: Tensor = self.mlps[layer](torch.cat([h, eps], dim=-1))
+        gamma, beta = film.chunk(2, dim=-1)
         return h * (1 + gamma) + beta
 
 

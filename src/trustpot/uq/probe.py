@@ -100,6 +100,9 @@ class ProbeClassifier(nn.Module):
         hypers: width, heads, dropout.
     """
 
+    feature_mean: Tensor  # buffers [n_species, n_features]
+    feature_std: Tensor
+
     def __init__(self, n_features: int, n_species: int, hypers: ProbeHypers) -> None:
         super().__init__()
         d = hypers.width
@@ -187,6 +190,8 @@ class Probe(UQModel):
     method: ClassVar[str] = "probe"
     provides: ClassVar[frozenset[str]] = frozenset({K.RELIABILITY, K.ATOM_IMPORTANCE})
 
+    temperature: Tensor  # buffer, float64 scalar
+
     def __init__(
         self,
         base: Potential,
@@ -217,7 +222,10 @@ class Probe(UQModel):
 
     def logits(self, g: Graph, emb: Embedding) -> tuple[Tensor, Tensor]:
         """Raw (untempered) ``logit`` [n_graphs] and ``weights`` [n_atoms] of an embedding."""
-        return self.classifier(*self.features(g, emb), g[K.BATCH], g[K.N_ATOMS])
+        out: tuple[Tensor, Tensor] = self.classifier(
+            *self.features(g, emb), g[K.BATCH], g[K.N_ATOMS]
+        )
+        return out
 
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
         wanted = frozenset(outputs & SUPPORTED_OUTPUTS) | {K.ENERGY, K.FORCES}
@@ -329,7 +337,9 @@ def _stratified_split(
 Cached = list[tuple[Tensor, Tensor]]  # per structure: layer features, element index
 
 
-def _gather(cache: Cached, idx: Sequence[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _gather(
+    cache: Cached, idx: Sequence[int] | np.ndarray
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Classifier inputs of structures ``idx``: features, types, ``batch``, ``n_atoms``."""
     parts = [cache[int(i)] for i in idx]
     device = parts[0][0].device
@@ -361,7 +371,7 @@ def _errors_and_features(
         errors.append(scatter_sum(diff, g[K.BATCH], len(chunk)) / (3 * g[K.N_ATOMS]))
         x, types = probe.features(g, emb)
         sizes = g[K.N_ATOMS].tolist()
-        cache.extend(zip(x.split(sizes), types.split(sizes), strict=True))
+        cache.extend(zip(torch.split(x, sizes), torch.split(types, sizes), strict=True))
     return torch.cat(errors).cpu().numpy(), cache
 
 
@@ -495,8 +505,10 @@ def fit_probe(
         epoch, best_epoch = result.epochs, result.best_epoch + 1
         stopped_by = "time" if result.stopped_by == "budget" else result.stopped_by
         clf.load_state_dict(best_state)
+        last = clf.head[-1]
+        assert isinstance(last, nn.Linear), "the classifier head ends with a linear layer"
         with torch.no_grad():
-            clf.head[-1].bias.sub_(math.log(pos_weight))
+            last.bias.sub_(math.log(pos_weight))
         clf.eval()
         held_logits = _all_logits(clf, feats, held, batch_size).cpu().numpy()
         train_logits = _all_logits(clf, feats, train, batch_size).cpu().numpy()
