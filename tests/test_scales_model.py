@@ -367,7 +367,7 @@ def test_checkpoint_errors(structures: list[Structure], tmp_path: Path) -> None:
     data = read_checkpoint(path)
     data["kind"] = "potential"
     save_checkpoint(data, bad)
-    with pytest.raises(CheckpointError, match=r"malformed model metadata|not a ScaleMixturePotential"):
+    with pytest.raises(CheckpointError, match=r"malformed model metadata|not a ScaleMixture"):
         load_model(bad, ScaleMixturePotential)
     data = read_checkpoint(path)
     del data["model"]["fixed_scale"]
