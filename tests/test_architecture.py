@@ -119,3 +119,30 @@ def test_modules_are_small() -> None:
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def test_readme_layout_matches_the_tree() -> None:
+    """The README's layout block names every module of ``src/trustpot`` and nothing else.
+
+    Format of the block (under ``## Layout``): one line per package, ``  pkg/: a b c  # what``
+    (``./:`` for the top level); ``#`` starts a comment.
+    """
+    readme = (SRC.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed: set[str] = set()
+    for line in block.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if ":" not in line:
+            continue
+        package, _, names = line.partition(":")
+        prefix = "" if package.strip() == "./" else package.strip().rstrip("/") + "/"
+        listed |= {prefix + name for name in names.split()}
+    actual = {
+        str(path.relative_to(SRC / PACKAGE).with_suffix(""))
+        for path in (SRC / PACKAGE).rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py")
+    }
+    assert listed == actual, (
+        f"README layout lists modules that do not exist: {sorted(listed - actual)}; "
+        f"misses: {sorted(actual - listed)}"
+    )
