@@ -224,7 +224,7 @@ def test_uq_cli_probe_and_perturb(tmp_path, ethanol_file, ethanol_structures):
     save_checkpoint(potential_payload(_members(ethanol_structures, 1)[0]), base)
     out = tmp_path / "probe"
     argv = ["uq", "fit", "probe", "--from", str(base), "--calibration", str(ethanol_file)]
-    assert main([*argv, "--fit-epochs", "3", "--out", str(out)]) == 0
+    assert main([*argv, "--epochs", "3", "--out", str(out)]) == 0
     probe = load_uq(out / "uq.ckpt")
     assert isinstance(probe, Probe) and np.isfinite(probe.recalibration.tolerance)
     ev = tmp_path / "ev_probe"
@@ -235,7 +235,7 @@ def test_uq_cli_probe_and_perturb(tmp_path, ethanol_file, ethanol_structures):
 
     out = tmp_path / "perturb"
     argv = ["uq", "fit", "perturb", "--from", str(base), "--train", str(ethanol_file)]
-    argv += ["--calibration", str(ethanol_file), "--fit-epochs", "2", "--n-samples", "3"]
+    argv += ["--calibration", str(ethanol_file), "--epochs", "2", "--n-samples", "3"]
     assert main([*argv, "--out", str(out)]) == 0
     pert = load_uq(out / "uq.ckpt")
     assert isinstance(pert, PerturbedPotential) and pert.n_samples == 3
