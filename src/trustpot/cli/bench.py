@@ -1,4 +1,4 @@
-"""``trustpot bench compositional``: the compositional out-of-domain benchmark (GMD-26)."""
+"""``trustpot bench compositional``: train on some molecular compositions, test on unseen ones."""
 
 from __future__ import annotations
 

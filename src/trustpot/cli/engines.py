@@ -219,7 +219,7 @@ def add_engine_commands(data_sub: argparse._SubParsersAction) -> None:
     p = data_sub.add_parser(
         "compositional",
         help="fragment-annotated xTB data of a compositional task with its split (extra: xtb)",
-        description="Molecules of one GMD-26 task (duplication, combination, size, holdout) "
+        description="Molecules of one compositional task (duplication, combination, size, holdout) "
         "sampled by Langevin MD with GFN2-xTB labels; writes OUT/data.xyz (fragment "
         "annotations in atoms.info and a per-atom fragment_label) and OUT/split.json "
         "(train, test_id, test_ood). Rerun to resume.",
