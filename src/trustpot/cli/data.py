@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trustpot.cli.flags import add_flags, from_args
+from trustpot.cli.flags import add_flags, from_args, option
 from trustpot.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -90,12 +90,26 @@ def _split(req: SplitRequest) -> int:
     return 0
 
 
-def _stats(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class StatsOptions:
+    """``trustpot data stats``."""
+
+    file: str = option("", "data file (any ASE format)", positional=True)
+    out: str = option("stats", "folder for stats.json and stats.png")
+    k: float = option(8.0, "outlier threshold in robust z units")
+
+
+def _resolve_stats(args: argparse.Namespace) -> StatsOptions:
+    opts = from_args(StatsOptions, args)
+    if not opts.k > 0:
+        raise ConfigError(f"--k must be > 0, got {opts.k}")
+    return opts
+
+
+def _stats(args: StatsOptions) -> int:
     from trustpot.data.inspect import stats_report
     from trustpot.data.reader import read_structures
 
-    if not args.k > 0:
-        raise ConfigError(f"--k must be > 0, got {args.k}")
     structures = read_structures(args.file, require=())
     stats = stats_report(structures, args.file, args.out, args.k)
     print(f"{args.file}: {stats['n_frames']} frames; elements {stats['elements']}")
@@ -114,10 +128,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="dataset tooling (split, stats)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     st = data_sub.add_parser("stats", help="elements, distributions, shortest distances, outliers")
-    st.add_argument("file")
-    st.add_argument("--out", default="stats", help="folder for stats.json and stats.png")
-    st.add_argument("--k", type=float, default=8.0, help="outlier threshold in robust z units")
-    st.set_defaults(resolve=lambda a: a, run=_stats, out_dir=lambda a: a.out)
+    add_flags(st, StatsOptions)
+    st.set_defaults(resolve=_resolve_stats, run=_stats, out_dir=lambda a: getattr(a, "out", "."))
     from trustpot.data.splits import RULE_OPTIONS
 
     p = data_sub.add_parser(

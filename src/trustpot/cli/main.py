@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import sys
 import traceback
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,10 +211,17 @@ def _quickstart(req: dict[str, Any]) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line naming the command and the flag."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trustpot import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="trustpot",
         description="Machine-learned interatomic potentials that say how far to trust them.",
     )
