@@ -11,23 +11,12 @@ import dataclasses
 from typing import Any
 
 from trustpot.cli.flags import flag_of, option
+from trustpot.cli.trainargs import TRAIN_FLAGS
 from trustpot.config import RunConfig, load_config
 from trustpot.errors import ConfigError
 
-#: training flag -> (config section, key) of :class:`~trustpot.config.RunConfig`
-TRAINING_FIELDS: dict[str, tuple[str, str]] = {
-    "train": ("data", "train"),
-    "valid": ("data", "valid"),
-    "valid_fraction": ("data", "valid_fraction"),
-    "isolated_atoms": ("data", "isolated_atoms"),
-    "model": ("model", "name"),
-    "dtype": ("model", "dtype"),
-    "max_minutes": ("train", "max_minutes"),
-    "epochs": ("train", "epochs"),
-    "batch_size": ("train", "batch_size"),
-    "lr": ("train", "lr"),
-    "seed": ("train", "seed"),
-}
+#: training field -> (config section, key): the same table as ``trustpot train``'s flags
+TRAINING_FIELDS = TRAIN_FLAGS
 
 
 def _flag(cls: type, name: str) -> str:
@@ -76,7 +65,7 @@ class Training(Calibration):
     epochs: int | None = option(None, "maximum epochs per potential")
     batch_size: int | None = option(None, "structures per step")
     lr: float | None = option(None, "learning rate")
-    seed: int | None = option(None, "seed (ensemble member k uses seed + k)")
+    seed: int | None = option(None, "training seed (ensemble member k uses seed + k)")
     overrides: tuple[str, ...] = option(
         (),
         "set any training option, e.g. -o train.lr=1e-3 -o model.hypers.n_features=128",
