@@ -228,3 +228,32 @@ def test_walk_finds_every_command() -> None:
     for expected in ("train", "eval", "md", "uq fit probe", "uq fit perturb", "uq eval",
                      "data split", "scales run", "bench compositional", "data nbody"):  # fmt: skip
         assert expected in names
+
+
+@pytest.mark.parametrize(
+    ("rule", "flags", "params"),
+    [
+        ("random", ["--sizes", "train=18", "test=6", "--seed", "2"],
+         {"sizes": {"train": 18.0, "test": 6.0}}),
+        ("info-key", ["--assign", "test=odd"],
+         {"key": "config_type", "assign": {"test": ["odd"]}, "rest": "train"}),
+        ("composition", ["--assign", "test=CH4O", "--rest", "none"],
+         {"assign": {"test": ["CH4O"]}, "rest": "none"}),
+    ],
+)  # fmt: skip
+def test_split_manifest_records_exactly_the_options_used(
+    rule: str, flags: list[str], params: dict[str, Any], ethanol_file: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from trustpot.cli.main import main
+
+    out = tmp_path / "split.json"
+    assert (
+        main(["data", "split", str(ethanol_file), "--rule", rule, *flags, "--out", str(out)]) == 0
+    )
+    manifest = json.loads(out.read_text())
+    assert manifest["params"] == params
+    assert manifest["seed"] == (2 if rule == "random" else None)
+    assert main(["data", "split", str(ethanol_file), "--rule", rule, *flags, "--threshold", "400",
+                 "--out", str(out)]) == 2  # fmt: skip

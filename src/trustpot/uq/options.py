@@ -39,7 +39,7 @@ class Calibration:
         None, "force MAE of a reliable structure, eV/Å (default: from --top-fraction)"
     )
     top_fraction: float = option(
-        0.2, "default tolerance: this top share of calibration errors is unreliable"
+        0.2, "without --tolerance: this top share of calibration errors counts as unreliable"
     )
 
     def validate(self) -> None:
