@@ -232,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     from trustpot.cli.scales import add_scales_commands
     from trustpot.cli.uq import add_uq_commands
 
-    commands = (_add_quickstart, _add_train, _add_eval, _add_md, add_uq_commands, _add_config)
-    commands = (*commands, add_bench_commands, add_scales_commands)
-    for add in (*commands, add_data_commands):
+    commands = [_add_quickstart, _add_train, _add_eval, _add_md, add_uq_commands, _add_config]
+    commands += [add_bench_commands, add_scales_commands, add_data_commands]
+    for add in commands:
         add(sub)
     return parser
 
