@@ -53,13 +53,15 @@ def reject_foreign(
     mode: str,
     labels: Mapping[str, str],
 ) -> None:
-    """Raise :class:`ConfigError` naming the first flag given that ``mode`` does not use
+    """Raise :class:`ConfigError` naming every flag given that ``mode`` does not use
     (``labels``: how each mode is selected on the command line)."""
+    foreign = []
     for name, modes in parser_fields.items():
         if hasattr(args, name) and mode not in modes:
-            flag = "--" + name.replace("_", "-")
             users = " or ".join(labels[m] for m in sorted(modes))
-            raise ConfigError(f"{flag} is not an option of {labels[mode]} (only of {users})")
+            foreign.append(f"{'--' + name.replace('_', '-')} (only of {users})")
+    if foreign:
+        raise ConfigError(f"not options of {labels[mode]}: {', '.join(foreign)}")
 
 
 #: field -> split rules that use it (filled when the parser is built)
