@@ -209,7 +209,7 @@ def test_payload_round_trip(fitted: Probe, data: list[Structure], tmp_path: Path
     assert loaded.fit_report["train_auroc"] == fitted.fit_report["train_auroc"]
 
 
-def test_save_uq_load_uq_round_trip(fitted: Probe, data: list[Structure], tmp_path: Path) -> None:
+def test_save_and_load_round_trip(fitted: Probe, data: list[Structure], tmp_path: Path) -> None:
     pytest.importorskip("trustpot.uq.ensemble")
     pytest.importorskip("trustpot.uq.perturb")
     from trustpot.io.checkpoint import load_model, save_model

@@ -187,7 +187,7 @@ def test_uq_cli_trains_mc_dropout(tmp_path, ethanol_file):
     argv += ["--epochs", "2", "--n-samples", "4", "--out", str(out)]
     argv += ["-o", "model.hypers.n_features=16", "-o", "model.hypers.n_layers=2"]
     assert main(argv) == 0
-    assert (out / "model" / "done.json").is_file()
+    assert (out / "model" / "state.json").is_file()
     from trustpot.io.checkpoint import load_model
     from trustpot.uq.base import UQModel
 
@@ -227,7 +227,7 @@ def test_uq_cli_probe_and_perturb(tmp_path, ethanol_file, ethanol_structures):
     save_model(_members(ethanol_structures, 1)[0], base)
     out = tmp_path / "probe"
     argv = ["uq", "fit", "probe", "--from", str(base), "--calibration", str(ethanol_file)]
-    assert main([*argv, "--fit-epochs", "3", "--out", str(out)]) == 0
+    assert main([*argv, "--epochs", "3", "--out", str(out)]) == 0
     probe = load_model(out / "uq.ckpt", UQModel)
     assert isinstance(probe, Probe) and np.isfinite(probe.recalibration.tolerance)
     ev = tmp_path / "ev_probe"
@@ -238,7 +238,7 @@ def test_uq_cli_probe_and_perturb(tmp_path, ethanol_file, ethanol_structures):
 
     out = tmp_path / "perturb"
     argv = ["uq", "fit", "perturb", "--from", str(base), "--train", str(ethanol_file)]
-    argv += ["--calibration", str(ethanol_file), "--fit-epochs", "2", "--n-samples", "3"]
+    argv += ["--calibration", str(ethanol_file), "--epochs", "2", "--n-samples", "3"]
     assert main([*argv, "--out", str(out)]) == 0
     pert = load_model(out / "uq.ckpt", UQModel)
     assert isinstance(pert, PerturbedPotential) and pert.n_samples == 3

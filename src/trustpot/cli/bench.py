@@ -1,13 +1,14 @@
-"""``trustpot bench compositional``: the compositional out-of-domain benchmark (GMD-26)."""
+"""``trustpot bench compositional``: train on some molecular compositions, test on unseen ones."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
-def _compositional(args: argparse.Namespace) -> int:
-    from trustpot.bench.compositional import BenchOptions, run_compositional
+def _resolve(args: argparse.Namespace) -> dict[str, Any]:
+    from trustpot.bench.compositional import BenchOptions
 
     opts = BenchOptions(
         tasks=list(args.task),
@@ -18,8 +19,14 @@ def _compositional(args: argparse.Namespace) -> int:
         threads=args.threads,
         workers=args.workers,
     )
-    summary = run_compositional(args.out, opts)
-    print(f"report: {Path(args.out) / 'report.md'} ({summary['wall_s'] / 60:.1f} min)")
+    return {"out": args.out, "options": opts}
+
+
+def _compositional(req: dict[str, Any]) -> int:
+    from trustpot.bench.compositional import run_compositional
+
+    summary = run_compositional(req["out"], req["options"])
+    print(f"report: {Path(req['out']) / 'report.md'} ({summary['wall_s'] / 60:.1f} min)")
     return 0
 
 
@@ -64,4 +71,4 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--workers", type=int, default=1, help="xTB worker processes (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, splits and training (0)")
-    p.set_defaults(func=_compositional, out_dir=lambda a: a.out)
+    p.set_defaults(resolve=_resolve, run=_compositional, out_dir=lambda a: a.out)

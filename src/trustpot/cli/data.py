@@ -3,51 +3,112 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from trustpot.cli.flags import add_flags, from_args, option
 from trustpot.errors import ConfigError
 
-
-def _pairs(items: list[str], what: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"{what} '{item}' must look like NAME=VALUE")
-        name, value = item.split("=", 1)
-        out[name] = value
-    return out
+if TYPE_CHECKING:
+    from trustpot.data.splits import SplitOptions
 
 
-def _split(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class SplitRequest:
+    """``trustpot data split``: the data file, the rule, its options, the manifest path."""
+
+    file: str
+    rule: str
+    options: SplitOptions
+    out: Path
+
+
+def add_mode_flags(
+    parser: argparse.ArgumentParser, modes: Mapping[str, type], labels: Mapping[str, str]
+) -> dict[str, set[str]]:
+    """Add the flags of every mode's options class once, each help naming the modes that use
+    it; returns field name -> modes."""
+    users: dict[str, set[str]] = {}
+    for mode, cls in modes.items():
+        for field in dataclasses.fields(cls):
+            users.setdefault(field.name, set()).add(mode)
+    done: set[str] = set()
+    for cls in modes.values():
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in done]
+        sub = argparse.ArgumentParser(add_help=False)
+        add_flags(sub, cls, exclude=[f.name for f in dataclasses.fields(cls) if f.name in done])
+        for action in sub._actions:
+            who = sorted(users[action.dest])
+            action.help = f"{action.help} [{'; '.join(labels[m] for m in who)}]"
+            parser._add_action(action)
+        done.update(names)
+    return users
+
+
+def reject_foreign(
+    args: argparse.Namespace,
+    parser_fields: Mapping[str, set[str]],
+    mode: str,
+    labels: Mapping[str, str],
+) -> None:
+    """Raise :class:`ConfigError` naming every flag given that ``mode`` does not use
+    (``labels``: how each mode is selected on the command line)."""
+    foreign = []
+    for name, modes in parser_fields.items():
+        if hasattr(args, name) and mode not in modes:
+            users = " or ".join(labels[m] for m in sorted(modes))
+            foreign.append(f"{'--' + name.replace('_', '-')} (only of {users})")
+    if foreign:
+        raise ConfigError(f"not options of {labels[mode]}: {', '.join(foreign)}")
+
+
+#: field -> split rules that use it (filled when the parser is built)
+SPLIT_FIELDS: dict[str, set[str]] = {}
+SPLIT_LABELS = {r: f"--rule {r}" for r in ("random", "info-key", "composition", "temperature")}
+
+
+def _resolve_split(args: argparse.Namespace) -> SplitRequest:
+    from trustpot.data.splits import RULE_OPTIONS
+
+    reject_foreign(args, SPLIT_FIELDS, args.rule, SPLIT_LABELS)
+    options = from_args(RULE_OPTIONS[args.rule], args)
+    options.validate()
+    return SplitRequest(args.file, args.rule, options, args.out)
+
+
+def _split(req: SplitRequest) -> int:
     from trustpot.data.reader import read_structures
-    from trustpot.data.splits import make_split, write_manifest
+    from trustpot.data.splits import RandomSplit, split_by_rule, write_manifest
 
-    structures = read_structures(args.file, require=())
-    sizes = {k: float(v) for k, v in _pairs(args.sizes, "--sizes").items()}
-    assign = {k: v.split(",") for k, v in _pairs(args.assign, "--assign").items()}
-    subsets = make_split(
-        structures,
-        args.rule,
-        args.seed,
-        sizes=sizes,
-        key=args.key,
-        assign=assign,
-        rest=None if args.rest == "none" else args.rest,
-        threshold=args.threshold,
-    )
-    params = {
-        "sizes": sizes,
-        "key": args.key,
-        "assign": assign,
-        "rest": args.rest,
-        "threshold": args.threshold,
-    }
-    manifest = write_manifest(args.file, subsets, args.rule, args.seed, params, args.out)
-    print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in manifest["sizes"].items()))
+    structures = read_structures(req.file, require=())
+    subsets = split_by_rule(structures, req.rule, req.options)
+    seed = req.options.seed if isinstance(req.options, RandomSplit) else None
+    params = req.options.params()
+    params.pop("seed", None)
+    manifest = write_manifest(req.file, subsets, req.rule, seed, params, req.out)
+    print(f"{req.out}: " + ", ".join(f"{k} {v}" for k, v in manifest["sizes"].items()))
     return 0
 
 
-def _stats(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class StatsOptions:
+    """``trustpot data stats``."""
+
+    file: str = option("", "data file (any ASE format)", positional=True)
+    out: str = option("stats", "folder for stats.json and stats.png")
+    k: float = option(8.0, "outlier threshold in robust z units")
+
+
+def _resolve_stats(args: argparse.Namespace) -> StatsOptions:
+    opts = from_args(StatsOptions, args)
+    if not opts.k > 0:
+        raise ConfigError(f"--k must be > 0, got {opts.k}")
+    return opts
+
+
+def _stats(args: StatsOptions) -> int:
     from trustpot.data.inspect import stats_report
     from trustpot.data.reader import read_structures
 
@@ -69,35 +130,21 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="dataset tooling (split, stats)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     st = data_sub.add_parser("stats", help="elements, distributions, shortest distances, outliers")
-    st.add_argument("file")
-    st.add_argument("--out", default="stats", help="folder for stats.json and stats.png")
-    st.add_argument("--k", type=float, default=8.0, help="outlier threshold in robust z units")
-    st.set_defaults(func=_stats, out_dir=lambda a: a.out)
-    p = data_sub.add_parser("split", help="write a split manifest (indices + data SHA-256)")
+    add_flags(st, StatsOptions)
+    st.set_defaults(resolve=_resolve_stats, run=_stats, out_dir=lambda a: getattr(a, "out", "."))
+    from trustpot.data.splits import RULE_OPTIONS
+
+    p = data_sub.add_parser(
+        "split",
+        help="write a split manifest (indices + data SHA-256)",
+        description="Each rule takes only its own flags (named in brackets); the manifest's "
+        "params record exactly those.",
+    )
     p.add_argument("file")
-    p.add_argument(
-        "--rule", required=True, choices=["random", "info-key", "composition", "temperature"]
-    )
-    p.add_argument(
-        "--sizes",
-        nargs="*",
-        default=[],
-        metavar="SUBSET=N",
-        help="random: counts or fractions, e.g. train=400 test=100",
-    )
-    p.add_argument(
-        "--assign",
-        nargs="*",
-        default=[],
-        metavar="SUBSET=V1,V2",
-        help="info-key / composition: values going to each subset",
-    )
-    p.add_argument("--key", default="config_type", help="atoms.info key (info-key, temperature)")
-    p.add_argument("--rest", default="train", help="subset for unassigned frames ('none' drops)")
-    p.add_argument("--threshold", type=float, help="temperature rule: train <= T < test (K)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rule", required=True, choices=list(RULE_OPTIONS))
+    SPLIT_FIELDS.update(add_mode_flags(p, RULE_OPTIONS, SPLIT_LABELS))
     p.add_argument("--out", required=True, type=Path, help="manifest JSON")
-    p.set_defaults(func=_split, out_dir=lambda a: str(Path(a.out).parent))
+    p.set_defaults(resolve=_resolve_split, run=_split, out_dir=lambda a: str(Path(a.out).parent))
     from trustpot.cli.engines import add_engine_commands
 
     add_engine_commands(data_sub)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,8 @@ def _report(summary: Any) -> int:
     return 0
 
 
-def _molecules(args: argparse.Namespace) -> int:
-    from trustpot.engines.xtb import MDOptions, generate_molecules
+def _molecules(args: argparse.Namespace) -> dict[str, Any]:
+    from trustpot.engines.xtb import MDOptions
 
     md = MDOptions(
         timestep=args.timestep,
@@ -48,35 +49,33 @@ def _molecules(args: argparse.Namespace) -> int:
         interval=args.interval,
         chunk=args.chunk,
     )
-    summary = generate_molecules(
-        args.smiles,
-        args.temperatures,
-        args.frames,
-        args.out,
+    return dict(
+        smiles=args.smiles,
+        temperatures=args.temperatures,
+        frames=args.frames,
+        out=args.out,
         seed=args.seed,
         workers=args.workers,
         method=args.method,
         md=md,
         progress=not args.quiet,
     )
-    return _report(summary)
 
 
-def _label(args: argparse.Namespace) -> int:
-    from trustpot.engines.xtb import label_file
-
-    summary = label_file(
-        args.file, args.out, method=args.method, workers=args.workers, progress=not args.quiet
+def _label(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        source=args.file,
+        out=args.out,
+        method=args.method,
+        workers=args.workers,
+        progress=not args.quiet,
     )
-    return _report(summary)
 
 
-def _compositional(args: argparse.Namespace) -> int:
-    from trustpot.engines.compositional import build_task_data
-
-    data = build_task_data(
-        args.task,
-        args.out,
+def _compositional(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        task=args.task,
+        out_dir=args.out,
         frames_per_molecule=args.frames,
         temperatures=args.temperatures,
         seed=args.seed,
@@ -84,6 +83,12 @@ def _compositional(args: argparse.Namespace) -> int:
         quick=args.quick,
         progress=not args.quiet,
     )
+
+
+def _run_compositional(call: dict[str, Any]) -> int:
+    from trustpot.engines.compositional import build_task_data
+
+    data = build_task_data(**call)
     print(
         f"{data.data}: frames {data.sizes}, molecules {data.molecules}, {data.failed} failed, "
         f"{data.seconds:.1f} s; split manifest {data.manifest}"
@@ -98,8 +103,8 @@ def _compositional(args: argparse.Namespace) -> int:
     return 0
 
 
-def _nacl_water(args: argparse.Namespace) -> int:
-    from trustpot.engines.nacl_water import BoxOptions, generate_nacl_water
+def _nacl_water(args: argparse.Namespace) -> dict[str, Any]:
+    from trustpot.engines.nacl_water import BoxOptions
 
     box = BoxOptions(
         grid=args.grid,
@@ -111,21 +116,20 @@ def _nacl_water(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         contact_fraction=args.contact_fraction,
     )
-    summary = generate_nacl_water(
-        args.pairs,
-        args.frames,
-        args.out,
+    return dict(
+        pairs=args.pairs,
+        frames=args.frames,
+        out=args.out,
         temperatures=args.temperatures,
         seed=args.seed,
         workers=args.workers,
         box=box,
         progress=not args.quiet,
     )
-    return _report(summary)
 
 
-def _nbody(args: argparse.Namespace) -> int:
-    from trustpot.engines.nbody import MCOptions, generate_nbody
+def _nbody(args: argparse.Namespace) -> dict[str, Any]:
+    from trustpot.engines.nbody import MCOptions
 
     mc = MCOptions(
         box=args.box,
@@ -135,17 +139,27 @@ def _nbody(args: argparse.Namespace) -> int:
         interval=args.interval,
         chunk=args.chunk,
     )
-    summary = generate_nbody(
-        args.particles,
-        args.frames,
-        args.out,
+    return dict(
+        particles=args.particles,
+        frames=args.frames,
+        out=args.out,
         temperatures=args.temperatures,
         seed=args.seed,
         workers=args.workers,
         mc=mc,
         progress=not args.quiet,
     )
-    return _report(summary)
+
+
+def _run(module: str, function: str) -> Callable[[dict[str, Any]], int]:
+    """Run ``module.function(**call)`` and report its summary."""
+
+    def run(call: dict[str, Any]) -> int:
+        import importlib
+
+        return _report(getattr(importlib.import_module(module), function)(**call))
+
+    return run
 
 
 def _common(p: argparse.ArgumentParser, frames: bool = True) -> None:
@@ -185,7 +199,9 @@ def add_engine_commands(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--friction", type=float, default=0.01, help="1/fs (default 0.01)")
     _sampling(p, 400, 40, 10, "MD steps")
     _common(p)
-    p.set_defaults(func=_molecules, out_dir=_out_dir)
+    p.set_defaults(
+        resolve=_molecules, run=_run("trustpot.engines.xtb", "generate_molecules"), out_dir=_out_dir
+    )
 
     p = data_sub.add_parser(
         "label",
@@ -196,14 +212,14 @@ def add_engine_commands(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", help="structures (any format ASE reads)")
     p.add_argument("--method", default="GFN2-xTB", help="xTB method (default GFN2-xTB)")
     _common(p, frames=False)
-    p.set_defaults(func=_label, out_dir=_out_dir)
+    p.set_defaults(resolve=_label, run=_run("trustpot.engines.xtb", "label_file"), out_dir=_out_dir)
 
     from trustpot.engines.compositional import TASKS
 
     p = data_sub.add_parser(
         "compositional",
         help="fragment-annotated xTB data of a compositional task with its split (extra: xtb)",
-        description="Molecules of one GMD-26 task (duplication, combination, size, holdout) "
+        description="Molecules of one compositional task (duplication, combination, size, holdout) "
         "sampled by Langevin MD with GFN2-xTB labels; writes OUT/data.xyz (fragment "
         "annotations in atoms.info and a per-atom fragment_label) and OUT/split.json "
         "(train, test_id, test_ood). Rerun to resume.",
@@ -218,7 +234,7 @@ def add_engine_commands(data_sub: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=1, help="worker processes (default 1; 0: in this process)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_compositional, out_dir=lambda a: a.out)
+    p.set_defaults(resolve=_compositional, run=_run_compositional, out_dir=lambda a: a.out)
 
     p = data_sub.add_parser(
         "nacl-water",
@@ -240,7 +256,11 @@ def add_engine_commands(data_sub: argparse._SubParsersAction) -> None:
     )
     _sampling(p, 2000, 200, 20, "MD steps")
     _common(p)
-    p.set_defaults(func=_nacl_water, out_dir=_out_dir)
+    p.set_defaults(
+        resolve=_nacl_water,
+        run=_run("trustpot.engines.nacl_water", "generate_nacl_water"),
+        out_dir=_out_dir,
+    )
 
     p = data_sub.add_parser(
         "nbody",
@@ -256,4 +276,6 @@ def add_engine_commands(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--r0", type=float, default=2.8, help="Å, +/- pair minimum (default 2.8)")
     _sampling(p, 200, 20, 20, "MC sweeps")
     _common(p)
-    p.set_defaults(func=_nbody, out_dir=_out_dir)
+    p.set_defaults(
+        resolve=_nbody, run=_run("trustpot.engines.nbody", "generate_nbody"), out_dir=_out_dir
+    )

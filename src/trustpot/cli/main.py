@@ -1,5 +1,8 @@
 """``trustpot`` command: subcommands are thin layers over library functions.
 
+Every subcommand sets two functions: ``resolve(args) -> options`` (pure: the options object
+the flags describe, validated) and ``run(options) -> exit code``.
+
 Errors that bad input causes print one line (``trustpot: error: ...``) and exit with 2; the
 full traceback goes to ``error.log`` in the output folder (or the current folder).
 """
@@ -7,12 +10,19 @@ full traceback goes to ``error.log`` in the output folder (or the current folder
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from trustpot.cli.flags import add_flags, from_args, option
 from trustpot.errors import TrustpotError
+
+if TYPE_CHECKING:
+    from trustpot.config import RunConfig
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -22,15 +32,41 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_training_flags(p)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.set_defaults(func=_train, out_dir=lambda a: a.out)
+    p.set_defaults(resolve=_resolve_train, run=_train, out_dir=lambda a: a.out)
 
 
-def _train(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class TrainRequest:
+    """``trustpot train``: the resolved run configuration, the run folder, resume or not."""
+
+    config: RunConfig
+    out: str
+    resume: bool
+
+
+def _resolve_train(args: argparse.Namespace) -> TrainRequest:
     from trustpot.cli.trainargs import config_from_args
+
+    return TrainRequest(config_from_args(args), args.out, args.resume)
+
+
+def _train(req: TrainRequest) -> int:
     from trustpot.train.run import run_training
 
-    run_training(config_from_args(args), args.out, resume=args.resume)
+    run_training(req.config, req.out, resume=req.resume)
     return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """``trustpot eval``."""
+
+    checkpoint: str = option("", "potential or reliability wrapper checkpoint", positional=True)
+    data: str = option("", "labelled data file (any ASE format) or split.json:SUBSET",
+                       positional=True)  # fmt: skip
+    out: str = option("", "output folder", required=True)
+    batch_size: int = option(32, "structures per call")
+    device: str = option("cpu", "torch device (cpu, cuda, cuda:1...)")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -39,27 +75,43 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="evaluate a checkpoint on labelled data",
         description="Write DIR/metrics.json and DIR/parity.png.",
     )
-    p.add_argument("checkpoint")
-    p.add_argument("data", help="labelled data file (any ASE format) or split.json:SUBSET")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1...)")
-    p.set_defaults(func=_eval, out_dir=lambda a: a.out)
+    add_flags(p, EvalOptions)
+    p.set_defaults(resolve=lambda a: from_args(EvalOptions, a), run=_eval, out_dir=lambda a: a.out)
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _eval(opts: EvalOptions) -> int:
     import json
 
     from trustpot.calculator import Predictor
     from trustpot.data.splits import read_data
     from trustpot.evaluate import evaluate_file
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.batch_size)
-    structures = read_data(args.data, require=())
-    metrics = evaluate_file(predictor, structures, args.out, source=args.data)
+    predictor = Predictor.from_checkpoint(opts.checkpoint, opts.device, opts.batch_size)
+    structures = read_data(opts.data, require=())
+    metrics = evaluate_file(predictor, structures, opts.out, source=opts.data)
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     print(json.dumps(summary, indent=1))
     return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MDRunOptions:
+    """``trustpot md``."""
+
+    checkpoint: str = option("", "potential or reliability wrapper checkpoint", positional=True)
+    structure: str = option("", "starting structure (first frame of any ASE file)",
+                            positional=True)  # fmt: skip
+    steps: int = option(0, "MD steps", required=True)
+    temperature: float = option(0.0, "temperature, K", required=True)
+    timestep: float = option(0.5, "time step, fs")
+    friction: float = option(0.01, "Langevin friction, 1/fs")
+    thermostat: str = option("langevin", "langevin (NVT) or nve", choices=("langevin", "nve"))
+    interval: int = option(10, "write every N steps")
+    seed: int = option(0, "seed of the initial velocities and the thermostat")
+    stop_below: float | None = option(
+        None, "stop when a written frame's reliability falls below this (uq checkpoints)"
+    )
+    out: str = option("", "trajectory (.traj or .xyz)", required=True)
 
 
 def _add_md(sub: argparse._SubParsersAction) -> None:
@@ -68,48 +120,37 @@ def _add_md(sub: argparse._SubParsersAction) -> None:
         help="run molecular dynamics with a checkpoint",
         description="Langevin (NVT) or NVE dynamics through ASE.",
     )
-    p.add_argument("checkpoint")
-    p.add_argument("structure", help="starting structure (first frame of any ASE file)")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--temperature", type=float, required=True, help="K")
-    p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
-    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
-    p.add_argument("--thermostat", choices=["langevin", "nve"], default="langevin")
-    p.add_argument("--interval", type=int, default=10, help="write every N steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--stop-below",
-        type=float,
-        help="stop when a written frame's reliability falls below this (uq checkpoints)",
+    add_flags(p, MDRunOptions)
+    p.set_defaults(
+        resolve=lambda a: from_args(MDRunOptions, a),
+        run=_md,
+        out_dir=lambda a: str(Path(a.out).parent),
     )
-    p.add_argument("--out", required=True, help="trajectory (.traj or .xyz)")
-    p.set_defaults(func=_md, out_dir=lambda a: str(Path(a.out).parent))
 
 
-def _md(args: argparse.Namespace) -> int:
+def _md(opts: MDRunOptions) -> int:
     import json
 
     from trustpot.calculator import TrustpotCalculator
     from trustpot.data.reader import read_structures
+    from trustpot.data.structures import check_species
     from trustpot.md import run_md
 
-    calc = TrustpotCalculator.from_checkpoint(args.checkpoint)
-    (start,) = read_structures(args.structure, require=(), index=0)
-    from trustpot.data.structures import check_species
-
-    check_species([start], calc.predictor.species, args.structure)
+    calc = TrustpotCalculator.from_checkpoint(opts.checkpoint)
+    (start,) = read_structures(opts.structure, require=(), index=0)
+    check_species([start], calc.predictor.species, opts.structure)
     stats = run_md(
         calc,
         start.to_atoms(with_labels=False),
-        args.steps,
-        args.temperature,
-        args.out,
-        timestep_fs=args.timestep,
-        friction=args.friction,
-        thermostat=args.thermostat,
-        interval=args.interval,
-        seed=args.seed,
-        stop_below=args.stop_below,
+        opts.steps,
+        opts.temperature,
+        opts.out,
+        timestep_fs=opts.timestep,
+        friction=opts.friction,
+        thermostat=opts.thermostat,
+        interval=opts.interval,
+        seed=opts.seed,
+        stop_below=opts.stop_below,
     )
     print(json.dumps(stats, indent=1))
     return 0
@@ -118,10 +159,10 @@ def _md(args: argparse.Namespace) -> int:
 def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="show the options and their defaults")
     p.add_argument("action", choices=["show"])
-    p.set_defaults(func=_config, out_dir=lambda a: ".")
+    p.set_defaults(resolve=lambda a: a.action, run=_config, out_dir=lambda a: ".")
 
 
-def _config(args: argparse.Namespace) -> int:
+def _config(action: str) -> int:
     from trustpot.config import describe_defaults
 
     print(describe_defaults())
@@ -147,11 +188,11 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workers", type=int, default=2, help="xTB worker processes")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_quickstart, out_dir=lambda a: a.out)
+    p.set_defaults(resolve=_resolve_quickstart, run=_quickstart, out_dir=lambda a: a.out)
 
 
-def _quickstart(args: argparse.Namespace) -> int:
-    from trustpot.quickstart import QuickstartOptions, run_quickstart
+def _resolve_quickstart(args: argparse.Namespace) -> dict[str, Any]:
+    from trustpot.quickstart import QuickstartOptions
 
     opts = QuickstartOptions(
         smiles=args.smiles, frames=args.frames, ood_frames=args.ood_frames,
@@ -159,15 +200,28 @@ def _quickstart(args: argparse.Namespace) -> int:
         uq_minutes=args.uq_minutes,
         workers=args.workers, seed=args.seed,
     )  # fmt: skip
-    summary = run_quickstart(args.out, opts)
-    print(f"report: {Path(args.out) / 'report.md'} ({summary['total_s'] / 60:.1f} min)")
+    return {"out": args.out, "options": opts}
+
+
+def _quickstart(req: dict[str, Any]) -> int:
+    from trustpot.quickstart import run_quickstart
+
+    summary = run_quickstart(req["out"], req["options"])
+    print(f"report: {Path(req['out']) / 'report.md'} ({summary['total_s'] / 60:.1f} min)")
     return 0
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line naming the command and the flag."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from trustpot import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="trustpot",
         description="Machine-learned interatomic potentials that say how far to trust them.",
     )
@@ -178,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     from trustpot.cli.scales import add_scales_commands
     from trustpot.cli.uq import add_uq_commands
 
-    commands = (_add_quickstart, _add_train, _add_eval, _add_md, add_uq_commands, _add_config)
-    commands = (*commands, add_bench_commands, add_scales_commands)
-    for add in (*commands, add_data_commands):
+    commands = [_add_quickstart, _add_train, _add_eval, _add_md, add_uq_commands, _add_config]
+    commands += [add_bench_commands, add_scales_commands, add_data_commands]
+    for add in commands:
         add(sub)
     return parser
 
@@ -189,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        return int(args.run(args.resolve(args)))
     except TrustpotError as err:
         _write_error_log(args)
         print(f"trustpot: error: {err}", file=sys.stderr)

@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
+from trustpot.bench.scales.options import (
+    DATA_MODES,
+    DEFAULT_DFT_DIR,
+    DFTTestbedOptions,
+    FileData,
+    OpenMMTestbedOptions,
+    ScalesOptions,
+)
+from trustpot.cli.data import add_mode_flags, reject_foreign
+from trustpot.cli.flags import from_args
 from trustpot.errors import ConfigError
 
-#: Where the DFT files live relative to the repository (``../shared/data/nacl_water``).
-DEFAULT_DFT_DIR = str(Path("..") / "shared" / "data" / "nacl_water")
+__all__ = ["DEFAULT_DFT_DIR", "add_scales_commands"]
+
+#: field -> data sources (``--testbed`` values, ``files``) that use it
+SCALES_FIELDS: dict[str, set[str]] = {}
+SCALES_LABELS = {
+    "files": "file data (no --testbed)",
+    "dft": "--testbed dft",
+    "openmm": "--testbed openmm",
+}
 
 
 def add_scales_commands(sub: argparse._SubParsersAction) -> None:
     scales = sub.add_parser(
         "scales",
         help="adaptive scale refinement: short/long experts, routing, pool refinement",
-        description="Two-expert scale mixtures (seed 000) on NaCl in water.",
+        description="Two-expert scale mixtures on NaCl in water: a short-range and a "
+        "long-range potential mixed per structure or per atom by a scale in [0, 1].",
     )
     scales_sub = scales.add_subparsers(dest="scales_command", required=True)
     p = scales_sub.add_parser(
@@ -32,17 +51,10 @@ def add_scales_commands(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--testbed", choices=["dft", "openmm"], help="prepare a testbed's data")
-    p.add_argument(
-        "--data-dir",
-        default=DEFAULT_DFT_DIR,
-        help=f"dft testbed: folder of the revPBE0-D3 files (default {DEFAULT_DFT_DIR})",
-    )
-    p.add_argument("--train", nargs="+", default=[], help="training data (files or manifests)")
-    p.add_argument("--valid", nargs="+", default=[], help="calibration data (default: hold out)")
-    p.add_argument("--test", nargs="+", default=[], help="test data")
+    SCALES_FIELDS.update(add_mode_flags(p, DATA_MODES, SCALES_LABELS))
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quick", action="store_true", help="tiny models and budgets (CI)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (0: default)")
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("--seed", type=int, help="seed of splits and initialisation (default 0)")
     p.add_argument("--n-features", type=int, help="branch width (full 32, quick 8)")
@@ -61,19 +73,7 @@ def add_scales_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--router-minutes", type=float, help="router budget (full 4, quick 0.3)")
     p.add_argument("--threshold", type=float, help="close-contact distance, Å (default 6)")
     p.add_argument("--tol", type=float, help="pool refinement tolerance, relative (1e-4)")
-    p.add_argument("--max-train", type=int, default=0, help="dft testbed: cap training frames")
-    p.add_argument("--max-valid", type=int, default=0, help="dft testbed: cap calibration frames")
-    p.add_argument("--max-test", type=int, default=0, help="dft testbed: cap test frames")
-    p.add_argument(
-        "--force-cap",
-        type=float,
-        default=None,
-        help="dft testbed: exclude frames with a force component above this, eV/Å (15; 0: off)",
-    )
-    p.add_argument(
-        "--frames", type=int, help="openmm testbed: frames per ion-pair count (full 120, quick 8)"
-    )
-    p.set_defaults(func=_run, out_dir=lambda a: a.out)
+    p.set_defaults(resolve=_resolve_run, run=_run, out_dir=lambda a: a.out)
 
     r = scales_sub.add_parser(
         "report",
@@ -81,15 +81,15 @@ def add_scales_commands(sub: argparse._SubParsersAction) -> None:
         description="Rebuild DIR/report.md and plots from DIR/scales.json (no model is run).",
     )
     r.add_argument("dirs", nargs="+", help="run folders holding scales.json")
-    r.set_defaults(func=_report, out_dir=lambda a: a.dirs[0])
+    r.set_defaults(resolve=lambda a: tuple(a.dirs), run=_report, out_dir=lambda a: a.dirs[0])
 
 
-def _report(args: argparse.Namespace) -> int:
+def _report(dirs: tuple[str, ...]) -> int:
     import json
 
     from trustpot.bench.scales.report import write_report
 
-    for folder in args.dirs:
+    for folder in dirs:
         path = Path(folder) / "scales.json"
         if not path.is_file():
             raise ConfigError(f"{path} not found: run 'trustpot scales run --out {folder}' first")
@@ -97,72 +97,71 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+#: ScalesOptions fields set by a flag of the same name
+TRAINING_FLAGS = (
+    "seed", "threads", "device", "n_features", "n_layers", "short_backbone", "long_backbone",
+    "short_cutoff", "long_cutoff", "electrostatics", "epochs", "branch_minutes", "batch_size",
+    "router_epochs", "router_minutes", "threshold", "tol",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalesRun:
+    """``trustpot scales run``: the run's options, its data source and the output folder."""
+
+    options: ScalesOptions
+    data: FileData | DFTTestbedOptions | OpenMMTestbedOptions
+    out: str
+
+
+def _resolve_run(args: argparse.Namespace) -> ScalesRun:
+    mode = args.testbed or "files"
+    reject_foreign(args, SCALES_FIELDS, mode, SCALES_LABELS)
+    overrides = {name: getattr(args, name) for name in TRAINING_FLAGS}
+    make = ScalesOptions.quick_defaults if args.quick else ScalesOptions.full_defaults
+    data = from_args(DATA_MODES[mode], args)
+    data.validate()
+    return ScalesRun(make(**overrides), data, args.out)
+
+
+def _run(req: ScalesRun) -> int:
     from dataclasses import replace
 
-    from trustpot.bench.scales.pipeline import ScalesOptions, run_scales
-    from trustpot.bench.scales.testbeds import FORCE_CAP, OpenMMPlan, prepare_dft, prepare_openmm
+    from trustpot.bench.scales.pipeline import run_scales
+    from trustpot.bench.scales.testbeds import OpenMMPlan, prepare_dft, prepare_openmm
 
-    overrides = {
-        "seed": args.seed,
-        "threads": args.threads,
-        "device": args.device,
-        "n_features": args.n_features,
-        "n_layers": args.n_layers,
-        "short_backbone": args.short_backbone,
-        "long_backbone": args.long_backbone,
-        "short_cutoff": args.short_cutoff,
-        "long_cutoff": args.long_cutoff,
-        "electrostatics": args.electrostatics,
-        "epochs": args.epochs,
-        "branch_minutes": args.branch_minutes,
-        "batch_size": args.batch_size,
-        "router_epochs": args.router_epochs,
-        "router_minutes": args.router_minutes,
-        "threshold": args.threshold,
-        "tol": args.tol,
-    }
-    opts = (
-        ScalesOptions.quick_defaults(**overrides)
-        if args.quick
-        else ScalesOptions.full_defaults(**overrides)
-    )
+    opts, data = req.options, req.data
     if opts.threads > 0:
         import torch
 
         torch.set_num_threads(opts.threads)
-    train, valid, test = list(args.train), list(args.valid), list(args.test)
     testbed = None
-    if args.testbed:
-        if train or valid or test:
-            raise ConfigError("--testbed prepares its own data: drop --train/--valid/--test")
-        if args.testbed == "dft":
-            data_dir = Path(args.data_dir)
-            if not data_dir.is_dir():
+    if isinstance(data, FileData):
+        train, valid, test = list(data.train), list(data.valid), list(data.test)
+    else:
+        if isinstance(data, DFTTestbedOptions):
+            if not Path(data.data_dir).is_dir():
                 raise ConfigError(
-                    f"DFT data folder {data_dir} not found; pass --data-dir "
+                    f"DFT data folder {data.data_dir} not found; pass --data-dir "
                     "(the nacl_water folder of the shared data)"
                 )
-            cap = FORCE_CAP if args.force_cap is None else args.force_cap
-            quick_caps = (48, 16, 24) if args.quick else (0, 0, 0)
+            max_train, max_valid, max_test = data.caps(opts.quick)
             bed = prepare_dft(
-                data_dir,
-                args.out,
-                force_cap=cap,
+                data.data_dir,
+                req.out,
+                force_cap=data.force_cap,
                 seed=opts.seed,
-                max_train=args.max_train or quick_caps[0],
-                max_valid=args.max_valid or quick_caps[1],
-                max_test=args.max_test or quick_caps[2],
+                max_train=max_train,
+                max_valid=max_valid,
+                max_test=max_test,
             )
         else:
-            plan = OpenMMPlan.quick() if args.quick else OpenMMPlan()
-            if args.frames:
-                plan = replace(plan, frames=args.frames)
-            bed = prepare_openmm(args.out, plan, seed=opts.seed)
+            plan = OpenMMPlan.quick() if opts.quick else OpenMMPlan()
+            if data.frames is not None:
+                plan = replace(plan, frames=data.frames)
+            bed = prepare_openmm(req.out, plan, seed=opts.seed)
         train, valid, test = bed.train, bed.valid, bed.test
         testbed = {"name": bed.name, **bed.info}
-    elif not train or not test:
-        raise ConfigError("give --train and --test data, or --testbed dft|openmm")
-    run_scales(train, test, args.out, opts, valid_specs=valid, testbed=testbed)
-    print(f"report: {Path(args.out) / 'report.md'}")
+    run_scales(train, test, req.out, opts, valid_specs=valid, testbed=testbed)
+    print(f"report: {Path(req.out) / 'report.md'}")
     return 0

@@ -1,20 +1,55 @@
-"""``trustpot uq fit {ensemble,mc-dropout,probe,perturb}`` and ``trustpot uq eval``."""
+"""``trustpot uq fit {ensemble,mc-dropout,probe,perturb}`` and ``trustpot uq eval``.
+
+Each method is its own subcommand whose flags are generated from its options dataclass
+(:mod:`trustpot.uq.options`): a flag another method uses is an argparse error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
-from trustpot.cli.trainargs import add_training_flags, config_from_args
+from trustpot.cli.flags import add_flags, from_args, option
 from trustpot.errors import ConfigError
+from trustpot.uq.options import METHOD_OPTIONS, UQOptions
 
-METHODS = ("ensemble", "mc-dropout", "probe", "perturb")
+METHODS = tuple(METHOD_OPTIONS)
 
 
 def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+#: method -> (one-line help, description)
+METHOD_HELP = {
+    "ensemble": (
+        "deep ensemble: train --n-models potentials with different seeds (or combine --members)",
+        "Train --n-models potentials that differ only in seed (initialisation, shuffling, "
+        "validation split), or combine trained --members; the spread of their predictions is "
+        "the uncertainty.",
+    ),
+    "mc-dropout": (
+        "MC dropout: one potential with dropout in its energy head, sampled at inference",
+        "Train one potential with --dropout in its energy head (or wrap one trained with "
+        "dropout, --from); --n-samples dropout masks per prediction give the uncertainty.",
+    ),
+    "probe": (
+        "PROBE: a classifier on a trained potential's frozen embeddings that predicts reliability",
+        "Train a small attention-pooling classifier on the frozen per-layer embeddings of --from "
+        "to predict whether a structure's force MAE exceeds the tolerance, on --calibration data "
+        "the potential did not train on; its probability is temperature-scaled on a held-out "
+        "share of that data.",
+    ),
+    "perturb": (
+        "learned perturbations: noise-driven shifts of hidden features, fine-tuned with the CRPS",
+        "Add noise-conditioned scale-and-shift perturbations to the hidden features of --from "
+        "and fine-tune them (and the backbone unless --freeze-backbone) on --train with the "
+        "fair ensemble CRPS; --n-samples perturbations per prediction give the uncertainty.",
+    ),
+}
 
 
 def add_uq_commands(sub: argparse._SubParsersAction) -> None:
@@ -28,165 +63,100 @@ def add_uq_commands(sub: argparse._SubParsersAction) -> None:
     fit = uq_sub.add_parser(
         "fit",
         help="fit a reliability wrapper; writes OUT/uq.ckpt",
-        description=(
-            "ensemble: train --n-models potentials (or wrap --members); mc-dropout: train one "
-            "potential with dropout (or wrap --from); probe: classifier on the frozen embeddings "
-            "of --from, trained on --calibration data the model did not train on; perturb: "
-            "learned functional perturbations fine-tuned from --from with the CRPS on --train. "
-            "--calibration data also fits the std rescaling and the reliability map."
-        ),
+        description="Fit one reliability method (each takes only its own options; see "
+        "'trustpot uq fit METHOD --help'). --calibration data fits the std rescaling and the "
+        "reliability map.",
     )
-    fit.add_argument("method", choices=METHODS)
-    add_training_flags(fit, with_config=False)
-    fit.add_argument("--out", required=True, help="output folder (uq.ckpt, fit.json, members)")
-    fit.add_argument("--from", dest="base", help="trained potential checkpoint to wrap")
-    fit.add_argument("--members", nargs="+", help="ensemble: trained checkpoints to combine")
-    fit.add_argument("--n-models", type=int, default=5, help="ensemble size (default 5)")
-    fit.add_argument("--dropout", type=float, default=0.1, help="mc-dropout rate (default 0.1)")
-    fit.add_argument(
-        "--n-samples", type=int, help="samples per prediction (mc-dropout 16, perturb 8)"
-    )
-    fit.add_argument("--calibration", help="held-out labelled data (file or split.json:SUBSET)")
-    fit.add_argument("--tolerance", type=float, help="force MAE (eV/Å) of a reliable structure")
-    fit.add_argument(
-        "--top-fraction",
-        type=float,
-        default=0.2,
-        help="default tolerance: this top share of calibration errors is unreliable",
-    )
-    fit.add_argument("--fit-epochs", type=int, default=200, help="probe/perturb epochs")
-    fit.add_argument("--fit-minutes", type=float, default=0.0, help="probe/perturb budget")
-    fit.add_argument(
-        "--fit-lr",
-        type=float,
-        default=1e-2,
-        help="perturb: learning rate of the perturbation layers (backbone: 1e-4)",
-    )
-    fit.add_argument(
-        "--freeze-backbone", action="store_true", help="perturb: train only the perturbations"
-    )
-    fit.set_defaults(func=_fit, out_dir=lambda a: a.out)
+    methods = fit.add_subparsers(dest="method", required=True)
+    for method, cls in METHOD_OPTIONS.items():
+        short, long = METHOD_HELP[method]
+        p = methods.add_parser(method, help=short, description=long)
+        add_flags(p, cls)
+        p.add_argument("--out", required=True, help="output folder (uq.ckpt, fit.json, models)")
+        p.set_defaults(resolve=_resolve_fit, run=_run_fit, out_dir=lambda a: a.out)
 
     ev = uq_sub.add_parser(
         "eval",
         help="evaluate a reliability wrapper on labelled data",
         description="Write DIR/uq_metrics.json and plots (error vs uncertainty, calibration, "
-        "risk-coverage; per-atom importance for PROBE).",
+        "risk-coverage; per-atom importance for PROBE). Energy-only data (a scan, a reaction "
+        "path) gets the energy metrics; force metrics are skipped with a note.",
     )
-    ev.add_argument("checkpoint")
-    ev.add_argument("data", help="labelled data (file or split.json:SUBSET)")
-    ev.add_argument("--out", required=True)
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--top-fraction", type=float, default=0.2)
-    ev.set_defaults(func=_eval, out_dir=lambda a: a.out)
+    add_flags(ev, UQEvalOptions)
+    ev.set_defaults(resolve=_resolve_eval, run=_run_eval, out_dir=lambda a: a.out)
 
 
-FLAG_NAMES = {"base": "--from"}
+@dataclasses.dataclass(frozen=True)
+class FitRequest:
+    """``trustpot uq fit METHOD``: the method, its options and the output folder."""
+
+    method: str
+    options: UQOptions
+    out: str
 
 
-def _need(args: argparse.Namespace, name: str, why: str) -> str:
-    value = getattr(args, name)
-    if not value:
-        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        raise ConfigError(f"uq fit {args.method}: {flag} is required ({why})")
-    return str(value)
+@dataclasses.dataclass(frozen=True)
+class UQEvalOptions:
+    """``trustpot uq eval``."""
+
+    checkpoint: str = option("", "reliability wrapper (uq.ckpt)", positional=True)
+    data: str = option("", "labelled data (file or split.json:SUBSET)", positional=True)
+    out: str = option("", "output folder", required=True)
+    batch_size: int = option(16, "structures per call")
+    top_fraction: float = option(0.2, "share of the largest errors that rankings must flag")
 
 
-def _fit(args: argparse.Namespace) -> int:
-    from trustpot.data.splits import read_data
-    from trustpot.io.checkpoint import load_potential
-    from trustpot.uq import fit as F
+def _resolve_fit(args: argparse.Namespace) -> FitRequest:
+    options = from_args(METHOD_OPTIONS[args.method], args)
+    options.validate()
+    return FitRequest(args.method, options, args.out)
 
-    out = Path(args.out)
-    t0 = time.perf_counter()
-    calibration = read_data(args.calibration, require=("forces",)) if args.calibration else None
-    report: dict[str, object] = {"method": args.method}
-    if args.method == "ensemble":
-        if args.members:
-            model = F.ensemble_from_checkpoints(args.members)
-            report["members"] = list(args.members)
-        else:
-            _need(args, "train", "or give --members")
-            paths = F.train_ensemble_members(config_from_args(args), out, args.n_models, _log)
-            model = F.ensemble_from_checkpoints(paths)
-            report["members"] = [str(p) for p in paths]
-    elif args.method == "mc-dropout":
-        n = args.n_samples or 16
-        if args.base:
-            from trustpot.uq.ensemble import MCDropout
 
-            model = MCDropout(load_potential(args.base), n)
-        else:
-            _need(args, "train", "or give --from a potential trained with dropout")
-            model = F.train_mc_dropout(config_from_args(args), out, args.dropout, n, _log)
-    elif args.method == "probe":
-        from trustpot.uq.probe import fit_probe
+def _run_fit(req: FitRequest) -> int:
+    from trustpot.uq.fit import fit_uq
 
-        base = load_potential(_need(args, "base", "the potential to probe"))
-        data = calibration or read_data(_need(args, "calibration", "held-out labels"))
-        model = fit_probe(
-            base,
-            data,
-            tolerance=args.tolerance,
-            top_fraction=args.top_fraction,
-            epochs=args.fit_epochs,
-            max_minutes=args.fit_minutes,
-            seed=args.seed or 0,
-            log=_log,
-            source=args.calibration,
-        )
-        calibration = None  # the probe's own temperature scaling used held-out calibration data
-    else:
-        from trustpot.train.run import split_train_valid
-        from trustpot.uq.perturb import fit_perturbation
-
-        base = load_potential(_need(args, "base", "the potential to perturb"))
-        structures = read_data(_need(args, "train", "data for the CRPS fine-tuning"))
-        if args.valid:
-            train, valid = structures, read_data(args.valid)
-        else:
-            t_idx, v_idx = split_train_valid(structures, args.valid_fraction or 0.1, args.seed or 0)
-            train, valid = [structures[i] for i in t_idx], [structures[i] for i in v_idx]
-        model = fit_perturbation(
-            base,
-            train,
-            valid,
-            epochs=args.fit_epochs,
-            max_minutes=args.fit_minutes,
-            finetune_backbone=not args.freeze_backbone,
-            lr=args.fit_lr,
-            seed=args.seed or 0,
-            log=_log,
-        )
-        if args.n_samples:
-            model.n_samples = args.n_samples
-    report["fit_s"] = time.perf_counter() - t0
-    F.finish(
-        model,
-        out,
-        calibration,
-        str(args.calibration),
-        report,
-        args.tolerance,
-        args.top_fraction,
-        _log,
-    )
+    fit_uq(req.method, req.options, Path(req.out), _log)
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _resolve_eval(args: argparse.Namespace) -> UQEvalOptions:
+    opts = from_args(UQEvalOptions, args)
+    if not 0 < opts.top_fraction < 1:
+        raise ConfigError(f"--top-fraction must be in (0, 1), got {opts.top_fraction}")
+    if opts.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    return opts
+
+
+def _run_eval(args: UQEvalOptions) -> int:
     import numpy as np
 
     from trustpot.data.splits import read_data
+    from trustpot.errors import DataError
+    from trustpot.io.checkpoint import load_model
+    from trustpot.uq.base import UQModel
     from trustpot.uq.collect import collect
-    from trustpot.uq.io import load_uq
     from trustpot.uq.plots import write_plots
-    from trustpot.uq.report import headline, uq_metrics
+    from trustpot.uq.report import (
+        force_label_notes,
+        frame_listing,
+        headline,
+        uq_metrics,
+    )
 
-    model = load_uq(args.checkpoint)
-    structures = read_data(args.data, require=("forces",))
+    model = load_model(args.checkpoint, UQModel)
+    structures = read_data(args.data, require=())
+    for k, s in enumerate(structures):
+        if s.energy is None and s.forces is None:
+            raise DataError(str(args.data), "no energy and no forces label", k, "energy")
     data = collect(model, structures, args.batch_size, source=args.data)
     metrics = uq_metrics(data, args.top_fraction)
+    metrics["frames"] = frame_listing(data)
+    notes = force_label_notes(structures)
+    if notes:
+        metrics["notes"] = notes
+        for note in notes:
+            print(f"note: {note}", flush=True)
     metrics["method"] = model.kind
     metrics["checkpoint"] = str(args.checkpoint)
     metrics["data"] = str(args.data)

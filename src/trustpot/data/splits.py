@@ -10,6 +10,7 @@ that changed is not the split that was reported.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from ase.formula import Formula
 from trustpot.data.reader import DEFAULT_KEYS, KeyMap, file_sha256, read_structures
 from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError, DataError
+from trustpot.options import option
 
 SPLIT_FORMAT = "trustpot-split"
 SPLIT_VERSION = 1
@@ -60,6 +62,128 @@ def _by_value(
 def _formula(numbers: np.ndarray) -> str:
     """Reduced Hill formula of a structure (``C2H6O``)."""
     return Formula.from_list([chemical_symbols[int(z)] for z in numbers]).reduce()[0].format("hill")
+
+
+def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{flag} '{item}' must look like NAME=VALUE")
+        out[name] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomSplit:
+    """Rule ``random``: a seeded permutation cut into subsets of the given sizes."""
+
+    sizes: tuple[str, ...] = option(
+        (), "subset sizes, counts or fractions < 1, e.g. train=400 test=100", metavar="SUBSET=N"
+    )
+    seed: int = option(0, "seed of the permutation")
+
+    def size_map(self) -> dict[str, float]:
+        """``{"train": 400.0, ...}`` from ``--sizes``."""
+        out = {}
+        for name, value in _pairs(self.sizes, "--sizes").items():
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise ConfigError(f"--sizes {name}={value}: not a number") from None
+            if out[name] < 0:
+                raise ConfigError(f"--sizes {name}={value}: must be >= 0")
+        return out
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the flag at fault."""
+        if not self.size_map():
+            raise ConfigError("rule 'random' needs --sizes, e.g. --sizes train=0.8 test=0.2")
+
+    def params(self) -> dict[str, Any]:
+        return {"sizes": self.size_map(), "seed": self.seed}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Assigned:
+    assign: tuple[str, ...] = option(
+        (), "values going to each subset, e.g. test=A,B", metavar="SUBSET=V1,V2"
+    )
+    rest: str = option("train", "subset of frames no --assign names ('none' drops them)")
+
+    def assign_map(self) -> dict[str, list[str]]:
+        return {k: v.split(",") for k, v in _pairs(self.assign, "--assign").items()}
+
+    def validate(self) -> None:
+        if not self.assign_map():
+            raise ConfigError(f"this rule needs --assign SUBSET=VALUE[,VALUE...] ({self.assign})")
+
+
+@dataclasses.dataclass(frozen=True)
+class InfoKeySplit(_Assigned):
+    """Rule ``info-key``: frames whose ``atoms.info[key]`` is in a subset's values go there."""
+
+    key: str = option(
+        "config_type",
+        "atoms.info key deciding the subset (default: config_type for info-key, temperature for "
+        "temperature)",
+    )
+
+    def params(self) -> dict[str, Any]:
+        return {"key": self.key, "assign": self.assign_map(), "rest": self.rest}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompositionSplit(_Assigned):
+    """Rule ``composition``: by reduced Hill formula (``--assign test=CH4O``)."""
+
+    def params(self) -> dict[str, Any]:
+        return {"assign": self.assign_map(), "rest": self.rest}
+
+
+@dataclasses.dataclass(frozen=True)
+class TemperatureSplit:
+    """Rule ``temperature``: ``info[key]`` <= ``threshold`` goes to ``train``, above to
+    ``test``."""
+
+    key: str = option("temperature", "atoms.info key holding the temperature, K")
+    threshold: float | None = option(None, "train <= T < test, K")
+
+    def validate(self) -> None:
+        if self.threshold is None:
+            raise ConfigError("rule 'temperature' needs --threshold (K)")
+
+    def params(self) -> dict[str, Any]:
+        return {"key": self.key, "threshold": self.threshold}
+
+
+SplitOptions = RandomSplit | InfoKeySplit | CompositionSplit | TemperatureSplit
+
+#: rule -> its options class
+RULE_OPTIONS: dict[str, type[Any]] = {
+    "random": RandomSplit,
+    "info-key": InfoKeySplit,
+    "composition": CompositionSplit,
+    "temperature": TemperatureSplit,
+}
+
+
+def split_by_rule(
+    structures: Sequence[Structure], rule: str, options: SplitOptions
+) -> dict[str, list[int]]:
+    """Indices of each subset under ``rule`` with its ``options`` (validated here)."""
+    if rule not in RULE_OPTIONS:
+        raise ConfigError(f"unknown split rule '{rule}'; known: {', '.join(RULES)}")
+    if type(options) is not RULE_OPTIONS[rule]:
+        raise ConfigError(f"rule '{rule}' takes {RULE_OPTIONS[rule].__name__} options")
+    options.validate()
+    if isinstance(options, RandomSplit):
+        return make_split(structures, rule, options.seed, sizes=options.size_map())
+    if isinstance(options, TemperatureSplit):
+        return make_split(structures, rule, key=options.key, threshold=options.threshold)
+    rest = None if options.rest == "none" else options.rest
+    key = options.key if isinstance(options, InfoKeySplit) else "config_type"
+    return make_split(structures, rule, key=key, assign=options.assign_map(), rest=rest)
 
 
 def make_split(
@@ -116,11 +240,15 @@ def write_manifest(
     data: str | Path,
     subsets: Mapping[str, list[int]],
     rule: str,
-    seed: int,
+    seed: int | None,
     params: Mapping[str, Any],
     out: str | Path,
 ) -> dict[str, Any]:
-    """Write the manifest JSON; the data path is stored relative to the manifest's folder."""
+    """Write the manifest JSON; the data path is stored relative to the manifest's folder.
+
+    ``params`` are the options the rule used (and only those); ``seed`` is None for a rule
+    that draws nothing at random.
+    """
     out = Path(out)
     data = Path(data)
     manifest = {

@@ -34,7 +34,7 @@ from trustpot.data.graph import Graph
 from trustpot.errors import ConfigError
 from trustpot.models.base import edge_vectors
 from trustpot.nn import MLP, scatter_sum
-from trustpot.units import COULOMB_EV_A as COULOMB_EV_A  # re-exported by trustpot.scales
+from trustpot.units import COULOMB_EV_A
 
 #: Optional graph field: [n_graphs] formal total charge of each structure (e); 0 when absent.
 TOTAL_CHARGE: Final = "total_charge"

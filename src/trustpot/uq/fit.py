@@ -1,7 +1,11 @@
 """Fitting reliability wrappers: train what a method needs, recalibrate, save ``uq.ckpt``.
 
 Every step writes to the output folder and a rerun skips what is finished: ensemble members
-that completed are not retrained, a killed member resumes from its ``last.ckpt``.
+that completed are not retrained, a killed member resumes from its ``last.ckpt``
+(:func:`train_once`, the one place that decides reuse).
+
+:func:`fit_uq` is the entry point of ``trustpot uq fit``: one method, its options dataclass
+(:mod:`trustpot.uq.options`), an output folder.
 """
 
 from __future__ import annotations
@@ -13,28 +17,41 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trustpot.config import RunConfig
+from trustpot.config import RunConfig, config_to_dict
 from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError
-from trustpot.io.checkpoint import load_potential
+from trustpot.io.checkpoint import load_potential, save_model
+from trustpot.train.reuse import run_step
 from trustpot.train.run import run_training
 from trustpot.uq.base import UQModel
 from trustpot.uq.calibrate import recalibrate
 from trustpot.uq.ensemble import DeepEnsemble, MCDropout
-from trustpot.uq.io import save_uq
+from trustpot.uq.options import (
+    METHOD_OPTIONS,
+    EnsembleOptions,
+    MCDropoutOptions,
+    PerturbOptions,
+    ProbeOptions,
+    UQOptions,
+)
 
 Log = Callable[[str], None]
 
 
 def train_once(cfg: RunConfig, run_dir: Path, log: Log) -> Path:
-    """Train (or finish training) one potential in ``run_dir``; returns its ``best.ckpt``."""
-    done = run_dir / "done.json"
-    if done.is_file():
-        log(f"{run_dir}: already trained")
-    else:
-        resume = (run_dir / "last.ckpt").is_file()
-        result = run_training(cfg, run_dir, resume=resume)
-        done.write_text(json.dumps(dataclasses.asdict(result), indent=1))
+    """Train one potential in ``run_dir`` under the one reuse rule
+    (:func:`trustpot.train.reuse.run_step`): reused when done with the same resolved config,
+    resumed from ``last.ckpt`` when interrupted, refused when the config differs. Returns its
+    ``best.ckpt``."""
+    config = config_to_dict(cfg)
+    for key in ("threads", "device"):  # where it runs does not change what is trained
+        config["train"].pop(key, None)
+
+    def work(folder: Path, resuming: bool) -> dict[str, Any]:
+        resume = resuming and (folder / "last.ckpt").is_file()
+        return dataclasses.asdict(run_training(cfg, folder, resume=resume))
+
+    run_step(run_dir, config, work, log)
     return run_dir / "best.ckpt"
 
 
@@ -82,11 +99,20 @@ def finish(
     tolerance: float | None = None,
     top_fraction: float = 0.2,
     log: Log = print,
+    calibrated_by_fit: str | None = None,
 ) -> Path:
-    """Recalibrate on held-out data (when given), save ``out/uq.ckpt`` and ``out/fit.json``."""
+    """Recalibrate on held-out data (when given), save ``out/uq.ckpt`` and ``out/fit.json``.
+
+    ``calibrated_by_fit`` names the data a method already calibrated itself on while fitting
+    (PROBE's temperature scaling): there is then nothing left to recalibrate here.
+    """
     t0 = time.perf_counter()
     report = dict(fit_report)
-    if calibration:
+    if calibrated_by_fit:
+        if calibration:
+            raise ConfigError("a model calibrated by its fit cannot be recalibrated again")
+        log(f"reliability calibrated during the fit on {calibrated_by_fit} (no std to rescale)")
+    elif calibration:
         report["recalibration"] = recalibrate(
             model, calibration, tolerance, top_fraction, calibration_name
         )
@@ -103,7 +129,118 @@ def finish(
         model.fit_report = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
     out.mkdir(parents=True, exist_ok=True)
     path = out / "uq.ckpt"
-    save_uq(model, path)
+    save_model(model, path)
     (out / "fit.json").write_text(json.dumps(report, indent=1, default=str))
     log(f"wrote {path}")
     return path
+
+
+def _fit_ensemble(opts: EnsembleOptions, out: Path, log: Log) -> tuple[UQModel, dict[str, Any]]:
+    if opts.members:
+        return ensemble_from_checkpoints(opts.members), {"members": list(opts.members)}
+    paths = train_ensemble_members(opts.run_config(), out, opts.n_models, log)
+    return ensemble_from_checkpoints(paths), {"members": [str(p) for p in paths]}
+
+
+def _fit_mc_dropout(opts: MCDropoutOptions, out: Path, log: Log) -> UQModel:
+    if opts.base:
+        return MCDropout(load_potential(opts.base), opts.n_samples)
+    return train_mc_dropout(opts.run_config(), out, opts.dropout, opts.n_samples, log)
+
+
+def _fit_probe(opts: ProbeOptions, data: Sequence[Structure], log: Log) -> UQModel:
+    from trustpot.uq.probe import fit_probe
+
+    assert opts.base is not None
+    return fit_probe(
+        load_potential(opts.base),
+        data,
+        tolerance=opts.tolerance,
+        top_fraction=opts.top_fraction,
+        epochs=opts.epochs,
+        max_minutes=opts.max_minutes,
+        batch_size=opts.batch_size,
+        temperature_fraction=opts.holdout_fraction,
+        seed=opts.seed,
+        log=log,
+        source=str(opts.calibration),
+    )
+
+
+def _fit_perturb(opts: PerturbOptions, log: Log) -> UQModel:
+    from trustpot.data.splits import read_data
+    from trustpot.train.run import split_train_valid
+    from trustpot.uq.perturb import fit_perturbation
+
+    assert opts.base is not None and opts.train is not None
+    structures = read_data(opts.train)
+    if opts.valid:
+        train, valid = structures, read_data(opts.valid)
+    else:
+        t_idx, v_idx = split_train_valid(structures, opts.valid_fraction, opts.seed)
+        train, valid = [structures[i] for i in t_idx], [structures[i] for i in v_idx]
+    return fit_perturbation(
+        load_potential(opts.base),
+        train,
+        valid,
+        n_samples_train=opts.n_samples_train,
+        epochs=opts.epochs,
+        max_minutes=opts.max_minutes,
+        lr=opts.lr,
+        backbone_lr=opts.backbone_lr,
+        finetune_backbone=not opts.freeze_backbone,
+        batch_size=opts.batch_size,
+        seed=opts.seed,
+        n_samples=opts.n_samples,
+        log=log,
+    )
+
+
+def fit_uq(method: str, options: UQOptions, out: Path, log: Log = print) -> UQModel:
+    """Fit reliability method ``method`` with its ``options``, recalibrate on
+    ``options.calibration`` and save ``out/uq.ckpt`` and ``out/fit.json``.
+
+    Raises:
+        ConfigError: unknown method, options of another method, or invalid options.
+    """
+    from trustpot.data.splits import read_data
+
+    if method not in METHOD_OPTIONS:
+        raise ConfigError(f"unknown uq method '{method}'; known: {', '.join(METHOD_OPTIONS)}")
+    if type(options) is not METHOD_OPTIONS[method]:
+        raise ConfigError(
+            f"uq method '{method}' takes {METHOD_OPTIONS[method].__name__}, "
+            f"got {type(options).__name__}"
+        )
+    options.validate()
+    out = Path(out)
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {"method": method, "options": dataclasses.asdict(options)}
+    calibration = (
+        read_data(options.calibration, require=("forces",)) if options.calibration else None
+    )
+    model: UQModel
+    if isinstance(options, EnsembleOptions):
+        model, extra = _fit_ensemble(options, out, log)
+        report.update(extra)
+    elif isinstance(options, MCDropoutOptions):
+        model = _fit_mc_dropout(options, out, log)
+    elif isinstance(options, ProbeOptions):
+        assert calibration is not None  # validate() requires it
+        model = _fit_probe(options, calibration, log)
+    else:
+        model = _fit_perturb(options, log)
+    report["fit_s"] = time.perf_counter() - t0
+    probe = isinstance(options, ProbeOptions)
+    finish(
+        model,
+        out,
+        None if probe else calibration,
+        str(options.calibration),
+        report,
+        options.tolerance,
+        options.top_fraction,
+        log,
+        calibrated_by_fit=str(options.calibration) if probe else None,
+    )
+    return model

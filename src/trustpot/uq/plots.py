@@ -65,7 +65,9 @@ def write_plots(data: Collected, out: Path, title: str) -> list[Path]:
         written.append(out / "risk_coverage.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
-    if data.has("comp_std"):
+    if not np.isfinite(err).any() and np.isfinite(data["energy_ref"]).any():
+        written += _energy_plot(data, out, title)
+    if data.has("comp_std") and np.isfinite(data["comp_ref"]).any():
         ok = np.isfinite(data["comp_ref"])
         expected, observed = M.calibration_curve(
             data["comp_pred"][ok], np.maximum(data["comp_std"][ok], MIN_STD), data["comp_ref"][ok]
@@ -82,6 +84,32 @@ def write_plots(data: Collected, out: Path, title: str) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+def _energy_plot(data: Collected, out: Path, title: str) -> list[Path]:
+    """Energy-only data: energy error per atom against the energy std per atom (or
+    ``1 - reliability``)."""
+    import matplotlib.pyplot as plt
+
+    if data.has("energy_std"):
+        name, score = "energy std per atom (eV/atom)", data["energy_std"] / data["n_atoms"]
+    elif data.has("reliability"):
+        name, score = "1 - reliability", 1.0 - data["reliability"]
+    else:
+        return []
+    error = np.abs(data["energy"] - data["energy_ref"]) / data["n_atoms"]
+    ok = np.isfinite(error) & np.isfinite(score)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.scatter(score[ok], error[ok], s=6, alpha=0.6)
+    ax.set_xlabel(name)
+    ax.set_ylabel("energy error per atom (eV/atom)")
+    rho = M.spearman(score[ok], error[ok]) if ok.sum() > 2 and np.ptp(score[ok]) > 0 else math.nan
+    ax.set_title(f"{title}\nSpearman {rho:.3f} (energy-only data)", fontsize=9)
+    fig.tight_layout()
+    path = out / "energy_error_vs_uncertainty.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
 
 
 def plot_atom_importance(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from trustpot.data.structures import Structure
 from trustpot.metrics import uncertainty as M
 from trustpot.metrics.accuracy import mae
 from trustpot.uq.collect import Collected
@@ -113,6 +115,43 @@ def uq_metrics(data: Collected, top_fraction: float = 0.2) -> dict[str, Any]:
         samples = data["energy_samples"] if data.has("energy_samples") else None
         out["energy_gaussian"] = _gaussian(data["energy"], data["energy_std"], e_ref, samples)
     return out
+
+
+def force_label_notes(structures: Sequence[Structure]) -> list[str]:
+    """What the metrics leave out because frames have no force labels (energy-only scans,
+    reaction paths): force metrics are computed on the frames that have forces only."""
+    missing = sum(s.forces is None for s in structures)
+    if missing == len(structures):
+        return [
+            "no frame has force labels (energy-only data): force metrics (force MAE ranking, "
+            "per-atom ranking, force CRPS/NLL/calibration) are skipped; energy error vs "
+            "energy_std and the reliability listing are reported"
+        ]
+    if missing:
+        return [
+            f"{missing} of {len(structures)} frames have no force labels: force metrics "
+            "use the other frames"
+        ]
+    return []
+
+
+def frame_listing(data: Collected) -> list[dict[str, float | int]]:
+    """One row per structure: index, energy error per atom (eV/atom, NaN without a label),
+    force MAE (eV/Å, NaN without force labels) and the method's ``energy_std`` (eV) and
+    ``reliability`` where it has them."""
+    rows: list[dict[str, float | int]] = []
+    e_err = np.abs(data["energy"] - data["energy_ref"]) / data["n_atoms"]
+    for k in range(data.n_structures):
+        row: dict[str, float | int] = {
+            "frame": k,
+            "energy_error_per_atom": float(e_err[k]),
+            "force_mae": float(data["force_mae"][k]),
+        }
+        for key in ("energy_std", "reliability"):
+            if data.has(key):
+                row[key] = float(data[key][k])
+        rows.append(row)
+    return rows
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:

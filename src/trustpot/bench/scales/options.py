@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from trustpot.bench.scales.contacts import CONTACT_THRESHOLD
+from trustpot.bench.scales.testbeds import FORCE_CAP
+from trustpot.errors import ConfigError
+from trustpot.options import option
 from trustpot.train.reuse import step_status, write_state
 
 #: The seed's numbers (force MAE; the seed does not state its unit).
@@ -126,3 +129,69 @@ def mark_done(out: Path, settings: dict[str, Any], result: dict[str, Any]) -> No
     """Record a finished scales run (its trained steps are reused on a rerun; the analysis,
     whose options are free to change, always runs again)."""
     write_state(out, {"status": "done", "config": settings, "result": result})
+
+
+#: Where the DFT files live relative to the repository (``../shared/data/nacl_water``).
+DEFAULT_DFT_DIR = str(Path("..") / "shared" / "data" / "nacl_water")
+#: Subset caps of the DFT testbed in quick mode (train, valid, test).
+QUICK_DFT_CAPS = (48, 16, 24)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileData:
+    """Data given as files or ``split.json:SUBSET`` specifications (no ``--testbed``)."""
+
+    train: tuple[str, ...] = option((), "training data (files or manifests)")
+    valid: tuple[str, ...] = option((), "calibration data (default: hold out a share of train)")
+    test: tuple[str, ...] = option((), "test data")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` when training or test data are missing."""
+        if not self.train or not self.test:
+            raise ConfigError("give --train and --test data, or --testbed dft|openmm")
+
+
+@dataclasses.dataclass(frozen=True)
+class DFTTestbedOptions:
+    """The revPBE0-D3 testbed (:func:`trustpot.bench.scales.testbeds.prepare_dft`). Caps of 0 keep
+    every frame; unset caps are 0, or 48/16/24 with ``--quick``."""
+
+    data_dir: str = option(DEFAULT_DFT_DIR, "folder of the revPBE0-D3 files")
+    max_train: int | None = option(None, "cap on training frames (0: all; quick 48)")
+    max_valid: int | None = option(None, "cap on calibration frames (0: all; quick 16)")
+    max_test: int | None = option(None, "cap on test frames (0: all; quick 24)")
+    force_cap: float = option(
+        FORCE_CAP, "exclude frames with a force component above this, eV/Å (0: off)"
+    )
+
+    def caps(self, quick: bool) -> tuple[int, int, int]:
+        """(train, valid, test) caps, 0 meaning all."""
+        given = (self.max_train, self.max_valid, self.max_test)
+        return tuple(  # type: ignore[return-value]
+            (q if quick else 0) if v is None else v for v, q in zip(given, QUICK_DFT_CAPS)
+        )
+
+    def validate(self) -> None:
+        for name in ("max_train", "max_valid", "max_test", "force_cap"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenMMTestbedOptions:
+    """The OpenMM NaCl(aq) testbed (:func:`trustpot.bench.scales.testbeds.prepare_openmm`)."""
+
+    frames: int | None = option(None, "frames per ion-pair count (full 120, quick 8)")
+
+    def validate(self) -> None:
+        if self.frames is not None and self.frames < 1:
+            raise ConfigError(f"--frames must be >= 1, got {self.frames}")
+
+
+#: ``--testbed`` value (``files`` when none is given) -> options of that data source
+DATA_MODES: dict[str, type[Any]] = {
+    "files": FileData,
+    "dft": DFTTestbedOptions,
+    "openmm": OpenMMTestbedOptions,
+}
