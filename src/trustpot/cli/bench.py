@@ -30,7 +30,7 @@ def _compositional(req: dict[str, Any]) -> int:
     return 0
 
 
-def add_bench_commands(sub: argparse._SubParsersAction) -> None:
+def add_bench_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Register ``trustpot bench ...``."""
     from trustpot.bench.compositional import DEFAULT_MODELS, MODES
     from trustpot.engines.compositional import TASKS

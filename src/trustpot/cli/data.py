@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trustpot.cli.flags import add_flags, from_args, option
 from trustpot.errors import ConfigError
@@ -126,7 +126,7 @@ def _stats(args: StatsOptions) -> int:
     return 0
 
 
-def add_data_commands(sub: argparse._SubParsersAction) -> None:
+def add_data_commands(sub: argparse._SubParsersAction[Any]) -> None:
     data = sub.add_parser("data", help="dataset tooling (split, stats)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     st = data_sub.add_parser("stats", help="elements, distributions, shortest distances, outliers")

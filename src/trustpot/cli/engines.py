@@ -185,7 +185,7 @@ def _sampling(p: argparse.ArgumentParser, eq: int, interval: int, chunk: int, un
     )
 
 
-def add_engine_commands(data_sub: argparse._SubParsersAction) -> None:
+def add_engine_commands(data_sub: argparse._SubParsersAction[Any]) -> None:
     """Register the engine subcommands under ``trustpot data``."""
     p = data_sub.add_parser(
         "molecules",

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from trustpot.config import RunConfig
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def _add_train(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("train", help="train a potential", description="Train a potential.")
     from trustpot.cli.trainargs import add_training_flags
 
@@ -69,7 +69,7 @@ class EvalOptions:
     device: str = option("cpu", "torch device (cpu, cuda, cuda:1...)")
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
+def _add_eval(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
         "eval",
         help="evaluate a checkpoint on labelled data",
@@ -114,7 +114,7 @@ class MDRunOptions:
     out: str = option("", "trajectory (.traj or .xyz)", required=True)
 
 
-def _add_md(sub: argparse._SubParsersAction) -> None:
+def _add_md(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
         "md",
         help="run molecular dynamics with a checkpoint",
@@ -156,7 +156,7 @@ def _md(opts: MDRunOptions) -> int:
     return 0
 
 
-def _add_config(sub: argparse._SubParsersAction) -> None:
+def _add_config(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("config", help="show the options and their defaults")
     p.add_argument("action", choices=["show"])
     p.set_defaults(resolve=lambda a: a.action, run=_config, out_dir=lambda a: ".")
@@ -169,7 +169,7 @@ def _config(action: str) -> int:
     return 0
 
 
-def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+def _add_quickstart(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
         "quickstart",
         help="the main job on data made here: xTB data, training, in/out-of-domain evaluation",
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Machine-learned interatomic potentials that say how far to trust them.",
     )
     parser.add_argument("--version", action="version", version=f"trustpot {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub: argparse._SubParsersAction[Any] = parser.add_subparsers(dest="command", required=True)
     from trustpot.cli.bench import add_bench_commands
     from trustpot.cli.data import add_data_commands
     from trustpot.cli.scales import add_scales_commands

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from trustpot.bench.scales.options import (
     DATA_MODES,
@@ -29,7 +30,7 @@ SCALES_LABELS = {
 }
 
 
-def add_scales_commands(sub: argparse._SubParsersAction) -> None:
+def add_scales_commands(sub: argparse._SubParsersAction[Any]) -> None:
     scales = sub.add_parser(
         "scales",
         help="adaptive scale refinement: short/long experts, routing, pool refinement",

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from trustpot.cli.flags import add_flags, from_args, option
 from trustpot.errors import ConfigError
@@ -52,7 +53,7 @@ METHOD_HELP = {
 }
 
 
-def add_uq_commands(sub: argparse._SubParsersAction) -> None:
+def add_uq_commands(sub: argparse._SubParsersAction[Any]) -> None:
     uq = sub.add_parser(
         "uq",
         help="reliability: fit and evaluate uncertainty wrappers",

@@ -167,6 +167,8 @@ class UQModel(Model):
         super().__init__()
         self.base = base
         self.recalibration = Recalibration()
+        #: what fitting the wrapper measured (stored in its checkpoint)
+        self.fit_report: dict[str, Any] = {}
 
     # -- what a Predictor needs ---------------------------------------------------------------
     @property

@@ -125,8 +125,7 @@ def finish(
     else:
         log("no --calibration data: standard deviations are uncalibrated and no reliability map")
     report["recalibration_s"] = time.perf_counter() - t0
-    if hasattr(model, "fit_report"):
-        model.fit_report = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+    model.fit_report = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
     out.mkdir(parents=True, exist_ok=True)
     path = out / "uq.ckpt"
     save_model(model, path)
