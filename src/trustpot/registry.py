@@ -7,7 +7,9 @@ Three kinds of entry:
 - ``"model"``: classes implementing :class:`~trustpot.models.contract.Model`, keyed by the
   ``kind`` a checkpoint stores (``potential``, ``scale-mixture``, ``uq:ensemble``...);
   :func:`trustpot.io.checkpoint.load_model` dispatches on it;
-- ``"uq"``: reliability methods (the wrapper class of ``trustpot uq fit METHOD``).
+- ``"uq"``: reliability methods (the wrapper class of ``trustpot uq fit METHOD``);
+- ``"pretrained"``: pretrained models by name (``sevennet-0``), each a
+  :class:`~trustpot.models.pretrained.Pretrained` that describes and loads an adapter.
 
 Names are case-normalised (lower case, ``_`` read as ``-``) both when registered and when
 looked up, so ``PaiNN``, ``painn`` and ``PAINN`` are one name.
@@ -31,8 +33,8 @@ from typing import Any, Final, Literal, TypeVar
 from trustpot.errors import ConfigError
 
 T = TypeVar("T")
-Kind = Literal["backbone", "model", "uq"]
-KINDS: Final[tuple[str, ...]] = ("backbone", "model", "uq")
+Kind = Literal["backbone", "model", "uq", "pretrained"]
+KINDS: Final[tuple[str, ...]] = ("backbone", "model", "uq", "pretrained")
 PLUGIN_GROUP: Final = "trustpot.plugins"
 
 #: Built-in entries: kind -> name -> "module:attribute" (imported lazily) and aliases.
@@ -57,11 +59,13 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
         "probe": "trustpot.uq.probe:Probe",
         "perturb": "trustpot.uq.perturb:PerturbedPotential",
     },
+    "pretrained": {},
 }
 _BUILTIN_ALIASES: Final[dict[str, dict[str, str]]] = {
     "backbone": {"egnn-e": "egnn", "en-gnn": "egnn", "deepsetmoe": "deepset-moe"},
     "model": {},
     "uq": {"mc_dropout": "mc-dropout", "dropout": "mc-dropout", "perturbation": "perturb"},
+    "pretrained": {},
 }
 
 _registered: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}

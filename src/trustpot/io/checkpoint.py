@@ -36,7 +36,7 @@ import torch
 from trustpot.errors import CheckpointError
 from trustpot.models.contract import Model
 from trustpot.models.potential import Potential
-from trustpot.registry import lookup, names
+from trustpot.registry import canonical_name, lookup, names
 from trustpot.version import __version__
 
 M = TypeVar("M", bound=Model)
@@ -111,7 +111,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
+        pretrained = names("pretrained")
+        hint = f" (nor a pretrained model: {', '.join(pretrained)})" if pretrained else ""
+        raise CheckpointError(f"{path}: no such checkpoint{hint}")
     try:
         data: Any = torch.load(path, map_location="cpu", weights_only=True)
     except (
@@ -206,15 +208,19 @@ def load_model(path: str | Path, expect: type[M]) -> M: ...
 def load_model(path: str | Path, expect: type[Model] = Model) -> Model:
     """The model stored at ``path``, in eval mode: the one loader for every kind.
 
-    Read with ``weights_only=True``; every tensor's name and shape is checked.
+    Read with ``weights_only=True``; every tensor's name and shape is checked. A pretrained
+    model's name (``trustpot pretrained list``) works wherever a path does.
 
     Args:
-        path: a checkpoint file.
+        path: a checkpoint file, or the name of a pretrained model.
         expect: the class the caller needs (``Potential``, ``UQModel``,
             ``ScaleMixturePotential``...); another kind is a :class:`CheckpointError`. By
             default any :class:`~trustpot.models.contract.Model`.
     """
-    model = model_from_checkpoint_dict(read_checkpoint(path), path)
+    if not Path(path).exists() and canonical_name("pretrained", str(path)) in names("pretrained"):
+        model = lookup("pretrained", str(path)).load()
+    else:
+        model = model_from_checkpoint_dict(read_checkpoint(path), path)
     if not isinstance(model, expect):
         raise CheckpointError(
             f"{path}: holds a '{model.kind}' model, not a {expect.__name__} "
