@@ -193,3 +193,41 @@ def test_stress_loss_is_dimensionless() -> None:
     assert one > 0
     assert two == pytest.approx(one, rel=1e-12)
     assert _stress_term(0.37) == pytest.approx(one, rel=1e-12)
+
+
+PROBE_SCRIPT = """
+import sys, os, torch
+from trustpot.data.reader import read_structures
+from trustpot.io.checkpoint import load_potential
+from trustpot.uq.probe import ProbeHypers, fit_probe
+
+base = load_potential(sys.argv[1])
+data = read_structures(sys.argv[2], use_cache=False)
+probe = fit_probe(base, data, hypers=ProbeHypers(width=8, heads=2, dropout=0.0), epochs=3,
+                  batch_size=4, run_dir=sys.argv[3] + "/run", log=lambda m: None)
+if int(os.environ.get("RANK", "0")) == 0:
+    torch.save(probe.classifier.state_dict(), sys.argv[3] + "/classifier.pt")
+"""
+
+
+def test_torchrun_probe_fit_matches_one_process(ethanol_file: Path, tmp_path: Path) -> None:
+    """A loop ported onto the Trainer (PROBE's classifier, without dropout so that no random
+    mask differs between ranks) runs under torchrun and gives the single-process classifier:
+    the Trainer's sums/counts reductions make the ranks add up."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not found next to the Python interpreter")
+    script = tmp_path / "fit.py"
+    script.write_text(PROBE_SCRIPT)
+    base = Path(__file__).parent / "fixtures" / "checkpoints" / "potential.ckpt"
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    runs = [[sys.executable], [torchrun, "--standalone", "--nproc_per_node", "2"]]
+    for prefix, out in zip(runs, (single, multi)):
+        out.mkdir()
+        cmd = [*prefix, str(script), str(base), str(ethanol_file), str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    a = torch.load(single / "classifier.pt", weights_only=True)
+    b = torch.load(multi / "classifier.pt", weights_only=True)
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=1e-5, atol=1e-7, msg=name)
