@@ -35,6 +35,7 @@ class _Captured(Exception):
 def _stub(monkeypatch: pytest.MonkeyPatch, calls: dict[str, Any]) -> None:
     """Replace loading, reading and saving by recorders."""
     monkeypatch.setattr(F, "load_potential", lambda path: f"potential:{path}")
+    monkeypatch.setattr(F, "load_model", lambda path: f"potential:{path}")
     monkeypatch.setattr("trustpot.data.splits.read_data", lambda spec, **kw: [spec] * 10)
 
     def finish(model: Any, out: Path, calibration: Any, name: str, report: dict, *a, **kw):

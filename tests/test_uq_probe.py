@@ -282,3 +282,23 @@ def test_importance_png_is_written(fitted: Probe, data: list[Structure], tmp_pat
     assert path.stat().st_size > 5000
     with pytest.raises(ValueError, match="9 atoms"):
         plot_atom_importance(data[0], imp[:4], tmp_path / "bad.png")
+
+
+def test_probe_on_any_model_kind(ethanol_file: Path, tmp_path: Path) -> None:
+    """PROBE reads the embeddings of any model kind (here a stored scale mixture, which is not
+    a Potential), keeps the base's kind in its checkpoint, and uq eval works on it."""
+    from trustpot.cli.main import main
+    from trustpot.io.checkpoint import load_model, read_checkpoint
+    from trustpot.models.mixture import ScaleMixturePotential
+
+    base = Path(__file__).parent / "fixtures" / "checkpoints" / "scale-mixture.ckpt"
+    out = tmp_path / "probe"
+    argv = ["uq", "fit", "probe", "--from", str(base), "--calibration", str(ethanol_file)]
+    assert main([*argv, "--epochs", "2", "--out", str(out)]) == 0
+    assert read_checkpoint(out / "uq.ckpt")["base_kind"] == "scale-mixture"
+    probe = load_model(out / "uq.ckpt", Probe)
+    assert isinstance(probe.base, ScaleMixturePotential)
+    assert (
+        main(["uq", "eval", str(out / "uq.ckpt"), str(ethanol_file), "--out", str(tmp_path)]) == 0
+    )
+    assert (tmp_path / "uq_metrics.json").is_file()

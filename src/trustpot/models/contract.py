@@ -100,6 +100,54 @@ class Model(nn.Module, ABC):
         """
         raise ConfigError(f"{self.kind or type(self).__name__} exposes no per-atom embeddings")
 
+    def outputs_and_embedding(
+        self, g: Graph, outputs: Iterable[str] = DEFAULT_OUTPUTS
+    ) -> tuple[dict[str, Tensor], Embedding]:
+        """Detached outputs (no training graph) and the embedding of ``g``.
+
+        By default two passes (:meth:`forward`, then :meth:`embed`); models that compute both
+        in one pass override it (a :class:`~trustpot.models.potential.Potential` does).
+        """
+        out = self(g, outputs, create_graph=False)
+        return {k: v.detach() for k, v in out.items()}, self.embed(g)
+
+    def embedding_widths(self) -> list[int]:
+        """Width F_l of the invariant features after each layer (``embed(g)["layers"]``),
+        measured on a two-atom graph of the model's first element."""
+        z = int(self.species[0])
+        pos = torch.tensor([[0.0, 0.0, 0.0], [1.2, 0.0, 0.0]], dtype=self.dtype)
+        g: Graph = {
+            K.POSITIONS: pos,
+            K.ATOMIC_NUMBERS: torch.tensor([z, z]),
+            K.CELL: torch.zeros((1, 3, 3), dtype=self.dtype),
+            K.PBC: torch.zeros((1, 3), dtype=torch.bool),
+            K.BATCH: torch.zeros(2, dtype=torch.long),
+            K.N_ATOMS: torch.tensor([2]),
+        }
+        for spec in self.neighbor_lists():
+            g[K.edge_index_key(spec.name)] = torch.tensor([[0, 1], [1, 0]])
+            g[K.edge_shift_key(spec.name)] = torch.zeros((2, 3), dtype=self.dtype)
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        g = {k: v.to(device) for k, v in g.items()}
+        with torch.no_grad():
+            layers = self.embed(g).get("layers", [])
+        return [int(h.shape[-1]) for h in layers]
+
+    def species_index(self, g: Graph) -> Tensor:
+        """[n_atoms] index of each atom's element in :attr:`species`.
+
+        Raises:
+            ConfigError: an element the model does not know.
+        """
+        table = torch.full((119,), -1, dtype=torch.long, device=g[K.ATOMIC_NUMBERS].device)
+        known = torch.tensor(self.species, dtype=torch.long, device=table.device)
+        table[known] = torch.arange(len(self.species), device=table.device)
+        index = table[g[K.ATOMIC_NUMBERS]]
+        if bool((index < 0).any()):
+            unknown = sorted({int(z) for z in g[K.ATOMIC_NUMBERS][index < 0]})
+            raise ConfigError(f"element(s) {unknown} unknown to this model (knows {self.species})")
+        return index
+
     # -- persistence ----------------------------------------------------------------------
     @abstractmethod
     def payload(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Any]:

@@ -164,6 +164,24 @@ class Potential(Model):
         emb: Embedding = self.backbone(g)
         return emb
 
+    def outputs_and_embedding(
+        self, g: Graph, outputs: Iterable[str] = DEFAULT_OUTPUTS
+    ) -> tuple[dict[str, Tensor], Embedding]:
+        """Detached outputs and the embedding from one forward pass (PROBE reads both)."""
+        seen: dict[str, Embedding] = {}
+
+        def node_energy_fn(graph: Graph) -> tuple[Tensor, Embedding]:
+            energies, emb = self.node_energies(graph)
+            seen["emb"] = emb
+            return energies, emb
+
+        out = compute_outputs(node_energy_fn, g, self.check_outputs(outputs), create_graph=False)
+        return {k: v.detach() for k, v in out.items()}, seen["emb"]
+
+    def embedding_widths(self) -> list[int]:
+        """Width of the features after each interaction layer (all ``n_features``)."""
+        return [self.backbone.n_features] * self.backbone.hypers.n_layers
+
     # -- evaluation -----------------------------------------------------------------------
     def node_energies(self, g: Graph) -> tuple[Tensor, Embedding]:
         """[n_atoms] per-atom energies in eV and the embedding.

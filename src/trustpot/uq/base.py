@@ -39,8 +39,9 @@ from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
 from trustpot.models.base import Embedding
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model
-from trustpot.models.potential import SUPPORTED_OUTPUTS, ModelMeta, Potential
+from trustpot.models.potential import SUPPORTED_OUTPUTS
 from trustpot.nn import scatter_sum
+from trustpot.registry import lookup, names
 
 #: Uncertainty outputs a wrapper may add to a potential's outputs.
 UQ_OUTPUTS = frozenset(
@@ -163,7 +164,7 @@ class UQModel(Model):
     #: uncertainty outputs the method returns (a subset of :data:`UQ_OUTPUTS`).
     provides: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, base: Potential) -> None:
+    def __init__(self, base: Model) -> None:
         super().__init__()
         self.base = base
         self.recalibration = Recalibration()
@@ -178,10 +179,6 @@ class UQModel(Model):
     @property
     def dtype(self) -> torch.dtype:
         return self.base.dtype
-
-    @property
-    def meta(self) -> ModelMeta:
-        return self.base.meta
 
     def neighbor_lists(self) -> list[NeighborListSpec]:
         return self.base.neighbor_lists()
@@ -265,6 +262,23 @@ class UQModel(Model):
     def wrapper_payload(self) -> dict[str, Any]:
         """Checkpoint fields of this wrapper with its current weights."""
         raise NotImplementedError
+
+    def base_fields(self) -> dict[str, Any]:
+        """``meta``, ``model`` and ``base_kind`` of the base model, for :meth:`wrapper_payload`."""
+        fields = self.base.payload()
+        return {"meta": fields["meta"], "model": fields["model"], "base_kind": self.base.kind}
+
+
+def base_from_payload(data: Mapping[str, Any], path: str) -> Model:
+    """The base model of a wrapper checkpoint: ``meta``/``model`` rebuilt as ``base_kind``
+    (absent in files written before wrappers could hold any model: a plain potential)."""
+    kind = str(data.get("base_kind", "potential"))
+    if kind not in names("model") or kind.startswith("uq:"):
+        raise CheckpointError(f"{path}: wrapper base of unknown or wrapper kind '{kind}'")
+    base: Model = lookup("model", kind).from_payload(
+        {"kind": kind, "meta": data["meta"], "model": data["model"]}, path
+    )
+    return base
 
 
 def wrapper_extra(data: Mapping[str, Any], path: str) -> dict[str, Any]:

@@ -56,6 +56,7 @@ class DeepEnsemble(UQModel):
         members: at least two potentials with the same species, dtype and neighbour lists.
     """
 
+    base: Potential  # these methods need trustpot's own potential
     kind: ClassVar[str] = "uq:ensemble"
     method: ClassVar[str] = "ensemble"
     provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
@@ -94,8 +95,7 @@ class DeepEnsemble(UQModel):
     def wrapper_payload(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "meta": self.base.meta.to_dict(),
-            "model": self.base.state_dict(),
+            **self.base_fields(),
             "extra": {
                 "members": [
                     {"meta": m.meta.to_dict(), "model": m.state_dict()} for m in self.members[1:]
@@ -143,6 +143,7 @@ class MCDropout(UQModel):
         eval_seed: seed of the dropout masks (None: global RNG).
     """
 
+    base: Potential  # these methods need trustpot's own potential
     kind: ClassVar[str] = "uq:mc-dropout"
     method: ClassVar[str] = "mc-dropout"
     provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
@@ -218,8 +219,7 @@ class MCDropout(UQModel):
     def wrapper_payload(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "meta": self.base.meta.to_dict(),
-            "model": self.base.state_dict(),
+            **self.base_fields(),
             "extra": {
                 "n_samples": self.n_samples,
                 "eval_seed": -1 if self.eval_seed is None else self.eval_seed,

@@ -20,7 +20,7 @@ from typing import Any
 from trustpot.config import RunConfig, config_to_dict
 from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError
-from trustpot.io.checkpoint import load_potential, save_model
+from trustpot.io.checkpoint import load_model, load_potential, save_model
 from trustpot.train.reuse import run_step
 from trustpot.train.run import run_training
 from trustpot.uq.base import UQModel
@@ -152,7 +152,7 @@ def _fit_probe(opts: ProbeOptions, data: Sequence[Structure], log: Log) -> UQMod
 
     assert opts.base is not None
     return fit_probe(
-        load_potential(opts.base),
+        load_model(opts.base),  # any model kind: a potential, a pretrained name, a mixture
         data,
         tolerance=opts.tolerance,
         top_fraction=opts.top_fraction,

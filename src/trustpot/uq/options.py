@@ -155,7 +155,9 @@ class ProbeOptions(Calibration):
     ``calibration`` data (required) that ``base`` did not train on. Its learning rate is fixed
     (1e-3, Adam)."""
 
-    base: str | None = option(None, "trained potential checkpoint to probe", flag="--from")
+    base: str | None = option(
+        None, "model to probe: a checkpoint of any kind or a pretrained name", flag="--from"
+    )
     epochs: int = option(200, "classifier epochs")
     max_minutes: float = option(0.0, "classifier time budget, minutes (0: none)")
     batch_size: int = option(16, "structures per classifier step")

@@ -182,6 +182,7 @@ class PerturbedPotential(UQModel):
         finetuned_backbone: whether the base weights were fine-tuned (recorded only).
     """
 
+    base: Potential  # these methods need trustpot's own potential
     kind: ClassVar[str] = "uq:perturb"
     method: ClassVar[str] = "perturb"
     provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
@@ -307,8 +308,7 @@ class PerturbedPotential(UQModel):
     def wrapper_payload(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "meta": self.base.meta.to_dict(),
-            "model": self.base.state_dict(),
+            **self.base_fields(),
             "extra": {
                 "hypers": {
                     "noise_dim": self.modulator.noise_dim,

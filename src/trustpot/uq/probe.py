@@ -29,9 +29,10 @@ from trustpot.data.structures import Structure, check_species
 from trustpot.errors import CheckpointError, ConfigError
 from trustpot.metrics.uncertainty import auroc
 from trustpot.models.base import Embedding
-from trustpot.models.potential import SUPPORTED_OUTPUTS, Potential, compute_outputs
+from trustpot.models.contract import Model
+from trustpot.models.potential import SUPPORTED_OUTPUTS
 from trustpot.nn import MLP, scatter_sum
-from trustpot.uq.base import Recalibration, UQModel, wrapper_extra
+from trustpot.uq.base import Recalibration, UQModel, base_from_payload, wrapper_extra
 
 #: Fewest labelled structures :func:`fit_probe` accepts.
 MIN_STRUCTURES = 10
@@ -161,21 +162,6 @@ class ProbeClassifier(nn.Module):
         return self.head(pooled).squeeze(-1), weights
 
 
-def _embed(
-    base: Potential, g: Graph, wanted: frozenset[str]
-) -> tuple[dict[str, Tensor], Embedding]:
-    """The base potential's outputs (detached) and its embedding, from one forward pass."""
-    seen: dict[str, Embedding] = {}
-
-    def node_energy_fn(graph: Graph) -> tuple[Tensor, Embedding]:
-        energies, emb = base.node_energies(graph)
-        seen["emb"] = emb
-        return energies, emb
-
-    out = compute_outputs(node_energy_fn, g, wanted, create_graph=False)
-    return {k: v.detach() for k, v in out.items()}, seen["emb"]
-
-
 class Probe(UQModel):
     """A frozen potential plus a PROBE classifier on its embeddings.
 
@@ -194,7 +180,7 @@ class Probe(UQModel):
 
     def __init__(
         self,
-        base: Potential,
+        base: Model,
         hypers: ProbeHypers | None = None,
         tolerance: float = float("nan"),
         temperature: float = 1.0,
@@ -203,8 +189,11 @@ class Probe(UQModel):
         for p in base.parameters():
             p.requires_grad_(False)
         self.hypers = hypers or ProbeHypers()
-        self.layer_index = self.hypers.resolve(base.backbone.hypers.n_layers)
-        n_features = base.backbone.n_features * len(self.layer_index)
+        widths = base.embedding_widths()
+        if not widths:
+            raise ConfigError(f"{base.kind} returns no per-layer features for PROBE to read")
+        self.layer_index = self.hypers.resolve(len(widths))
+        n_features = sum(widths[k] for k in self.layer_index)
         self.classifier = ProbeClassifier(n_features, len(base.species), self.hypers)
         self.classifier.to(base.dtype)
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float64))
@@ -216,9 +205,9 @@ class Probe(UQModel):
         """Detached layer features [n_atoms, n_features] and element index [n_atoms] of ``g``."""
         layers = emb.get("layers")
         if not layers:
-            raise ConfigError(f"backbone {self.base.meta.backbone} returns no per-layer features")
+            raise ConfigError(f"{self.base.kind} returns no per-layer features")
         x = torch.cat([layers[k].detach() for k in self.layer_index], dim=1)
-        return x, self.base.backbone.type_index(g)
+        return x, self.base.species_index(g)
 
     def logits(self, g: Graph, emb: Embedding) -> tuple[Tensor, Tensor]:
         """Raw (untempered) ``logit`` [n_graphs] and ``weights`` [n_atoms] of an embedding."""
@@ -229,7 +218,7 @@ class Probe(UQModel):
 
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
         wanted = frozenset(outputs & SUPPORTED_OUTPUTS) | {K.ENERGY, K.FORCES}
-        out, emb = _embed(self.base, g, wanted)
+        out, emb = self.base.outputs_and_embedding(g, wanted)
         with torch.no_grad():
             logit, weights = self.logits(g, emb)
         out[K.RELIABILITY] = torch.sigmoid(-logit.double() / self.temperature.double())
@@ -240,8 +229,7 @@ class Probe(UQModel):
     def wrapper_payload(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "meta": self.base.meta.to_dict(),
-            "model": self.base.state_dict(),
+            **self.base_fields(),
             "extra": {
                 "hypers": self.hypers.to_dict(),
                 "classifier": self.classifier.state_dict(),
@@ -260,7 +248,7 @@ class Probe(UQModel):
         ]
         if missing:
             raise CheckpointError(f"{path}: PROBE checkpoint lacks {missing}")
-        base = Potential.from_payload(data, path)
+        base = base_from_payload(data, path)
         try:
             hypers = ProbeHypers.from_dict(extra["hypers"])
             temperature, tolerance = float(extra["temperature"]), float(extra["tolerance"])
@@ -366,7 +354,7 @@ def _errors_and_features(
         chunk = structures[start : start + batch_size]
         graphs = [structure_to_graph(s, specs, probe.dtype) for s in chunk]
         g = to_device(collate(graphs), device)
-        out, emb = _embed(probe.base, g, frozenset({K.ENERGY, K.FORCES}))
+        out, emb = probe.base.outputs_and_embedding(g, frozenset({K.ENERGY, K.FORCES}))
         diff = (out[K.FORCES] - g[K.FORCES]).abs().double().sum(-1)
         errors.append(scatter_sum(diff, g[K.BATCH], len(chunk)) / (3 * g[K.N_ATOMS]))
         x, types = probe.features(g, emb)
@@ -376,7 +364,7 @@ def _errors_and_features(
 
 
 def fit_probe(
-    base: Potential,
+    base: Model,
     structures: Sequence[Structure],
     *,
     tolerance: float | None = None,
