@@ -58,7 +58,7 @@ def test_knn_distance_ranks_far_atoms_higher() -> None:
     train = [rng.normal(size=(6, 4)) for _ in range(20)]
     numbers = [np.array([1, 1, 1, 6, 6, 8]) for _ in train]
     ref = fit_reference(train, numbers, k=3)
-    assert set(ref.trees) == {1, 6, 8}
+    assert set(ref.elements) == {1, 6, 8} and ref.n_atoms == {1: 60, 6: 40, 8: 20}
     near = rng.normal(size=(6, 4))
     far = near.copy()
     far[3] += 25.0  # one carbon far outside the training cloud

@@ -302,3 +302,48 @@ def test_probe_on_any_model_kind(ethanol_file: Path, tmp_path: Path) -> None:
         main(["uq", "eval", str(out / "uq.ckpt"), str(ethanol_file), "--out", str(tmp_path)]) == 0
     )
     assert (tmp_path / "uq_metrics.json").is_file()
+
+
+def test_reliability_falls_off_the_manifold() -> None:
+    """PROBE fitted on calm ethanol frames only; structures with a C-O bond pulled to 2.6 Å
+    (an environment the calibration data never show) get a large embedding distance, and their
+    reliability falls to about zero although the classifier alone still calls them reliable
+    (measured: 0.6-0.8), while frames like the calibration data keep their reliability."""
+    calm = [atoms_to_structure(a) for a in labelled_molecules(40, seed=0, scale=0.02)]
+    probe = fit_probe(
+        make_base(calm), calm, top_fraction=0.25, hypers=SMALL, epochs=60, batch_size=8, log=quiet
+    )
+    assert math.isfinite(probe.ood_onset) and probe.ood_onset >= 1.0
+    assert K.EMBEDDING_DISTANCE in probe.supported_outputs()
+    near = [atoms_to_structure(a) for a in labelled_molecules(10, seed=7, scale=0.02)]
+    far = []
+    for atoms in labelled_molecules(10, seed=8, scale=0.02):
+        c, o = 1, 2  # CH3CH2OH in ASE: C0, C1, O2 (C1-O2 bonded)
+        direction = atoms.positions[o] - atoms.positions[c]
+        direction /= np.linalg.norm(direction)
+        atoms.positions[o] = atoms.positions[c] + 2.6 * direction
+        far.append(atoms_to_structure(atoms))
+    wanted = frozenset({K.ENERGY, K.FORCES, K.RELIABILITY, K.EMBEDDING_DISTANCE})
+
+    def evaluate(
+        structures: list[Structure], outputs: frozenset[str] = wanted
+    ) -> dict[str, torch.Tensor]:
+        graphs = [structure_to_graph(s, probe.neighbor_lists(), probe.dtype) for s in structures]
+        return probe(collate(graphs), outputs)
+
+    inside, outside = evaluate(near), evaluate(far)
+    d_in, d_out = inside[K.EMBEDDING_DISTANCE], outside[K.EMBEDDING_DISTANCE]
+    assert float(d_out.min()) > 3 * probe.ood_onset, "every far structure is well past the onset"
+    assert float(d_in.median()) <= probe.ood_onset, "typical near structures are not"
+    onset = probe.ood_onset
+    try:  # the classifier alone
+        probe.ood_onset = math.inf
+        raw_out = evaluate(far, wanted - {K.EMBEDDING_DISTANCE})[K.RELIABILITY]
+        raw_in = evaluate(near, wanted - {K.EMBEDDING_DISTANCE})[K.RELIABILITY]
+    finally:
+        probe.ood_onset = onset
+    assert float(raw_out.min()) > 0.3, "the failure mode: the classifier alone trusts them"
+    assert float(outside[K.RELIABILITY].max()) < 0.05
+    # near the data the factor is (almost always) 1
+    kept = (inside[K.RELIABILITY] - raw_in).abs() < 1e-12
+    assert int(kept.sum()) >= 8

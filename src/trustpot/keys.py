@@ -86,6 +86,9 @@ ENERGY_SAMPLES: Final = "energy_samples"  # [n_graphs, M] eV, ensemble or stocha
 FORCES_SAMPLES: Final = "forces_samples"  # [n_atoms, M, 3] eV/Å
 ATOM_IMPORTANCE: Final = "atom_importance"  # [n_atoms] attention weight of each atom (sums to 1)
 #: the same standard deviations before recalibration (the method's own ranking signal)
+#: kNN distance of a structure's atom embeddings to the calibration data (1: a typical
+#: calibration atom; max over atoms), PROBE's off-manifold signal
+EMBEDDING_DISTANCE: Final = "embedding_distance"  # [n_graphs] dimensionless
 ENERGY_STD_RAW: Final = "energy_std_raw"  # [n_graphs] eV
 FORCES_STD_RAW: Final = "forces_std_raw"  # [n_atoms] eV/Å
 
@@ -98,6 +101,7 @@ FIELD_SPECS.update(
         FORCES_SAMPLES: FieldSpec("node", (-1, 3), "eV/Å", doc="force samples"),
         ATOM_IMPORTANCE: FieldSpec("node", (), "", doc="per-atom importance"),
         ENERGY_STD_RAW: FieldSpec("graph", (), "eV", doc="energy std before recalibration"),
+        EMBEDDING_DISTANCE: FieldSpec("graph", (), "", doc="kNN embedding distance to the data"),
         FORCES_STD_RAW: FieldSpec("node", (), "eV/Å", doc="force std before recalibration"),
     }
 )

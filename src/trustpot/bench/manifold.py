@@ -1,4 +1,6 @@
-"""Distance from the training manifold: k-nearest-neighbour distances of per-atom embeddings.
+"""Distance from the training manifold, for the compositional benchmark: per-atom embeddings of
+structures, and their kNN distance (:class:`trustpot.uq.manifold.EmbeddingDistance`, the one
+implementation, which PROBE also uses).
 
 Each atom of a test structure is embedded by the trained model (``Potential.embed``, the
 last layer's invariant features ``node`` [n_atoms, F]). Its distance to the training data is
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,18 +27,10 @@ import torch
 from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError
 from trustpot.metrics import uncertainty
+from trustpot.uq.manifold import EmbeddingDistance
 
 if TYPE_CHECKING:
     from trustpot.models.potential import Potential
-
-
-class KDTree(Protocol):
-    """What this module uses of ``scipy.spatial.cKDTree``."""
-
-    @property
-    def n(self) -> int: ...
-
-    def query(self, x: np.ndarray, k: int) -> tuple[Any, Any]: ...
 
 
 @torch.no_grad()
@@ -63,26 +57,31 @@ class KnnReference:
     """Training atoms per element and the per-element distance scale.
 
     Attributes:
-        trees: atomic number -> ``scipy.spatial.cKDTree`` of training embeddings.
-        scale: atomic number -> median kNN distance of held-out training atoms (embedding
-            units); distances are divided by it.
-        k: neighbours averaged.
-        n_atoms: atomic number -> training atoms in the tree.
+        distance: the kNN module (:class:`trustpot.uq.manifold.EmbeddingDistance`).
+        elements: atomic numbers of the element types, in type order.
     """
 
-    trees: dict[int, KDTree]
-    scale: dict[int, float]
-    k: int
-    n_atoms: dict[int, int]
+    distance: EmbeddingDistance
+    elements: list[int]
 
+    @property
+    def k(self) -> int:
+        return self.distance.k
 
-def _knn_mean(tree: KDTree, x: np.ndarray, k: int) -> np.ndarray:
-    """[n_query] mean distance of each row of ``x`` to its ``k`` nearest points of ``tree``
-    (all of them when the tree holds fewer)."""
-    kk = min(k, tree.n)
-    dist, _ = tree.query(x, k=kk)
-    mean: np.ndarray = np.asarray(dist, dtype=np.float64).reshape(len(x), kk).mean(1)
-    return mean
+    @property
+    def scale(self) -> dict[int, float]:
+        """Atomic number -> median kNN distance of held-out training atoms."""
+        return {z: float(self.distance.scale[t]) for t, z in enumerate(self.elements)}
+
+    @property
+    def n_atoms(self) -> dict[int, int]:
+        """Atomic number -> training atoms in the reference."""
+        return {z: int((self.distance.types == t).sum()) for t, z in enumerate(self.elements)}
+
+    def type_index(self, numbers: np.ndarray) -> torch.Tensor:
+        """[n] type index of each atomic number (-1 for an element without training atoms)."""
+        table = {z: t for t, z in enumerate(self.elements)}
+        return torch.tensor([table.get(int(z), -1) for z in numbers], dtype=torch.long)
 
 
 def fit_reference(
@@ -101,45 +100,26 @@ def fit_reference(
         max_atoms: at most this many training atoms per element (random, seeded).
         seed: seed of the subsampling and of the halves that set the scale.
     """
-    from scipy.spatial import cKDTree
-
-    if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}")
     if not embeddings:
         raise ConfigError("no training structures to build the kNN reference from")
-    x = np.concatenate(embeddings)
+    x = torch.as_tensor(np.concatenate(embeddings), dtype=torch.float64)
     z = np.concatenate(numbers).astype(int)
-    rng = np.random.default_rng(seed)
-    trees: dict[int, KDTree] = {}
-    scale: dict[int, float] = {}
-    counts: dict[int, int] = {}
-    for element in np.unique(z):
-        rows = np.flatnonzero(z == element)
-        if len(rows) > max_atoms:
-            rows = rng.choice(rows, max_atoms, replace=False)
-        pts = x[rows]
-        trees[int(element)] = cKDTree(pts)
-        counts[int(element)] = len(rows)
-        order = rng.permutation(len(pts))
-        half = len(pts) // 2
-        if half >= 1 and len(pts) - half >= 1:
-            d = _knn_mean(cKDTree(pts[order[half:]]), pts[order[:half]], k)
-            s = float(np.median(d))
-        else:
-            s = 0.0
-        scale[int(element)] = s if s > 1e-12 else 1.0
-    return KnnReference(trees, scale, k, counts)
+    elements = sorted(int(e) for e in np.unique(z))
+    distance = EmbeddingDistance(x.shape[1], len(elements), k)
+    ref = KnnReference(distance, elements)
+    distance.set_reference(x, ref.type_index(z), max_atoms=max_atoms, seed=seed)
+    return ref
 
 
 def atom_distances(ref: KnnReference, embedding: np.ndarray, numbers: np.ndarray) -> np.ndarray:
     """[n_atoms] scaled kNN distances of one structure's atoms (``inf`` for an element that no
     training atom has)."""
+    types = ref.type_index(numbers)
     out = np.full(len(numbers), np.inf)
-    for element in np.unique(numbers):
-        rows = np.flatnonzero(numbers == element)
-        tree = ref.trees.get(int(element))
-        if tree is not None:
-            out[rows] = _knn_mean(tree, embedding[rows], ref.k) / ref.scale[int(element)]
+    known = (types >= 0).numpy()
+    if known.any():
+        x = torch.as_tensor(embedding[known], dtype=torch.float64)
+        out[known] = ref.distance.atom_distances(x, types[known]).numpy()
     return out
 
 

@@ -33,6 +33,7 @@ from trustpot.models.contract import Model
 from trustpot.models.potential import SUPPORTED_OUTPUTS
 from trustpot.nn import MLP, scatter_sum
 from trustpot.uq.base import Recalibration, UQModel, base_from_payload, wrapper_extra
+from trustpot.uq.manifold import EmbeddingDistance, load_reference, off_manifold_factor
 
 #: Fewest labelled structures :func:`fit_probe` accepts.
 MIN_STRUCTURES = 10
@@ -197,6 +198,10 @@ class Probe(UQModel):
         self.classifier = ProbeClassifier(n_features, len(base.species), self.hypers)
         self.classifier.to(base.dtype)
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float64))
+        #: kNN distance of the (standardised) features to the calibration atoms; with a finite
+        #: ``ood_onset`` it lowers the reliability off the manifold (``off_manifold_factor``)
+        self.manifold = EmbeddingDistance(n_features, len(base.species))
+        self.ood_onset = math.inf
         self.tolerance = float(tolerance)
         self.recalibration.tolerance = self.tolerance
         self.fit_report: dict[str, Any] = {}
@@ -208,6 +213,19 @@ class Probe(UQModel):
             raise ConfigError(f"{self.base.kind} returns no per-layer features")
         x = torch.cat([layers[k].detach() for k in self.layer_index], dim=1)
         return x, self.base.species_index(g)
+
+    def standardised(self, x: Tensor, types: Tensor) -> Tensor:
+        """[n_atoms, F] features standardised per element by the classifier's statistics."""
+        clf = self.classifier
+        return (x - clf.feature_mean[types]) / clf.feature_std[types]
+
+    @property
+    def uses_manifold(self) -> bool:
+        return self.manifold.is_set and math.isfinite(self.ood_onset)
+
+    def supported_outputs(self) -> frozenset[str]:
+        extra = {K.EMBEDDING_DISTANCE} if self.uses_manifold else set()
+        return super().supported_outputs() | extra
 
     def logits(self, g: Graph, emb: Embedding) -> tuple[Tensor, Tensor]:
         """Raw (untempered) ``logit`` [n_graphs] and ``weights`` [n_atoms] of an embedding."""
@@ -222,6 +240,14 @@ class Probe(UQModel):
         with torch.no_grad():
             logit, weights = self.logits(g, emb)
         out[K.RELIABILITY] = torch.sigmoid(-logit.double() / self.temperature.double())
+        if self.uses_manifold:
+            x, types = self.features(g, emb)
+            with torch.no_grad():
+                n = int(g[K.N_ATOMS].shape[0])
+                distance = self.manifold(self.standardised(x, types), types, g[K.BATCH], n)
+            out[K.RELIABILITY] = out[K.RELIABILITY] * off_manifold_factor(distance, self.ood_onset)
+            if K.EMBEDDING_DISTANCE in outputs:
+                out[K.EMBEDDING_DISTANCE] = distance
         if K.ATOM_IMPORTANCE in outputs:
             out[K.ATOM_IMPORTANCE] = weights
         return out
@@ -235,6 +261,8 @@ class Probe(UQModel):
                 "classifier": self.classifier.state_dict(),
                 "temperature": float(self.temperature),
                 "tolerance": self.tolerance,
+                "manifold": dict(self.manifold.state_dict()),
+                "ood_onset": self.ood_onset,
                 "recalibration": self.recalibration.to_dict(),
                 "fit_report": dict(self.fit_report),
             },
@@ -270,6 +298,9 @@ class Probe(UQModel):
                 raise CheckpointError(f"{path}: PROBE tensor '{name}' holds NaN or inf")
         model.recalibration = Recalibration.from_dict(extra.get("recalibration", {}))
         model.recalibration.tolerance = tolerance
+        if "manifold" in extra:  # absent in files written before the off-manifold term
+            load_reference(model.manifold, extra["manifold"], path)
+            model.ood_onset = float(extra.get("ood_onset", math.inf))
         model.fit_report = dict(extra.get("fit_report", {}))
         return model
 
@@ -305,6 +336,29 @@ def fit_temperature(logits: np.ndarray, positive: np.ndarray, bounds: float = 10
             fb = f(b)
     best = math.exp(a if fa <= fb else b)
     return best if binary_nll(logits, positive, best) <= binary_nll(logits, positive) else 1.0
+
+
+def fit_manifold(
+    probe: Probe, feats: Cached, train: np.ndarray, held: np.ndarray, seed: int
+) -> float:
+    """Set PROBE's off-manifold reference and onset; returns the onset.
+
+    The onset is the largest distance of a held-out calibration structure to the reference of
+    the training part (at least 1); the stored reference then holds every calibration atom.
+    Without held-out structures the term stays off (onset ``inf``).
+    """
+    with torch.no_grad():
+        x, types = _gather(feats, train)[:2]
+        probe.manifold.set_reference(probe.standardised(x, types), types, seed=seed)
+        onset = math.inf
+        if len(held):
+            xh, th, batch, n_atoms = _gather(feats, held)
+            d = probe.manifold(probe.standardised(xh, th), th, batch, int(n_atoms.shape[0]))
+            onset = max(1.0, float(d.max()))
+        x, types = _gather(feats, np.arange(len(feats)))[:2]
+        probe.manifold.set_reference(probe.standardised(x, types), types, seed=seed)
+    probe.ood_onset = onset
+    return onset
 
 
 def _stratified_split(
@@ -503,6 +557,7 @@ def fit_probe(
     both_held = len(held) > 0 and 0 < labels[held].sum() < len(held)
     temperature = fit_temperature(held_logits, labels[held]) if both_held else 1.0
     probe.temperature.fill_(temperature)
+    onset = fit_manifold(probe, feats, train, held, seed)
     probe.tolerance = tol
     probe.recalibration = Recalibration(
         tolerance=tol, fitted_on=f"{source} ({len(labels)} structures)"
@@ -524,6 +579,8 @@ def fit_probe(
         "heldout_nll_after": (
             binary_nll(held_logits, labels[held], temperature) if len(held) else nan
         ),
+        "ood_onset": onset,
+        "manifold_atoms": int(probe.manifold.points.shape[0]),
         "epochs": epoch,
         "best_epoch": best_epoch,
         "stopped_by": stopped_by,
