@@ -29,6 +29,9 @@ from chgnet.model.dynamics import CHGNetCalculator
 
 from trustpot.models.pretrained.chgnet import CHGNET, CHGNetAdapter
 
+# the package's own calculator converts a volume that requires grad to a scalar
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ZEOLITE = SHARED / "sio2_zeolites" / "train_topology_EDI.xyz.gz"
 NACL = SHARED / "nacl_water" / "r2SCAN_gen2.xyz"
@@ -152,3 +155,13 @@ def test_info_without_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(chgnet_module, "package_available", lambda package: False)
     info = CHGNET.info()
     assert info.n_parameters == 0 and info.package_version == "not installed"
+
+
+def test_checkpoint_without_the_package(
+    model: CHGNetAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trustpot.errors import CheckpointError
+
+    monkeypatch.setattr(chgnet_module, "package_available", lambda package: False)
+    with pytest.raises(CheckpointError, match=r'pip install "trustpot\[chgnet\]"'):
+        CHGNetAdapter.from_payload(model.payload(), "x.ckpt")
