@@ -306,7 +306,7 @@ def reliability_step(
 
     run_step(out / "fit", config, fit)
     model = load_model(ckpt, UQModel)
-    result: dict[str, Any] = {"method": model.kind, "sets": {}}
+    result: dict[str, Any] = {"method": model.method, "sets": {}}
     names: list[str] = []
     frames: list[Any] = []
     for name, structures in tests.items():

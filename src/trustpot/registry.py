@@ -52,6 +52,7 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
         "uq:mc-dropout": "trustpot.uq.ensemble:MCDropout",
         "uq:probe": "trustpot.uq.probe:Probe",
         "uq:perturb": "trustpot.uq.perturb:PerturbedPotential",
+        "pretrained:chgnet": "trustpot.models.pretrained.chgnet:CHGNetAdapter",
     },
     "uq": {
         "ensemble": "trustpot.uq.ensemble:DeepEnsemble",
@@ -59,7 +60,9 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
         "probe": "trustpot.uq.probe:Probe",
         "perturb": "trustpot.uq.perturb:PerturbedPotential",
     },
-    "pretrained": {},
+    "pretrained": {
+        "chgnet": "trustpot.models.pretrained.chgnet:CHGNET",
+    },
 }
 _BUILTIN_ALIASES: Final[dict[str, dict[str, str]]] = {
     "backbone": {"egnn-e": "egnn", "en-gnn": "egnn", "deepsetmoe": "deepset-moe"},

@@ -158,12 +158,12 @@ def _run_eval(args: UQEvalOptions) -> int:
         metrics["notes"] = notes
         for note in notes:
             print(f"note: {note}", flush=True)
-    metrics["method"] = model.kind
+    metrics["method"] = model.method
     metrics["checkpoint"] = str(args.checkpoint)
     metrics["data"] = str(args.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plots = write_plots(data, out, f"{model.kind} on {Path(str(args.data)).name}")
+    plots = write_plots(data, out, f"{model.method} on {Path(str(args.data)).name}")
     if data.has("atom_importance") and data.has("reliability"):
         from trustpot.uq.plots import plot_atom_importance
 
@@ -179,5 +179,5 @@ def _run_eval(args: UQEvalOptions) -> int:
         plots.append(path)
     metrics["plots"] = [p.name for p in plots]
     (out / "uq_metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(json.dumps({"method": model.kind, **headline(metrics)}, indent=1))
+    print(json.dumps({"method": model.method, **headline(metrics)}, indent=1))
     return 0

@@ -55,6 +55,8 @@ class Pretrained(Protocol):
     """A registry entry of kind ``"pretrained"``."""
 
     name: str
+    #: the model kind of its adapter (``pretrained:...``), as checkpoints store it
+    kind: str
     package: str
     extra: str
 
