@@ -281,20 +281,22 @@ def reliability_step(
     from trustpot.uq.report import uq_metrics
 
     ckpt = out / "uq.ckpt"
-    n_val = max(1, len(train) // 10)
     config = {
         "checkpoint_sha256": file_sha256(checkpoint),
         "minutes": minutes,
         "seed": seed,
         "n_train": len(train),
         "n_calibration": len(calibration),
+        "validation": "calibration",
     }
 
     def fit(folder: Path, resuming: bool) -> dict[str, Any]:
         model = fit_perturbation(
             load_potential(checkpoint),
-            list(train[n_val:]),
-            list(train[:n_val]),
+            list(train),
+            # epochs are chosen on frames the potential did not train on (in-sample frames
+            # favour zero spread); the same frames then fit the recalibration
+            list(calibration),
             max_minutes=minutes,
             epochs=100000,
             lr=1e-2,

@@ -107,8 +107,10 @@ class Trainer:
         amsgrad: AdamW's AMSGrad variant.
         on_epoch: called after every epoch with the metrics row; a non-empty string return
             stops training with that reason (must be the same on every rank).
-        validate_start: validate the starting weights first; they are the best so far
-            (``best_epoch`` -1) until an epoch beats them.
+        validate_start: validate the starting weights first (``user_state["start_metrics"]``).
+        start_is_candidate: with ``validate_start``, the starting weights are the best so far
+            (``best_epoch`` -1) until an epoch beats them; when false the result is always a
+            trained epoch (the start is only measured).
         progress: show a progress bar.
         desc: name of the progress bar.
     """
@@ -128,6 +130,7 @@ class Trainer:
         amsgrad: bool = True,
         on_epoch: EpochHook | None = None,
         validate_start: bool = False,
+        start_is_candidate: bool = True,
         progress: bool = True,
         desc: str = "train",
     ) -> None:
@@ -147,6 +150,7 @@ class Trainer:
         self.train_mode = train_mode or (lambda m: m.train())
         self.on_epoch = on_epoch
         self.validate_start = validate_start
+        self.start_is_candidate = start_is_candidate
         self.progress = progress
         self.desc = desc
         self.param_groups = self._resolve_groups(param_groups)
@@ -520,12 +524,14 @@ class Trainer:
         writer_fields: list[str] | None = None
         if main and metrics_path.exists():
             _drop_rows_from(metrics_path, self.epoch)
-        if self.validate_start and has_val and self.epoch == 0 and self.best_epoch < 0:
+        if self.validate_start and has_val and "start_metrics" not in self.user_state:
             start = self.validate(val)
-            self.best_val, self.best_metrics = start["val_loss"], dict(start)
-            self._best_state = {k: v.detach().clone() for k, v in self.inference_state().items()}
-            self._best_dirty = True
             self.user_state["start_metrics"] = dict(start)
+            if self.start_is_candidate:
+                self.best_val, self.best_metrics = start["val_loss"], dict(start)
+                state = self.inference_state()
+                self._best_state = {k: v.detach().clone() for k, v in state.items()}
+                self._best_dirty = True
         bar = self._bar()
         if self.epoch >= self.cfg.epochs:
             stopped_by = "epochs"

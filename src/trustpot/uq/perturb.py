@@ -465,7 +465,9 @@ def fit_perturbation(
     else frozen), cosine decay per epoch to 1 % over the budget (epochs or ``max_minutes``,
     whichever is further), gradient-norm clipping. The validation loss is the same CRPS of
     :meth:`PerturbedPotential.predict` (fixed ``eval_seed`` noise); the best weights are kept,
-    and the zero-initialised start (the base itself) is the first candidate. Without
+    among trained epochs. The zero-initialised start (the base itself, zero spread) is
+    measured but never returned: a wrapper without spread says nothing about trust; when no
+    trained epoch beats its CRPS, the log and ``fit_report["worse_than_start"]`` say so. Without
     ``max_minutes`` a run is deterministic for a ``seed``.
 
     ``base`` is copied, never changed. To train a probabilistic model from scratch, train a
@@ -553,6 +555,7 @@ def fit_perturbation(
         amsgrad=False,
         on_epoch=on_epoch,
         validate_start=True,
+        start_is_candidate=False,  # zero spread is no uncertainty: always a trained epoch
         progress=progress,
         desc="perturb",
     )
@@ -567,7 +570,15 @@ def fit_perturbation(
     for p in model.parameters():
         p.requires_grad_(True)
     best = result.best_metrics
+    worse = best["val_loss"] > start["val_loss"]
+    if worse:
+        log(
+            f"perturb: the trained perturbations have a higher validation CRPS than none "
+            f"(forces {best['val_forces_crps']:.4g} vs {start['val_forces_crps']:.4g} eV/Å): "
+            "train longer, or validate on frames the base did not train on"
+        )
     model.fit_report = {
+        "worse_than_start": worse,
         "epochs": result.epochs,
         "seconds": round(time.perf_counter() - t0, 3),
         "best_epoch": result.best_epoch + 1,
