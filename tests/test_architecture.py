@@ -13,7 +13,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "trustpot"
-MAX_LINES = 650
+MAX_LINES = 620
 
 
 def module_names() -> dict[str, Path]:

@@ -19,7 +19,6 @@ Without any validation set the last epoch counts as the best one.
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import sys
 import time
@@ -45,6 +44,7 @@ from trustpot.train.distributed import (
     sync_gradients,
 )
 from trustpot.train.ema import EMA
+from trustpot.train.metrics_log import MetricsLog
 from trustpot.train.objectives import Objective, ObjectiveLoss, ParamGroup, TrainResult
 from trustpot.train.schedule import Schedule
 
@@ -517,13 +517,12 @@ class Trainer:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         main = self.dist.is_main
-        metrics_path = run_dir / "metrics.csv"
+        metrics = MetricsLog(run_dir / "metrics.csv")
         has_val = any(o.dataset in val for o in self.objectives)
         by_time = self.cfg.max_minutes > 0
         stopped_by = "epochs"
-        writer_fields: list[str] | None = None
-        if main and metrics_path.exists():
-            _drop_rows_from(metrics_path, self.epoch)
+        if main:
+            metrics.drop_from(self.epoch)
         if self.validate_start and has_val and "start_metrics" not in self.user_state:
             start = self.validate(val)
             self.user_state["start_metrics"] = dict(start)
@@ -561,14 +560,7 @@ class Trainer:
             self.epoch += 1
             hook_stop = self.on_epoch(self, row) if self.on_epoch is not None else None
             if main:
-                new_file = not metrics_path.exists()
-                with open(metrics_path, "a", newline="") as handle:
-                    if writer_fields is None:
-                        writer_fields = list(row)
-                    writer = csv.DictWriter(handle, fieldnames=writer_fields, extrasaction="ignore")
-                    if new_file:
-                        writer.writeheader()
-                    writer.writerow(row)
+                metrics.append(row)
                 if self.epoch % self.cfg.checkpoint_every == 0 or self._out_of_time():
                     self._write_checkpoints(run_dir)
                 post = {"loss": f"{train_loss:.3g}", "lr": f"{row['lr']:.2g}"}
@@ -608,20 +600,3 @@ class Trainer:
             stopped_by=stopped_by,
             best_metrics=self.best_metrics,
         )
-
-
-def _drop_rows_from(path: Path, epoch: int) -> None:
-    """Remove ``metrics.csv`` rows of epochs >= ``epoch`` (written after the last checkpoint
-    of a killed run, and about to be redone)."""
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
-    if not rows:
-        return
-    header, body = rows[0], rows[1:]
-    kept = [r for r in body if r and int(r[0]) < epoch]
-    if len(kept) == len(body):
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        csv.writer(handle).writerows([header, *kept])
-    tmp.replace(path)
