@@ -52,6 +52,7 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
         "uq:mc-dropout": "trustpot.uq.ensemble:MCDropout",
         "uq:probe": "trustpot.uq.probe:Probe",
         "uq:perturb": "trustpot.uq.perturb:PerturbedPotential",
+        "pretrained:sevennet": "trustpot.models.pretrained.sevennet:SevenNetAdapter",
     },
     "uq": {
         "ensemble": "trustpot.uq.ensemble:DeepEnsemble",
@@ -59,7 +60,9 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
         "probe": "trustpot.uq.probe:Probe",
         "perturb": "trustpot.uq.perturb:PerturbedPotential",
     },
-    "pretrained": {},
+    "pretrained": {
+        "sevennet-0": "trustpot.models.pretrained.sevennet:SEVENNET_0",
+    },
 }
 _BUILTIN_ALIASES: Final[dict[str, dict[str, str]]] = {
     "backbone": {"egnn-e": "egnn", "en-gnn": "egnn", "deepsetmoe": "deepset-moe"},
