@@ -23,18 +23,18 @@ from ase.io import read, write
 
 pytest.importorskip("sevenn", reason="the sevennet extra (sevenn) is not installed")
 
-from conftest import needs_shared  # noqa: E402
+from conftest import needs_shared
 
-from trustpot import keys as K  # noqa: E402
-from trustpot.calculator import Predictor, TrustpotCalculator  # noqa: E402
-from trustpot.cli.main import main  # noqa: E402
-from trustpot.data.graph import collate, structure_to_graph  # noqa: E402
-from trustpot.data.reader import atoms_to_structure  # noqa: E402
-from trustpot.errors import CheckpointError  # noqa: E402
-from trustpot.io.checkpoint import load_model, read_checkpoint, save_model  # noqa: E402
-from trustpot.models.pretrained import sevennet  # noqa: E402
-from trustpot.models.pretrained.sevennet import SEVENNET_0, SevenNetAdapter  # noqa: E402
-from trustpot.testing import check_forces_finite_difference, check_invariances  # noqa: E402
+from trustpot import keys as K
+from trustpot.calculator import Predictor, TrustpotCalculator
+from trustpot.cli.main import main
+from trustpot.data.graph import collate, structure_to_graph
+from trustpot.data.reader import atoms_to_structure
+from trustpot.errors import CheckpointError
+from trustpot.io.checkpoint import load_model, read_checkpoint, save_model
+from trustpot.models.pretrained import sevennet
+from trustpot.models.pretrained.sevennet import SEVENNET_0, SevenNetAdapter
+from trustpot.testing import check_forces_finite_difference, check_invariances
 
 ENERGY_PER_ATOM_TOL = 5e-6  # eV/atom
 FORCES_TOL = 3e-4  # eV/Å
@@ -130,9 +130,7 @@ def test_shipped_contracts(model: SevenNetAdapter, zeolite: list[Atoms]) -> None
     check_forces_finite_difference(model, s, delta=2e-3, rtol=1e-2, atol=5e-3)
 
 
-def test_save_load_round_trip(
-    model: SevenNetAdapter, zeolite: list[Atoms], tmp_path: Path
-) -> None:
+def test_save_load_round_trip(model: SevenNetAdapter, zeolite: list[Atoms], tmp_path: Path) -> None:
     path = tmp_path / "sevennet.ckpt"
     save_model(model, path)
     data = read_checkpoint(path)
