@@ -39,6 +39,7 @@ from trustpot.testing import check_forces_finite_difference, check_invariances
 ENERGY_PER_ATOM_TOL = 5e-6  # eV/atom
 FORCES_TOL = 3e-4  # eV/Å
 STRESS_TOL = 1e-6  # eV/Å^3
+FIXTURE_FRAMES = Path(__file__).resolve().parent / "fixtures" / "checkpoints" / "frames.xyz"
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,27 @@ def test_agrees_with_package_calculator(
         )
 
 
+def test_agrees_on_molecules(model: SevenNetAdapter, reference: Any) -> None:
+    """Non-periodic frames (no cell): measured 4e-7 eV/atom and 6e-6 eV/Å."""
+    frames = read(FIXTURE_FRAMES, index=":2")
+    ours = TrustpotCalculator(Predictor(model))
+    for mine, theirs in _pairs(frames, ours, reference):
+        e_diff = abs(mine.get_potential_energy() - theirs.get_potential_energy()) / len(mine)
+        assert e_diff < ENERGY_PER_ATOM_TOL
+        np.testing.assert_allclose(mine.get_forces(), theirs.get_forces(), atol=FORCES_TOL)
+
+
+def test_gradients_reach_every_trainable_weight(zeolite: list[Atoms]) -> None:
+    model = SEVENNET_0.load().train()
+    g = collate([structure_to_graph(atoms_to_structure(zeolite[0]), model.neighbor_lists())])
+    out = model(g, {K.ENERGY, K.FORCES, K.STRESS})
+    loss = (out[K.FORCES] ** 2).mean() + (out[K.STRESS] ** 2).sum() + 1e-3 * out[K.ENERGY].sum()
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for _, p in trainable)
+
+
 def test_eval_predictor_calculator_and_md(
     model: SevenNetAdapter, zeolite: list[Atoms], tmp_path: Path
 ) -> None:
@@ -124,8 +146,9 @@ def test_eval_predictor_calculator_and_md(
 
 def test_shipped_contracts(model: SevenNetAdapter, zeolite: list[Atoms]) -> None:
     s = atoms_to_structure(zeolite[0])
-    # float32 network: rotations move energies by ~1e-5 eV and forces by ~1e-5 eV/Å
-    check_invariances(model, s, atol=2e-4)
+    # float32 network: measured, rotations move the energy by up to 2.4e-6 eV and the forces
+    # by up to 2e-5 eV/Å on this 15-atom cell
+    check_invariances(model, s, atol=1e-4)
     # central differences of a float32 energy: a step of 2e-3 Å keeps round-off near 1e-3
     check_forces_finite_difference(model, s, delta=2e-3, rtol=1e-2, atol=5e-3)
 
