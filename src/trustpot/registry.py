@@ -53,6 +53,7 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
         "uq:probe": "trustpot.uq.probe:Probe",
         "uq:perturb": "trustpot.uq.perturb:PerturbedPotential",
         "pretrained:chgnet": "trustpot.models.pretrained.chgnet:CHGNetAdapter",
+        "pretrained:sevennet": "trustpot.models.pretrained.sevennet:SevenNetAdapter",
     },
     "uq": {
         "ensemble": "trustpot.uq.ensemble:DeepEnsemble",
@@ -62,6 +63,7 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
     },
     "pretrained": {
         "chgnet": "trustpot.models.pretrained.chgnet:CHGNET",
+        "sevennet-0": "trustpot.models.pretrained.sevennet:SEVENNET_0",
     },
 }
 _BUILTIN_ALIASES: Final[dict[str, dict[str, str]]] = {
