@@ -573,9 +573,11 @@ def fit_perturbation(
     worse = best["val_loss"] > start["val_loss"]
     if worse:
         log(
-            f"perturb: the trained perturbations have a higher validation CRPS than none "
-            f"(forces {best['val_forces_crps']:.4g} vs {start['val_forces_crps']:.4g} eV/Å): "
-            "train longer, or validate on frames the base did not train on"
+            f"perturb: the trained perturbations have a higher validation loss than none "
+            f"({best['val_loss']:.4g} vs {start['val_loss']:.4g}; energy CRPS "
+            f"{best['val_energy_crps']:.3g} vs {start['val_energy_crps']:.3g} eV/atom, forces "
+            f"{best['val_forces_crps']:.3g} vs {start['val_forces_crps']:.3g} eV/Å): train "
+            "longer, or validate on frames the base did not train on"
         )
     model.fit_report = {
         "worse_than_start": worse,
