@@ -14,6 +14,7 @@ from trustpot import keys as K
 from trustpot.calculator import Predictor, TrustpotCalculator
 from trustpot.cli.main import main
 from trustpot.data.graph import collate, structure_to_graph
+from trustpot.data.reader import read_structures
 from trustpot.errors import CheckpointError, ConfigError
 from trustpot.io.checkpoint import save_model
 from trustpot.models.build import build_potential
@@ -282,3 +283,33 @@ def test_std_floor_keeps_raw_ranking_and_reliability(ethanol_structures):
     ).double()
     expected = torch.sigmoid(-(2.0 * torch.log(raw_mean)))
     assert torch.allclose(out[K.RELIABILITY].double(), expected, rtol=1e-5)
+
+
+def test_ensemble_of_any_model_kind(tmp_path: Path) -> None:
+    """Members of any kind (here two scale mixtures, which are not Potentials) are combined,
+    saved with their kinds and loaded back with the same predictions."""
+    from trustpot.io.checkpoint import load_model, read_checkpoint, save_model
+    from trustpot.models.mixture import ScaleMixturePotential
+    from trustpot.uq.base import UQModel
+    from trustpot.uq.ensemble import DeepEnsemble
+
+    fixtures = Path(__file__).parent / "fixtures" / "checkpoints"
+    a = load_model(fixtures / "scale-mixture.ckpt", ScaleMixturePotential)
+    b = load_model(fixtures / "scale-mixture.ckpt", ScaleMixturePotential)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ens = DeepEnsemble([a, b])
+    path = tmp_path / "ens.ckpt"
+    save_model(ens, path)
+    data = read_checkpoint(path)
+    assert data["base_kind"] == "scale-mixture"
+    assert data["extra"]["members"][0]["kind"] == "scale-mixture"
+    again = load_model(path, UQModel)
+    assert all(isinstance(m, ScaleMixturePotential) for m in again.members)  # type: ignore[attr-defined]
+    structures = read_structures(fixtures / "frames.xyz", use_cache=False)
+    g = collate([structure_to_graph(s, ens.neighbor_lists(), ens.dtype) for s in structures])
+    wanted = frozenset({K.ENERGY, K.FORCES, K.FORCES_STD})
+    first, second = ens(g, wanted), again(g, wanted)
+    assert torch.equal(first[K.FORCES_STD], second[K.FORCES_STD])
+    assert float(first[K.FORCES_STD].mean()) > 0

@@ -16,8 +16,15 @@ from torch.utils.hooks import RemovableHandle
 from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.errors import CheckpointError, ConfigError
+from trustpot.models.contract import Model
 from trustpot.models.potential import Potential
-from trustpot.uq.base import Recalibration, UQModel, sample_statistics, wrapper_extra
+from trustpot.uq.base import (
+    Recalibration,
+    UQModel,
+    base_from_payload,
+    sample_statistics,
+    wrapper_extra,
+)
 
 SAMPLE_OUTPUTS = frozenset({K.ENERGY_STD, K.FORCES_STD, K.ENERGY_SAMPLES, K.FORCES_SAMPLES})
 
@@ -50,18 +57,20 @@ def _potential_outputs(outputs: frozenset[str]) -> frozenset[str]:
 
 
 class DeepEnsemble(UQModel):
-    """M independently trained potentials; the prediction is their mean, the std their spread.
+    """M independently trained models; the prediction is their mean, the std their spread.
+
+    Members may be of any model kind (trustpot potentials, fine-tuned pretrained models...), as
+    long as they share species, dtype and neighbour lists.
 
     Args:
-        members: at least two potentials with the same species, dtype and neighbour lists.
+        members: at least two models with the same species, dtype and neighbour lists.
     """
 
-    base: Potential  # these methods need trustpot's own potential
     kind: ClassVar[str] = "uq:ensemble"
     method: ClassVar[str] = "ensemble"
     provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
 
-    def __init__(self, members: Sequence[Potential]) -> None:
+    def __init__(self, members: Sequence[Model]) -> None:
         if len(members) < 2:
             raise ConfigError(f"an ensemble needs at least 2 members, got {len(members)}")
         first = members[0]
@@ -82,8 +91,8 @@ class DeepEnsemble(UQModel):
         self.fit_report: dict[str, Any] = {}
 
     @property
-    def members(self) -> list[Potential]:
-        return [self.base, *(m for m in self.others if isinstance(m, Potential))]
+    def members(self) -> list[Model]:
+        return [self.base, *(m for m in self.others if isinstance(m, Model))]
 
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
         wanted = _potential_outputs(outputs)
@@ -98,7 +107,8 @@ class DeepEnsemble(UQModel):
             **self.base_fields(),
             "extra": {
                 "members": [
-                    {"meta": m.meta.to_dict(), "model": m.state_dict()} for m in self.members[1:]
+                    {k: v for k, v in m.payload().items() if k in ("kind", "meta", "model")}
+                    for m in self.members[1:]
                 ],
                 "recalibration": self.recalibration.to_dict(),
                 "fit_report": dict(self.fit_report),
@@ -111,11 +121,14 @@ class DeepEnsemble(UQModel):
         raw = extra.get("members")
         if not isinstance(raw, list) or not raw:
             raise CheckpointError(f"{path}: ensemble checkpoint lists no further members")
-        members = [Potential.from_payload(data, path)]
+        members = [base_from_payload(data, path)]
         for k, item in enumerate(raw, start=1):
             if not isinstance(item, dict) or "meta" not in item or "model" not in item:
                 raise CheckpointError(f"{path}: ensemble member {k} is malformed")
-            members.append(Potential.from_payload(item, f"{path} (member {k})"))
+            # members written before ensembles of any kind carry no kind: plain potentials
+            fields = {"meta": item["meta"], "model": item["model"]}
+            member = {**fields, "base_kind": item.get("kind", "potential")}
+            members.append(base_from_payload(member, f"{path} (member {k})"))
         try:
             model = cls(members)
         except ConfigError as err:

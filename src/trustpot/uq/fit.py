@@ -76,7 +76,7 @@ def train_ensemble_members(
 
 def ensemble_from_checkpoints(paths: Sequence[str | Path]) -> DeepEnsemble:
     """An ensemble of already trained potentials."""
-    return DeepEnsemble([load_potential(p) for p in paths])
+    return DeepEnsemble([load_model(p) for p in paths])  # members of any model kind
 
 
 def train_mc_dropout(
