@@ -154,6 +154,14 @@ class Model(nn.Module, ABC):
         """Checkpoint fields: ``kind``, ``meta``, ``model`` (weights, from ``state`` when
         given, e.g. EMA weights) and, where needed, ``extra``."""
 
+    def checkpoint_fields(
+        self, meta: dict[str, Any], state: Mapping[str, Tensor] | None
+    ) -> dict[str, Any]:
+        """``kind``, ``meta`` and ``model``: ``state`` when given, else the current weights (the
+        common body of :meth:`payload`)."""
+        weights = dict(state) if state is not None else self.state_dict()
+        return {"kind": self.kind, "meta": meta, "model": weights}
+
     @classmethod
     @abstractmethod
     def from_payload(cls, data: Mapping[str, Any], path: str = "checkpoint") -> Model:

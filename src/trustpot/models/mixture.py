@@ -315,11 +315,7 @@ class ScaleMixturePotential(Model):
 
     def payload(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
         """Checkpoint fields (kind ``"scale-mixture"``), weights from ``state`` when given."""
-        return {
-            "kind": self.kind,
-            "meta": self.meta.to_dict(),
-            "model": dict(state) if state is not None else self.state_dict(),
-        }
+        return self.checkpoint_fields(self.meta.to_dict(), state)
 
     @classmethod
     def from_payload(

@@ -142,11 +142,7 @@ class Potential(Model):
 
     def payload(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
         """Checkpoint fields (kind ``"potential"``), weights from ``state`` when given."""
-        return {
-            "kind": self.kind,
-            "meta": self.meta.to_dict(),
-            "model": dict(state) if state is not None else self.state_dict(),
-        }
+        return self.checkpoint_fields(self.meta.to_dict(), state)
 
     @classmethod
     def from_payload(cls, data: Mapping[str, Any], path: str = "checkpoint") -> Potential:

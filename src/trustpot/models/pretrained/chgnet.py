@@ -288,16 +288,13 @@ class CHGNetAdapter(Model):
     def payload(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
         """Checkpoint fields: kind, meta (name, package and its version, bundled model
         version) and the weights (of the whole adapter, ``net.`` prefixed)."""
-        return {
-            "kind": self.kind,
-            "meta": {
-                "name": NAME,
-                "package": PACKAGE,
-                "package_version": _package_version(),
-                "model": self.model_name,
-            },
-            "model": dict(state) if state is not None else self.state_dict(),
+        meta = {
+            "name": NAME,
+            "package": PACKAGE,
+            "package_version": _package_version(),
+            "model": self.model_name,
         }
+        return self.checkpoint_fields(meta, state)
 
     @classmethod
     def from_payload(cls, data: Mapping[str, Any], path: str = "checkpoint") -> CHGNetAdapter:

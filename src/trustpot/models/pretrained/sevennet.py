@@ -218,11 +218,7 @@ class SevenNetAdapter(Model):
     def payload(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
         """``kind``, ``meta`` (name, package, package version, package checkpoint name) and
         ``model``: the network's state dict (fine-tuned weights persist)."""
-        return {
-            "kind": self.kind,
-            "meta": dict(self.meta),
-            "model": dict(state) if state is not None else self.state_dict(),
-        }
+        return self.checkpoint_fields(dict(self.meta), state)
 
     @classmethod
     def from_payload(cls, data: Mapping[str, Any], path: str = "checkpoint") -> SevenNetAdapter:
