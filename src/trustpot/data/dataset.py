@@ -13,6 +13,28 @@ from trustpot.data.structures import Structure
 from trustpot.errors import DataError
 
 
+def batch_slices(
+    n: int,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> Iterator[tuple[list[int], int]]:
+    """The items of this rank in each global batch, and the global batch size.
+
+    Items ``0..n-1`` (shuffled with ``seed`` when asked) are cut into global batches of
+    ``batch_size``; rank ``r`` of ``world_size`` takes every ``world_size``-th item of each, so
+    the ranks' slices make up the single-process batch. A rank may get an empty slice.
+    """
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    stop = n - (n % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        chunk = order[start : start + batch_size]
+        yield [int(k) for k in chunk[rank::world_size]], len(chunk)
+
+
 class GraphDataset:
     """Structures with their graphs, built once for the neighbour lists a model asks for.
 
@@ -72,15 +94,11 @@ class GraphDataset:
         per-rank losses divided by ``n_global`` equals the single-process loss. A rank whose slice
         is empty gets ``None`` so that every rank takes the same number of steps.
         """
-        order = np.arange(len(self))
-        if shuffle:
-            order = np.random.default_rng(seed).permutation(len(self))
-        stop = len(order) - (len(order) % batch_size if drop_last else 0)
-        for start in range(0, stop, batch_size):
-            chunk = order[start : start + batch_size]
-            mine = chunk[rank::world_size]
-            batch = collate([self.graph(int(k)) for k in mine]) if len(mine) else None
-            yield batch, len(chunk)
+        for mine, n_global in batch_slices(
+            len(self), batch_size, shuffle, seed, rank, world_size, drop_last
+        ):
+            batch = collate([self.graph(k) for k in mine]) if mine else None
+            yield batch, n_global
 
     def species(self) -> list[int]:
         """Sorted atomic numbers present."""

@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-import numpy as np
-
+from trustpot.data.dataset import batch_slices
 from trustpot.errors import ConfigError
 
 T = TypeVar("T")
@@ -63,14 +62,10 @@ class ItemDataset(Generic[T]):
         world_size: int = 1,
     ) -> Iterator[tuple[Any | None, int]]:
         """Yield ``(batch, n_global)``; ``batch`` is ``None`` on a rank with an empty slice."""
-        order = np.arange(len(self.items))
-        if shuffle:
-            order = np.random.default_rng(seed).permutation(len(self.items))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            mine = chunk[rank::world_size]
-            batch = self.collate([self.items[int(k)] for k in mine]) if len(mine) else None
-            yield batch, len(chunk)
+        for mine, n_global in batch_slices(
+            len(self.items), batch_size, shuffle, seed, rank, world_size
+        ):
+            yield (self.collate([self.items[k] for k in mine]) if mine else None), n_global
 
 
 def full_batch(item: Any, name: str = "full batch") -> ItemDataset[Any]:
