@@ -34,7 +34,7 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.models.base import Embedding, edge_vectors
+from trustpot.models.base import Embedding, LayerGroups, edge_vectors, group_parameters
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
 from trustpot.models.potential import compute_outputs
 from trustpot.models.pretrained import PretrainedInfo, package_available, require_package
@@ -206,6 +206,25 @@ class SevenNetAdapter(Model):
         return compute_outputs(
             self.node_energies, g, wanted, self.training if create_graph is None else create_graph
         )
+
+    def layer_groups(self) -> LayerGroups:
+        """``embedding`` (edge embedding, one-hot to node features), ``interaction_k`` (the
+        package modules ``{k}_*`` of block k, k = 0..4) and ``readout`` (the modules after the
+        last block: reduction to hidden, to energy, species-wise rescaling)."""
+        named: dict[str, list[nn.Module | None]] = {"embedding": []}
+        blocks: dict[str, list[nn.Module | None]] = {}
+        readout: list[nn.Module | None] = []
+        for name, module in self.network.named_children():
+            prefix = name.split("_", 1)[0]
+            if prefix.isdigit():
+                blocks.setdefault(f"interaction_{prefix}", []).append(module)
+            elif blocks:
+                readout.append(module)
+            else:
+                named["embedding"].append(module)
+        named.update(blocks)
+        named["readout"] = readout
+        return group_parameters(self, list(named.items()), rest="readout")
 
     def embed(self, g: Graph) -> Embedding:
         """``node`` [n_atoms, 128] and ``layers`` (5 x [n_atoms, 128]): the invariant channels
