@@ -226,8 +226,9 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
                 handle.write(line + "\n")
 
     all_train = read_data(opts.train)
+    val_idx: list[int] = []
     if opts.valid:
-        train_idx, val_idx = list(range(len(all_train))), []
+        train_idx = list(range(len(all_train)))
         valid = read_data(opts.valid)
     else:
         fraction = 0.1 if opts.valid_fraction is None else opts.valid_fraction

@@ -5,7 +5,8 @@ Three kinds of entry:
 - ``"backbone"``: :class:`~trustpot.models.base.Backbone` subclasses (``model.name`` in a run
   config, ``meta.backbone`` in a checkpoint);
 - ``"model"``: classes implementing :class:`~trustpot.models.contract.Model`, keyed by the
-  ``kind`` a checkpoint stores (``potential``, ``scale-mixture``, ``finetuned``, ``uq:ensemble``...);
+  ``kind`` a checkpoint stores (``potential``, ``scale-mixture``, ``finetuned``,
+  ``uq:ensemble``...);
   :func:`trustpot.io.checkpoint.load_model` dispatches on it;
 - ``"uq"``: reliability methods (the wrapper class of ``trustpot uq fit METHOD``);
 - ``"pretrained"``: pretrained models by name (``sevennet-0``), each a

@@ -25,7 +25,6 @@ from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import ConfigError
 
-
 #: named parameter groups, ordered from the input to the output (see ``Model.layer_groups``)
 LayerGroups = list[tuple[str, list[nn.Parameter]]]
 

@@ -44,7 +44,7 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.models.base import LayerGroups, group_parameters, Embedding
+from trustpot.models.base import Embedding, LayerGroups, group_parameters
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
 from trustpot.models.potential import compute_outputs
 from trustpot.models.pretrained import PretrainedInfo, package_available, require_package
