@@ -21,6 +21,7 @@ cell`` and SevenNet aggregates messages from ``j`` onto ``i``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
 import os
@@ -232,6 +233,24 @@ class SevenNetAdapter(Model):
         with torch.no_grad():
             _, emb = self.node_energies(g)
         return emb
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SevenNetAdapter:
+        """A copy with its own network, rebuilt by the package and given these weights.
+
+        ``copy.deepcopy`` of the package's e3nn-compiled modules adds buffers the original
+        lacks, so its state dict would not fit the original's; the trainer's evaluation copy
+        loads the (EMA) weights of the trained model every epoch and needs it to.
+        """
+        twin = build_sevennet(str(self.meta["checkpoint"]), name=str(self.meta.get("name", "")))
+        twin.meta = copy.deepcopy(self.meta)
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        twin = twin.to(device)
+        twin.load_state_dict(self.state_dict())
+        for mine, theirs in zip(self.parameters(), twin.parameters()):
+            theirs.requires_grad_(mine.requires_grad)
+        twin.train(self.training)
+        memo[id(self)] = twin
+        return twin
 
     # -- persistence ----------------------------------------------------------------------
     def payload(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
