@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from ase.io import read, write
+from conftest import SHARED_DATA, labelled_molecules
 
-from tests.conftest import SHARED_DATA, labelled_molecules
 from trustpot import keys as K
 from trustpot.calculator import Predictor
 from trustpot.cli.main import main
