@@ -39,9 +39,14 @@ BASES: dict[tuple[str, ...], list[list[str]]] = {
         ["--testbed", "dft"],
         ["--testbed", "openmm"],
     ],
+    ("finetune",): [[], ["--strategy", "freeze"], ["--strategy", "llrd"]],
 }
 #: The flag that selects the mode of a command (exercised through BASES).
-MODE_FLAGS = {("data", "split"): "--rule", ("scales", "run"): "--testbed"}
+MODE_FLAGS = {
+    ("data", "split"): "--rule",
+    ("scales", "run"): "--testbed",
+    ("finetune",): "--strategy",
+}
 
 #: Values of string options that must be meaningful: (base, other).
 TEXT_VALUES: dict[str, tuple[str, str]] = {

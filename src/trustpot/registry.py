@@ -5,7 +5,8 @@ Three kinds of entry:
 - ``"backbone"``: :class:`~trustpot.models.base.Backbone` subclasses (``model.name`` in a run
   config, ``meta.backbone`` in a checkpoint);
 - ``"model"``: classes implementing :class:`~trustpot.models.contract.Model`, keyed by the
-  ``kind`` a checkpoint stores (``potential``, ``scale-mixture``, ``uq:ensemble``...);
+  ``kind`` a checkpoint stores (``potential``, ``scale-mixture``, ``finetuned``,
+  ``uq:ensemble``...);
   :func:`trustpot.io.checkpoint.load_model` dispatches on it;
 - ``"uq"``: reliability methods (the wrapper class of ``trustpot uq fit METHOD``);
 - ``"pretrained"``: pretrained models by name (``sevennet-0``), each a
@@ -48,6 +49,7 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
     "model": {
         "potential": "trustpot.models.potential:Potential",
         "scale-mixture": "trustpot.models.mixture:ScaleMixturePotential",
+        "finetuned": "trustpot.models.finetuned:FineTuned",
         "uq:ensemble": "trustpot.uq.ensemble:DeepEnsemble",
         "uq:mc-dropout": "trustpot.uq.ensemble:MCDropout",
         "uq:probe": "trustpot.uq.probe:Probe",

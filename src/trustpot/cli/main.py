@@ -156,6 +156,45 @@ def _md(opts: MDRunOptions) -> int:
     return 0
 
 
+@dataclasses.dataclass(frozen=True)
+class FinetuneRequest:
+    """``trustpot finetune``: the options, the run folder, resume or not."""
+
+    options: Any
+    out: str
+    resume: bool
+
+
+def _add_finetune(sub: argparse._SubParsersAction[Any]) -> None:
+    from trustpot.finetune import FinetuneOptions
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a checkpoint or pretrained model on new data",
+        description="Wrap --from with per-element energy offsets (fitted by least squares "
+        "first), then train it on --train with the --strategy's layer groups: full, freeze "
+        "(the first --freeze-layers groups fixed) or llrd (layer-wise learning-rate decay). "
+        "Writes OUT/best.ckpt (kind finetuned), last.ckpt, metrics.csv and finetune.json.",
+    )
+    add_flags(p, FinetuneOptions)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(resolve=_resolve_finetune, run=_finetune, out_dir=lambda a: a.out)
+
+
+def _resolve_finetune(args: argparse.Namespace) -> FinetuneRequest:
+    from trustpot.finetune import FinetuneOptions
+
+    return FinetuneRequest(from_args(FinetuneOptions, args), args.out, args.resume)
+
+
+def _finetune(req: FinetuneRequest) -> int:
+    from trustpot.finetune import run_finetune
+
+    run_finetune(req.options, req.out, resume=req.resume)
+    return 0
+
+
 def _add_config(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("config", help="show the options and their defaults")
     p.add_argument("action", choices=["show"])
@@ -233,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     from trustpot.cli.scales import add_scales_commands
     from trustpot.cli.uq import add_uq_commands
 
-    commands = [_add_quickstart, _add_train, _add_eval, _add_md, add_uq_commands, _add_config]
+    commands = [_add_quickstart, _add_train, _add_finetune, _add_eval, _add_md, add_uq_commands]
+    commands += [_add_config]
     commands += [add_bench_commands, add_scales_commands, add_data_commands]
     commands += [add_pretrained_commands]
     for add in commands:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol, TypedDict
 
 import torch
@@ -23,6 +24,37 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import ConfigError
+
+#: named parameter groups, ordered from the input to the output (see ``Model.layer_groups``)
+LayerGroups = list[tuple[str, list[nn.Parameter]]]
+
+
+def group_parameters(
+    root: nn.Module, named: Sequence[tuple[str, Sequence[nn.Module | None]]], rest: str
+) -> LayerGroups:
+    """Partition the parameters of ``root`` into the ``named`` groups of submodules, in order.
+
+    A parameter reachable from several groups goes to the first; every parameter of ``root``
+    that no group reaches goes to the group called ``rest`` (which must be one of ``named``).
+    Empty groups are dropped, so every group returned holds at least one parameter and every
+    parameter of ``root`` is in exactly one group.
+    """
+    seen: set[int] = set()
+    out: list[tuple[str, list[nn.Parameter]]] = []
+    for name, modules in named:
+        params: list[nn.Parameter] = []
+        for module in modules:
+            for p in module.parameters() if module is not None else ():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        out.append((name, params))
+    leftover = [p for p in root.parameters() if id(p) not in seen]
+    names = [name for name, _ in out]
+    if rest not in names:
+        raise ValueError(f"group_parameters: '{rest}' is not one of {names}")
+    out[names.index(rest)][1].extend(leftover)
+    return [(name, params) for name, params in out if params]
 
 
 class Embedding(TypedDict, total=False):
@@ -141,6 +173,20 @@ class Backbone(nn.Module, ABC):
     def modulate(self, layer: int, h: Tensor, g: Graph) -> Tensor:
         """Hidden features after interaction ``layer``; identity unless a modulator is set."""
         return h if self.modulator is None else self.modulator(layer, h, g)
+
+    def layer_groups(self) -> LayerGroups:
+        """The backbone's parameters by depth: ``embedding`` (type embedding, radial basis),
+        then one group per interaction layer (``interaction_k``). Every parameter is in exactly
+        one group; by default one group ``backbone`` holds them all."""
+        return [("backbone", list(self.parameters()))]
+
+    def interaction_layers(self, layers: Sequence[nn.Module | Sequence[nn.Module]]) -> LayerGroups:
+        """:meth:`layer_groups` of a backbone whose interaction layer ``k`` is ``layers[k]``
+        (a module or several); every other parameter counts as the embedding."""
+        named: list[tuple[str, Sequence[nn.Module | None]]] = [("embedding", [])]
+        for k, layer in enumerate(layers):
+            named.append((f"interaction_{k}", [layer] if isinstance(layer, nn.Module) else layer))
+        return group_parameters(self, named, rest="embedding")
 
     @abstractmethod
     def forward(self, g: Graph) -> Embedding:

@@ -14,6 +14,8 @@ A model
   shown with their units without a global table;
 - evaluates a batched graph (:meth:`Model.forward`) and, where it has them, exposes per-atom
   invariant embeddings per layer (:meth:`Model.embed`);
+- names its parameters by depth (:meth:`Model.layer_groups`: embedding, each interaction
+  layer, readout), which fine-tuning strategies freeze or give their own learning rates;
 - writes its checkpoint fields (:meth:`Model.payload`) and is rebuilt from them
   (:meth:`Model.from_payload`); its ``kind`` is the registry name
   (:mod:`trustpot.registry`, kind ``"model"``) that the checkpoint stores.
@@ -32,7 +34,7 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.models.base import Embedding
+from trustpot.models.base import Embedding, LayerGroups
 
 #: outputs computed when a caller names none
 DEFAULT_OUTPUTS: frozenset[str] = frozenset({K.ENERGY, K.FORCES})
@@ -147,6 +149,15 @@ class Model(nn.Module, ABC):
             unknown = sorted({int(z) for z in g[K.ATOMIC_NUMBERS][index < 0]})
             raise ConfigError(f"element(s) {unknown} unknown to this model (knows {self.species})")
         return index
+
+    def layer_groups(self) -> LayerGroups:
+        """The model's parameters in named groups ordered from the input to the output
+        (embedding, each interaction layer, readout/head); every parameter is in exactly one
+        group. Fine-tuning freezes the first groups or decays learning rates along them.
+
+        By default one group, ``all``, holding every parameter.
+        """
+        return [("all", list(self.parameters()))]
 
     # -- persistence ----------------------------------------------------------------------
     @abstractmethod

@@ -46,7 +46,7 @@ from trustpot.data.graph import Graph, collate, structure_to_graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError
-from trustpot.models.base import Backbone, BackboneHypers, Embedding, make_hypers
+from trustpot.models.base import Backbone, BackboneHypers, Embedding, LayerGroups, make_hypers
 from trustpot.models.potential import Potential
 from trustpot.nn import MLP, scatter_sum
 from trustpot.registry import canonical_name, lookup
@@ -239,6 +239,10 @@ class DeepSetMoE(Backbone):
 
     def neighbor_lists(self) -> list[NeighborListSpec]:
         return self.encoder.neighbor_lists()
+
+    def layer_groups(self) -> LayerGroups:
+        """``embedding`` then ``interaction_k`` per layer (see :meth:`Backbone.layer_groups`)."""
+        return self.encoder.layer_groups()
 
     def forward(self, g: Graph) -> Embedding:
         # a plain attribute, as trustpot.uq.perturb.attached sets it: never a submodule

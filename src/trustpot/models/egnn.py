@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from trustpot.data.graph import Graph
-from trustpot.models.base import Backbone, BackboneHypers, Embedding, edge_vectors
+from trustpot.models.base import Backbone, BackboneHypers, Embedding, LayerGroups, edge_vectors
 from trustpot.nn import MLP, BesselBasis, CosineCutoff, scatter_sum
 
 
@@ -77,6 +77,10 @@ class EGNN(Backbone):
         self.layers = nn.ModuleList(
             EGNNLayer(f, hypers.n_rbf, hypers.update_positions) for _ in range(hypers.n_layers)
         )
+
+    def layer_groups(self) -> LayerGroups:
+        """``embedding`` then ``interaction_k`` per layer (see :meth:`Backbone.layer_groups`)."""
+        return self.interaction_layers(list(self.layers))
 
     def forward(self, g: Graph) -> Embedding:
         index, vec, r = edge_vectors(g, "main")

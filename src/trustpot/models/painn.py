@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from trustpot.data.graph import Graph
-from trustpot.models.base import Backbone, BackboneHypers, Embedding, edge_vectors
+from trustpot.models.base import Backbone, BackboneHypers, Embedding, LayerGroups, edge_vectors
 from trustpot.nn import MLP, BesselBasis, CosineCutoff, scatter_sum
 
 
@@ -82,6 +82,10 @@ class PaiNN(Backbone):
         self.messages = nn.ModuleList(PaiNNMessage(f, hypers.n_rbf) for _ in range(hypers.n_layers))
         self.updates = nn.ModuleList(PaiNNUpdate(f) for _ in range(hypers.n_layers))
         self.norm = float(self.avg_neighbors) ** 0.5
+
+    def layer_groups(self) -> LayerGroups:
+        """``embedding`` then ``interaction_k`` per layer (see :meth:`Backbone.layer_groups`)."""
+        return self.interaction_layers([[m, u] for m, u in zip(self.messages, self.updates)])
 
     def forward(self, g: Graph) -> Embedding:
         index, vec, r = edge_vectors(g, "main")

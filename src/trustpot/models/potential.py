@@ -17,7 +17,7 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.models.base import Backbone, Embedding, make_hypers
+from trustpot.models.base import Backbone, Embedding, LayerGroups, make_hypers
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
 from trustpot.nn import MLP, scatter_sum
 from trustpot.registry import lookup
@@ -154,6 +154,12 @@ class Potential(Model):
             raise CheckpointError(f"{path}: malformed model metadata: {err}") from None
         load_state_checked(model, data.get("model"), path, "potential")
         return model
+
+    def layer_groups(self) -> LayerGroups:
+        """The backbone's groups (``embedding``, ``interaction_k``...) then ``head``."""
+        groups = [(name, list(params)) for name, params in self.backbone.layer_groups()]
+        head = list(self.head.parameters())
+        return [*groups, ("head", head)] if head else groups
 
     def embed(self, g: Graph) -> Embedding:
         """Per-atom invariant features of ``g`` (no energies, no gradients needed)."""

@@ -7,7 +7,7 @@ import dataclasses
 from torch import Tensor, nn
 
 from trustpot.data.graph import Graph
-from trustpot.models.base import Backbone, BackboneHypers, Embedding, edge_vectors
+from trustpot.models.base import Backbone, BackboneHypers, Embedding, LayerGroups, edge_vectors
 from trustpot.nn import CosineCutoff, GaussianBasis, ShiftedSoftplus, scatter_sum
 
 
@@ -59,6 +59,10 @@ class SchNet(Backbone):
             CFConv(hypers.n_features, hypers.n_filters, hypers.n_rbf)
             for _ in range(hypers.n_layers)
         )
+
+    def layer_groups(self) -> LayerGroups:
+        """``embedding`` then ``interaction_k`` per layer (see :meth:`Backbone.layer_groups`)."""
+        return self.interaction_layers(list(self.interactions))
 
     def forward(self, g: Graph) -> Embedding:
         index, _, r = edge_vectors(g, "main")

@@ -44,7 +44,7 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.models.base import Embedding
+from trustpot.models.base import Embedding, LayerGroups, group_parameters
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
 from trustpot.models.potential import compute_outputs
 from trustpot.models.pretrained import PretrainedInfo, package_available, require_package
@@ -276,6 +276,29 @@ class CHGNetAdapter(Model):
         return compute_outputs(
             self.node_energies, g, wanted, self.training if create_graph is None else create_graph
         )
+
+    def layer_groups(self) -> LayerGroups:
+        """``embedding`` (atom, bond and angle embeddings and bases), ``interaction_k`` (atom
+        conv k with the bond and angle updates that follow it, k = 0..3) and ``readout``
+        (readout norm, site MLP). The composition model's elemental references are fixed in
+        the package (``requires_grad`` off) and belong to no group: fine-tuning keeps them;
+        :class:`~trustpot.models.finetuned.FineTuned` offsets take their role."""
+        net: Any = self.net
+        embedding = [
+            net.atom_embedding, net.bond_basis_expansion, net.bond_embedding,
+            net.bond_weights_ag, net.bond_weights_bg, net.angle_basis_expansion,
+            net.angle_embedding,
+        ]  # fmt: skip
+        named: list[tuple[str, list[nn.Module | None]]] = [("embedding", embedding)]
+        for k, atom_layer in enumerate(net.atom_conv_layers):
+            block: list[nn.Module | None] = [atom_layer]
+            if k < len(net.bond_conv_layers):
+                block += [net.bond_conv_layers[k], net.angle_layers[k]]
+            named.append((f"interaction_{k}", block))
+        named.append(("readout", [net.readout_norm, net.mlp]))
+        groups = group_parameters(self, named, rest="readout")
+        kept = [(name, [p for p in params if p.requires_grad]) for name, params in groups]
+        return [(name, params) for name, params in kept if params]
 
     def embed(self, g: Graph) -> Embedding:
         """CHGNet's atom features: ``node`` [n_atoms, 64] the output of the last atom-conv

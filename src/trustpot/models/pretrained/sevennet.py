@@ -21,6 +21,7 @@ cell`` and SevenNet aggregates messages from ``j`` onto ``i``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
 import os
@@ -34,7 +35,7 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.models.base import Embedding, edge_vectors
+from trustpot.models.base import Embedding, LayerGroups, edge_vectors, group_parameters
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
 from trustpot.models.potential import compute_outputs
 from trustpot.models.pretrained import PretrainedInfo, package_available, require_package
@@ -207,12 +208,49 @@ class SevenNetAdapter(Model):
             self.node_energies, g, wanted, self.training if create_graph is None else create_graph
         )
 
+    def layer_groups(self) -> LayerGroups:
+        """``embedding`` (edge embedding, one-hot to node features), ``interaction_k`` (the
+        package modules ``{k}_*`` of block k, k = 0..4) and ``readout`` (the modules after the
+        last block: reduction to hidden, to energy, species-wise rescaling)."""
+        named: dict[str, list[nn.Module | None]] = {"embedding": []}
+        blocks: dict[str, list[nn.Module | None]] = {}
+        readout: list[nn.Module | None] = []
+        for name, module in self.network.named_children():
+            prefix = name.split("_", 1)[0]
+            if prefix.isdigit():
+                blocks.setdefault(f"interaction_{prefix}", []).append(module)
+            elif blocks:
+                readout.append(module)
+            else:
+                named["embedding"].append(module)
+        named.update(blocks)
+        named["readout"] = readout
+        return group_parameters(self, list(named.items()), rest="readout")
+
     def embed(self, g: Graph) -> Embedding:
         """``node`` [n_atoms, 128] and ``layers`` (5 x [n_atoms, 128]): the invariant channels
         after each interaction block (see the class docstring); no gradients."""
         with torch.no_grad():
             _, emb = self.node_energies(g)
         return emb
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SevenNetAdapter:
+        """A copy with its own network, rebuilt by the package and given these weights.
+
+        ``copy.deepcopy`` of the package's e3nn-compiled modules adds buffers the original
+        lacks, so its state dict would not fit the original's; the trainer's evaluation copy
+        loads the (EMA) weights of the trained model every epoch and needs it to.
+        """
+        twin = build_sevennet(str(self.meta["checkpoint"]), name=str(self.meta.get("name", "")))
+        twin.meta = copy.deepcopy(self.meta)
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        twin = twin.to(device)
+        twin.load_state_dict(self.state_dict())
+        for mine, theirs in zip(self.parameters(), twin.parameters()):
+            theirs.requires_grad_(mine.requires_grad)
+        twin.train(self.training)
+        memo[id(self)] = twin
+        return twin
 
     # -- persistence ----------------------------------------------------------------------
     def payload(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Any]:

@@ -1,0 +1,297 @@
+"""``trustpot finetune``: adapt a trained or pretrained model to new data, one way.
+
+Steps (:func:`run_finetune`):
+
+1. read the downstream data (the readers of :mod:`trustpot.data`; ``--valid`` or a held-out
+   ``--valid-fraction``);
+2. wrap the starting model (a checkpoint of any kind, or a pretrained name) in a
+   :class:`~trustpot.models.finetuned.FineTuned` model and fit its per-element energy offsets by
+   least squares on the training energies, before the first step (a new level of theory with
+   another energy zero then costs no gradient);
+3. turn :meth:`~trustpot.models.contract.Model.layer_groups` into AdamW parameter groups as the
+   strategy says (:func:`strategy_rates`): ``full`` (every group at ``lr``), ``freeze`` (the
+   first ``freeze_layers`` groups fixed, by default all but the head) or ``llrd`` (layer-wise
+   learning-rate decay, shape ``decay`` or JMP's ``u``);
+4. train with the one :class:`~trustpot.train.trainer.Trainer` (EMA, cosine schedule, budget,
+   ``best.ckpt``/``last.ckpt``, bit-identical resume after a kill with ``resume=True``,
+   ``torchrun``) and write the run folder as ``trustpot train`` does, plus ``finetune.json``
+   (offsets, force scale, every group's learning rate).
+
+The loss is :class:`~trustpot.train.objectives.ForceFieldLoss` in units of the RMS of the
+downstream training forces (eV/Å): the same dimensionless loss as a model trained from scratch
+on that data, whatever scale the starting model was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from trustpot.config import TrainConfig
+from trustpot.data.dataset import GraphDataset
+from trustpot.data.splits import read_data
+from trustpot.data.stats import force_rms
+from trustpot.data.structures import check_species
+from trustpot.errors import ConfigError
+from trustpot.io.checkpoint import load_model, read_checkpoint
+from trustpot.models.finetuned import FineTuned, fit_energy_offsets
+from trustpot.options import option
+from trustpot.train.distributed import init_distributed
+from trustpot.train.losses import LossWeights
+from trustpot.train.objectives import ForceFieldLoss, Objective, ParamGroup, TrainResult
+from trustpot.train.run import split_train_valid
+from trustpot.train.trainer import Trainer
+
+__all__ = ["STRATEGIES", "FinetuneOptions", "run_finetune", "strategy_rates"]
+
+STRATEGIES = ("full", "freeze", "llrd")
+LLRD_SHAPES = ("decay", "u")
+DEFAULT_LLRD_DECAY = 0.7
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneOptions:
+    """What ``trustpot finetune`` does; every field is one flag.
+
+    Strategy options default to ``None`` (resolved by :attr:`decay` / :meth:`frozen_count`),
+    so that a flag the chosen strategy cannot use is an error naming it.
+    """
+
+    base: str = option("", "checkpoint (any kind) or pretrained name (chgnet, sevennet-0) "
+                       "to start from", flag="--from", required=True)  # fmt: skip
+    train: str = option("", "training data (any ASE format) or split.json:SUBSET", required=True)
+    valid: str = option("", "validation data (default: --valid-fraction of --train)")
+    valid_fraction: float | None = option(None, "share of --train held out (default 0.1)")
+    strategy: str = option("full", "full, freeze (first groups fixed) or llrd (layer-wise lr "
+                           "decay)", choices=STRATEGIES)  # fmt: skip
+    freeze_layers: int | None = option(
+        None, "freeze: layer groups frozen from the input (default: all but the head)"
+    )
+    llrd_decay: float | None = option(
+        None, f"llrd: lr multiplier per group away from the head (default {DEFAULT_LLRD_DECAY})"
+    )
+    llrd_shape: str | None = option(
+        None, "llrd: decay (from the head down) or u (middle lowest; default decay)",
+        choices=LLRD_SHAPES,
+    )  # fmt: skip
+    lr: float = option(1e-3, "peak learning rate of the head (AdamW)")
+    epochs: int = option(50, "maximum epochs")
+    max_minutes: float = option(
+        0.0, "wall-clock budget in minutes, resumed runs included (0: none)"
+    )
+    batch_size: int = option(8, "structures per optimiser step")
+    energy_weight: float = option(1.0, "weight of the per-atom energy MSE")
+    forces_weight: float = option(10.0, "weight of the force-component MSE")
+    seed: int = option(0, "seed of the split and shuffling")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    device: str = option("cpu", "torch device (cpu, cuda, cuda:1...)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError`, naming the flag, for values that cannot work."""
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy must be one of {STRATEGIES}, got '{self.strategy}'")
+        for value, flag, owner in (
+            (self.freeze_layers, "--freeze-layers", "freeze"),
+            (self.llrd_decay, "--llrd-decay", "llrd"),
+            (self.llrd_shape, "--llrd-shape", "llrd"),
+        ):
+            if value is not None and self.strategy != owner:
+                raise ConfigError(
+                    f"{flag} applies to --strategy {owner}, not --strategy {self.strategy}"
+                )
+        if self.llrd_decay is not None and not 0.0 < self.llrd_decay <= 1.0:
+            raise ConfigError(f"--llrd-decay must be in (0, 1], got {self.llrd_decay}")
+        if self.llrd_shape is not None and self.llrd_shape not in LLRD_SHAPES:
+            raise ConfigError(f"--llrd-shape must be one of {LLRD_SHAPES}")
+        if self.freeze_layers is not None and self.freeze_layers < 0:
+            raise ConfigError(f"--freeze-layers must be >= 0, got {self.freeze_layers}")
+        if self.valid and self.valid_fraction is not None:
+            raise ConfigError("--valid-fraction and --valid exclude each other")
+        if self.valid_fraction is not None and not 0.0 < self.valid_fraction < 1.0:
+            raise ConfigError(f"--valid-fraction must be in (0, 1), got {self.valid_fraction}")
+        for flag, number in (("--lr", self.lr), ("--epochs", self.epochs),
+                             ("--batch-size", self.batch_size)):  # fmt: skip
+            if number <= 0:
+                raise ConfigError(f"{flag} must be positive, got {number}")
+
+    @property
+    def decay(self) -> float:
+        """LLRD multiplier per group (default 0.7)."""
+        return DEFAULT_LLRD_DECAY if self.llrd_decay is None else float(self.llrd_decay)
+
+    @property
+    def shape(self) -> str:
+        """LLRD shape (default ``decay``)."""
+        return self.llrd_shape or "decay"
+
+    def frozen_count(self, n_groups: int) -> int:
+        """Groups frozen from the input (``freeze``: default all but the last; else 0).
+
+        Raises:
+            ConfigError: ``--freeze-layers`` above the number of groups.
+        """
+        if self.strategy != "freeze":
+            return 0
+        k = n_groups - 1 if self.freeze_layers is None else self.freeze_layers
+        if k > n_groups:
+            raise ConfigError(f"--freeze-layers {k}: the model has only {n_groups} layer groups")
+        return k
+
+    def train_config(self) -> TrainConfig:
+        """The trainer's options (cosine schedule, warm-up of a tenth of the epochs up to 5,
+        EMA 0.99; the rest as ``trustpot train``)."""
+        return TrainConfig(
+            epochs=self.epochs, max_minutes=self.max_minutes, batch_size=self.batch_size,
+            lr=self.lr, warmup_epochs=min(5, self.epochs // 10), min_lr=min(1e-6, self.lr),
+            energy_weight=self.energy_weight, forces_weight=self.forces_weight,
+            seed=self.seed, threads=self.threads, device=self.device,
+        )  # fmt: skip
+
+
+def strategy_rates(names: list[str], opts: FinetuneOptions) -> list[tuple[str, float, bool]]:
+    """``(name, peak lr, frozen)`` of each layer group ``names`` (ordered input -> output).
+
+    ``full``: every group at ``lr``. ``freeze``: the first :meth:`~FinetuneOptions.
+    frozen_count` groups frozen, the others at ``lr``. ``llrd`` with ``n`` groups, group ``k``
+    (0 = input): shape ``decay`` gives ``lr * d**(n - 1 - k)`` (the head at ``lr``, each group
+    below ``d`` times the one above); shape ``u`` gives ``lr * d**min(k, n - 1 - k)`` (embedding
+    and head at ``lr``, the middle interaction layers lowest, as JMP fine-tunes).
+    """
+    n = len(names)
+    frozen = opts.frozen_count(n)
+    out = []
+    for k, name in enumerate(names):
+        rate = opts.lr
+        if opts.strategy == "llrd":
+            depth = n - 1 - k if opts.shape == "decay" else min(k, n - 1 - k)
+            rate = opts.lr * opts.decay**depth
+        out.append((name, rate, k < frozen))
+    return out
+
+
+def _param_groups(
+    model: FineTuned, opts: FinetuneOptions
+) -> tuple[list[ParamGroup], list[dict[str, Any]]]:
+    """AdamW groups of the base's layer groups per strategy, plus the offsets at ``lr``."""
+    groups = model.base.layer_groups()
+    rates = strategy_rates([name for name, _ in groups], opts)
+    out, table = [], []
+    for (name, params), (_, rate, frozen) in zip(groups, rates):
+        out.append(ParamGroup(params, lr=rate, frozen=frozen, name=name))
+        n = sum(p.numel() for p in params)
+        table.append({"name": name, "lr": 0.0 if frozen else rate, "frozen": frozen, "params": n})
+    out.append(ParamGroup([model.offsets], lr=opts.lr, name="offsets"))
+    table.append({"name": "offsets", "lr": opts.lr, "frozen": False, "params": 119})
+    return out, table
+
+
+def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -> TrainResult:
+    """Fine-tune ``opts.base`` on ``opts.train`` and write the run folder ``out``.
+
+    Writes ``config.resolved.yaml``, ``split.json``, ``log.txt``, ``finetune.json``,
+    ``metrics.csv``, ``best.ckpt`` (kind ``finetuned``) and ``last.ckpt``. With ``resume``,
+    continues the run in ``out`` (same options required) from its ``last.ckpt``.
+
+    Raises:
+        ConfigError: ``out`` holds a run and ``resume`` is false (or the reverse), other
+            options than the run being resumed, unknown elements, too many frozen groups.
+    """
+    out = Path(out)
+    info = init_distributed()
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    last = out / "last.ckpt"
+    if resume and not last.is_file():
+        raise ConfigError(f"{out}: nothing to resume (no last.ckpt)")
+    if not resume and last.is_file():
+        raise ConfigError(
+            f"{out}: holds a run already; pass --resume to continue it or pick a new --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:
+        if info.is_main:
+            line = f"[{time.strftime('%H:%M:%S')}] {message}"
+            print(line, flush=True)
+            with open(out / "log.txt", "a") as handle:
+                handle.write(line + "\n")
+
+    all_train = read_data(opts.train)
+    val_idx: list[int] = []
+    if opts.valid:
+        train_idx = list(range(len(all_train)))
+        valid = read_data(opts.valid)
+    else:
+        fraction = 0.1 if opts.valid_fraction is None else opts.valid_fraction
+        train_idx, val_idx = split_train_valid(all_train, fraction, opts.seed)
+        valid = [all_train[i] for i in val_idx]
+    train = [all_train[i] for i in train_idx]
+    device = torch.device(opts.device)
+
+    if resume:
+        model = FineTuned.from_payload(read_checkpoint(last), str(last))
+    else:
+        start = load_model(opts.base)
+        model = start if isinstance(start, FineTuned) else FineTuned(start)
+    check_species(train, model.species, opts.train)
+    check_species(valid, model.species, opts.valid or opts.train)
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as err:
+        raise ConfigError(f"--device '{opts.device}' is not usable here: {err}") from None
+    scale = force_rms(train)
+    groups, table = _param_groups(model, opts)
+    if not resume:
+        fitted, before, after = fit_energy_offsets(model, train, opts.batch_size)
+        with torch.no_grad():
+            for z, value in fitted.items():
+                model.offsets[z] += value
+        log(
+            f"energy offsets fitted on {len(train)} structures: RMS residual "
+            f"{1000 * before:.1f} -> {1000 * after:.1f} meV/atom"
+        )
+    tcfg = opts.train_config()
+    run_config = {"finetune": dataclasses.asdict(opts), "train": dataclasses.asdict(tcfg)}
+    if info.is_main and not resume:
+        (out / "config.resolved.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        split = {"train_file": opts.train, "seed": opts.seed, "train_indices": train_idx,
+                 "valid_indices": val_idx, "valid_file": opts.valid or None}  # fmt: skip
+        (out / "split.json").write_text(json.dumps(split))
+        summary = {
+            "from": opts.base,
+            "base_kind": model.base.kind,
+            "strategy": opts.strategy,
+            "force_scale": scale,
+            "offsets": {str(z): v for z, v in model.offsets_by_element().items()},
+            "groups": table,
+        }
+        (out / "finetune.json").write_text(json.dumps(summary, indent=1))
+    n_train = sum(p.numel() for g in groups if not g.frozen for p in g.params)
+    log(
+        f"{'resuming' if resume else 'fine-tuning'} {model.base.kind} ({opts.base}), strategy "
+        f"{opts.strategy}: {n_train} trainable parameters in "
+        f"{sum(not g.frozen for g in groups)} of {len(groups)} groups, on {len(train)} "
+        f"structures, validating on {len(valid)}; force scale {scale:.4g} eV/Å"
+    )
+    specs, dtype = model.neighbor_lists(), model.dtype
+    train_ds = GraphDataset(train, specs, dtype, opts.train)
+    valid_ds = GraphDataset(valid, specs, dtype, opts.valid or opts.train)
+    weights = LossWeights(opts.energy_weight, opts.forces_weight, 0.0)
+    objective = Objective("main", "main", weights, loss=ForceFieldLoss(weights, scale))
+    trainer = Trainer(
+        model, [objective], tcfg, info, run_config=run_config, param_groups=groups,
+        desc="finetune",
+    )  # fmt: skip
+    if resume:
+        trainer.resume(out)
+        log(f"resumed at epoch {trainer.epoch} ({trainer.elapsed / 60:.1f} min used)")
+    return trainer.fit({"main": train_ds}, {"main": valid_ds}, out, log=log)
