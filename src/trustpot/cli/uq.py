@@ -15,7 +15,7 @@ from typing import Any
 
 from trustpot.cli.flags import add_flags, from_args, option
 from trustpot.errors import ConfigError
-from trustpot.uq.options import METHOD_OPTIONS, UQOptions
+from trustpot.uq.options import METHOD_OPTIONS, CalibrationSetOptions, UQOptions
 
 METHODS = tuple(METHOD_OPTIONS)
 
@@ -76,6 +76,18 @@ def add_uq_commands(sub: argparse._SubParsersAction[Any]) -> None:
         p.add_argument("--out", required=True, help="output folder (uq.ckpt, fit.json, models)")
         p.set_defaults(resolve=_resolve_fit, run=_run_fit, out_dir=lambda a: a.out)
 
+    cal = uq_sub.add_parser(
+        "calibration-set",
+        help="label every training frame with the force error of a model that did not see it",
+        description="Cut --train into --folds parts, train a potential (with the training "
+        "flags given) on all but one part and predict it: every frame gets an out-of-fold "
+        "force MAE (oof_forces_mae, eV/Å). Writes OUT/oof.xyz for "
+        "'trustpot uq fit probe --calibration OUT/oof.xyz --errors-key oof_forces_mae'.",
+    )
+    add_flags(cal, CalibrationSetOptions)
+    cal.add_argument("--out", required=True, help="output folder (oof.xyz, oof.json, folds)")
+    cal.set_defaults(resolve=_resolve_calibration, run=_run_calibration, out_dir=lambda a: a.out)
+
     ev = uq_sub.add_parser(
         "eval",
         help="evaluate a reliability wrapper on labelled data",
@@ -117,6 +129,27 @@ def _run_fit(req: FitRequest) -> int:
     from trustpot.uq.fit import fit_uq
 
     fit_uq(req.method, req.options, Path(req.out), _log)
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationRequest:
+    """``trustpot uq calibration-set``: its options and the output folder."""
+
+    options: CalibrationSetOptions
+    out: str
+
+
+def _resolve_calibration(args: argparse.Namespace) -> CalibrationRequest:
+    options = from_args(CalibrationSetOptions, args)
+    options.validate()
+    return CalibrationRequest(options, args.out)
+
+
+def _run_calibration(req: CalibrationRequest) -> int:
+    from trustpot.uq.calibration import out_of_fold
+
+    out_of_fold(req.options, Path(req.out), _log)
     return 0
 
 

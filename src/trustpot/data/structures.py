@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,3 +136,21 @@ def check_species(structures: list[Structure], species: list[int], path: str) ->
                 frame,
                 "numbers",
             )
+
+
+def info_values(structures: Sequence[Structure], key: str, source: str) -> np.ndarray:
+    """[n] the number stored under ``key`` in each structure's info (float64).
+
+    Raises:
+        DataError: naming ``source``, the first frame without a finite number, and the field.
+    """
+    values = []
+    for k, s in enumerate(structures):
+        try:
+            number = float(s.info[key])
+        except (KeyError, TypeError, ValueError):
+            number = float("nan")
+        if not np.isfinite(number):
+            raise DataError(source, "missing or not a finite number", k, key)
+        values.append(number)
+    return np.asarray(values, dtype=np.float64)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trustpot.config import RunConfig, config_to_dict
-from trustpot.data.structures import Structure
+from trustpot.data.structures import Structure, info_values
 from trustpot.errors import ConfigError
 from trustpot.io.checkpoint import load_model, load_potential, save_model
 from trustpot.train.reuse import run_step
@@ -125,7 +125,10 @@ def finish(
     else:
         log("no --calibration data: standard deviations are uncalibrated and no reliability map")
     report["recalibration_s"] = time.perf_counter() - t0
-    model.fit_report = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+    model.fit_report = {  # the method's own report, plus how the fit went here
+        **model.fit_report,
+        **{k: v for k, v in report.items() if isinstance(v, (int, float, str))},
+    }
     out.mkdir(parents=True, exist_ok=True)
     path = out / "uq.ckpt"
     save_model(model, path)
@@ -163,6 +166,9 @@ def _fit_probe(opts: ProbeOptions, data: Sequence[Structure], log: Log) -> UQMod
         seed=opts.seed,
         log=log,
         source=str(opts.calibration),
+        errors=None
+        if opts.errors_key is None
+        else info_values(list(data), opts.errors_key, str(opts.calibration)),
     )
 
 

@@ -50,8 +50,8 @@ class Calibration:
 
 
 @dataclasses.dataclass(frozen=True)
-class Training(Calibration):
-    """The flags of ``trustpot train`` that a method training potentials passes on."""
+class TrainingFlags:
+    """The flags of ``trustpot train`` that a command training potentials passes on."""
 
     train: str | None = option(None, "training data file (any ASE format) or split.json:SUBSET")
     valid: str | None = option(None, "validation data file or split.json:SUBSET")
@@ -78,8 +78,8 @@ class Training(Calibration):
     def training_given(self) -> list[str]:
         """Flags of the training options that were set."""
         names = [*TRAINING_FIELDS, "overrides"]
-        defaults = Training()
-        return [_flag(Training, n) for n in names if getattr(self, n) != getattr(defaults, n)]
+        defaults = TrainingFlags()
+        return [_flag(TrainingFlags, n) for n in names if getattr(self, n) != getattr(defaults, n)]
 
     def run_config(self) -> RunConfig:
         """The training run these options describe (validated)."""
@@ -89,6 +89,34 @@ class Training(Calibration):
             if value is not None:
                 base[section][key] = value
         return load_config(None, list(self.overrides), base)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training(TrainingFlags, Calibration):
+    """Training flags plus the calibration flags: a reliability method that trains potentials."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSetOptions(TrainingFlags):
+    """``trustpot uq calibration-set``: out-of-fold force errors of ``--folds`` potentials.
+
+    The training frames are cut into ``folds`` parts (seeded); a potential trained on all but
+    one part (with the training flags given) predicts that part, so every frame gets the force
+    error of a model that never saw it. Those frames, with ``oof_forces_mae`` (eV/Å) in their
+    info, are labelled examples for PROBE (``uq fit probe --errors-key oof_forces_mae``).
+    """
+
+    train: str | None = option(
+        None, "training data file (any ASE format) or split.json:SUBSET", required=True
+    )
+    folds: int = option(5, "number of folds (models trained)")
+
+    def validate(self) -> None:
+        if not self.train:
+            raise ConfigError("trustpot uq calibration-set needs --train")
+        if self.folds < 2:
+            raise ConfigError(f"--folds must be at least 2, got {self.folds}")
+        self.run_config()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +193,11 @@ class ProbeOptions(Calibration):
         0.25, "share of --calibration held out to pick the epoch and fit the temperature"
     )
     seed: int = option(0, "seed of the held-out share and initialisation")
+    errors_key: str | None = option(
+        None,
+        "per-frame info field holding the force error (eV/Å) to learn, e.g. oof_forces_mae "
+        "from 'trustpot uq calibration-set' (default: the model's own error on --calibration)",
+    )
 
     def validate(self) -> None:
         super().validate()

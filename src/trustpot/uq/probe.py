@@ -434,6 +434,7 @@ def fit_probe(
     source: str = "calibration data",
     run_dir: str | Path | None = None,
     ema_decay: float = 0.0,
+    errors: Sequence[float] | np.ndarray | None = None,
 ) -> Probe:
     """Fit a PROBE classifier on labelled structures the base potential did not train on.
 
@@ -455,6 +456,10 @@ def fit_probe(
             options (other options: ConfigError). ``None``: a temporary folder.
         ema_decay: EMA of the classifier weights; 0 (off) by default: the classifier is tiny,
             trains in seconds and its best epoch is chosen on held-out data.
+        errors: [n_structures] force MAE (eV/Å) to learn instead of the base's own error on
+            ``structures``: the out-of-fold errors of models trained like the base
+            (:func:`trustpot.uq.calibration.out_of_fold`) make every training frame a
+            labelled example without holding frames out of the base's training.
 
     Raises:
         ConfigError: fewer than :data:`MIN_STRUCTURES` structures, missing force labels,
@@ -493,6 +498,13 @@ def fit_probe(
         torch.manual_seed(seed)
         probe = Probe(base, hypers).to(device).eval()
         error, feats = _errors_and_features(probe, structures, batch_size, device)
+        if errors is not None:  # e.g. out-of-fold errors of models like the base
+            error = np.asarray(errors, dtype=np.float64)
+            if error.shape != (len(structures),) or not np.all(np.isfinite(error)):
+                raise ConfigError(
+                    f"{source}: errors must be {len(structures)} finite force MAEs (eV/Å), "
+                    f"got shape {error.shape}"
+                )
         tol = float(np.quantile(error, 1 - top_fraction) if tolerance is None else tolerance)
         labels = error > tol
         n_pos = int(labels.sum())
