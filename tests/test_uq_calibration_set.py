@@ -57,3 +57,24 @@ def test_missing_error_field_names_frame_and_field(ethanol_file: Path) -> None:
     frames = read_structures(ethanol_file, use_cache=False)
     with pytest.raises(DataError, match=r"frame 0.*oof_forces_mae"):
         info_values(frames, OOF_KEY, str(ethanol_file))
+
+
+@pytest.mark.slow
+def test_probe_calibration_benchmark_quick(tmp_path: Path) -> None:
+    """The learning-curve benchmark runs end to end in quick mode and writes its table."""
+    import subprocess
+    import sys
+
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "3bpa"
+    if not shared.is_dir():
+        pytest.skip(f"needs the 3BPA data at {shared}")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_calibration.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "probe_calibration.md").read_text()
+    for n in (10, 20, 40):
+        assert f"| {n} |" in table
