@@ -70,7 +70,9 @@ Log = Callable[[str], None]
 
 def _load_uq_benchmark() -> Any:
     """``benchmarks/uq.py`` as a module (its data helpers and constants are reused)."""
-    spec = importlib.util.spec_from_file_location("trustpot_uq_benchmark", ROOT / "benchmarks" / "uq.py")
+    spec = importlib.util.spec_from_file_location(
+        "trustpot_uq_benchmark", ROOT / "benchmarks" / "uq.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
@@ -153,14 +155,16 @@ def prepare(mode: Mode, out: Path, seed: int, log: Log) -> dict[str, Any]:
         for name, lo, hi in zip(("train", "calibration", "test_id"), bounds[:-1], bounds[1:]):
             subsets[name] = list(range(len(frames), len(frames) + int(hi - lo)))
             frames.extend(pool[i] for i in order[lo:hi])
-        ood = []
+        ood: list[Any] = []
         for code in ("PTY", "UOE"):
             topo = read(ZEOLITES / f"test_topology_{code}.xyz.gz", index)
             ood.extend(topo[i] for i in UQB._pick(len(topo), mode.n_ood, rng))
         subsets["test_ood"] = list(range(len(frames), len(frames) + len(ood)))
         frames.extend(ood)
         UQB._write(frames, folder / "data.xyz")
-        write_manifest(folder / "data.xyz", subsets, "benchmark", seed, config, folder / "split.json")
+        write_manifest(
+            folder / "data.xyz", subsets, "benchmark", seed, config, folder / "split.json"
+        )
         return {"subsets": {k: len(v) for k, v in subsets.items()}}
 
     result = timed_step(out / "data", config, work, log)
@@ -233,16 +237,16 @@ def train_members(s: Settings, backbone: str, spec: str, log: Log) -> list[dict[
             config = config_to_dict(cfg)
             config["train"].pop("threads", None)
 
-            def work(where: Path, resuming: bool, cfg: Any = cfg) -> dict[str, Any]:
-                return {"ckpt": str(F.train_once(cfg, where / "run", log))}
+            def work(where: Path, resuming: bool, what: Any = cfg) -> dict[str, Any]:
+                return {"ckpt": str(F.train_once(what, where / "run", log))}
 
         else:
             opts = _finetune_options(s, spec, s.seed + k)
             config = {k2: v for k2, v in dataclasses.asdict(opts).items() if k2 != "threads"}
 
-            def work(where: Path, resuming: bool, opts: Any = opts) -> dict[str, Any]:
+            def work(where: Path, resuming: bool, what: Any = opts) -> dict[str, Any]:
                 run = where / "run"
-                run_finetune(opts, run, resume=resuming and (run / "last.ckpt").is_file())
+                run_finetune(what, run, resume=resuming and (run / "last.ckpt").is_file())
                 return {"ckpt": str(run / "best.ckpt")}
 
         log(f"{backbone} member {k + 1}/{s.members} (seed {s.seed + k})")
@@ -290,8 +294,10 @@ def fit_methods(
         return {"uq": str(where / "uq.ckpt")}
 
     steps: dict[str, tuple[dict[str, Any], Callable[[Path, bool], dict[str, Any]]]] = {
-        "probe": ({**common, "base": base_ckpt, "epochs": s.mode.probe_epochs,
-                   "minutes": s.minutes}, probe_on(base_ckpt)),  # fmt: skip
+        "probe": (
+            {**common, "base": base_ckpt, "epochs": s.mode.probe_epochs, "minutes": s.minutes},
+            probe_on(base_ckpt),
+        ),
         "ensemble": (common, ensemble),
     }
     if backbone == "foundation":
@@ -353,7 +359,9 @@ def evaluate(
     for test in TESTS:
         structures = read_data(f"{spec}:{test}", require=("forces",))
 
-        def plain(where: Path, resuming: bool, structures: Any = structures) -> dict[str, Any]:
+        def plain(
+            where: Path, resuming: bool, structures: Any = structures, test: str = test
+        ) -> dict[str, Any]:
             predictor = Predictor(load_model(base_ckpt))
             predictor.predict_structures(structures[:1], source=test)  # warm-up
             t0 = time.perf_counter()
@@ -366,7 +374,11 @@ def evaluate(
         for method, fit in fitted.items():
 
             def work(
-                where: Path, resuming: bool, fit: Any = fit, structures: Any = structures
+                where: Path,
+                resuming: bool,
+                fit: Any = fit,
+                structures: Any = structures,
+                test: str = test,
             ) -> dict[str, Any]:
                 model = load_model(fit["uq"], UQModel)
                 data = collect(model, structures, 16, f"{backbone}/{test}", progress=False)
@@ -438,9 +450,7 @@ def seed_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def get(backbone: str, method: str) -> dict[str, Any]:
         return next(r for r in rows if r["backbone"] == backbone and r["method"] == method)
 
-    margins = {
-        b: get(b, "probe")["spearman"] - get(b, "ensemble")["spearman"] for b in BACKBONES
-    }
+    margins = {b: get(b, "probe")["spearman"] - get(b, "ensemble")["spearman"] for b in BACKBONES}
     finite = all(math.isfinite(m) for m in margins.values())
     larger = finite and margins["foundation"] > margins["painn"]
     return {
@@ -484,7 +494,9 @@ def table(rows: list[dict[str, Any]], foundation: str) -> str:
     return head + "\n".join(body) + "\n"
 
 
-def report(s: Settings, rows: list[dict[str, Any]], targets: dict[str, Any], header: dict[str, Any]) -> str:
+def report(
+    s: Settings, rows: list[dict[str, Any]], targets: dict[str, Any], header: dict[str, Any]
+) -> str:
     """``foundation.md``: settings, table, seed targets."""
     m = s.mode
     lines = [
@@ -535,7 +547,9 @@ def parse(argv: list[str] | None = None) -> Settings:
     p.add_argument("--members", type=int, help="ensemble members per backbone (>= 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch CPU threads (1 by default: on busy cores more threads can be 10x slower)",
     )
     args = p.parse_args(argv)
