@@ -591,14 +591,20 @@ def main(argv: list[str] | None = None) -> int:
         with open(s.out / "log.txt", "a") as handle:
             handle.write(line + "\n")
 
-    prepare(s.mode, s.out, s.seed, log)
-    spec = str(s.out / "data" / "split.json")
+    from trustpot.errors import ConfigError
+
     rows: list[dict[str, Any]] = []
-    for backbone in BACKBONES:
-        members = train_members(s, backbone, spec, log)
-        fitted = fit_methods(s, backbone, spec, members, log)
-        evals = evaluate(s, backbone, spec, members[0]["ckpt"], fitted, log)
-        rows.extend(rows_of(backbone, members, fitted, evals))
+    try:
+        prepare(s.mode, s.out, s.seed, log)
+        spec = str(s.out / "data" / "split.json")
+        for backbone in BACKBONES:
+            members = train_members(s, backbone, spec, log)
+            fitted = fit_methods(s, backbone, spec, members, log)
+            evals = evaluate(s, backbone, spec, members[0]["ckpt"], fitted, log)
+            rows.extend(rows_of(backbone, members, fitted, evals))
+    except ConfigError as err:  # e.g. --out holds steps made with other settings
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     targets = seed_targets(rows)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
