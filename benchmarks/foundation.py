@@ -418,7 +418,12 @@ def rows_of(
         train_s["zero-shot-probe"] = fitted["zero-shot-probe"]["seconds"]
     rows = []
     for method in METHODS:
-        row: dict[str, Any] = {"backbone": backbone, "method": method}
+        row: dict[str, Any] = {
+            "backbone": backbone,
+            "method": method,
+            "plain_train_s": one,
+            "plain_inference_s": evals["test_ood"]["plain_s"],
+        }
         reason = NOT_APPLICABLE.get((backbone, method))
         if reason is not None:
             rows.append({**row, "applicable": False, "reason": reason})
@@ -520,6 +525,17 @@ def report(
             "**Quick mode: these numbers are a smoke test of the script, not results** "
             "(a handful of frames, seconds of training).\n"
         )
+    plain = {r["backbone"]: r for r in rows}
+    lines.append(
+        "One plain model: "
+        + "; ".join(
+            f"{'fine-tuned ' + s.foundation if b == 'foundation' else 'PaiNN'} "
+            f"{plain[b]['plain_train_s']:.1f} s to train (wall clock, loading and graph "
+            f"building included), {plain[b]['plain_inference_s']:.3g} s per OOD frame"
+            for b in BACKBONES
+        )
+        + ".\n"
+    )
     lines.append(table(rows, s.foundation))
     p = targets["perturb_foundation_spearman_ge_0.84"]
     q = targets["probe_margin_larger_on_foundation"]
