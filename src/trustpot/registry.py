@@ -62,6 +62,7 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
     },
     "pretrained": {
         "chgnet": "trustpot.models.pretrained.chgnet:CHGNET",
+        "trustpot-mol": "trustpot.models.pretrained.trustpot_mol:TRUSTPOT_MOL",
     },
 }
 _BUILTIN_ALIASES: Final[dict[str, dict[str, str]]] = {
