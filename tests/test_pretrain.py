@@ -80,8 +80,10 @@ def test_shipped_model_loads_by_name_and_evaluates(tmp_path: Path) -> None:
     from ase.io import write
 
     from trustpot.calculator import TrustpotCalculator
+    from trustpot.data.structures import Structure
     from trustpot.io.checkpoint import load_model
     from trustpot.models.potential import Potential
+    from trustpot.testing.contracts import check_invariances
 
     model = load_model("trustpot-mol", Potential)
     assert not model.training and sorted(model.species) == [1, 6, 7, 8, 9, 16, 17]
@@ -96,6 +98,10 @@ def test_shipped_model_loads_by_name_and_evaluates(tmp_path: Path) -> None:
         assert abs(forces.sum(axis=0)).max() < 1e-3  # no net force
         atoms.calc = SinglePointCalculator(atoms, energy=energy + 0.1, forces=forces)
         frames.append(atoms)
+    # the contract checks, at float32 tolerance (energies of ~-300 eV)
+    check_invariances(model, Structure(
+        frames[0].numbers, frames[0].positions, np.zeros((3, 3)), np.zeros(3, dtype=bool)
+    ), atol=1e-3)  # fmt: skip
     write(tmp_path / "f.xyz", frames)
     assert (
         main(["eval", "trustpot-mol", str(tmp_path / "f.xyz"), "--out", str(tmp_path / "e")]) == 0

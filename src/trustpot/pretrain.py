@@ -301,7 +301,12 @@ def run_pretrain(opts: PretrainOptions, log: Callable[[str], None] = print) -> d
             raise ConfigError(
                 f"{summary.failed} corpus frame(s) failed ({summary.failed_path}); rerun"
             )
-        return {"frames": summary.total, "seconds": summary.seconds, "written": summary.written}
+        return {
+            "frames": summary.total,
+            "seconds": summary.seconds,
+            "written": summary.written,
+            "resumed": summary.resumed,
+        }
 
     corpus_cfg = {"corpus": dataclasses.asdict(corpus_opts), "method": "GFN2-xTB"}
     c = run_step(out / "corpus", corpus_cfg, corpus_step, log)
@@ -362,7 +367,9 @@ def run_pretrain(opts: PretrainOptions, log: Callable[[str], None] = print) -> d
             "temperatures": list(opts.temperatures),
             "frames_per_molecule_temperature": opts.frames,
             "elements": [chemical_symbols[z] for z in model.species],
-            "corpus_seconds": c.get("seconds"),
+            # xTB wall time of the frames the corpus step wrote (resumed frames cost nothing)
+            "corpus_step_seconds": c.get("seconds"),
+            "corpus_frames_written": c.get("written"),
         },
         "training": {
             "backbone": "painn",
