@@ -63,7 +63,7 @@ class PretrainOptions:
     batch_size: int = option(16, "structures per optimiser step")
     lr: float = option(5e-3, "peak learning rate (cosine schedule)")
     workers: int = option(2, "xTB worker processes (0: in this process)")
-    threads: int = option(0, "torch threads (0: torch's default)")
+    threads: int = option(0, "torch threads (0: torch's default; 1 on a busy machine)")
     quiet: bool = option(False, "no progress bar")
 
     def corpus(self) -> CorpusOptions:
@@ -346,7 +346,7 @@ def run_pretrain(opts: PretrainOptions, log: Callable[[str], None] = print) -> d
     defaults = PretrainOptions(out=opts.out)
     for f in dataclasses.fields(PretrainOptions):
         value = getattr(opts, f.name)
-        if f.name not in ("out", "minutes", "workers", "threads", "quiet") and value != getattr(
+        if f.name not in ("out", "minutes", "workers", "quiet") and value != getattr(
             defaults, f.name
         ):
             shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
