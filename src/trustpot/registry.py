@@ -66,6 +66,7 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
     "pretrained": {
         "chgnet": "trustpot.models.pretrained.chgnet:CHGNET",
         "sevennet-0": "trustpot.models.pretrained.sevennet:SEVENNET_0",
+        "trustpot-mol": "trustpot.models.pretrained.trustpot_mol:TRUSTPOT_MOL",
     },
 }
 _BUILTIN_ALIASES: Final[dict[str, dict[str, str]]] = {

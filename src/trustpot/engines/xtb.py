@@ -12,12 +12,20 @@ Needs the ``xtb`` extra (``tblite``, ``rdkit``)::
 velocities, runs ``equilibration`` Langevin steps, then keeps one frame every ``interval`` steps.
 A trajectory is the unit of resume: a rerun reruns only trajectories with missing frames and
 writes only the missing frames.
+
+With ``properties=True`` (:func:`generate_molecules`) every frame also carries what the same
+GFN2-xTB single point computed, read from tblite's ``Result`` and converted from atomic units:
+``atoms.info["homo_lumo_gap"]`` (eV, from ``orbital-energies`` in Hartree and
+``orbital-occupations``), ``atoms.info["xtb_dipole"]`` ([3] e·Å, from ``dipole`` in e·Bohr) and
+``atoms.arrays["xtb_charges"]`` ([n_atoms] Mulliken partial charges, e). The names avoid ASE's
+calculator property names (``charges``, ``dipole``), which the extended XYZ reader would move
+into a calculator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +47,11 @@ from trustpot.errors import ConfigError, DataError
 METHODS = ("GFN2-xTB", "GFN1-xTB", "IPEA1-xTB")
 #: GFN2-xTB is parametrised for H to Rn.
 MAX_Z = 86
+#: Å per Bohr and eV per Hartree (CODATA 2018, the values ASE uses).
+BOHR_ANGSTROM = 0.529177210903
+HARTREE_EV = 27.211386245988
+#: Keys of the per-frame properties recorded with ``properties=True``.
+GAP_KEY, DIPOLE_KEY, CHARGES_KEY = "homo_lumo_gap", "xtb_dipole", "xtb_charges"
 
 
 def require_xtb() -> None:
@@ -167,6 +180,63 @@ def check_smiles(smiles: Sequence[str], seed: int = 0) -> dict[str, int]:
     return sizes
 
 
+@dataclass
+class PropertyFrameRecord(FrameRecord):
+    """A :class:`FrameRecord` with per-atom arrays too.
+
+    Attributes:
+        arrays: per-atom data written to ``atoms.arrays`` (each [n_atoms, ...]).
+    """
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def to_atoms(self) -> Any:
+        atoms = super().to_atoms()
+        for key, value in self.arrays.items():
+            atoms.new_array(key, np.asarray(value))
+        return atoms
+
+
+def homo_lumo_gap(energies: np.ndarray, occupations: np.ndarray) -> float:
+    """HOMO-LUMO gap (eV) from tblite's orbital energies (Hartree) and occupations (e).
+
+    Args:
+        energies: [n_orbitals] (restricted) or [2, n_orbitals] (one row per spin) Hartree.
+        occupations: same shape; a restricted orbital holds up to 2 electrons, a spin orbital 1.
+            Fractional (Fermi-smeared) occupations are counted by their total per channel.
+
+    Returns:
+        ``min(LUMO) - max(HOMO)`` over the spin channels, eV; NaN when a channel has no
+        occupied or no empty orbital.
+    """
+    e = np.atleast_2d(np.asarray(energies, dtype=np.float64))
+    occ = np.atleast_2d(np.asarray(occupations, dtype=np.float64))
+    per_orbital = 2.0 if e.shape[0] == 1 else 1.0
+    homo, lumo = -np.inf, np.inf
+    for channel in range(e.shape[0]):
+        levels = np.sort(e[channel])
+        n_occupied = int(np.ceil(occ[channel].sum() / per_orbital - 1e-6))
+        if n_occupied < 1 or n_occupied >= levels.size:
+            return float("nan")
+        homo = max(homo, float(levels[n_occupied - 1]))
+        lumo = min(lumo, float(levels[n_occupied]))
+    return (lumo - homo) * HARTREE_EV
+
+
+def xtb_properties(calc: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Gap, dipole and partial charges of the last single point of a tblite ASE calculator.
+
+    Returns:
+        ``(info, arrays)``: ``{GAP_KEY: eV, DIPOLE_KEY: [3] e·Å}`` and ``{CHARGES_KEY:
+        [n_atoms] e}``, read from tblite's ``Result`` (atomic units) and converted.
+    """
+    result = calc._res  # tblite.interface.Result of the last calculate()
+    gap = homo_lumo_gap(result.get("orbital-energies"), result.get("orbital-occupations"))
+    dipole = np.asarray(result.get("dipole"), dtype=np.float64) * BOHR_ANGSTROM
+    charges = np.asarray(result.get("charges"), dtype=np.float64)
+    return {GAP_KEY: gap, DIPOLE_KEY: dipole}, {CHARGES_KEY: charges}
+
+
 def _calculator(method: str, charge: int, uhf: int) -> Any:
     from tblite.ase import TBLite
 
@@ -228,10 +298,20 @@ def _md_task(payload: dict[str, Any], needed: frozenset[str]) -> Iterator[tuple[
             yield frame_id, Failure("non-finite energy or forces")
             continue
         info = dict(base, md_step=opts.equilibration + (k + 1) * opts.interval)
-        yield (
-            frame_id,
-            FrameRecord(atoms.numbers.copy(), atoms.positions.copy(), energy, forces, info=info),
+        if not payload.get("properties"):
+            yield (
+                frame_id,
+                FrameRecord(
+                    atoms.numbers.copy(), atoms.positions.copy(), energy, forces, info=info
+                ),
+            )
+            continue
+        extra, arrays = xtb_properties(atoms.calc)
+        info.update(extra)
+        record = PropertyFrameRecord(
+            atoms.numbers.copy(), atoms.positions.copy(), energy, forces, info=info, arrays=arrays
         )
+        yield frame_id, record
 
 
 def molecule_tasks(
@@ -241,8 +321,11 @@ def molecule_tasks(
     seed: int,
     method: str,
     md: MDOptions,
+    properties: bool = False,
 ) -> list[Task]:
-    """Tasks of a run: ``ceil(frames / chunk)`` trajectories per (SMILES, temperature)."""
+    """Tasks of a run: ``ceil(frames / chunk)`` trajectories per (SMILES, temperature).
+
+    ``properties`` adds gap, dipole and partial charges to every frame (module docstring)."""
     tasks = []
     for s in smiles:
         for t in temperatures:
@@ -257,6 +340,8 @@ def molecule_tasks(
                     "md": asdict(md),
                     "frame_ids": ids,
                 }
+                if properties:
+                    payload["properties"] = True
                 tasks.append(Task(f"{prefix}/traj{c}", ids, payload))
     return tasks
 
@@ -271,6 +356,7 @@ def generate_molecules(
     method: str = "GFN2-xTB",
     md: MDOptions = MDOptions(),
     progress: bool = True,
+    properties: bool = False,
 ) -> RunSummary:
     """Sample molecules from SMILES by Langevin MD with xTB forces; write the frames to ``out``.
 
@@ -283,6 +369,10 @@ def generate_molecules(
         workers: worker processes.
         method: xTB method.
         md: Langevin settings.
+        progress: show a progress bar.
+        properties: also record the HOMO-LUMO gap, dipole and partial charges of every frame
+            (module docstring); part of the run's options (a run without them is not resumed
+            with them).
 
     Raises:
         ConfigError: bad options, invalid SMILES, unsupported elements, missing extra; all
@@ -299,8 +389,8 @@ def generate_molecules(
         if not t > 0:
             raise ConfigError(f"temperatures must be > 0 K, got {t}")
     check_smiles(smiles, seed)
-    tasks = molecule_tasks(smiles, temperatures, frames, seed, method, md)
-    params = {
+    tasks = molecule_tasks(smiles, temperatures, frames, seed, method, md, properties)
+    params: dict[str, Any] = {
         "engine": "xtb-md",
         "smiles": list(smiles),
         "temperatures": [float(t) for t in temperatures],
@@ -309,6 +399,8 @@ def generate_molecules(
         "method": method,
         "md": asdict(md),
     }
+    if properties:  # absent otherwise: runs written before this option still resume
+        params["properties"] = True
     return run_tasks(tasks, _md_task, out, params, workers, desc="xTB MD", progress=progress)
 
 

@@ -217,7 +217,7 @@ def load_model(path: str | Path, expect: type[Model] = Model) -> Model:
             ``ScaleMixturePotential``...); another kind is a :class:`CheckpointError`. By
             default any :class:`~trustpot.models.contract.Model`.
     """
-    if not Path(path).exists() and canonical_name("pretrained", str(path)) in names("pretrained"):
+    if not Path(path).is_file() and canonical_name("pretrained", str(path)) in names("pretrained"):
         model = lookup("pretrained", str(path)).load()
     else:
         model = model_from_checkpoint_dict(read_checkpoint(path), path)
