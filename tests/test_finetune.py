@@ -172,6 +172,14 @@ def test_strategy_trains_only_its_groups(
     assert best.offsets_by_element()  # fitted before the first step
     for name in ("config.resolved.yaml", "metrics.csv", "best.ckpt", "last.ckpt", "log.txt"):
         assert (tmp_path / "run" / name).is_file()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert len(report["drift"]) == len(start.base.embedding_widths())
+    for row in report["drift"]:
+        assert set(row["w1_per_element"]) == {"1", "6", "8"}
+        assert row["davies_bouldin_before"] > 0 and row["davies_bouldin_after"] > 0
+        assert 0 < row["cka"] <= 1 + 1e-9
+    assert report["forgetting"]["forces_mae_vs_pretrained"] > 0
+    assert report["verdict"].startswith(("FORGOT", "kept"))
 
 
 def test_finetuned_checkpoint_works_everywhere(ethanol_file: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ from trustpot.config import TrainConfig
 from trustpot.data.dataset import GraphDataset
 from trustpot.data.splits import read_data
 from trustpot.data.stats import force_rms
-from trustpot.data.structures import check_species
+from trustpot.data.structures import Structure, check_species
 from trustpot.errors import ConfigError
+from trustpot.finetune_report import finetune_report
 from trustpot.io.checkpoint import load_model, read_checkpoint
 from trustpot.models.finetuned import FineTuned, fit_energy_offsets
 from trustpot.options import option
@@ -67,6 +69,11 @@ class FinetuneOptions:
                        "to start from", flag="--from", required=True)  # fmt: skip
     train: str = option("", "training data (any ASE format) or split.json:SUBSET", required=True)
     valid: str = option("", "validation data (default: --valid-fraction of --train)")
+    replay: str = option(
+        "",
+        "frames of the pretraining domain for the forgetting and drift report (report.json; "
+        "default: the validation frames)",
+    )
     valid_fraction: float | None = option(None, "share of --train held out (default 0.1)")
     strategy: str = option("full", "full, freeze (first groups fixed) or llrd (layer-wise lr "
                            "decay)", choices=STRATEGIES)  # fmt: skip
@@ -294,4 +301,23 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
     if resume:
         trainer.resume(out)
         log(f"resumed at epoch {trainer.epoch} ({trainer.elapsed / 60:.1f} min used)")
-    return trainer.fit({"main": train_ds}, {"main": valid_ds}, out, log=log)
+    result = trainer.fit({"main": train_ds}, {"main": valid_ds}, out, log=log)
+    if info.is_main:
+        write_report(opts, out, valid, log)
+    return result
+
+
+def write_report(
+    opts: FinetuneOptions, out: Path, valid: list[Structure], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """``out/report.json``: forgetting and representation drift of ``best.ckpt`` against the
+    model it started from (:mod:`trustpot.finetune_report`), on ``--replay`` frames or the
+    validation frames; the verdict line goes to the log."""
+    before = load_model(opts.base)
+    after = load_model(out / "best.ckpt")
+    frames = read_data(opts.replay) if opts.replay else valid
+    source = opts.replay or "the validation frames"
+    report = finetune_report(before, after, frames, source)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    log(f"report: {report['verdict']}")
+    return report
