@@ -39,7 +39,12 @@ BASES: dict[tuple[str, ...], list[list[str]]] = {
         ["--testbed", "dft"],
         ["--testbed", "openmm"],
     ],
-    ("finetune",): [[], ["--strategy", "freeze"], ["--strategy", "llrd"]],
+    ("finetune",): [
+        [],
+        ["--strategy", "freeze"],
+        ["--strategy", "llrd"],
+        ["--strategy", "mft", "--replay", "r.xyz"],
+    ],
 }
 #: The flag that selects the mode of a command (exercised through BASES).
 MODE_FLAGS = {

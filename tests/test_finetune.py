@@ -259,3 +259,29 @@ def test_finetune_pretrained_on_zeolite_frames(name: str, tmp_path: Path) -> Non
     assert main(["eval", str(run / "best.ckpt"), str(data), "--out", str(tmp_path / "e")]) == 0
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert np.isfinite(metrics["forces_mae"])
+
+
+def test_mft_trains_on_pseudo_labelled_replay(ethanol_file: Path, tmp_path: Path) -> None:
+    """--strategy mft adds the pretraining force objective on --replay frames whose labels are
+    the starting model's own forces (computed once, cached), with its own validation columns."""
+    replay = tmp_path / "replay.xyz"
+    write(replay, labelled_molecules(6, seed=11, scale=0.05), format="extxyz")
+    opts = FinetuneOptions(
+        str(POTENTIAL), str(ethanol_file), strategy="mft", replay=str(replay), epochs=2,
+        batch_size=4, threads=1, lr=1e-2, valid_fraction=0.25, replay_weight=2.0,
+    )  # fmt: skip
+    run_finetune(opts, tmp_path / "run")
+    cached = read_structures(tmp_path / "run" / "replay_pseudo.xyz", use_cache=False)
+    start = load_model(POTENTIAL)
+    expected = Predictor(start).predict_structures(read_structures(replay, use_cache=False))
+    for s, p in zip(cached, expected):
+        assert s.forces is not None
+        np.testing.assert_allclose(s.forces, p[K.FORCES], atol=1e-6)
+    header = _rows(tmp_path / "run")[0].keys()
+    assert "replay_val_forces_mae" in header and "main_val_forces_mae" in header
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["frames"] == str(replay)
+    with pytest.raises(ConfigError, match="--replay-weight applies to --strategy mft"):
+        FinetuneOptions(str(POTENTIAL), str(ethanol_file), replay_weight=1.0)
+    with pytest.raises(ConfigError, match="--strategy mft needs --replay"):
+        FinetuneOptions(str(POTENTIAL), str(ethanol_file), strategy="mft")

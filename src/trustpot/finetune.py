@@ -33,7 +33,10 @@ from typing import Any
 
 import torch
 import yaml
+from ase.io import write
 
+from trustpot import keys as K
+from trustpot.calculator import Predictor
 from trustpot.config import TrainConfig
 from trustpot.data.dataset import GraphDataset
 from trustpot.data.splits import read_data
@@ -44,7 +47,7 @@ from trustpot.finetune_report import finetune_report
 from trustpot.io.checkpoint import load_model, read_checkpoint
 from trustpot.models.finetuned import FineTuned, fit_energy_offsets
 from trustpot.options import option
-from trustpot.train.distributed import init_distributed
+from trustpot.train.distributed import barrier, init_distributed
 from trustpot.train.losses import LossWeights
 from trustpot.train.objectives import ForceFieldLoss, Objective, ParamGroup, TrainResult
 from trustpot.train.run import split_train_valid
@@ -52,7 +55,7 @@ from trustpot.train.trainer import Trainer
 
 __all__ = ["STRATEGIES", "FinetuneOptions", "run_finetune", "strategy_rates"]
 
-STRATEGIES = ("full", "freeze", "llrd")
+STRATEGIES = ("full", "freeze", "llrd", "mft")
 LLRD_SHAPES = ("decay", "u")
 DEFAULT_LLRD_DECAY = 0.7
 
@@ -75,8 +78,13 @@ class FinetuneOptions:
         "default: the validation frames)",
     )
     valid_fraction: float | None = option(None, "share of --train held out (default 0.1)")
-    strategy: str = option("full", "full, freeze (first groups fixed) or llrd (layer-wise lr "
-                           "decay)", choices=STRATEGIES)  # fmt: skip
+    strategy: str = option("full", "full, freeze (first groups fixed), llrd (layer-wise lr "
+                           "decay) or mft (multi-task: full fine-tuning plus the pretraining "
+                           "force field on --replay frames, pseudo-labelled by the starting "
+                           "model)", choices=STRATEGIES)  # fmt: skip
+    replay_weight: float | None = option(
+        None, "mft: weight of the replay (pretraining) force objective (default 1)"
+    )
     freeze_layers: int | None = option(
         None, "freeze: layer groups frozen from the input (default: all but the head)"
     )
@@ -110,6 +118,7 @@ class FinetuneOptions:
             (self.freeze_layers, "--freeze-layers", "freeze"),
             (self.llrd_decay, "--llrd-decay", "llrd"),
             (self.llrd_shape, "--llrd-shape", "llrd"),
+            (self.replay_weight, "--replay-weight", "mft"),
         ):
             if value is not None and self.strategy != owner:
                 raise ConfigError(
@@ -121,6 +130,10 @@ class FinetuneOptions:
             raise ConfigError(f"--llrd-shape must be one of {LLRD_SHAPES}")
         if self.freeze_layers is not None and self.freeze_layers < 0:
             raise ConfigError(f"--freeze-layers must be >= 0, got {self.freeze_layers}")
+        if self.strategy == "mft" and not self.replay:
+            raise ConfigError("--strategy mft needs --replay frames of the pretraining domain")
+        if self.replay_weight is not None and self.replay_weight <= 0:
+            raise ConfigError(f"--replay-weight must be > 0, got {self.replay_weight}")
         if self.valid and self.valid_fraction is not None:
             raise ConfigError("--valid-fraction and --valid exclude each other")
         if self.valid_fraction is not None and not 0.0 < self.valid_fraction < 1.0:
@@ -293,18 +306,53 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
     train_ds = GraphDataset(train, specs, dtype, opts.train)
     valid_ds = GraphDataset(valid, specs, dtype, opts.valid or opts.train)
     weights = LossWeights(opts.energy_weight, opts.forces_weight, 0.0)
-    objective = Objective("main", "main", weights, loss=ForceFieldLoss(weights, scale))
+    objectives = [Objective("main", "main", weights, loss=ForceFieldLoss(weights, scale))]
+    train_sets, valid_sets = {"main": train_ds}, {"main": valid_ds}
+    if opts.strategy == "mft":
+        replay = pseudo_labelled_replay(opts, out, info.is_main, log)
+        replay_ds = GraphDataset(replay, specs, dtype, "replay (pseudo-labels)")
+        # forces only: the downstream energy zero differs, and the offsets must follow it
+        replay_weights = LossWeights(0.0, opts.forces_weight, 0.0)
+        weight = 1.0 if opts.replay_weight is None else opts.replay_weight
+        loss = ForceFieldLoss(replay_weights, scale)
+        objectives.append(Objective("replay", "replay", replay_weights, weight, loss=loss))
+        train_sets["replay"] = replay_ds
+        valid_sets["replay"] = replay_ds
     trainer = Trainer(
-        model, [objective], tcfg, info, run_config=run_config, param_groups=groups,
+        model, objectives, tcfg, info, run_config=run_config, param_groups=groups,
         desc="finetune",
     )  # fmt: skip
     if resume:
         trainer.resume(out)
         log(f"resumed at epoch {trainer.epoch} ({trainer.elapsed / 60:.1f} min used)")
-    result = trainer.fit({"main": train_ds}, {"main": valid_ds}, out, log=log)
+    result = trainer.fit(train_sets, valid_sets, out, log=log)
     if info.is_main:
         write_report(opts, out, valid, log)
     return result
+
+
+def pseudo_labelled_replay(
+    opts: FinetuneOptions, out: Path, main: bool, log: Callable[[str], None]
+) -> list[Structure]:
+    """The ``--replay`` frames labelled with the starting model's forces (pseudo-labels),
+    computed once and cached in ``out/replay_pseudo.xyz`` (written atomically; a resumed or
+    repeated run reads it back)."""
+    cache = out / "replay_pseudo.xyz"
+    if not cache.is_file():
+        if main:
+            frames = read_data(opts.replay)
+            start = load_model(opts.base)
+            preds = Predictor(start, batch_size=opts.batch_size).predict_structures(frames)
+            labelled = [
+                dataclasses.replace(s, energy=float(p[K.ENERGY]), forces=p[K.FORCES], stress=None)
+                for s, p in zip(frames, preds)
+            ]
+            tmp = cache.with_name(cache.name + ".tmp")
+            write(tmp, [s.to_atoms() for s in labelled], format="extxyz")
+            tmp.replace(cache)
+            log(f"replay: {len(labelled)} frames of {opts.replay} pseudo-labelled by {opts.base}")
+        barrier(init_distributed())
+    return read_data(str(cache))
 
 
 def write_report(
