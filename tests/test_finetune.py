@@ -285,3 +285,26 @@ def test_mft_trains_on_pseudo_labelled_replay(ethanol_file: Path, tmp_path: Path
         FinetuneOptions(str(POTENTIAL), str(ethanol_file), replay_weight=1.0)
     with pytest.raises(ConfigError, match="--strategy mft needs --replay"):
         FinetuneOptions(str(POTENTIAL), str(ethanol_file), strategy="mft")
+
+
+def test_ewc_holds_the_weights_near_the_start(ethanol_file: Path, tmp_path: Path) -> None:
+    """A strong EWC pull keeps the base weights closer to the starting ones than no pull, and
+    the penalty is an objective with its own metrics column."""
+
+    def moved(ewc: float, out: Path) -> float:
+        opts = FinetuneOptions(
+            str(POTENTIAL), str(ethanol_file), epochs=3, batch_size=4, threads=1, lr=1e-2,
+            valid_fraction=0.25, ewc_weight=ewc,
+        )  # fmt: skip
+        run_finetune(opts, out)
+        start = FineTuned(load_model(POTENTIAL)).state_dict()
+        after = _weights(out / "last.ckpt")
+        keys = [k for k in start if k.startswith("base.") and start[k].is_floating_point()]
+        return float(sum(((after[k] - start[k]) ** 2).sum() for k in keys))
+
+    free = moved(0.0, tmp_path / "free")
+    held = moved(1e7, tmp_path / "held")
+    assert held < 0.5 * free
+    assert "ewc_val_loss" in _rows(tmp_path / "held")[0]
+    with pytest.raises(ConfigError, match="--ewc-weight does not apply to --strategy freeze"):
+        FinetuneOptions(str(POTENTIAL), str(ethanol_file), strategy="freeze", ewc_weight=1.0)

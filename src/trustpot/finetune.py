@@ -39,6 +39,7 @@ from trustpot import keys as K
 from trustpot.calculator import Predictor
 from trustpot.config import TrainConfig
 from trustpot.data.dataset import GraphDataset
+from trustpot.data.graph import to_device
 from trustpot.data.splits import read_data
 from trustpot.data.stats import force_rms
 from trustpot.data.structures import Structure, check_species
@@ -47,7 +48,9 @@ from trustpot.finetune_report import finetune_report
 from trustpot.io.checkpoint import load_model, read_checkpoint
 from trustpot.models.finetuned import FineTuned, fit_energy_offsets
 from trustpot.options import option
+from trustpot.train.datasets import TrainerDataset, full_batch
 from trustpot.train.distributed import barrier, init_distributed
+from trustpot.train.ewc import EWCPenalty, fisher_diagonal
 from trustpot.train.losses import LossWeights
 from trustpot.train.objectives import ForceFieldLoss, Objective, ParamGroup, TrainResult
 from trustpot.train.run import split_train_valid
@@ -84,6 +87,11 @@ class FinetuneOptions:
                            "model)", choices=STRATEGIES)  # fmt: skip
     replay_weight: float | None = option(
         None, "mft: weight of the replay (pretraining) force objective (default 1)"
+    )
+    ewc_weight: float = option(
+        0.0,
+        "weight of elastic weight consolidation towards the starting weights (0: off); its "
+        "Fisher is measured on --replay frames, else on the training frames",
     )
     freeze_layers: int | None = option(
         None, "freeze: layer groups frozen from the input (default: all but the head)"
@@ -132,6 +140,11 @@ class FinetuneOptions:
             raise ConfigError(f"--freeze-layers must be >= 0, got {self.freeze_layers}")
         if self.strategy == "mft" and not self.replay:
             raise ConfigError("--strategy mft needs --replay frames of the pretraining domain")
+        if self.ewc_weight < 0:
+            raise ConfigError(f"--ewc-weight must be >= 0, got {self.ewc_weight}")
+        if self.ewc_weight > 0 and self.strategy == "freeze":
+            raise ConfigError("--ewc-weight does not apply to --strategy freeze (frozen groups "
+                              "cannot move; the head is new)")  # fmt: skip
         if self.replay_weight is not None and self.replay_weight <= 0:
             raise ConfigError(f"--replay-weight must be > 0, got {self.replay_weight}")
         if self.valid and self.valid_fraction is not None:
@@ -307,7 +320,8 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
     valid_ds = GraphDataset(valid, specs, dtype, opts.valid or opts.train)
     weights = LossWeights(opts.energy_weight, opts.forces_weight, 0.0)
     objectives = [Objective("main", "main", weights, loss=ForceFieldLoss(weights, scale))]
-    train_sets, valid_sets = {"main": train_ds}, {"main": valid_ds}
+    train_sets: dict[str, TrainerDataset] = {"main": train_ds}
+    valid_sets: dict[str, TrainerDataset] = {"main": valid_ds}
     if opts.strategy == "mft":
         replay = pseudo_labelled_replay(opts, out, info.is_main, log)
         replay_ds = GraphDataset(replay, specs, dtype, "replay (pseudo-labels)")
@@ -318,6 +332,10 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
         objectives.append(Objective("replay", "replay", replay_weights, weight, loss=loss))
         train_sets["replay"] = replay_ds
         valid_sets["replay"] = replay_ds
+    if opts.ewc_weight > 0:
+        penalty = ewc_penalty(opts, scale, replay_or_train(opts, train), specs, dtype, device)
+        objectives.append(Objective("ewc", "ewc", weights, opts.ewc_weight, loss=penalty))
+        train_sets["ewc"] = valid_sets["ewc"] = full_batch(0, "EWC penalty")  # batch unused
     trainer = Trainer(
         model, objectives, tcfg, info, run_config=run_config, param_groups=groups,
         desc="finetune",
@@ -329,6 +347,28 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
     if info.is_main:
         write_report(opts, out, valid, log)
     return result
+
+
+def replay_or_train(opts: FinetuneOptions, train: list[Structure]) -> list[Structure]:
+    """The frames whose knowledge EWC keeps: ``--replay`` when given, else the training frames."""
+    return read_data(opts.replay) if opts.replay else train
+
+
+def ewc_penalty(
+    opts: FinetuneOptions, scale: float, frames: list[Structure], specs: Any,
+    dtype: torch.dtype, device: torch.device,
+) -> EWCPenalty:  # fmt: skip
+    """The EWC objective: the Fisher of the starting model's weights on ``frames`` and those
+    weights as the anchor, both from ``--from`` itself (so a resumed run anchors to the same
+    start); the new per-element offsets are not anchored."""
+    start = load_model(opts.base)
+    model = (start if isinstance(start, FineTuned) else FineTuned(start)).to(device)
+    names = {n for n, _ in model.named_parameters() if n.startswith("base.")}
+    data = GraphDataset(frames, specs, dtype, "EWC frames")
+    batches = (to_device(b, device) for b, _ in data.batches(opts.batch_size) if b is not None)
+    fisher = fisher_diagonal(model, batches, names, scale, seed=opts.seed)
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters() if n in fisher}
+    return EWCPenalty(fisher, anchor)
 
 
 def pseudo_labelled_replay(
@@ -364,7 +404,7 @@ def write_report(
     before = load_model(opts.base)
     after = load_model(out / "best.ckpt")
     frames = read_data(opts.replay) if opts.replay else valid
-    source = opts.replay or "the validation frames"
+    source = opts.replay or "validation"
     report = finetune_report(before, after, frames, source)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     log(f"report: {report['verdict']}")
