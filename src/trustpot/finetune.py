@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from trustpot.train.distributed import barrier, init_distributed
 from trustpot.train.ewc import EWCPenalty, fisher_diagonal
 from trustpot.train.losses import LossWeights
 from trustpot.train.objectives import ForceFieldLoss, Objective, ParamGroup, TrainResult
-from trustpot.train.run import split_train_valid
+from trustpot.train.run import open_run_dir, train_and_valid
 from trustpot.train.trainer import Trainer
 
 __all__ = ["STRATEGIES", "FinetuneOptions", "run_finetune", "strategy_rates"]
@@ -243,30 +242,12 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
     last = out / "last.ckpt"
-    if resume and not last.is_file():
-        raise ConfigError(f"{out}: nothing to resume (no last.ckpt)")
-    if not resume and last.is_file():
-        raise ConfigError(
-            f"{out}: holds a run already; pass --resume to continue it or pick a new --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-
-    def log(message: str) -> None:
-        if info.is_main:
-            line = f"[{time.strftime('%H:%M:%S')}] {message}"
-            print(line, flush=True)
-            with open(out / "log.txt", "a") as handle:
-                handle.write(line + "\n")
+    log = open_run_dir(out, resume, info.is_main)
 
     all_train = read_data(opts.train)
-    val_idx: list[int] = []
-    if opts.valid:
-        train_idx = list(range(len(all_train)))
-        valid = read_data(opts.valid)
-    else:
-        fraction = 0.1 if opts.valid_fraction is None else opts.valid_fraction
-        train_idx, val_idx = split_train_valid(all_train, fraction, opts.seed)
-        valid = [all_train[i] for i in val_idx]
+    fraction = 0.1 if opts.valid_fraction is None else opts.valid_fraction
+    given = read_data(opts.valid) if opts.valid else None
+    train_idx, val_idx, valid = train_and_valid(all_train, given, fraction, opts.seed)
     train = [all_train[i] for i in train_idx]
     device = torch.device(opts.device)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +47,21 @@ def split_train_valid(
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
-def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> TrainResult:
-    """Train a potential as ``cfg`` says and write the run directory ``out``."""
-    out = Path(out)
-    info = init_distributed()
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+def train_and_valid(
+    structures: list[Structure], valid: list[Structure] | None, fraction: float, seed: int
+) -> tuple[list[int], list[int], list[Structure]]:
+    """Training indices into ``structures``, held-out validation indices (empty when a
+    separate ``valid`` set is given) and the validation structures."""
+    if valid is not None:
+        return list(range(len(structures))), [], valid
+    train_idx, val_idx = split_train_valid(structures, fraction, seed)
+    return train_idx, val_idx, [structures[i] for i in val_idx]
+
+
+def open_run_dir(out: Path, resume: bool, is_main: bool) -> Callable[[str], None]:
+    """Check ``out`` against ``resume`` (a run there must be resumed; a resume needs one),
+    create it, and return the run's logger: time-stamped lines on stdout and in ``out/log.txt``
+    (main process only)."""
     last = out / "last.ckpt"
     if resume and not last.is_file():
         raise ConfigError(f"{out}: nothing to resume (no last.ckpt)")
@@ -60,26 +70,33 @@ def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> Train
             f"{out}: holds a run already; pass --resume to continue it or pick a new --out"
         )
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.txt"
 
     def log(message: str) -> None:
-        if info.is_main:
+        if is_main:
             line = f"[{time.strftime('%H:%M:%S')}] {message}"
             print(line, flush=True)
-            with open(log_path, "a") as handle:
+            with open(out / "log.txt", "a") as handle:
                 handle.write(line + "\n")
 
+    return log
+
+
+def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> TrainResult:
+    """Train a potential as ``cfg`` says and write the run directory ``out``."""
+    out = Path(out)
+    info = init_distributed()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    last = out / "last.ckpt"
+    log = open_run_dir(out, resume, info.is_main)
     if not cfg.data.train:
         raise ConfigError("no training data: set --train (data.train)")
     keys = key_map(cfg)
     all_train = read_data(cfg.data.train, keys)
-    if cfg.data.valid:
-        train_idx = list(range(len(all_train)))
-        valid = read_data(cfg.data.valid, keys)
-        val_idx: list[int] = []
-    else:
-        train_idx, val_idx = split_train_valid(all_train, cfg.data.valid_fraction, cfg.train.seed)
-        valid = [all_train[i] for i in val_idx]
+    given = read_data(cfg.data.valid, keys) if cfg.data.valid else None
+    train_idx, val_idx, valid = train_and_valid(
+        all_train, given, cfg.data.valid_fraction, cfg.train.seed
+    )
     if cfg.data.max_train and cfg.data.max_train < len(train_idx):
         rng = np.random.default_rng(cfg.train.seed + 1)
         train_idx = sorted(rng.choice(train_idx, cfg.data.max_train, replace=False).tolist())

@@ -174,16 +174,14 @@ def _fit_probe(opts: ProbeOptions, data: Sequence[Structure], log: Log) -> UQMod
 
 def _fit_perturb(opts: PerturbOptions, log: Log) -> UQModel:
     from trustpot.data.splits import read_data
-    from trustpot.train.run import split_train_valid
+    from trustpot.train.run import train_and_valid
     from trustpot.uq.perturb import fit_perturbation
 
     assert opts.base is not None and opts.train is not None
     structures = read_data(opts.train)
-    if opts.valid:
-        train, valid = structures, read_data(opts.valid)
-    else:
-        t_idx, v_idx = split_train_valid(structures, opts.valid_fraction, opts.seed)
-        train, valid = [structures[i] for i in t_idx], [structures[i] for i in v_idx]
+    given = read_data(opts.valid) if opts.valid else None
+    t_idx, _, valid = train_and_valid(structures, given, opts.valid_fraction, opts.seed)
+    train = [structures[i] for i in t_idx]
     return fit_perturbation(
         load_potential(opts.base),
         train,
