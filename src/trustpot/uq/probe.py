@@ -227,21 +227,14 @@ class Probe(UQModel):
         extra = {K.EMBEDDING_DISTANCE} if self.uses_manifold else set()
         return super().supported_outputs() | extra
 
-    def logits(self, g: Graph, emb: Embedding) -> tuple[Tensor, Tensor]:
-        """Raw (untempered) ``logit`` [n_graphs] and ``weights`` [n_atoms] of an embedding."""
-        out: tuple[Tensor, Tensor] = self.classifier(
-            *self.features(g, emb), g[K.BATCH], g[K.N_ATOMS]
-        )
-        return out
-
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
         wanted = frozenset(outputs & SUPPORTED_OUTPUTS) | {K.ENERGY, K.FORCES}
         out, emb = self.base.outputs_and_embedding(g, wanted)
+        x, types = self.features(g, emb)
         with torch.no_grad():
-            logit, weights = self.logits(g, emb)
+            logit, weights = self.classifier(x, types, g[K.BATCH], g[K.N_ATOMS])
         out[K.RELIABILITY] = torch.sigmoid(-logit.double() / self.temperature.double())
         if self.uses_manifold:
-            x, types = self.features(g, emb)
             with torch.no_grad():
                 n = int(g[K.N_ATOMS].shape[0])
                 distance = self.manifold(self.standardised(x, types), types, g[K.BATCH], n)
