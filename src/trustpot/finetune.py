@@ -24,6 +24,7 @@ on that data, whatever scale the starting model was trained with.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from trustpot.data.structures import Structure, check_species
 from trustpot.errors import ConfigError
 from trustpot.finetune_report import finetune_report
 from trustpot.io.checkpoint import load_model, read_checkpoint
+from trustpot.models.contract import Model
 from trustpot.models.finetuned import FineTuned, fit_energy_offsets
 from trustpot.options import option
 from trustpot.train.datasets import TrainerDataset, full_batch
@@ -251,10 +253,11 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
     train = [all_train[i] for i in train_idx]
     device = torch.device(opts.device)
 
+    origin = load_model(opts.base)  # loaded once: the start, the replay labels, EWC, the report
     if resume:
         model = FineTuned.from_payload(read_checkpoint(last), str(last))
     else:
-        start = load_model(opts.base)
+        start = copy.deepcopy(origin)  # trained in place; ``origin`` stays as it was
         model = start if isinstance(start, FineTuned) else FineTuned(start)
     check_species(train, model.species, opts.train)
     check_species(valid, model.species, opts.valid or opts.train)
@@ -304,7 +307,7 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
     train_sets: dict[str, TrainerDataset] = {"main": train_ds}
     valid_sets: dict[str, TrainerDataset] = {"main": valid_ds}
     if opts.strategy == "mft":
-        replay = pseudo_labelled_replay(opts, out, info.is_main, log)
+        replay = pseudo_labelled_replay(origin, opts, out, info.is_main, log)
         replay_ds = GraphDataset(replay, specs, dtype, "replay (pseudo-labels)")
         # forces only: the downstream energy zero differs, and the offsets must follow it
         replay_weights = LossWeights(0.0, opts.forces_weight, 0.0)
@@ -314,7 +317,8 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
         train_sets["replay"] = replay_ds
         valid_sets["replay"] = replay_ds
     if opts.ewc_weight > 0:
-        penalty = ewc_penalty(opts, scale, replay_or_train(opts, train), specs, dtype, device)
+        frames = replay_or_train(opts, train)
+        penalty = ewc_penalty(origin, opts, scale, frames, specs, dtype, device)
         objectives.append(Objective("ewc", "ewc", weights, opts.ewc_weight, loss=penalty))
         train_sets["ewc"] = valid_sets["ewc"] = full_batch(0, "EWC penalty")  # batch unused
     trainer = Trainer(
@@ -326,7 +330,7 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
         log(f"resumed at epoch {trainer.epoch} ({trainer.elapsed / 60:.1f} min used)")
     result = trainer.fit(train_sets, valid_sets, out, log=log)
     if info.is_main:
-        write_report(opts, out, valid, log)
+        write_report(origin, opts, out, valid, log)
     return result
 
 
@@ -336,13 +340,12 @@ def replay_or_train(opts: FinetuneOptions, train: list[Structure]) -> list[Struc
 
 
 def ewc_penalty(
-    opts: FinetuneOptions, scale: float, frames: list[Structure], specs: Any,
+    start: Model, opts: FinetuneOptions, scale: float, frames: list[Structure], specs: Any,
     dtype: torch.dtype, device: torch.device,
 ) -> EWCPenalty:  # fmt: skip
     """The EWC objective: the Fisher of the starting model's weights on ``frames`` and those
-    weights as the anchor, both from ``--from`` itself (so a resumed run anchors to the same
-    start); the new per-element offsets are not anchored."""
-    start = load_model(opts.base)
+    weights as the anchor, both of ``start`` (the untouched ``--from`` model, so a resumed run
+    anchors to the same start); the new per-element offsets are not anchored."""
     model = (start if isinstance(start, FineTuned) else FineTuned(start)).to(device)
     names = {n for n, _ in model.named_parameters() if n.startswith("base.")}
     data = GraphDataset(frames, specs, dtype, "EWC frames")
@@ -353,7 +356,7 @@ def ewc_penalty(
 
 
 def pseudo_labelled_replay(
-    opts: FinetuneOptions, out: Path, main: bool, log: Callable[[str], None]
+    start: Model, opts: FinetuneOptions, out: Path, main: bool, log: Callable[[str], None]
 ) -> list[Structure]:
     """The ``--replay`` frames labelled with the starting model's forces (pseudo-labels),
     computed once and cached in ``out/replay_pseudo.xyz`` (written atomically; a resumed or
@@ -362,7 +365,6 @@ def pseudo_labelled_replay(
     if not cache.is_file():
         if main:
             frames = read_data(opts.replay)
-            start = load_model(opts.base)
             preds = Predictor(start, batch_size=opts.batch_size).predict_structures(frames)
             labelled = [
                 dataclasses.replace(s, energy=float(p[K.ENERGY]), forces=p[K.FORCES], stress=None)
@@ -377,12 +379,15 @@ def pseudo_labelled_replay(
 
 
 def write_report(
-    opts: FinetuneOptions, out: Path, valid: list[Structure], log: Callable[[str], None]
+    before: Model,
+    opts: FinetuneOptions,
+    out: Path,
+    valid: list[Structure],
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
     """``out/report.json``: forgetting and representation drift of ``best.ckpt`` against the
     model it started from (:mod:`trustpot.finetune_report`), on ``--replay`` frames or the
     validation frames; the verdict line goes to the log."""
-    before = load_model(opts.base)
     after = load_model(out / "best.ckpt")
     frames = read_data(opts.replay) if opts.replay else valid
     source = opts.replay or "validation"

@@ -51,10 +51,10 @@ def layer_embeddings(
     layers: list[list[np.ndarray]] = []
     numbers = []
     specs = model.neighbor_lists()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for start in range(0, len(structures), batch_size):
         chunk = list(structures[start : start + batch_size])
         g = collate([structure_to_graph(s, specs, model.dtype) for s in chunk])
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         g = {k: v.to(device) for k, v in g.items()}
         emb = model.embed(g).get("layers", [])
         if not layers:
