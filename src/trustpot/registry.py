@@ -57,18 +57,14 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
         "pretrained:chgnet": "trustpot.models.pretrained.chgnet:CHGNetAdapter",
         "pretrained:sevennet": "trustpot.models.pretrained.sevennet:SevenNetAdapter",
     },
-    "uq": {
-        "ensemble": "trustpot.uq.ensemble:DeepEnsemble",
-        "mc-dropout": "trustpot.uq.ensemble:MCDropout",
-        "probe": "trustpot.uq.probe:Probe",
-        "perturb": "trustpot.uq.perturb:PerturbedPotential",
-    },
     "pretrained": {
         "chgnet": "trustpot.models.pretrained.chgnet:CHGNET",
         "sevennet-0": "trustpot.models.pretrained.sevennet:SEVENNET_0",
         "trustpot-mol": "trustpot.models.pretrained.trustpot_mol:TRUSTPOT_MOL",
     },
 }
+#: a reliability method is the wrapper kind ``uq:<method>`` under its method name
+_BUILTIN["uq"] = {k[3:]: v for k, v in _BUILTIN["model"].items() if k.startswith("uq:")}
 _BUILTIN_ALIASES: Final[dict[str, dict[str, str]]] = {
     "backbone": {"egnn-e": "egnn", "en-gnn": "egnn", "deepsetmoe": "deepset-moe"},
     "model": {},
