@@ -16,7 +16,8 @@ why): PROBE (:func:`trustpot.uq.probe.fit_probe` on the calibration frames, whic
 trained on), a deep ensemble of ``--members`` models (seeds ``seed, seed + 1, ...``;
 :class:`~trustpot.uq.ensemble.DeepEnsemble`, recalibrated on the calibration frames by
 :func:`trustpot.uq.fit.finish` as ``trustpot uq fit`` does), learned perturbations
-(:func:`trustpot.uq.perturb.fit_perturbation`), MC dropout (PaiNN trained with head dropout)
+(:func:`trustpot.uq.perturb.fit_perturbation` through each model's modulation hook, so also
+P-CHGNet / P-SevenNet), MC dropout (PaiNN trained with head dropout)
 and zero-shot PROBE (the untouched pretrained model, PROBE fitted on the calibration frames).
 
 Metrics are those of ``benchmarks/uq.py`` (:func:`trustpot.uq.collect.collect`,
@@ -55,6 +56,9 @@ METHODS = ("probe", "ensemble", "perturb", "mc-dropout", "zero-shot-probe")
 TESTS = ("test_id", "test_ood")
 FOUNDATIONS = ("chgnet", "sevennet-0")
 FINETUNE_LR = 1e-4  # full fine-tuning of a pretrained network: 10x below the head default
+#: learning rate of the perturbation layers on the foundation model: PaiNN's 1e-2 diverged on
+#: fine-tuned CHGNet (train loss 732 after one epoch on 50 EDI training frames; 1e-3: 1.26)
+FOUNDATION_PERTURB_LR = 1e-3
 MC_DROPOUT = 0.1  # head dropout of the MC-dropout PaiNN (as benchmarks/uq.py)
 MC_SAMPLES = 16
 NOT_APPLICABLE = {
@@ -301,14 +305,16 @@ def fit_methods(
     train = read_data(f"{spec}:train")
     n_val = max(1, len(train) // 10)
 
+    perturb_lr = UQB.PERTURB_LR if backbone == "painn" else FOUNDATION_PERTURB_LR
+
     def perturb(where: Path, resuming: bool) -> dict[str, Any]:
         pert = fit_perturbation(
             load_model(base_ckpt),  # any model with a modulation hook (PaiNN, the adapters)
             train[n_val:],
             train[:n_val],
-            max_minutes=s.minutes / 2,
+            max_minutes=s.minutes,
             epochs=s.mode.epochs,
-            lr=UQB.PERTURB_LR,
+            lr=perturb_lr,
             seed=s.seed,
             log=log,
             progress=False,
@@ -316,8 +322,8 @@ def fit_methods(
         F.finish(pert, where, cal, "calibration", {"method": "perturb"}, log=log)
         return {"uq": str(where / "uq.ckpt")}
 
-    perturb_config = {**common, "base": base_ckpt, "minutes": s.minutes / 2,
-                      "epochs": s.mode.epochs, "lr": UQB.PERTURB_LR}  # fmt: skip
+    perturb_config = {**common, "base": base_ckpt, "minutes": s.minutes,
+                      "epochs": s.mode.epochs, "lr": perturb_lr}  # fmt: skip
     steps["perturb"] = (perturb_config, perturb)
     if backbone == "foundation":
         zero = {"base": s.foundation, "epochs": s.mode.probe_epochs, "minutes": s.minutes}
@@ -511,8 +517,10 @@ def report(
         f"calibration, {m.n_test} in-domain test, {m.n_ood} per out-of-domain topology (PTY, "
         f"UOE). Budget per trained model: {s.minutes} min (at most {m.epochs} epochs); "
         f"{s.foundation} fine-tuned (strategy full, lr {FINETUNE_LR}) and PaiNN from scratch; "
-        f"ensembles of {s.members}; PROBE at most {m.probe_epochs} epochs; perturbations half "
-        f"the budget; {s.threads} thread(s), seed {s.seed}, git {header['git']}, wall "
+        f"ensembles of {s.members}; PROBE at most {m.probe_epochs} epochs; perturbations "
+        f"(fine-tuned from member 0 with the CRPS) one model's budget, perturbation lr "
+        f"{UQB.PERTURB_LR} on PaiNN and {FOUNDATION_PERTURB_LR} on {s.foundation}; "
+        f"{s.threads} thread(s), seed {s.seed}, git {header['git']}, wall "
         f"{header['wall_s']:.0f} s.\n",
         "Spearman/AUROC: per-frame force MAE against the method's score (force std; "
         "1 - reliability for PROBE), AUROC for the worst 20%; CRPS/NLL on force components "
