@@ -174,6 +174,8 @@ def _add_finetune(sub: argparse._SubParsersAction[Any]) -> None:
         description="Wrap --from with per-element energy offsets (fitted by least squares "
         "first), then train it on --train with the --strategy's layer groups: full, freeze "
         "(the first --freeze-layers groups fixed) or llrd (layer-wise learning-rate decay). "
+        "With --target KEY, the downstream objective is a property read from the frames, "
+        "predicted by a new head on the per-atom features. "
         "Writes OUT/best.ckpt (kind finetuned), last.ckpt, metrics.csv and finetune.json.",
     )
     add_flags(p, FinetuneOptions)

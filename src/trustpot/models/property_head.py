@@ -140,7 +140,7 @@ class PropertyTarget:
             try:
                 value = self.reference(s)
             except (TypeError, ValueError) as err:
-                msg = f"not a {self.level} {self.kind}: {err}"
+                msg = f"not a {self.kind} per {self.level}: {err}"
                 raise DataError(source, msg, frame, self.key) from None
             if value is None:
                 raise DataError(source, f"the frame's {where} lack this property", frame, self.key)
