@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
 from ase.io import read, write
 from conftest import SHARED_DATA, labelled_molecules
 
@@ -22,7 +24,7 @@ from trustpot.calculator import Predictor
 from trustpot.cli.main import main
 from trustpot.data.reader import read_structures
 from trustpot.data.structures import Structure
-from trustpot.errors import ConfigError
+from trustpot.errors import ConfigError, DataError
 from trustpot.finetune import FinetuneOptions, run_finetune, strategy_rates
 from trustpot.io.checkpoint import load_model, read_checkpoint
 from trustpot.models.build import build_potential
@@ -231,7 +233,10 @@ def test_resume_after_kill_matches_uninterrupted(ethanol_file: Path, tmp_path: P
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     done_before = read_checkpoint(killed / "last.ckpt")["training"]["epoch"]
     assert 0 < done_before < 40
+    assert not (killed / "report.md").exists()
     subprocess.run(_cmd(ethanol_file, killed, "--resume"), check=True, capture_output=True)
+    assert "report:" in (killed / "log.txt").read_text().splitlines()[-1]  # the verdict, last
+    assert (killed / "report.md").is_file()
     assert [int(r["epoch"]) for r in _rows(killed)] == list(range(40)), "epochs lost or repeated"
     a, b = read_checkpoint(full / "last.ckpt"), read_checkpoint(killed / "last.ckpt")
     for key, value in a["model"].items():
@@ -263,14 +268,20 @@ def test_finetune_pretrained_on_zeolite_frames(name: str, tmp_path: Path) -> Non
 
 def test_mft_trains_on_pseudo_labelled_replay(ethanol_file: Path, tmp_path: Path) -> None:
     """--strategy mft adds the pretraining force objective on --replay frames whose labels are
-    the starting model's own forces (computed once, cached), with its own validation columns."""
+    the starting model's own forces (computed once, cached), with its own validation columns;
+    the report has the downstream errors in and out of domain (--test-ood), report.md and the
+    t-SNE maps."""
     replay = tmp_path / "replay.xyz"
     write(replay, labelled_molecules(6, seed=11, scale=0.05), format="extxyz")
+    ood = tmp_path / "methanol.xyz"
+    write(ood, labelled_molecules(3, seed=5, name="CH3OH"), format="extxyz")
     opts = FinetuneOptions(
         str(POTENTIAL), str(ethanol_file), strategy="mft", replay=str(replay), epochs=2,
         batch_size=4, threads=1, lr=1e-2, valid_fraction=0.25, replay_weight=2.0,
+        replay_labels="pseudo", test_ood=str(ood),
     )  # fmt: skip
     run_finetune(opts, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "finetune.json").read_text())["replay_labels"] == "pseudo"
     cached = read_structures(tmp_path / "run" / "replay_pseudo.xyz", use_cache=False)
     start = load_model(POTENTIAL)
     expected = Predictor(start).predict_structures(read_structures(replay, use_cache=False))
@@ -281,10 +292,70 @@ def test_mft_trains_on_pseudo_labelled_replay(ethanol_file: Path, tmp_path: Path
     assert "replay_val_forces_mae" in header and "main_val_forces_mae" in header
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["frames"] == str(replay)
+    assert report["forgetting"]["labels"] == "pseudo"
+    assert report["forgetting"]["pretrained"]["forces_mae"] == pytest.approx(0.0, abs=1e-9)
+    down = report["downstream"]
+    assert down["out_of_domain"]["frames"] == str(ood)
+    assert down["out_of_domain"]["n_structures"] == 3
+    assert down["in_domain"]["n_structures"] == 6
+    for name in ("in_domain", "out_of_domain"):
+        for model in ("pretrained", "finetuned"):
+            m = down[name][model]
+            keys = ("energy_mae_per_atom", "forces_mae", "forces_rmse")
+            assert all(np.isfinite(m[k]) and m[k] > 0 for k in keys), (name, model, m)
+    assert {"C(C1H3)", "O(C1H1)", "H(C1)"} <= set(report["environments"])
+    for row in report["drift"]:
+        assert row["davies_bouldin_env_before"] > 0 and row["davies_bouldin_env_after"] > 0
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert report["verdict"] in md and "Out of domain" in md and "pseudo-labels" in md
+    assert report["maps"]["n_atoms"] == 54
+    for png in ("tsne_element.png", "tsne_environment.png"):
+        assert (tmp_path / "run" / png).read_bytes()[:4] == b"\x89PNG"
+        assert f"]({png})" in md
     with pytest.raises(ConfigError, match="--replay-weight applies to --strategy mft"):
         FinetuneOptions(str(POTENTIAL), str(ethanol_file), replay_weight=1.0)
     with pytest.raises(ConfigError, match="--strategy mft needs --replay"):
         FinetuneOptions(str(POTENTIAL), str(ethanol_file), strategy="mft")
+    with pytest.raises(ConfigError, match="--replay-labels needs --replay"):
+        FinetuneOptions(str(POTENTIAL), str(ethanol_file), replay_labels="given")
+
+
+def _unlabelled(frames: list[Atoms], keep: frozenset[int] = frozenset()) -> list[Atoms]:
+    """Copies of ``frames`` without labels, except those at the indices ``keep``."""
+    return [a if k in keep else Atoms(a.numbers, a.positions) for k, a in enumerate(frames)]
+
+
+def test_replay_labels_given_auto_and_pseudo(ethanol_file: Path, tmp_path: Path) -> None:
+    """auto trains the replay objective on the frames' own forces when every frame has them
+    (no pseudo-labels) and pseudo-labels otherwise; given refuses a frame without forces,
+    naming the file and the frame; the report's forgetting follows the same labels."""
+    labelled, bare = tmp_path / "labelled.xyz", tmp_path / "bare.xyz"
+    frames = labelled_molecules(4, seed=11, scale=0.05)
+    write(labelled, frames, format="extxyz")
+    write(bare, _unlabelled(frames, keep=frozenset({0, 1})), format="extxyz")
+    common = dict(strategy="mft", epochs=1, batch_size=4, threads=1, valid_fraction=0.25)
+
+    def run(replay: Path, out: str, **kw: str) -> dict[str, Any]:
+        opts = FinetuneOptions(
+            str(POTENTIAL), str(ethanol_file), replay=str(replay), **common, **kw
+        )  # type: ignore[arg-type]
+        run_finetune(opts, tmp_path / out)
+        assert json.loads((tmp_path / out / "finetune.json").read_text())["replay_labels"] == (
+            "given" if out == "given" else "pseudo"
+        )
+        return dict(json.loads((tmp_path / out / "report.json").read_text())["forgetting"])
+
+    given = run(labelled, "given")  # auto: every frame has forces
+    assert not (tmp_path / "given" / "replay_pseudo.xyz").exists()
+    assert given["labels"] == "given"
+    assert given["forces_mae_pretrained"] > 0 and given["forces_mae_finetuned"] > 0
+    assert "given force labels" in (tmp_path / "given" / "log.txt").read_text()
+    pseudo = run(bare, "auto")  # auto: two frames lack forces
+    assert (tmp_path / "auto" / "replay_pseudo.xyz").is_file()
+    assert pseudo["labels"] == "pseudo" and "forces_mae_pretrained" not in pseudo
+    with pytest.raises(DataError, match=r"bare\.xyz: frame 2: field 'forces'"):
+        run(bare, "refused", replay_labels="given")
+    assert not (tmp_path / "refused" / "last.ckpt").exists()  # refused before training
 
 
 def test_ewc_holds_the_weights_near_the_start(ethanol_file: Path, tmp_path: Path) -> None:

@@ -197,6 +197,10 @@ def test_short_finetune_learns_an_extensive_property(prop_file: Path, tmp_path: 
     assert summary["property_head"]["reduce"] == "sum"
     assert "property_head" in {g["name"] for g in summary["groups"]}
     assert summary["offsets"] == {}  # no energy objective: no offsets fitted
+    report = json.loads((run / "report.json").read_text())
+    best_row = min(rows, key=lambda r: float(r["val_loss"]))  # what best.ckpt holds
+    in_domain = report["downstream"]["in_domain"]["finetuned"]["property:zsum_mae"]
+    assert in_domain == pytest.approx(float(best_row["val_zsum_mae"]), rel=1e-6)
     best = load_model(run / "best.ckpt")
     assert isinstance(best, FineTuned) and best.head is not None
     spec = best.output_specs()["property:zsum"]

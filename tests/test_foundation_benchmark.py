@@ -53,7 +53,7 @@ def test_foundation_benchmark_quick(tmp_path: Path) -> None:
         for name in ("crps", "nll"):
             assert math.isfinite(row[name]) == has_std, (key, name)
     targets = result["seed_targets"]
-    assert targets["perturb_foundation_spearman_ge_0.84"]["testable"] is False
+    assert targets["perturb_foundation_spearman_ge_0.84"]["answer"] in ("yes", "no")
     assert targets["probe_margin_larger_on_foundation"]["answer"] in ("yes", "no")
     table = (out / "foundation.md").read_text()
     assert table.count("| chgnet fine-tuned |") == 5 and table.count("| PaiNN scratch |") == 5

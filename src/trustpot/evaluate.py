@@ -91,11 +91,10 @@ def evaluate_file(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    specs = predictor.model.output_specs()
-    properties = sorted(k for k in specs if k.startswith(K.PROPERTY_PREFIX))
-    outputs = (K.ENERGY, K.FORCES, *properties)
+    outputs = predictor.scored_outputs()
     preds = predictor.predict_structures(structures, outputs, source=source)
-    units = {"energy": "eV", "forces": "eV/Å", **{k: specs[k].unit for k in properties}}
+    specs = predictor.model.output_specs()
+    units = {"energy": "eV", "forces": "eV/Å", **{k: specs[k].unit for k in outputs[2:]}}
     metrics: dict[str, Any] = {"data": str(source), "units": units}
     metrics.update(accuracy_metrics(structures, preds))
     groups = grouped_metrics(structures, preds)

@@ -15,19 +15,25 @@ Steps (:func:`run_finetune`):
 4. train with the one :class:`~trustpot.train.trainer.Trainer` (EMA, cosine schedule, budget,
    ``best.ckpt``/``last.ckpt``, bit-identical resume after a kill with ``resume=True``,
    ``torchrun``) and write the run folder as ``trustpot train`` does, plus ``finetune.json``
-   (offsets, force scale, every group's learning rate).
+   (offsets, force scale, every group's learning rate, the replay labels used);
+5. write the report (:func:`write_report`, also at the end of a resumed run): ``report.json``,
+   ``report.md`` and t-SNE maps ``tsne_element.png``, ``tsne_environment.png``
+   (:mod:`trustpot.finetune_report`, :mod:`trustpot.finetune_render`): downstream error on the
+   validation frames and on ``--test-ood`` frames, forgetting on the ``--replay`` frames (else
+   the validation frames), drift per layer, and a one-line verdict, also the log's last line.
+
+``--replay`` frames carry either the user's labels (``--replay-labels given``; ``auto`` when
+every frame has forces) or pseudo-labels, the starting model's own predictions (``pseudo``;
+computed once, cached in ``replay_pseudo.xyz``). The same choice feeds ``--strategy mft``'s
+replay objective and the report's forgetting reference.
 
 The loss is :class:`~trustpot.train.objectives.ForceFieldLoss` in units of the RMS of the
 downstream training forces (eV/Å): the same dimensionless loss as a model trained from scratch
 on that data, whatever scale the starting model was trained with.
 
-With ``--target KEY`` the downstream objective is a property read from the frames instead
-(:mod:`trustpot.finetune_target`): a property head on the model's per-atom features, trained by
-:class:`~trustpot.train.objectives.PropertyLoss` on standardised targets with
-``--property-weight``; the downstream energy and force labels join as a second objective
-(``forcefield``) only when ``--energy-weight`` or ``--forces-weight`` is given, and the energy
-offsets are fitted only then. ``--strategy mft`` adds the pretraining force field on the
-pseudo-labelled ``--replay`` frames as with a force-field target.
+With ``--target KEY`` it is a property read from the frames (:mod:`trustpot.finetune_target`);
+the downstream energy and force labels then join (objective ``forcefield``, offsets fitted) only
+when ``--energy-weight`` or ``--forces-weight`` is given; ``mft`` adds the replay objective.
 """
 
 from __future__ import annotations
@@ -51,8 +57,14 @@ from trustpot.data.graph import to_device
 from trustpot.data.splits import read_data
 from trustpot.data.stats import force_rms
 from trustpot.data.structures import Structure, check_species
-from trustpot.errors import ConfigError
-from trustpot.finetune_report import finetune_report
+from trustpot.errors import ConfigError, DataError
+from trustpot.finetune_render import report_markdown, tsne_maps
+from trustpot.finetune_report import (
+    compare_embeddings,
+    downstream_errors,
+    finetune_report,
+    with_offsets,
+)
 from trustpot.finetune_target import (
     attach_head,
     downstream_data,
@@ -72,11 +84,12 @@ from trustpot.train.objectives import ForceFieldLoss, Objective, ParamGroup, Tra
 from trustpot.train.run import open_run_dir, train_and_valid
 from trustpot.train.trainer import Trainer
 
-__all__ = ["STRATEGIES", "FinetuneOptions", "run_finetune", "strategy_rates"]
+__all__ = ["REPLAY_LABELS", "STRATEGIES", "FinetuneOptions", "run_finetune", "strategy_rates"]
 
 STRATEGIES = ("full", "freeze", "llrd", "mft")
 LLRD_SHAPES = ("decay", "u")
 DEFAULT_LLRD_DECAY = 0.7
+REPLAY_LABELS = ("auto", "given", "pseudo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,14 +106,23 @@ class FinetuneOptions:
     valid: str = option("", "validation data (default: --valid-fraction of --train)")
     replay: str = option(
         "",
-        "frames of the pretraining domain for the forgetting and drift report (report.json; "
-        "default: the validation frames)",
+        "frames of the pretraining domain: the mft replay objective, the EWC Fisher and the "
+        "report's forgetting and drift (default for the report: the validation frames)",
     )
+    replay_labels: str | None = option(
+        None, "labels of the --replay frames: given (the file's forces; an error naming the "
+        "frame that lacks them), pseudo (the starting model's predictions, cached) or auto "
+        "(given when every frame has forces, else pseudo; the default)", choices=REPLAY_LABELS,
+    )  # fmt: skip
+    test_ood: str = option(
+        "", "out-of-domain frames with energies and forces (any ASE format or split.json:SUBSET) "
+        "for the report's downstream error, beside the validation frames (in domain)",
+    )  # fmt: skip
     valid_fraction: float | None = option(None, "share of --train held out (default 0.1)")
     strategy: str = option("full", "full, freeze (first groups fixed), llrd (layer-wise lr "
                            "decay) or mft (multi-task: full fine-tuning plus the pretraining "
-                           "force field on --replay frames, pseudo-labelled by the starting "
-                           "model)", choices=STRATEGIES)  # fmt: skip
+                           "force field on --replay frames, labelled as --replay-labels "
+                           "says)", choices=STRATEGIES)  # fmt: skip
     replay_weight: float | None = option(
         None, "mft: weight of the replay (pretraining) force objective (default 1)"
     )
@@ -183,6 +205,10 @@ class FinetuneOptions:
             raise ConfigError(f"--llrd-shape must be one of {LLRD_SHAPES}")
         if self.freeze_layers is not None and self.freeze_layers < 0:
             raise ConfigError(f"--freeze-layers must be >= 0, got {self.freeze_layers}")
+        if self.replay_labels is not None and self.replay_labels not in REPLAY_LABELS:
+            raise ConfigError(f"--replay-labels must be one of {REPLAY_LABELS}")
+        if self.replay_labels is not None and not self.replay:
+            raise ConfigError("--replay-labels needs --replay frames")
         if self.strategy == "mft" and not self.replay:
             raise ConfigError("--strategy mft needs --replay frames of the pretraining domain")
         if self.ewc_weight < 0:
@@ -338,12 +364,14 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
     """Fine-tune ``opts.base`` on ``opts.train`` and write the run folder ``out``.
 
     Writes ``config.resolved.yaml``, ``split.json``, ``log.txt``, ``finetune.json``,
-    ``metrics.csv``, ``best.ckpt`` (kind ``finetuned``) and ``last.ckpt``. With ``resume``,
-    continues the run in ``out`` (same options required) from its ``last.ckpt``.
+    ``metrics.csv``, ``best.ckpt`` (kind ``finetuned``), ``last.ckpt`` and the report
+    (``report.json``, ``report.md``, ``tsne_*.png``). With ``resume``, continues the run in
+    ``out`` (same options required) from its ``last.ckpt``, and writes the report again.
 
     Raises:
         ConfigError: ``out`` holds a run and ``resume`` is false (or the reverse), other
             options than the run being resumed, unknown elements, too many frozen groups.
+        DataError: ``--replay-labels given`` and a replay frame without forces.
     """
     out = Path(out)
     info = init_distributed()
@@ -359,6 +387,8 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
     target = resolve_target(opts, all_train, opts.train, checked) if opts.target else None
     train_idx, val_idx, valid = train_and_valid(all_train, given, fraction, opts.seed)
     train = [all_train[i] for i in train_idx]
+    test = read_data(opts.test_ood) if opts.test_ood else []
+    replay, replay_labels = replay_frames(opts)
     device = torch.device(opts.device)
 
     origin = load_model(opts.base)  # loaded once: the start, the replay labels, EWC, the report
@@ -371,6 +401,8 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
             attach_head(model, target, train, opts.train, log)
     check_species(train, model.species, opts.train)
     check_species(valid, model.species, opts.valid or opts.train)
+    check_species(test, model.species, opts.test_ood)
+    check_species(replay, model.species, opts.replay)
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as err:
@@ -401,6 +433,7 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
             "force_scale": scale,
             "offsets": {str(z): v for z, v in model.offsets_by_element().items()},
             "groups": table,
+            "replay_labels": replay_labels or None,
         }
         if model.head is not None:
             summary["property_head"] = {
@@ -416,9 +449,10 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
         f"structures, validating on {len(valid)}; force scale {scale:.4g} eV/Å"
     )
     specs, dtype = model.neighbor_lists(), model.dtype
-    with_target = target is not None
-    train_ds = downstream_data(model, train, specs, dtype, opts.train, with_target)
-    valid_ds = downstream_data(model, valid, specs, dtype, opts.valid or opts.train, with_target)
+    train_ds = downstream_data(model, train, specs, dtype, opts.train, bool(opts.target))
+    valid_ds = downstream_data(
+        model, valid, specs, dtype, opts.valid or opts.train, bool(opts.target)
+    )
     objectives = [property_objective(model, opts)] if opts.target else []
     if ff is not None:  # the downstream labels: the objective, or one beside the property's
         name = "forcefield" if opts.target else "main"
@@ -426,19 +460,23 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
     train_sets: dict[str, TrainerDataset] = {"main": train_ds}
     valid_sets: dict[str, TrainerDataset] = {"main": valid_ds}
     if opts.strategy == "mft":
-        replay = pseudo_labelled_replay(origin, opts, out, info.is_main, log)
-        replay_ds = GraphDataset(replay, specs, dtype, "replay (pseudo-labels)")
+        if replay_labels == "pseudo":
+            labelled = pseudo_labelled_replay(origin, opts, out, info.is_main, log, replay)
+        else:
+            labelled = replay
+            log(f"replay: {len(replay)} frames of {opts.replay} with their given force labels")
+        replay_ds = GraphDataset(labelled, specs, dtype, f"replay ({replay_labels} labels)")
         # forces only: the downstream energy zero differs, and the offsets must follow it
         replay_weights = LossWeights(0.0, opts.replay_forces_weight, 0.0)
         weight = 1.0 if opts.replay_weight is None else opts.replay_weight
         # a property target without downstream forces: the replay forces set their own scale
         own = ff is None or ff.forces == 0
-        loss = ForceFieldLoss(replay_weights, force_rms(replay) if own else scale)
+        loss = ForceFieldLoss(replay_weights, force_rms(labelled) if own else scale)
         objectives.append(Objective("replay", "replay", replay_weights, weight, loss=loss))
         train_sets["replay"] = replay_ds
         valid_sets["replay"] = replay_ds
     if opts.ewc_weight > 0:
-        frames = replay_or_train(opts, train)
+        frames = replay or train
         penalty = ewc_penalty(origin, opts, scale, frames, specs, dtype, device)
         objectives.append(Objective("ewc", "ewc", weight=opts.ewc_weight, loss=penalty))
         train_sets["ewc"] = valid_sets["ewc"] = full_batch(0, "EWC penalty")  # batch unused
@@ -451,13 +489,29 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
         log(f"resumed at epoch {trainer.epoch} ({trainer.elapsed / 60:.1f} min used)")
     result = trainer.fit(train_sets, valid_sets, out, log=log)
     if info.is_main:
-        write_report(origin, opts, out, valid, log)
+        write_report(origin, opts, out, valid, log, replay, replay_labels, test)
     return result
 
 
-def replay_or_train(opts: FinetuneOptions, train: list[Structure]) -> list[Structure]:
-    """The frames whose knowledge EWC keeps: ``--replay`` when given, else the training frames."""
-    return read_data(opts.replay) if opts.replay else train
+def replay_frames(opts: FinetuneOptions) -> tuple[list[Structure], str]:
+    """The ``--replay`` frames (labels optional) and the labels they train and are judged
+    with: ``given`` or ``pseudo`` (``--replay-labels``; ``auto``: given when every frame has
+    forces). No ``--replay``: no frames and ``""``.
+
+    Raises:
+        DataError: ``--replay-labels given`` and a frame without forces (naming file and frame).
+    """
+    if not opts.replay:
+        return [], ""
+    frames = read_data(opts.replay, require=())
+    choice = opts.replay_labels or "auto"
+    missing = next((k for k, s in enumerate(frames) if s.forces is None), None)
+    if choice == "given" and missing is not None:
+        why = "--replay-labels given needs forces on every frame (else: pseudo or auto)"
+        raise DataError(opts.replay, why, missing, "forces")
+    if choice == "auto":
+        choice = "given" if missing is None else "pseudo"
+    return frames, choice
 
 
 def ewc_penalty(
@@ -477,15 +531,19 @@ def ewc_penalty(
 
 
 def pseudo_labelled_replay(
-    start: Model, opts: FinetuneOptions, out: Path, main: bool, log: Callable[[str], None]
+    start: Model,
+    opts: FinetuneOptions,
+    out: Path,
+    main: bool,
+    log: Callable[[str], None],
+    frames: list[Structure],
 ) -> list[Structure]:
-    """The ``--replay`` frames labelled with the starting model's forces (pseudo-labels),
-    computed once and cached in ``out/replay_pseudo.xyz`` (written atomically; a resumed or
-    repeated run reads it back)."""
+    """The ``--replay`` ``frames`` labelled with the starting model's energies and forces
+    (pseudo-labels), computed once and cached in ``out/replay_pseudo.xyz`` (written atomically;
+    a resumed or repeated run reads it back)."""
     cache = out / "replay_pseudo.xyz"
     if not cache.is_file():
         if main:
-            frames = read_data(opts.replay)
             preds = Predictor(start, batch_size=opts.batch_size).predict_structures(frames)
             labelled = [
                 dataclasses.replace(s, energy=float(p[K.ENERGY]), forces=p[K.FORCES], stress=None)
@@ -505,14 +563,34 @@ def write_report(
     out: Path,
     valid: list[Structure],
     log: Callable[[str], None],
+    replay: list[Structure] | None = None,
+    replay_labels: str = "",
+    test: list[Structure] | None = None,
 ) -> dict[str, Any]:
-    """``out/report.json``: forgetting and representation drift of ``best.ckpt`` against the
-    model it started from (:mod:`trustpot.finetune_report`), on ``--replay`` frames or the
-    validation frames; the verdict line goes to the log."""
+    """The report of ``best.ckpt`` against the model it started from, ``before``.
+
+    Downstream error on ``valid`` (in domain) and ``test`` (``--test-ood``), with the start
+    taken at step 0 (``before`` plus the offsets of ``finetune.json``); forgetting and drift on
+    ``replay`` (``--replay``; else ``valid``, against pseudo-labels), forgetting against the
+    replay frames' labels when ``replay_labels`` is ``given``; t-SNE maps. Writes
+    ``out/report.json``, ``out/report.md`` and the PNGs; the verdict line goes to the log.
+    """
     after = load_model(out / "best.ckpt")
-    frames = read_data(opts.replay) if opts.replay else valid
+    summary = json.loads((out / "finetune.json").read_text())
+    start = with_offsets(before, {int(z): v for z, v in summary["offsets"].items()})
+    sets = {"in_domain": (f"validation ({opts.valid or opts.train})", valid)}
+    if test:
+        sets["out_of_domain"] = (opts.test_ood, test)
+    downstream = downstream_errors(start, after, sets)
+    frames = replay or valid
     source = opts.replay or "validation"
-    report = finetune_report(before, after, frames, source)
+    emb = compare_embeddings(before, after, frames)
+    report = finetune_report(
+        before, after, frames, source, emb, replay_labels == "given" and bool(replay), downstream
+    )
+    report["from"], report["strategy"] = opts.base, opts.strategy
+    report["maps"] = tsne_maps(emb, out, seed=opts.seed)
     (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(report_markdown(report))
     log(f"report: {report['verdict']}")
     return report

@@ -14,6 +14,9 @@ A model
   shown with their units without a global table;
 - evaluates a batched graph (:meth:`Model.forward`) and, where it has them, exposes per-atom
   invariant embeddings per layer (:meth:`Model.embed`);
+- where it has one, offers a modulation hook (:meth:`Model.modulation_shape`,
+  :meth:`Model.set_modulator`): its hidden invariant features after each interaction layer pass
+  through an attached modulator (learned functional perturbations, :mod:`trustpot.uq.perturb`);
 - names its parameters by depth (:meth:`Model.layer_groups`: embedding, each interaction
   layer, readout), which fine-tuning strategies freeze or give their own learning rates;
 - writes its checkpoint fields (:meth:`Model.payload`) and is rebuilt from them
@@ -34,7 +37,7 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.models.base import Embedding, LayerGroups
+from trustpot.models.base import Embedding, LayerGroups, Modulator
 
 #: outputs computed when a caller names none
 DEFAULT_OUTPUTS: frozenset[str] = frozenset({K.ENERGY, K.FORCES})
@@ -168,6 +171,27 @@ class Model(nn.Module, ABC):
         By default one group, ``all``, holding every parameter.
         """
         return [("all", list(self.parameters()))]
+
+    # -- modulation hook --------------------------------------------------------------------
+    def modulation_shape(self) -> tuple[int, int] | None:
+        """``(n_layers, F)``: the interaction layers whose hidden invariant features [n_atoms, F]
+        an attached modulator changes (:meth:`set_modulator`), or None when the model has no
+        modulation hook (the default)."""
+        return None
+
+    def set_modulator(self, modulator: Modulator | None) -> Modulator | None:
+        """Attach ``modulator`` (None: detach) and return the one attached before.
+
+        Once attached, the features ``h`` [n_atoms, F] after interaction layer ``k`` become
+        ``modulator(k, h, g)`` in every evaluation. The modulator is held as a plain attribute,
+        not a submodule, so the model's ``state_dict`` does not change.
+
+        Raises:
+            ConfigError: the model has no modulation hook (the default).
+        """
+        raise ConfigError(
+            f"model kind '{self.kind}' has no modulation hook (learned perturbations need one)"
+        )
 
     # -- persistence ----------------------------------------------------------------------
     @abstractmethod

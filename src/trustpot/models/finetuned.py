@@ -37,7 +37,7 @@ from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.data.structures import Structure
 from trustpot.errors import CheckpointError, ConfigError, DataError
-from trustpot.models.base import Embedding, LayerGroups
+from trustpot.models.base import Embedding, LayerGroups, Modulator
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
 from trustpot.models.property_head import PropertyHead
 from trustpot.nn import scatter_sum
@@ -104,6 +104,14 @@ class FineTuned(Model):
         if self.head is not None:
             groups.append(("property_head", list(self.head.parameters())))
         return groups
+
+    def modulation_shape(self) -> tuple[int, int] | None:
+        """The base's modulation hook (the offsets do not change features)."""
+        return self.base.modulation_shape()
+
+    def set_modulator(self, modulator: Modulator | None) -> Modulator | None:
+        """Attach ``modulator`` to the base; returns the previous one."""
+        return self.base.set_modulator(modulator)
 
     def offsets_by_element(self) -> dict[int, float]:
         """The non-zero offsets, eV, keyed by atomic number."""

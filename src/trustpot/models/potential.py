@@ -17,7 +17,7 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.models.base import Backbone, Embedding, LayerGroups, make_hypers
+from trustpot.models.base import Backbone, Embedding, LayerGroups, Modulator, make_hypers
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
 from trustpot.nn import MLP, scatter_sum
 from trustpot.registry import lookup
@@ -127,6 +127,17 @@ class Potential(Model):
     def neighbor_lists(self) -> list[NeighborListSpec]:
         """Neighbour lists the data pipeline must build for this model."""
         return self.backbone.neighbor_lists()
+
+    def modulation_shape(self) -> tuple[int, int] | None:
+        """``(n_layers, F)`` of the backbone (every backbone has the hook,
+        :meth:`~trustpot.models.base.Backbone.modulate`)."""
+        return int(self.backbone.hypers.n_layers), int(self.backbone.n_features)
+
+    def set_modulator(self, modulator: Modulator | None) -> Modulator | None:
+        """Attach ``modulator`` to the backbone; returns the previous one."""
+        previous = self.backbone.modulator
+        object.__setattr__(self.backbone, "modulator", modulator)
+        return previous
 
     def output_specs(self) -> dict[str, K.FieldSpec]:
         """``energy``, ``forces``, ``stress``, ``virial`` and per-atom ``energies``."""

@@ -183,7 +183,7 @@ def _fit_perturb(opts: PerturbOptions, log: Log) -> UQModel:
     t_idx, _, valid = train_and_valid(structures, given, opts.valid_fraction, opts.seed)
     train = [structures[i] for i in t_idx]
     return fit_perturbation(
-        load_potential(opts.base),
+        load_model(opts.base),
         train,
         valid,
         n_samples_train=opts.n_samples_train,

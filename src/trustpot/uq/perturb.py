@@ -36,14 +36,20 @@ from torch import Tensor, nn
 from trustpot import keys as K
 from trustpot.data.dataset import GraphDataset
 from trustpot.data.graph import Graph, to_device
+from trustpot.data.stats import force_rms
 from trustpot.data.structures import Structure, check_species
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.models.base import Backbone
-from trustpot.models.potential import Potential, compute_outputs
+from trustpot.models.contract import Model
 from trustpot.nn import MLP
 from trustpot.train.objectives import CRPSLoss
 from trustpot.train.run_folder import best_weights, run_folder, state_payload
-from trustpot.uq.base import Recalibration, UQModel, sample_statistics, wrapper_extra
+from trustpot.uq.base import (
+    Recalibration,
+    UQModel,
+    base_from_payload,
+    sample_statistics,
+    wrapper_extra,
+)
 
 SAMPLE_OUTPUTS = frozenset({K.ENERGY_STD, K.FORCES_STD, K.ENERGY_SAMPLES, K.FORCES_SAMPLES})
 _GRAPH_LEVEL = (K.ENERGY, K.STRESS, K.VIRIAL)
@@ -105,18 +111,15 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 @contextmanager
-def attached(backbone: Backbone, modulator: PerturbationModulator) -> Iterator[None]:
-    """Attach ``modulator`` to ``backbone`` for the block, restoring the previous one after.
-
-    The modulator is set as a plain attribute, not registered as a submodule of the backbone,
-    so the base's ``state_dict`` stays that of an ordinary potential.
-    """
-    previous = backbone.modulator
-    object.__setattr__(backbone, "modulator", modulator)
+def attached(model: Model, modulator: PerturbationModulator) -> Iterator[None]:
+    """Attach ``modulator`` to ``model``'s modulation hook for the block, restoring the previous
+    one after (:meth:`~trustpot.models.contract.Model.set_modulator`: a plain attribute, so the
+    base's ``state_dict`` stays that of the plain model)."""
+    previous = model.set_modulator(modulator)
     try:
         yield
     finally:
-        object.__setattr__(backbone, "modulator", previous)
+        model.set_modulator(previous)
 
 
 def replicate_batch(g: Graph, m: int) -> Graph:
@@ -171,10 +174,13 @@ def fair_crps_loss(samples: Tensor, target: Tensor) -> Tensor:
 
 
 class PerturbedPotential(UQModel):
-    """A potential whose hidden features carry learned, noise-conditioned perturbations.
+    """A model whose hidden features carry learned, noise-conditioned perturbations.
 
     Args:
-        base: the potential (its weights may be fine-tuned by :func:`fit_perturbation`).
+        base: any model with a modulation hook (:meth:`~trustpot.models.contract.Model.
+            modulation_shape`): a trustpot potential, a pretrained adapter (SevenNet-0,
+            CHGNet) or a fine-tune of either; its weights may be fine-tuned by
+            :func:`fit_perturbation`.
         noise_dim: dimension of the noise vector per (structure, sample).
         hidden: hidden width of the modulator MLPs (default: the backbone's F).
         n_samples: M, samples per prediction.
@@ -182,14 +188,13 @@ class PerturbedPotential(UQModel):
         finetuned_backbone: whether the base weights were fine-tuned (recorded only).
     """
 
-    base: Potential  # these methods need trustpot's own potential
     kind: ClassVar[str] = "uq:perturb"
     method: ClassVar[str] = "perturb"
     provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
 
     def __init__(
         self,
-        base: Potential,
+        base: Model,
         noise_dim: int = 16,
         hidden: int | None = None,
         n_samples: int = 8,
@@ -199,10 +204,14 @@ class PerturbedPotential(UQModel):
         super().__init__(base)
         if n_samples < 2:
             raise ConfigError(f"perturbations need at least 2 samples, got {n_samples}")
-        backbone = base.backbone
-        self.modulator = PerturbationModulator(
-            backbone.n_features, backbone.hypers.n_layers, noise_dim, hidden
-        )
+        shape = base.modulation_shape()
+        if shape is None:
+            raise ConfigError(
+                f"learned perturbations need a model with a modulation hook; kind "
+                f"'{base.kind}' has none"
+            )
+        n_layers, n_features = shape
+        self.modulator = PerturbationModulator(n_features, n_layers, noise_dim, hidden)
         self.modulator.to(device=_device_of(base), dtype=base.dtype)
         self.n_samples = int(n_samples)
         self.eval_seed = eval_seed
@@ -253,8 +262,8 @@ class PerturbedPotential(UQModel):
         device = g[K.POSITIONS].device
         self.modulator.set_noise(noise.reshape(m * n_graphs, -1).to(device, self.dtype))
         try:
-            with attached(self.base.backbone, self.modulator):
-                out = compute_outputs(self.base.node_energies, big, wanted, create_graph)
+            with attached(self.base, self.modulator):
+                out = self.base(big, wanted, create_graph=create_graph)
         finally:
             self.modulator.set_noise(None)
         result = {}
@@ -326,7 +335,7 @@ class PerturbedPotential(UQModel):
     @classmethod
     def from_payload(cls, data: Mapping[str, Any], path: str = "checkpoint") -> PerturbedPotential:
         extra = wrapper_extra(data, path)
-        base = Potential.from_payload(data, path)
+        base = base_from_payload(data, path)
         hypers, state = extra.get("hypers"), extra.get("modulator")
         if not isinstance(hypers, dict) or not isinstance(state, dict):
             raise CheckpointError(f"{path}: perturbation checkpoint lacks its hypers or modulator")
@@ -432,7 +441,7 @@ class _SampleCRPS(CRPSLoss):
 
 
 def fit_perturbation(
-    base: Potential,
+    base: Model,
     train: Sequence[Structure],
     valid: Sequence[Structure],
     *,
@@ -459,7 +468,7 @@ def fit_perturbation(
 
     Runs on :class:`trustpot.train.trainer.Trainer`. Loss per batch (a :class:`CRPSLoss`):
     ``energy_weight * mean CRPS(E_m / N) + forces_weight * mean CRPS(F_m)`` over labelled
-    structures and force components, in units of the base's ``energy_scale``, with
+    structures and force components, in units of the RMS training force (eV/Å), with
     ``n_samples_train`` samples whose noise is drawn per (structure, sample). AdamW with two
     parameter groups (modulator at ``lr``; base at ``backbone_lr`` when ``finetune_backbone``,
     else frozen), cosine decay per epoch to 1 % over the budget (epochs or ``max_minutes``,
@@ -507,7 +516,7 @@ def fit_perturbation(
         )
     train_ds = GraphDataset(train, base.neighbor_lists(), base.dtype, "training data")
     valid_ds = GraphDataset(valid, base.neighbor_lists(), base.dtype, "validation data")
-    scale = float(base.meta.energy_scale)
+    scale = force_rms(list(train))  # the loss unit, eV/Å, as trustpot finetune uses
     options = dict(
         n_samples_train=n_samples_train, epochs=epochs, max_minutes=max_minutes, lr=lr,
         backbone_lr=backbone_lr, finetune_backbone=finetune_backbone, batch_size=batch_size,

@@ -44,7 +44,7 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.models.base import Embedding, LayerGroups, group_parameters
+from trustpot.models.base import Embedding, LayerGroups, Modulator, group_parameters
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
 from trustpot.models.potential import compute_outputs
 from trustpot.models.pretrained import PretrainedInfo, package_available, require_package
@@ -160,6 +160,7 @@ class CHGNetAdapter(Model):
         self.bond_cutoff = float(args.get("bond_graph_cutoff", BOND_GRAPH_CUTOFF))
         if not bool(args.get("mlp_first", True)):
             raise ConfigError("the CHGNet adapter needs per-atom readout (mlp_first=True)")
+        self._modulator: Modulator | None = None
 
     # -- contract -------------------------------------------------------------------------
     @property
@@ -177,6 +178,18 @@ class CHGNetAdapter(Model):
     def output_specs(self) -> dict[str, K.FieldSpec]:
         """``energy``, ``forces``, ``stress``, ``virial`` and per-atom ``energies``."""
         return K.specs_of(OUTPUTS)
+
+    def modulation_shape(self) -> tuple[int, int] | None:
+        """``(4, 64)`` for CHGNet 0.3.0: the atom features after each atom-conv layer."""
+        net: Any = self.net
+        width = int(net.atom_embedding.embedding.embedding_dim)
+        return len(net.atom_conv_layers), width
+
+    def set_modulator(self, modulator: Modulator | None) -> Modulator | None:
+        """Attach ``modulator`` to the atom features; returns the previous one."""
+        previous = self._modulator
+        object.__setattr__(self, "_modulator", modulator)
+        return previous
 
     # -- evaluation -----------------------------------------------------------------------
     def _features(self, g: Graph) -> tuple[Tensor, list[Tensor]]:
@@ -228,6 +241,8 @@ class CHGNetAdapter(Model):
                 atom_graph=atom_graph,
                 directed2undirected=d2u,
             )
+            if self._modulator is not None:
+                atom_feas = self._modulator(idx, atom_feas, g)
             layers.append(atom_feas)
             if idx == n_conv - 1 or not has_angles:
                 continue

@@ -35,7 +35,13 @@ from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
-from trustpot.models.base import Embedding, LayerGroups, edge_vectors, group_parameters
+from trustpot.models.base import (
+    Embedding,
+    LayerGroups,
+    Modulator,
+    edge_vectors,
+    group_parameters,
+)
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
 from trustpot.models.potential import compute_outputs
 from trustpot.models.pretrained import PretrainedInfo, package_available, require_package
@@ -143,6 +149,7 @@ class SevenNetAdapter(Model):
                 break
         else:
             raise ConfigError("the SevenNet network has no module writing per-atom energies")
+        self._modulator: Modulator | None = None
 
     # -- contract -------------------------------------------------------------------------
     @property
@@ -160,6 +167,20 @@ class SevenNetAdapter(Model):
     def output_specs(self) -> dict[str, K.FieldSpec]:
         """``energy``, ``forces``, ``stress``, ``virial`` and per-atom ``energies``."""
         return K.specs_of(OUTPUTS)
+
+    def modulation_shape(self) -> tuple[int, int] | None:
+        """``(5, 128)`` for SevenNet-0: the invariant (``0e``) channels after each interaction
+        block; a modulator changes those channels only, so the network stays equivariant."""
+        widths = {int(c.numel()) for c in self._scalars.values()}
+        if len(widths) != 1:
+            return None
+        return len(self._scalars), widths.pop()
+
+    def set_modulator(self, modulator: Modulator | None) -> Modulator | None:
+        """Attach ``modulator`` to the invariant channels; returns the previous one."""
+        previous = self._modulator
+        object.__setattr__(self, "_modulator", modulator)
+        return previous
 
     # -- evaluation -----------------------------------------------------------------------
     def _network_input(self, g: Graph) -> dict[str, Tensor]:
@@ -184,11 +205,16 @@ class SevenNetAdapter(Model):
         data = self._network_input(g)
         modules = dict(self.network.named_children())
         layers: list[Tensor] = []
+        modulator = self._modulator
         for name in self._energy_modules:
             data = modules[name](data)
             if name in self._scalars:
                 columns = self._scalars[name].to(data["x"].device)
-                layers.append(data["x"].index_select(1, columns))
+                scalars = data["x"].index_select(1, columns)
+                if modulator is not None:  # only the invariant channels: equivariance kept
+                    scalars = modulator(len(layers), scalars, g)
+                    data["x"] = data["x"].index_copy(1, columns, scalars.to(data["x"].dtype))
+                layers.append(scalars)
         energies = data[_ATOMIC_ENERGY].reshape(-1).double()
         return energies, {"node": layers[-1], "layers": layers}
 
