@@ -44,6 +44,7 @@ BASES: dict[tuple[str, ...], list[list[str]]] = {
         ["--strategy", "freeze"],
         ["--strategy", "llrd"],
         ["--strategy", "mft", "--replay", "r.xyz"],
+        ["--target", "homo_lumo_gap"],
     ],
 }
 #: The flag that selects the mode of a command (exercised through BASES).

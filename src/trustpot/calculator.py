@@ -77,6 +77,12 @@ class Predictor:
         """Model outputs (keys of :mod:`trustpot.keys`) this predictor can return."""
         return self.model.supported_outputs()
 
+    def scored_outputs(self) -> tuple[str, ...]:
+        """``energy``, ``forces`` and every ``property:<name>`` output of the model (a
+        property head's): what :func:`~trustpot.metrics.accuracy.accuracy_metrics` scores."""
+        props = sorted(k for k in self.supported_outputs() if k.startswith(K.PROPERTY_PREFIX))
+        return (K.ENERGY, K.FORCES, *props)
+
     def implemented_properties(self) -> list[str]:
         """ASE names of everything :meth:`predict` can return."""
         have = self.supported_outputs()

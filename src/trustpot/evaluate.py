@@ -84,12 +84,18 @@ def evaluate_file(
 ) -> dict[str, Any]:
     """Predict, compute metrics, write ``metrics.json``, ``parity.png`` (and predictions).
 
+    A model with a property head (``property:<name>`` outputs) is also scored on the frames
+    that store ``<name>`` (:func:`~trustpot.metrics.accuracy.property_metrics`).
+
     Returns the metrics dict, with ``per_config_type`` when frames carry ``config_type``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    preds = predictor.predict_structures(structures, (K.ENERGY, K.FORCES), source=source)
-    metrics: dict[str, Any] = {"data": str(source), "units": {"energy": "eV", "forces": "eV/Å"}}
+    outputs = predictor.scored_outputs()
+    preds = predictor.predict_structures(structures, outputs, source=source)
+    specs = predictor.model.output_specs()
+    units = {"energy": "eV", "forces": "eV/Å", **{k: specs[k].unit for k in outputs[2:]}}
+    metrics: dict[str, Any] = {"data": str(source), "units": units}
     metrics.update(accuracy_metrics(structures, preds))
     groups = grouped_metrics(structures, preds)
     if groups:

@@ -30,6 +30,10 @@ replay objective and the report's forgetting reference.
 The loss is :class:`~trustpot.train.objectives.ForceFieldLoss` in units of the RMS of the
 downstream training forces (eV/Å): the same dimensionless loss as a model trained from scratch
 on that data, whatever scale the starting model was trained with.
+
+With ``--target KEY`` it is a property read from the frames (:mod:`trustpot.finetune_target`);
+the downstream energy and force labels then join (objective ``forcefield``, offsets fitted) only
+when ``--energy-weight`` or ``--forces-weight`` is given; ``mft`` adds the replay objective.
 """
 
 from __future__ import annotations
@@ -61,9 +65,16 @@ from trustpot.finetune_report import (
     finetune_report,
     with_offsets,
 )
+from trustpot.finetune_target import (
+    attach_head,
+    downstream_data,
+    property_objective,
+    resolve_target,
+)
 from trustpot.io.checkpoint import load_model, read_checkpoint
 from trustpot.models.contract import Model
 from trustpot.models.finetuned import FineTuned, fit_energy_offsets
+from trustpot.models.property_head import KINDS, LEVELS, REDUCTIONS
 from trustpot.options import option
 from trustpot.train.datasets import TrainerDataset, full_batch
 from trustpot.train.distributed import barrier, init_distributed
@@ -130,14 +141,43 @@ class FinetuneOptions:
         None, "llrd: decay (from the head down) or u (middle lowest; default decay)",
         choices=LLRD_SHAPES,
     )  # fmt: skip
+    target: str = option(
+        "", "downstream property instead of a force field: its key in the frames, a "
+        "per-structure value (e.g. homo_lumo_gap, xtb_dipole) or per-atom array (e.g. "
+        "xtb_charges) (default: none, a force field)",
+    )  # fmt: skip
+    target_level: str | None = option(
+        None, "--target: structure or atom (default: where the key is found)", choices=LEVELS
+    )
+    target_kind: str | None = option(
+        None, "--target: scalar or vector (3 components; default: the first frame's shape)",
+        choices=KINDS,
+    )  # fmt: skip
+    target_reduce: str | None = option(
+        None, "--target per structure: sum (extensive) or mean (intensive) of the per-atom "
+        "contributions (default: mean for a scalar, sum for a vector)", choices=REDUCTIONS,
+    )  # fmt: skip
+    target_unit: str = option(
+        "", "--target: unit of the values as the frames store them (default: eV, e*Å, e for "
+        "xTB's homo_lumo_gap, xtb_dipole, xtb_charges; else none)",
+    )  # fmt: skip
+    property_weight: float | None = option(
+        None, "--target: weight of the property objective (default 1)"
+    )
     lr: float = option(1e-3, "peak learning rate of the head (AdamW)")
     epochs: int = option(50, "maximum epochs")
     max_minutes: float = option(
         0.0, "wall-clock budget in minutes, resumed runs included (0: none)"
     )
     batch_size: int = option(8, "structures per optimiser step")
-    energy_weight: float = option(1.0, "weight of the per-atom energy MSE")
-    forces_weight: float = option(10.0, "weight of the force-component MSE")
+    energy_weight: float | None = option(
+        None, "weight of the per-atom energy MSE of the downstream frames (default 1; with "
+        "--target 0 unless given)",
+    )  # fmt: skip
+    forces_weight: float | None = option(
+        None, "weight of the force-component MSE of the downstream frames (default 10; with "
+        "--target 0 unless given) and of the mft replay objective (default 10)",
+    )  # fmt: skip
     seed: int = option(0, "seed of the split and shuffling")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
     device: str = option("cpu", "torch device (cpu, cuda, cuda:1...)")
@@ -176,6 +216,31 @@ class FinetuneOptions:
         if self.ewc_weight > 0 and self.strategy == "freeze":
             raise ConfigError("--ewc-weight does not apply to --strategy freeze (frozen groups "
                               "cannot move; the head is new)")  # fmt: skip
+        for value, flag in (
+            (self.target_level, "--target-level"),
+            (self.target_kind, "--target-kind"),
+            (self.target_reduce, "--target-reduce"),
+            (self.target_unit or None, "--target-unit"),
+            (self.property_weight, "--property-weight"),
+        ):
+            if value is not None and not self.target:
+                raise ConfigError(f"{flag} applies only with --target (a downstream property)")
+        for value, flag, allowed in (
+            (self.target_level, "--target-level", LEVELS),
+            (self.target_kind, "--target-kind", KINDS),
+            (self.target_reduce, "--target-reduce", REDUCTIONS),
+        ):
+            if value is not None and value not in allowed:
+                raise ConfigError(f"{flag} must be one of {allowed}, got '{value}'")
+        if self.target_level == "atom" and self.target_reduce is not None:
+            raise ConfigError("--target-reduce applies to --target-level structure, not atom "
+                              "(a per-atom property has no reduction)")  # fmt: skip
+        if self.property_weight is not None and self.property_weight <= 0:
+            raise ConfigError(f"--property-weight must be > 0, got {self.property_weight}")
+        for flag, weight in (("--energy-weight", self.energy_weight),
+                             ("--forces-weight", self.forces_weight)):  # fmt: skip
+            if weight is not None and weight < 0:
+                raise ConfigError(f"{flag} must be >= 0, got {weight}")
         if self.replay_weight is not None and self.replay_weight <= 0:
             raise ConfigError(f"--replay-weight must be > 0, got {self.replay_weight}")
         if self.valid and self.valid_fraction is not None:
@@ -197,15 +262,43 @@ class FinetuneOptions:
         """LLRD shape (default ``decay``)."""
         return self.llrd_shape or "decay"
 
+    def downstream_weights(self) -> LossWeights | None:
+        """Energy and force weights of the downstream frames' labels: 1 and 10 by default;
+        with ``--target`` none (``None``) unless ``--energy-weight`` or ``--forces-weight`` is
+        given (then the other is 0)."""
+        if self.target and self.energy_weight is None and self.forces_weight is None:
+            return None
+        default_e, default_f = (0.0, 0.0) if self.target else (1.0, 10.0)
+        e = default_e if self.energy_weight is None else float(self.energy_weight)
+        f = default_f if self.forces_weight is None else float(self.forces_weight)
+        return LossWeights(e, f, 0.0)
+
+    @property
+    def replay_forces_weight(self) -> float:
+        """Force weight of the mft replay objective (``--forces-weight``, default 10)."""
+        return 10.0 if self.forces_weight is None else float(self.forces_weight)
+
+    def required_labels(self) -> tuple[str, ...]:
+        """Labels every downstream frame must carry: energy and forces for a force field;
+        with ``--target``, those its given weights use."""
+        if not self.target:
+            return ("energy", "forces")
+        w = self.downstream_weights()
+        if w is None:
+            return ()
+        return tuple(n for n, v in (("energy", w.energy), ("forces", w.forces)) if v > 0)
+
     def frozen_count(self, n_groups: int) -> int:
-        """Groups frozen from the input (``freeze``: default all but the last; else 0).
+        """Groups frozen from the input (``freeze``: default all but the last, with
+        ``--target`` all of them, the property head being the head; else 0).
 
         Raises:
             ConfigError: ``--freeze-layers`` above the number of groups.
         """
         if self.strategy != "freeze":
             return 0
-        k = n_groups - 1 if self.freeze_layers is None else self.freeze_layers
+        default = n_groups if self.target else n_groups - 1
+        k = default if self.freeze_layers is None else self.freeze_layers
         if k > n_groups:
             raise ConfigError(f"--freeze-layers {k}: the model has only {n_groups} layer groups")
         return k
@@ -213,10 +306,11 @@ class FinetuneOptions:
     def train_config(self) -> TrainConfig:
         """The trainer's options (cosine schedule, warm-up of a tenth of the epochs up to 5,
         EMA 0.99; the rest as ``trustpot train``)."""
+        w = self.downstream_weights() or LossWeights(0.0, 0.0, 0.0)
         return TrainConfig(
             epochs=self.epochs, max_minutes=self.max_minutes, batch_size=self.batch_size,
             lr=self.lr, warmup_epochs=min(5, self.epochs // 10), min_lr=min(1e-6, self.lr),
-            energy_weight=self.energy_weight, forces_weight=self.forces_weight,
+            energy_weight=w.energy, forces_weight=w.forces,
             seed=self.seed, threads=self.threads, device=self.device,
         )  # fmt: skip
 
@@ -245,7 +339,8 @@ def strategy_rates(names: list[str], opts: FinetuneOptions) -> list[tuple[str, f
 def _param_groups(
     model: FineTuned, opts: FinetuneOptions
 ) -> tuple[list[ParamGroup], list[dict[str, Any]]]:
-    """AdamW groups of the base's layer groups per strategy, plus the offsets at ``lr``."""
+    """AdamW groups of the base's layer groups per strategy, plus the offsets and the
+    property head (trained with ``--target``, else kept as it is) at ``lr``."""
     groups = model.base.layer_groups()
     rates = strategy_rates([name for name, _ in groups], opts)
     out, table = [], []
@@ -255,6 +350,13 @@ def _param_groups(
         table.append({"name": name, "lr": 0.0 if frozen else rate, "frozen": frozen, "params": n})
     out.append(ParamGroup([model.offsets], lr=opts.lr, name="offsets"))
     table.append({"name": "offsets", "lr": opts.lr, "frozen": False, "params": 119})
+    if model.head is not None:
+        params = list(model.head.parameters())
+        frozen = not opts.target
+        out.append(ParamGroup(params, lr=opts.lr, frozen=frozen, name="property_head"))
+        n = sum(p.numel() for p in params)
+        table.append({"name": "property_head", "lr": 0.0 if frozen else opts.lr,
+                      "frozen": frozen, "params": n})  # fmt: skip
     return out, table
 
 
@@ -278,9 +380,11 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
     last = out / "last.ckpt"
     log = open_run_dir(out, resume, info.is_main)
 
-    all_train = read_data(opts.train)
+    all_train = read_data(opts.train, require=opts.required_labels())
     fraction = 0.1 if opts.valid_fraction is None else opts.valid_fraction
-    given = read_data(opts.valid) if opts.valid else None
+    given = read_data(opts.valid, require=opts.required_labels()) if opts.valid else None
+    checked = [(given, opts.valid)] if given is not None else []
+    target = resolve_target(opts, all_train, opts.train, checked) if opts.target else None
     train_idx, val_idx, valid = train_and_valid(all_train, given, fraction, opts.seed)
     train = [all_train[i] for i in train_idx]
     test = read_data(opts.test_ood) if opts.test_ood else []
@@ -293,6 +397,8 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
     else:
         start = copy.deepcopy(origin)  # trained in place; ``origin`` stays as it was
         model = start if isinstance(start, FineTuned) else FineTuned(start)
+        if target is not None:
+            attach_head(model, target, train, opts.train, log)
     check_species(train, model.species, opts.train)
     check_species(valid, model.species, opts.valid or opts.train)
     check_species(test, model.species, opts.test_ood)
@@ -303,7 +409,8 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
         raise ConfigError(f"--device '{opts.device}' is not usable here: {err}") from None
     scale = force_rms(train)
     groups, table = _param_groups(model, opts)
-    if not resume:
+    ff = opts.downstream_weights()  # the downstream frames' energy and force labels, if used
+    if not resume and ff is not None and (not opts.target or ff.energy > 0):
         fitted, before, after = fit_energy_offsets(model, train, opts.batch_size)
         with torch.no_grad():
             for z, value in fitted.items():
@@ -328,6 +435,11 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
             "groups": table,
             "replay_labels": replay_labels or None,
         }
+        if model.head is not None:
+            summary["property_head"] = {
+                **model.head.target.to_dict(), "trained": bool(opts.target),
+                "shift": float(model.head.shift), "scale": float(model.head.scale),
+            }  # fmt: skip
         (out / "finetune.json").write_text(json.dumps(summary, indent=1))
     n_train = sum(p.numel() for g in groups if not g.frozen for p in g.params)
     log(
@@ -337,10 +449,14 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
         f"structures, validating on {len(valid)}; force scale {scale:.4g} eV/Å"
     )
     specs, dtype = model.neighbor_lists(), model.dtype
-    train_ds = GraphDataset(train, specs, dtype, opts.train)
-    valid_ds = GraphDataset(valid, specs, dtype, opts.valid or opts.train)
-    weights = LossWeights(opts.energy_weight, opts.forces_weight, 0.0)
-    objectives = [Objective("main", "main", weights, loss=ForceFieldLoss(weights, scale))]
+    train_ds = downstream_data(model, train, specs, dtype, opts.train, bool(opts.target))
+    valid_ds = downstream_data(
+        model, valid, specs, dtype, opts.valid or opts.train, bool(opts.target)
+    )
+    objectives = [property_objective(model, opts)] if opts.target else []
+    if ff is not None:  # the downstream labels: the objective, or one beside the property's
+        name = "forcefield" if opts.target else "main"
+        objectives.append(Objective(name, "main", ff, loss=ForceFieldLoss(ff, scale)))
     train_sets: dict[str, TrainerDataset] = {"main": train_ds}
     valid_sets: dict[str, TrainerDataset] = {"main": valid_ds}
     if opts.strategy == "mft":
@@ -351,16 +467,18 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
             log(f"replay: {len(replay)} frames of {opts.replay} with their given force labels")
         replay_ds = GraphDataset(labelled, specs, dtype, f"replay ({replay_labels} labels)")
         # forces only: the downstream energy zero differs, and the offsets must follow it
-        replay_weights = LossWeights(0.0, opts.forces_weight, 0.0)
+        replay_weights = LossWeights(0.0, opts.replay_forces_weight, 0.0)
         weight = 1.0 if opts.replay_weight is None else opts.replay_weight
-        loss = ForceFieldLoss(replay_weights, scale)
+        # a property target without downstream forces: the replay forces set their own scale
+        own = ff is None or ff.forces == 0
+        loss = ForceFieldLoss(replay_weights, force_rms(labelled) if own else scale)
         objectives.append(Objective("replay", "replay", replay_weights, weight, loss=loss))
         train_sets["replay"] = replay_ds
         valid_sets["replay"] = replay_ds
     if opts.ewc_weight > 0:
         frames = replay or train
         penalty = ewc_penalty(origin, opts, scale, frames, specs, dtype, device)
-        objectives.append(Objective("ewc", "ewc", weights, opts.ewc_weight, loss=penalty))
+        objectives.append(Objective("ewc", "ewc", weight=opts.ewc_weight, loss=penalty))
         train_sets["ewc"] = valid_sets["ewc"] = full_batch(0, "EWC penalty")  # batch unused
     trainer = Trainer(
         model, objectives, tcfg, info, run_config=run_config, param_groups=groups,

@@ -244,7 +244,7 @@ def downstream_errors(
         sets: name (``in_domain``, ``out_of_domain``) -> (description, labelled frames).
         metrics: errors of one model's predictions against the frames' labels
             (default :func:`~trustpot.metrics.accuracy.accuracy_metrics`: energy eV and eV/atom,
-            forces eV/Å).
+            forces eV/Å, a property head's output in its unit).
 
     Returns:
         per set: ``frames`` (the description), ``n_structures``, ``pretrained`` and
@@ -254,7 +254,9 @@ def downstream_errors(
     for name, (source, frames) in sets.items():
         row: dict[str, Any] = {"frames": source, "n_structures": len(frames)}
         for key, model in (("pretrained", before), ("finetuned", after)):
-            row[key] = metrics(frames, Predictor(model).predict_structures(frames))
+            predictor = Predictor(model)
+            preds = predictor.predict_structures(frames, predictor.scored_outputs())
+            row[key] = metrics(frames, preds)
         out[name] = row
     return out
 

@@ -131,6 +131,27 @@ FIELD_SPECS.update(
     }
 )
 
+# -- user-named properties (a property head of a fine-tuned model) ------------------------
+#: ``property:<name>``: the prediction of the property stored under ``<name>`` in the frames
+#: (``Structure.info`` per structure, ``Structure.arrays`` per atom), and its reference values
+#: in a training batch; the model that returns it declares its spec (:func:`property_spec`).
+PROPERTY_PREFIX: Final = "property:"
+
+
+def property_key(name: str) -> str:
+    """Output (and batch) key of the property stored under ``name`` in the frames."""
+    return PROPERTY_PREFIX + name
+
+
+def property_spec(level: Level, shape: tuple[int, ...], unit: str, doc: str = "") -> FieldSpec:
+    """Spec of a user-named property: ``level`` ``graph`` (one value per structure) or
+    ``node`` (per atom), per-item ``shape`` (``()`` a scalar, ``(3,)`` a vector), ``unit`` as
+    the frames store it (free text, e.g. ``eV``, ``e*Å``, ``Debye``; may be empty)."""
+    if level not in ("graph", "node"):
+        raise ValueError(f"a property is per structure ('graph') or per atom ('node'), not {level}")
+    return FieldSpec(level, tuple(shape), unit, doc=doc or "user-named property")
+
+
 #: Properties a potential may be asked for, with their units.
 OUTPUT_UNITS: Final[dict[str, str]] = {
     ENERGY: "eV",

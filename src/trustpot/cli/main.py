@@ -174,7 +174,9 @@ def _add_finetune(sub: argparse._SubParsersAction[Any]) -> None:
         description="Wrap --from with per-element energy offsets (fitted by least squares "
         "first), then train it on --train with the --strategy's layer groups: full, freeze "
         "(the first --freeze-layers groups fixed), llrd (layer-wise learning-rate decay) or "
-        "mft (plus the pretraining force field on --replay frames). Writes OUT/best.ckpt "
+        "mft (plus the pretraining force field on --replay frames). With --target KEY, the "
+        "downstream objective is a property read from the frames, predicted by a new head on "
+        "the per-atom features. Writes OUT/best.ckpt "
         "(kind finetuned), last.ckpt, metrics.csv, finetune.json and the report: report.md, "
         "report.json, tsne_element.png, tsne_environment.png (downstream error in and out of "
         "domain, forgetting, drift per layer, and a one-line verdict).",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +43,10 @@ class GraphDataset:
         specs: neighbour lists to build (all a model's ``neighbor_lists()``).
         dtype: float dtype of positions and labels (the model's dtype).
         name: shown in errors and progress bars (usually the file path).
+        labels: extra fields of each graph, one array per structure under each key (e.g. a
+            property's reference values under ``property:<key>``), its first axis 1 for a
+            per-structure field ([1, ...], batched to [n_graphs, ...]) or n_atoms for a
+            per-atom one; cast to ``dtype``.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class GraphDataset:
         specs: Sequence[NeighborListSpec],
         dtype: torch.dtype = torch.float32,
         name: str = "dataset",
+        labels: Mapping[str, Sequence[np.ndarray]] | None = None,
     ) -> None:
         if len(structures) == 0:
             raise DataError(name, "no structures (empty dataset)")
@@ -58,6 +63,11 @@ class GraphDataset:
         self.specs = tuple(specs)
         self.dtype = dtype
         self.name = name
+        self.labels = {k: list(v) for k, v in (labels or {}).items()}
+        for key, values in self.labels.items():
+            if len(values) != len(self.structures):
+                raise ValueError(f"{name}: {len(values)} values of '{key}' for "
+                                 f"{len(self.structures)} structures")  # fmt: skip
         self._graphs: list[Graph | None] = [None] * len(self.structures)
 
     def __len__(self) -> int:
@@ -68,14 +78,18 @@ class GraphDataset:
         g = self._graphs[index]
         if g is None:
             g = structure_to_graph(self.structures[index], self.specs, self.dtype)
+            for key, values in self.labels.items():
+                g[key] = torch.as_tensor(values[index], dtype=self.dtype)
             self._graphs[index] = g
         return g
 
     def subset(self, indices: Sequence[int], name: str | None = None) -> GraphDataset:
         """A dataset of some of the structures, sharing already-built graphs."""
+        labels = {k: [v[i] for i in indices] for k, v in self.labels.items()}
         out = GraphDataset(
-            [self.structures[i] for i in indices], self.specs, self.dtype, name or self.name
-        )
+            [self.structures[i] for i in indices], self.specs, self.dtype, name or self.name,
+            labels,
+        )  # fmt: skip
         out._graphs = [self._graphs[i] for i in indices]
         return out
 

@@ -3,6 +3,12 @@
 Labels are looked up first in the frame's calculator results (what ``ase.io.read`` gives for
 extended XYZ), then in ``atoms.info`` (energy, stress) and ``atoms.arrays`` (forces) under the
 names of a :class:`KeyMap`. Units are converted to eV and Å on the way in.
+
+Everything else numeric is kept, as the file stores it (no unit conversion), for property
+targets: per-structure values in :attr:`Structure.info`, per-atom arrays in
+:attr:`Structure.arrays`. The extended XYZ reader moves some of them (``dipole``, ``charges``,
+``magmoms``...) into calculator results; they are put back there by name (ASE's per-atom
+names to ``arrays``, the others to ``info``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from trustpot.errors import DataError
 from trustpot.units import energy_factor, length_factor
 
 #: Bump when the parsed-cache layout changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,35 @@ def _stress_3x3(value: Any) -> np.ndarray:
     return arr.reshape(3, 3) if arr.size == 9 else arr
 
 
+#: calculator results and arrays that are energy, force or stress labels, never properties
+LABEL_NAMES = frozenset({"energy", "free_energy", "energies", "forces", "stress", "stresses"})
+#: ASE's per-atom calculator results (the extended XYZ reader's ``per_atom_properties``)
+PER_ATOM_RESULTS = frozenset({"charges", "magmoms", "born_effective_charges"})
+
+
+def _properties(
+    atoms: Atoms, results: dict[str, Any], keys: KeyMap
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Numeric per-structure results (JSON-safe) and per-atom arrays (float64 [n_atoms, ...])
+    of a frame that are not labels, positions or atomic numbers."""
+    skip = LABEL_NAMES | {keys.energy, keys.forces, keys.stress, "numbers", "positions"}
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in atoms.arrays.items():
+        arr = np.asarray(value)
+        if name not in skip and arr.dtype.kind in "fiu":
+            arrays[name] = arr.astype(np.float64)
+    extra: dict[str, Any] = {}
+    for name, value in results.items():
+        arr = np.asarray(value)
+        if name in skip or arr.dtype.kind not in "fiu":
+            continue
+        if name in PER_ATOM_RESULTS and arr.shape[:1] == (len(atoms),):
+            arrays.setdefault(name, arr.astype(np.float64))
+        else:
+            extra[name] = _json_safe(value)
+    return extra, arrays
+
+
 def atoms_to_structure(atoms: Atoms, keys: KeyMap = KeyMap()) -> Structure:
     """Convert an ASE ``Atoms`` into a :class:`Structure` (no checks)."""
     e_f = energy_factor(keys.energy_unit)
@@ -80,6 +115,9 @@ def atoms_to_structure(atoms: Atoms, keys: KeyMap = KeyMap()) -> Structure:
     forces = results.get(keys.forces, atoms.arrays.get(keys.forces))
     stress = results.get(keys.stress, atoms.info.get(keys.stress))
     info = {k: _json_safe(v) for k, v in atoms.info.items() if k not in (keys.energy, keys.stress)}
+    extra, arrays = _properties(atoms, results, keys)
+    for name, value in extra.items():
+        info.setdefault(name, value)
     return Structure(
         numbers=np.asarray(atoms.numbers, dtype=np.int64).copy(),
         positions=np.asarray(atoms.positions, dtype=np.float64) * l_f,
@@ -89,6 +127,7 @@ def atoms_to_structure(atoms: Atoms, keys: KeyMap = KeyMap()) -> Structure:
         forces=None if forces is None else np.asarray(forces, dtype=np.float64) * (e_f / l_f),
         stress=None if stress is None else _stress_3x3(stress) * (e_f / l_f**3),
         info=info,
+        arrays=arrays,
     )
 
 
@@ -148,6 +187,13 @@ def _save_cache(target: Path, structures: Sequence[Structure]) -> None:
         "stress": np.stack([s.stress if s.stress is not None else nan33 for s in structures]),
         "info": np.array(json.dumps([s.info for s in structures])),
     }
+    # per-atom property arrays: one flat buffer per name, the shapes per frame in JSON
+    names = sorted({name for s in structures for name in s.arrays})
+    shapes = [{name: list(a.shape) for name, a in s.arrays.items()} for s in structures]
+    arrays["array_shapes"] = np.array(json.dumps({"names": names, "frames": shapes}))
+    for k, name in enumerate(names):
+        parts = [s.arrays[name].ravel() for s in structures if name in s.arrays]
+        arrays[f"array_{k}"] = np.concatenate(parts)
     tmp = target.with_suffix(".tmp.npz")
     np.savez(tmp, allow_pickle=True, **arrays)  # numpy's default, spelled out for the type check
     os.replace(tmp, target)
@@ -159,11 +205,19 @@ def _load_cache(source: Path) -> list[Structure]:
         n = z["n_atoms"]
         offsets = np.concatenate([[0], np.cumsum(n)])
         infos = json.loads(str(z["info"]))
+        layout = json.loads(str(z["array_shapes"]))
+        flat = {name: z[f"array_{k}"] for k, name in enumerate(layout["names"])}
+        start = dict.fromkeys(flat, 0)
         out = []
         for k in range(len(n)):
             a, b = offsets[k], offsets[k + 1]
             energy = float(z["energy"][k])
             stress = z["stress"][k]
+            arrays: dict[str, np.ndarray] = {}
+            for name, shape in layout["frames"][k].items():
+                size = int(np.prod(shape))
+                arrays[name] = flat[name][start[name] : start[name] + size].reshape(shape)
+                start[name] += size
             out.append(
                 Structure(
                     numbers=z["numbers"][a:b],
@@ -174,6 +228,7 @@ def _load_cache(source: Path) -> list[Structure]:
                     forces=z["forces"][a:b] if z["has_forces"][k] else None,
                     stress=None if np.isnan(stress).any() else stress,
                     info=infos[k],
+                    arrays=arrays,
                 )
             )
     return out

@@ -28,7 +28,10 @@ class Structure:
         energy: total energy in eV, or None when unlabelled.
         forces: [n_atoms, 3] eV/Å, or None.
         stress: [3, 3] eV/Å^3 (ASE sign), or None.
-        info: per-frame metadata (``config_type``, temperature, ...), kept as read.
+        info: per-frame metadata (``config_type``, temperature, ...) and per-structure
+            properties (a HOMO-LUMO gap, a [3] dipole...), kept as read.
+        arrays: per-atom properties as float64 arrays with first axis n_atoms (partial charges
+            [n_atoms], atomic dipoles [n_atoms, 3]...), kept as read.
     """
 
     numbers: np.ndarray
@@ -39,6 +42,7 @@ class Structure:
     forces: np.ndarray | None = None
     stress: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_atoms(self) -> int:
@@ -52,6 +56,8 @@ class Structure:
         """An ASE ``Atoms``; labels go into a ``SinglePointCalculator`` when present."""
         atoms = Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
         atoms.info.update(self.info)
+        for name, values in self.arrays.items():
+            atoms.new_array(name, np.array(values))
         if with_labels and (self.energy is not None or self.forces is not None):
             results: dict[str, Any] = {}
             if self.energy is not None:
@@ -89,6 +95,9 @@ def check_structure(s: Structure, path: str, frame: int) -> None:
             raise DataError(path, f"shape {s.stress.shape}, expected (3, 3)", frame, "stress")
         if not np.all(np.isfinite(s.stress)):
             raise DataError(path, "contains NaN or inf", frame, "stress")
+    for name, values in s.arrays.items():
+        if values.shape[:1] != (n,):
+            raise DataError(path, f"shape {values.shape}, expected ({n}, ...)", frame, name)
     if s.is_periodic:
         lengths = np.linalg.norm(s.cell, axis=1)
         if np.any(lengths[s.pbc] < 1e-6) or abs(np.linalg.det(s.cell)) < 1e-6:

@@ -9,7 +9,10 @@ case computed by hand (``tests/test_metrics_accuracy.py``). Conventions:
   ``predictions`` (one ``{"energy": scalar, "forces": [n_atoms, 3]}`` mapping per structure, the
   format of :meth:`trustpot.calculator.Predictor.predict_structures`);
 - a missing label gives NaN for that structure (per-structure metrics) or leaves the key out
-  (summary metrics), never an error.
+  (summary metrics), never an error;
+- a predicted property ``property:<name>`` (a fine-tuned model's property head) is compared
+  with the value the frame stores under ``<name>`` (``info`` per structure, ``arrays`` per
+  atom), in the unit the frames store it in.
 """
 
 from __future__ import annotations
@@ -124,6 +127,45 @@ def force_magnitude_errors(predicted: Any, reference: Any) -> FloatArray:
     return diff
 
 
+def property_reference(s: Structure, key: str, predicted: FloatArray) -> FloatArray | None:
+    """The value ``s`` stores for the predicted property ``key`` (``property:<name>``), shaped
+    as ``predicted``: ``info[name]`` or ``arrays[name]``, whichever has as many values; None
+    when neither does."""
+    name = key.removeprefix(K.PROPERTY_PREFIX)
+    for stored in (s.info.get(name), s.arrays.get(name)):
+        if stored is None:
+            continue
+        try:
+            ref = np.asarray(stored, dtype=np.float64)
+        except (TypeError, ValueError):
+            continue
+        if ref.size == predicted.size:
+            return ref.reshape(predicted.shape)
+    return None
+
+
+def property_metrics(
+    structures: Sequence[Structure], predictions: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    """``<key>_mae``, ``<key>_rmse`` (over every component, in the property's unit) and
+    ``<key>_n`` (structures compared) of each predicted property ``key`` (``property:<name>``)
+    that some structure stores (:func:`property_reference`); empty without one."""
+    errors: dict[str, list[FloatArray]] = {}
+    for s, p in zip(structures, predictions):
+        for key, value in p.items():
+            if not key.startswith(K.PROPERTY_PREFIX):
+                continue
+            pred = as_float_array(value)
+            ref = property_reference(s, key, pred)
+            if ref is not None:
+                errors.setdefault(key, []).append((pred - ref).ravel())
+    out: dict[str, float] = {}
+    for key, parts in sorted(errors.items()):
+        e = np.concatenate(parts)
+        out.update({f"{key}_mae": mae(e), f"{key}_rmse": rmse(e), f"{key}_n": len(parts)})
+    return out
+
+
 def accuracy_metrics(
     structures: Sequence[Structure], predictions: Sequence[Mapping[str, Any]]
 ) -> dict[str, float]:
@@ -134,7 +176,8 @@ def accuracy_metrics(
     ``forces_cosine`` (mean over atoms of the cosine between predicted and reference force,
     :func:`force_cosines`; NaN when no atom has a force), ``forces_magnitude_mae`` (per atom),
     ``n_structures``, ``n_atoms``; force keys are absent when no structure has forces, energy
-    keys when none has energies.
+    keys when none has energies; and the errors of predicted properties
+    (:func:`property_metrics`).
     """
     out: dict[str, float] = {"n_structures": len(structures)}
     e_err: list[float] = []
@@ -170,6 +213,7 @@ def accuracy_metrics(
             forces_cosine=_mean_or_nan(np.concatenate(cos)),
             forces_magnitude_mae=_mean_or_nan(np.concatenate(mag)),
         )
+    out.update(property_metrics(structures, predictions))
     return out
 
 

@@ -119,6 +119,19 @@ class Model(nn.Module, ABC):
     def embedding_widths(self) -> list[int]:
         """Width F_l of the invariant features after each layer (``embed(g)["layers"]``),
         measured on a two-atom graph of the model's first element."""
+        with torch.no_grad():
+            layers = self.embed(self._two_atoms()).get("layers", [])
+        return [int(h.shape[-1]) for h in layers]
+
+    def node_width(self) -> int:
+        """Width F of the per-atom features ``embed(g)["node"]`` [n_atoms, F] (what a property
+        head reads), measured on a two-atom graph of the model's first element."""
+        with torch.no_grad():
+            return int(self.embed(self._two_atoms())["node"].shape[-1])
+
+    def _two_atoms(self) -> Graph:
+        """Two atoms of the first element 1.2 Å apart, neighbours in every list, on the
+        model's device."""
         z = int(self.species[0])
         pos = torch.tensor([[0.0, 0.0, 0.0], [1.2, 0.0, 0.0]], dtype=self.dtype)
         g: Graph = {
@@ -133,10 +146,7 @@ class Model(nn.Module, ABC):
             g[K.edge_index_key(spec.name)] = torch.tensor([[0, 1], [1, 0]])
             g[K.edge_shift_key(spec.name)] = torch.zeros((2, 3), dtype=self.dtype)
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
-        g = {k: v.to(device) for k, v in g.items()}
-        with torch.no_grad():
-            layers = self.embed(g).get("layers", [])
-        return [int(h.shape[-1]) for h in layers]
+        return {k: v.to(device) for k, v in g.items()}
 
     def species_index(self, g: Graph) -> Tensor:
         """[n_atoms] index of each atom's element in :attr:`species`.

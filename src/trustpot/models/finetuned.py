@@ -10,8 +10,14 @@ residual energies of the downstream training data before the first step
 (:func:`fit_energy_offsets`), and trained with the rest afterwards. Constant offsets change
 energies only: forces, stress and virial are the base's.
 
+A fine-tuned model may also carry a :class:`~trustpot.models.property_head.PropertyHead`: a
+downstream property (a HOMO-LUMO gap, a dipole, partial charges...) predicted from the base's
+per-atom features, returned as the output ``property:<key>`` beside the base's outputs.
+
 Checkpoint (kind ``"finetuned"``): ``meta`` holds the base's ``kind``, ``meta`` and (where it
-has one) ``extra``; ``model`` holds the base's weights under ``base.`` and ``offsets``. It loads
+has one) ``extra``, and the property head's configuration (``property_head``, absent without
+one); ``model`` holds the base's weights under ``base.``, ``offsets`` and the head's weights
+under ``head.``. It loads
 with :func:`trustpot.io.checkpoint.load_model` like every other kind; the base is rebuilt through
 the registry (a pretrained base needs its package installed).
 """
@@ -33,12 +39,14 @@ from trustpot.data.structures import Structure
 from trustpot.errors import CheckpointError, ConfigError, DataError
 from trustpot.models.base import Embedding, LayerGroups, Modulator
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
+from trustpot.models.property_head import PropertyHead
 from trustpot.nn import scatter_sum
 from trustpot.registry import lookup, names
 
 __all__ = ["FineTuned", "fit_energy_offsets"]
 
 _BASE = "base."
+_HEAD = "head."
 
 
 class FineTuned(Model):
@@ -47,15 +55,19 @@ class FineTuned(Model):
     Args:
         base: the model being fine-tuned (any kind; trained in place).
         offsets: [119] eV per atomic number (zeros by default).
+        head: a property head reading the base's ``embed(g)["node"]`` features (optional).
 
     Outputs are the base's; ``energy`` [n_graphs] gains ``sum_i offsets[z_i]`` and per-atom
     ``energies`` [n_atoms] gain ``offsets[z_i]`` (eV, float64); forces, stress and virial are
-    unchanged (the offsets do not depend on positions).
+    unchanged (the offsets do not depend on positions). With a head, ``property:<key>`` too
+    (shape and unit as its target says).
     """
 
     kind: ClassVar[str] = "finetuned"
 
-    def __init__(self, base: Model, offsets: Tensor | None = None) -> None:
+    def __init__(
+        self, base: Model, offsets: Tensor | None = None, head: PropertyHead | None = None
+    ) -> None:
         super().__init__()
         if isinstance(base, FineTuned):
             raise ConfigError("a FineTuned model wraps its base, not another FineTuned model")
@@ -64,6 +76,7 @@ class FineTuned(Model):
         if tuple(value.shape) != (119,):
             raise ConfigError(f"offsets must have shape (119,), got {tuple(value.shape)}")
         self.offsets = nn.Parameter(value.detach().to(torch.float64).clone())
+        self.head = head
 
     # -- contract -------------------------------------------------------------------------
     @property
@@ -79,12 +92,18 @@ class FineTuned(Model):
         return self.base.neighbor_lists()
 
     def output_specs(self) -> dict[str, K.FieldSpec]:
-        """The base's outputs."""
-        return self.base.output_specs()
+        """The base's outputs, and the property head's."""
+        specs = dict(self.base.output_specs())
+        if self.head is not None:
+            specs[self.head.target.output] = self.head.target.spec()
+        return specs
 
     def layer_groups(self) -> LayerGroups:
-        """The base's groups (input to output), then ``offsets``."""
-        return [*self.base.layer_groups(), ("offsets", [self.offsets])]
+        """The base's groups (input to output), then ``offsets``, then ``property_head``."""
+        groups = [*self.base.layer_groups(), ("offsets", [self.offsets])]
+        if self.head is not None:
+            groups.append(("property_head", list(self.head.parameters())))
+        return groups
 
     def modulation_shape(self) -> tuple[int, int] | None:
         """The base's modulation hook (the offsets do not change features)."""
@@ -115,10 +134,24 @@ class FineTuned(Model):
         self, g: Graph, outputs: Iterable[str] = DEFAULT_OUTPUTS, create_graph: bool | None = None
     ) -> dict[str, Tensor]:
         """The base's outputs of ``g`` with the offsets added to ``energy`` [n_graphs] and
-        ``energies`` [n_atoms] (eV); other outputs as the base returns them."""
+        ``energies`` [n_atoms] (eV); other outputs as the base returns them; the property
+        head's from the base's embedding (a second pass; differentiable when ``create_graph``
+        or training)."""
         wanted = self.check_outputs(outputs)
         keep = self.training if create_graph is None else create_graph
-        return self._shift(dict(self.base(g, wanted, create_graph=keep)), g)
+        prop = self._property(wanted)
+        inner = wanted - {prop}
+        out = self._shift(dict(self.base(g, inner, create_graph=keep)), g) if inner else {}
+        if self.head is not None and prop:
+            with torch.set_grad_enabled(keep and torch.is_grad_enabled()):
+                out[prop] = self.head(g, self.base.embed(g)["node"])
+        return out
+
+    def _property(self, wanted: frozenset[str]) -> str:
+        """The head's output name when ``wanted`` asks for it, else ``""``."""
+        if self.head is not None and self.head.target.output in wanted:
+            return self.head.target.output
+        return ""
 
     def embed(self, g: Graph) -> Embedding:
         """The base's per-atom embeddings (the offsets add no features)."""
@@ -127,10 +160,15 @@ class FineTuned(Model):
     def outputs_and_embedding(
         self, g: Graph, outputs: Iterable[str] = DEFAULT_OUTPUTS
     ) -> tuple[dict[str, Tensor], Embedding]:
-        """The base's detached outputs (offsets added) and embedding, in its own way."""
-        out, emb = self.base.outputs_and_embedding(g, self.check_outputs(outputs))
+        """The base's detached outputs (offsets added) and embedding, in its own way; the
+        property head's output from that embedding."""
+        wanted = self.check_outputs(outputs)
+        prop = self._property(wanted)
+        out, emb = self.base.outputs_and_embedding(g, wanted - {prop})
         with torch.no_grad():
             shifted = self._shift(dict(out), g)
+            if self.head is not None and prop:
+                shifted[prop] = self.head(g, emb["node"])
         return {k: v.detach() for k, v in shifted.items()}, emb
 
     def embedding_widths(self) -> list[int]:
@@ -139,8 +177,9 @@ class FineTuned(Model):
 
     # -- persistence ----------------------------------------------------------------------
     def payload(self, state: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
-        """``kind``, ``meta`` (the base's kind, meta and extra) and ``model`` (the base's
-        weights under ``base.``, and ``offsets``), weights from ``state`` when given."""
+        """``kind``, ``meta`` (the base's kind, meta and extra; the property head's
+        configuration) and ``model`` (the base's weights under ``base.``, ``offsets``, the
+        head's under ``head.``), weights from ``state`` when given."""
         state = dict(state) if state is not None else self.state_dict()
         base_state = {k[len(_BASE) :]: v for k, v in state.items() if k.startswith(_BASE)}
         inner = self.base.payload(base_state)
@@ -149,6 +188,9 @@ class FineTuned(Model):
             meta["base_extra"] = inner["extra"]
         weights = {_BASE + k: v for k, v in inner["model"].items()}
         weights["offsets"] = state["offsets"]
+        if self.head is not None:
+            meta["property_head"] = self.head.config()
+            weights.update({k: v for k, v in state.items() if k.startswith(_HEAD)})
         return {"kind": self.kind, "meta": meta, "model": weights}
 
     @classmethod
@@ -175,7 +217,11 @@ class FineTuned(Model):
         if "base_extra" in meta:
             inner["extra"] = meta["base_extra"]
         base = lookup("model", kind).from_payload(inner, path)
-        model = cls(base)
+        head = None
+        if meta.get("property_head") is not None:
+            lists = [spec.name for spec in base.neighbor_lists()]
+            head = PropertyHead.from_config(meta["property_head"], base.dtype, lists, path)
+        model = cls(base, head=head)
         load_state_checked(model, dict(weights), path, "fine-tuned model")
         return model
 

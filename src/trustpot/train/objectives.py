@@ -11,6 +11,7 @@ Kinds:
 * :class:`ForceFieldLoss` -- energy / force / stress MSE or Huber (a potential).
 * :class:`CRPSLoss` -- fair ensemble CRPS of sampled energies and forces (a sampler).
 * :class:`BCELoss` -- class-balanced binary cross-entropy of logits (a classifier).
+* :class:`PropertyLoss` -- MSE of a predicted property on standardised targets.
 * :class:`CallableLoss` -- any ``fn(model, batch) -> (sums, counts)``.
 """
 
@@ -224,6 +225,56 @@ class BCELoss(ObjectiveLoss):
             logits, y, pos_weight=pw, reduction="sum"
         )
         return {"bce": value}, {"bce": torch.tensor(float(y.numel()), device=logits.device)}
+
+
+class PropertyLoss(ObjectiveLoss):
+    """Mean squared error of a property output against the reference values the batch holds
+    under the same key, divided by ``scale`` (and, for an extensive structure property, by
+    each structure's atom count), so dimensionless: the MSE on standardised targets.
+
+    Validation adds ``val_<name>_mae`` and ``val_<name>_rmse`` over every component, in the
+    property's unit (total, not per atom).
+
+    Args:
+        output: the model output and batch key (``property:<name>``).
+        scale: the target's scale, in its unit (per atom when ``per_atom``).
+        per_atom: divide each structure's error by its atom count (extensive targets; the
+            output must be per structure).
+        name: the metric columns' name (default: ``output`` without its prefix).
+    """
+
+    def __init__(self, output: str, scale: float, per_atom: bool = False, name: str = "") -> None:
+        if not scale > 0:
+            raise ValueError(f"PropertyLoss: scale must be positive, got {scale}")
+        self.output = output
+        self.scale = float(scale)
+        self.per_atom = per_atom
+        self.name = name or output.removeprefix(K.PROPERTY_PREFIX)
+        self.weights = {"property": 1.0}
+        self.metric_keys = ("p_abs", "p_sq", "p_n")
+        self.last_pred: Tensor | None = None
+
+    def sums(self, model: nn.Module, batch: Any, training: bool) -> tuple[Sums, Sums]:
+        pred = model(batch, {self.output}, create_graph=training)[self.output]
+        self.last_pred = pred
+        err = (pred - batch[self.output].to(pred.dtype)) / self.scale
+        if self.per_atom:
+            n = batch[K.N_ATOMS].to(pred.dtype)
+            err = err / n.reshape(-1, *([1] * (err.dim() - 1)))
+        count = torch.tensor(float(err.numel()), device=err.device)
+        return {"property": (err**2).sum()}, {"property": count}
+
+    def metric_sums(self, model: nn.Module, batch: Any, pred: Any) -> dict[str, Tensor]:
+        err = (pred.detach() - batch[self.output].to(pred.dtype)).double()
+        n = torch.tensor(float(err.numel()), dtype=torch.float64, device=err.device)
+        return {"p_abs": err.abs().sum(), "p_sq": (err**2).sum(), "p_n": n}
+
+    def metrics(self, totals: Mapping[str, float]) -> dict[str, float]:
+        n = max(totals["p_n"], 1.0)
+        return {
+            f"val_{self.name}_mae": totals["p_abs"] / n,
+            f"val_{self.name}_rmse": (totals["p_sq"] / n) ** 0.5,
+        }
 
 
 @dataclass
