@@ -308,12 +308,13 @@ def downstream_error(model_path: str, frames: str, target: str | None) -> float:
 
     model = load_model(model_path)
     structures = read_data(frames)
-    preds = Predictor(model).predict_structures(structures)
     if target is None:
+        preds = Predictor(model).predict_structures(structures)
         errors = [np.abs(p[K.FORCES] - st.forces).ravel() for p, st in zip(preds, structures)]
         return float(np.mean(np.concatenate(errors)))
     key = PROPERTIES[target][0]
     out_key = property_output(model, key)
+    preds = Predictor(model).predict_structures(structures, {out_key})
     errors = []
     for p, st in zip(preds, structures):
         ref = np.asarray(st.info[key], dtype=float)
@@ -349,11 +350,10 @@ def run_row(
         run = where / "run"
         run_finetune(opts, run, resume=resuming and (run / "last.ckpt").is_file())
         best = str(run / "best.ckpt")
-        report = json.loads((run / "report.json").read_text())
         return {
             "id": downstream_error(best, files["test_id"], target),
             "ood": downstream_error(best, files["test_ood"], target),
-            "report": summary_of(report),
+            "report": against_pretrained(s, task, best, files["replay"], row == "scratch"),
         }
 
     log(f"{label}: fine-tuning ({s.minutes} min)")
@@ -362,17 +362,34 @@ def run_row(
     return {"task": task, "target": target or "forces", "row": row, **result}
 
 
-def summary_of(report: Mapping[str, Any]) -> dict[str, Any]:
-    """Forgetting, W1 and Davies-Bouldin figures of one run's ``report.json``."""
-    from trustpot.finetune_report import forgetting_rise
+def against_pretrained(
+    s: Settings, task: str, best: str, replay: str, scratch: bool
+) -> dict[str, Any]:
+    """Forgetting and drift of the fine-tuned model ``best`` against the untouched pretrained
+    model, on the same replay frames for every row (:func:`trustpot.finetune_report.
+    finetune_report`; the run's own ``report.json`` uses its own ``--replay`` frames, which
+    differ for the MFT row). Forgetting is the rise of the pretraining-task force MAE (real xTB
+    labels for the molecules, the pretrained model's predictions for the materials). A model
+    trained from scratch has no embedding space in common with the pretrained one: its W1 and
+    CKA are not defined (NaN); the Davies-Bouldin indices still compare the two."""
+    from trustpot.data.splits import read_data
+    from trustpot.finetune_report import finetune_report, forgetting_rise
+    from trustpot.io.checkpoint import load_model
 
+    base = "trustpot-mol" if task == "molecules" else s.foundation
+    frames = read_data(replay)
+    report = finetune_report(
+        load_model(base), load_model(best), frames, Path(replay).name,
+        given_labels=task == "molecules",
+    )  # fmt: skip
     drift = list(report["drift"])
     last = drift[-1]
+    nan = float("nan")
     return {
         "forgetting": forgetting_rise(report["forgetting"]),
-        "w1_mean": float(np.mean([d["w1"] for d in drift])),
-        "w1_last": float(last["w1"]),
-        "cka_last": float(last["cka"]),
+        "w1_mean": nan if scratch else float(np.mean([d["w1"] for d in drift])),
+        "w1_last": nan if scratch else float(last["w1"]),
+        "cka_last": nan if scratch else float(last["cka"]),
         "db_before": float(last["davies_bouldin_before"]),
         "db_after": float(last["davies_bouldin_after"]),
         "verdict": str(report["verdict"]),
