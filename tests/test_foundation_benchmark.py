@@ -20,7 +20,6 @@ ZEOLITES = SHARED_DATA / "sio2_zeolites"
 BACKBONES = ("foundation", "painn")
 METHODS = ("probe", "ensemble", "perturb", "mc-dropout", "zero-shot-probe")
 NOT_APPLICABLE = {
-    ("foundation", "perturb"): "modulation hook",
     ("foundation", "mc-dropout"): "head dropout",
     ("painn", "zero-shot-probe"): "no pretrained PaiNN",
 }

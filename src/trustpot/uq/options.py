@@ -221,7 +221,11 @@ class PerturbOptions(Calibration):
     valid_fraction: float = option(0.1, "share of --train held out when --valid is not given")
     epochs: int = option(100, "fine-tuning epochs")
     max_minutes: float = option(0.0, "fine-tuning time budget, minutes (0: none)")
-    lr: float = option(1e-2, "learning rate of the perturbation layers")
+    lr: float = option(
+        1e-2,
+        "learning rate of the perturbation layers (1e-2 suits trustpot potentials; use 1e-3 "
+        "on a pretrained model: 1e-2 diverged on CHGNet)",
+    )
     backbone_lr: float = option(1e-4, "learning rate of the backbone")
     freeze_backbone: bool = option(False, "train only the perturbation layers")
     batch_size: int = option(8, "structures per step")
