@@ -112,7 +112,7 @@ def test_a_modulator_reaches_the_encoder(ethanol_structures: list[Structure]) ->
         for p in modulator.parameters():
             p.add_(0.3 * torch.randn_like(p))
     modulator.set_noise(torch.ones(1, 2, dtype=torch.float64))
-    with attached(model.backbone, modulator):
+    with attached(model, modulator):
         moved = model(g, {K.ENERGY})[K.ENERGY].detach()
         assert set(model.state_dict()) == keys  # not registered as a submodule
     assert not torch.allclose(moved, base)
