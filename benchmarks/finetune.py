@@ -12,14 +12,17 @@ Tasks:
   (:func:`trustpot.engines.corpus.generate_corpus`, 300 K Langevin MD) with the HOMO-LUMO gap
   (eV, per structure, intensive) and the dipole (e·Å, per-structure vector). In domain: small
   molecules (3-6 heavy atoms), split by molecule into fine-tuning and test molecules; out of
-  domain: larger molecules (10-20 heavy atoms) that the fine-tuning never sees. Forgetting:
-  energy/force error against the real xTB labels of held-out pretraining molecules (the
-  ``test_molecules`` of trustpot-mol's manifest, which it never trained on).
+  domain: larger molecules (10-20 heavy atoms) that the fine-tuning never sees. Replay and
+  forgetting frames: two disjoint halves of the held-out pretraining molecules (the
+  ``test_molecules`` of trustpot-mol's card, never pretrained on); the replay and MFT rows
+  train on the first half, forgetting (force error against the real xTB labels) is measured on
+  the second, which no row trains on.
 - ``materials``: CHGNet (``--foundation sevennet-0`` for SevenNet-0), pretrained on PBE(+U)
   MPtrj, fine-tuned to PBE-D3(BJ) silica zeolites (``../shared/data/sio2_zeolites``): in
   domain the 8 training topologies, out of domain the held-out PTY and UOE. Forgetting:
   forces against the untouched model's own predictions (pseudo-labels) on NaCl-in-water frames
-  (``../shared/data/nacl_water``), a system the fine-tuning never sees.
+  of ``revPBE0-D3_gen1b.xyz`` (``../shared/data/nacl_water``), a system the fine-tuning never
+  sees; the replay frames come from another file (``gen1a``), so no row trains on them.
 
 Rows (the decisions, written down):
 
@@ -73,6 +76,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 ZEOLITES = SHARED / "sio2_zeolites"
 NACL = SHARED / "nacl_water" / "revPBE0-D3_gen1a.xyz"
+#: forgetting frames of the materials task: another active-learning generation (other structures)
+NACL_FORGETTING = SHARED / "nacl_water" / "revPBE0-D3_gen1b.xyz"
 ROWS = ("scratch", "full", "llrd", "freeze", "replay", "mft")
 TASKS = ("molecules", "materials")
 FOUNDATIONS = ("chgnet", "sevennet-0")
@@ -148,9 +153,10 @@ def heavy_atoms(smiles: str) -> int:
 
 
 def molecule_sets(mode: Mode, seed: int) -> dict[str, list[str]]:
-    """SMILES of the fine-tuning, in-domain test, out-of-domain and replay molecules.
+    """SMILES of the fine-tuning, in-domain test, out-of-domain, replay and forgetting molecules.
 
-    Replay molecules are trustpot-mol's held-out test molecules (never trained on); the others
+    Replay and forgetting molecules are disjoint halves of trustpot-mol's held-out test
+    molecules (never pretrained on; only the replay half is ever trained on); the others
     come from the rest of the corpus: 3-6 heavy atoms in domain, 10-20 out of domain.
     """
     from trustpot.engines.corpus import CORPUS
@@ -163,10 +169,13 @@ def molecule_sets(mode: Mode, seed: int) -> dict[str, list[str]]:
     large = [s for s in rest if 10 <= heavy_atoms(s) <= 20]
     small = [small[i] for i in rng.permutation(len(small))[: mode.id_molecules]]
     large = [large[i] for i in rng.permutation(len(large))[: mode.ood_molecules]]
-    replay = [held_out[i] for i in rng.permutation(len(held_out))[: mode.replay_molecules]]
+    order = rng.permutation(len(held_out))
+    replay = [held_out[i] for i in order[: mode.replay_molecules]]
+    # held-out pretraining molecules that no row trains on, replay included (forgetting)
+    forgetting = [held_out[i] for i in order[mode.replay_molecules :][: mode.replay_molecules]]
     n_test = mode.test_molecules
     return {"train": small[n_test:], "test_id": small[:n_test], "test_ood": large,
-            "replay": replay}  # fmt: skip
+            "replay": replay, "forgetting": forgetting}  # fmt: skip
 
 
 def prepare_molecules(s: Settings, log: Log) -> dict[str, str]:
@@ -223,7 +232,19 @@ def prepare_materials(s: Settings, log: Log) -> dict[str, str]:
             out[name] = str(where / f"{name}.xyz")
         return {"files": out}
 
-    return dict(timed_step(s.out / "materials" / "data", config, work, log)["files"])
+    files = dict(timed_step(s.out / "materials" / "data", config, work, log)["files"])
+    held = {"source": NACL_FORGETTING.name, "n": m.n_replay, "seed": s.seed}
+
+    def forgetting(where: Path, resuming: bool) -> dict[str, Any]:
+        rng = np.random.default_rng(s.seed)
+        nacl = read(NACL_FORGETTING, ":")
+        frames = [nacl[int(i)] for i in rng.permutation(len(nacl))[: m.n_replay]]
+        write(where / "forgetting.xyz", frames, format="extxyz")
+        return {"file": str(where / "forgetting.xyz")}
+
+    step = timed_step(s.out / "materials" / "data_forgetting", held, forgetting, log)
+    files["forgetting"] = step["file"]
+    return files
 
 
 def mft_replay(files: Mapping[str, str], where: Path, pseudo_from: str | None) -> str:
@@ -353,22 +374,34 @@ def run_row(
         return {
             "id": downstream_error(best, files["test_id"], target),
             "ood": downstream_error(best, files["test_ood"], target),
-            "report": against_pretrained(s, task, best, files["replay"], row == "scratch"),
+            "best": best,
         }
 
     log(f"{label}: fine-tuning ({s.minutes} min)")
     result = timed_step(folder, config, work, log)
     log(f"{label}: ID {result['id']:.4g}, OOD {result['ood']:.4g}, {result['seconds']:.0f} s")
-    return {"task": task, "target": target or "forces", "row": row, **result}
+    best = str(folder / "run" / "best.ckpt")
+    measured = timed_step(
+        folder / "forgetting",
+        {"frames": Path(files["forgetting"]).name, "row": row},
+        lambda where, resuming: against_pretrained(
+            s, task, best, files["forgetting"], row == "scratch"
+        ),
+        log,
+    )
+    report = {k: v for k, v in measured.items() if k not in ("seconds", "reused")}
+    result = {k: v for k, v in result.items() if k not in ("report", "best", "reused")}
+    return {"task": task, "target": target or "forces", "row": row, **result, "report": report}
 
 
 def against_pretrained(
     s: Settings, task: str, best: str, replay: str, scratch: bool
 ) -> dict[str, Any]:
     """Forgetting and drift of the fine-tuned model ``best`` against the untouched pretrained
-    model, on the same replay frames for every row (:func:`trustpot.finetune_report.
-    finetune_report`; the run's own ``report.json`` uses its own ``--replay`` frames, which
-    differ for the MFT row). Forgetting is the rise of the pretraining-task force MAE (real xTB
+    model, on the same held-out frames for every row, frames that no row trained on (replay
+    included; :func:`trustpot.finetune_report.finetune_report`; the run's own ``report.json``
+    uses its ``--replay`` frames, which the replay and MFT rows train on). Forgetting is the
+    rise of the pretraining-task force MAE (real xTB
     labels for the molecules, the pretrained model's predictions for the materials). A model
     trained from scratch has no embedding space in common with the pretrained one: its W1 and
     CKA are not defined (NaN); the Davies-Bouldin indices still compare the two."""
