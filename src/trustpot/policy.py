@@ -21,8 +21,8 @@ degrees of freedom, and
     P(|e_i| > T) = erfc(x / sqrt 2) + sqrt(2 / pi) x exp(-x^2 / 2),   x = T / sigma_i.
 
 ``force-error>0.15@0.95`` fires when some atom's force error exceeds 0.15 eV/Å with probability
-at least 0.95, i.e. when ``sigma_i >= 0.15 / chi3.isf(0.95) = 0.256`` eV/Å. The rule reports
-the worst atom (atoms are not combined: under independence the probability that *any* atom
+at least 0.95, i.e. when ``sigma_i >= 0.15 / chi3.isf(0.95) = 0.15 / 0.593 = 0.253`` eV/Å. The
+rule reports the worst atom (atoms are not combined: under independence the probability that *any* atom
 exceeds T would be ``1 - prod(1 - p_i)``).
 
 ``reliability`` (PROBE, or the logistic map of a recalibrated std method) is the probability
@@ -152,8 +152,8 @@ class TrustRule:
     def spec(self) -> str:
         """The rule in the grammar (``force-error>0.15@0.95``)."""
         q = QUANTITIES[self.quantity]
-        text = f"{self.quantity}{q.op}{self.threshold:g}"
-        return text + (f"@{self.probability:g}" if self.probability is not None else "")
+        text = f"{self.quantity}{q.op}{_num(self.threshold)}"
+        return text + (f"@{_num(self.probability)}" if self.probability is not None else "")
 
     @property
     def label(self) -> str:
@@ -194,6 +194,12 @@ def parse_rule(text: str, action: Action, origin: str = "") -> TrustRule:
     elif prob is not None:
         raise ConfigError(f"{where}: {name} takes no '@' probability")
     return TrustRule(action, name, threshold, probability, origin)
+
+
+def _num(x: float) -> str:
+    """Shortest text that reads back as ``x`` (``0.15``, ``1``, ``1e-06``)."""
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _number(text: str, where: str, what: str) -> float:
