@@ -22,8 +22,8 @@ degrees of freedom, and
 
 ``force-error>0.15@0.95`` fires when some atom's force error exceeds 0.15 eV/Å with probability
 at least 0.95, i.e. when ``sigma_i >= 0.15 / chi3.isf(0.95) = 0.15 / 0.593 = 0.253`` eV/Å. The
-rule reports the worst atom (atoms are not combined: under independence the probability that *any* atom
-exceeds T would be ``1 - prod(1 - p_i)``).
+rule reports the worst atom (atoms are not combined: under independence the probability that
+*any* atom exceeds T would be ``1 - prod(1 - p_i)``).
 
 ``reliability`` (PROBE, or the logistic map of a recalibrated std method) is the probability
 that the frame's force MAE is within the wrapper's stored tolerance; ``reliability<0.5`` fires
