@@ -86,7 +86,7 @@ class Mode:
 
 MODES = {
     "quick": Mode("emt", 30, 12, 10, 2, 0.2, 40, 7, 30, 5, {"n_features": 16, "n_layers": 2}),
-    "full": Mode("xtb", 300, 60, 60, 4, 1.5, 100000, 25, 400, 10),
+    "full": Mode("xtb", 200, 50, 50, 4, 1.5, 100000, 25, 400, 10),
 }
 
 
@@ -120,10 +120,11 @@ def sample(mode: Mode, out: Path, seed: int, workers: int) -> list[Atoms]:
     path = out / "data.xyz"
     if not path.is_file():
         if mode.engine == "xtb":
-            from trustpot.engines.xtb import generate_molecules
+            from trustpot.engines.xtb import MDOptions, generate_molecules
 
             n = mode.n_train + mode.n_cal + mode.n_test
-            generate_molecules(["CCO"], [300.0], n, path, seed, workers, progress=False)
+            md = MDOptions(equilibration=200, interval=20, chunk=10)  # 10 fs apart
+            generate_molecules(["CCO"], [300.0], n, path, seed, workers, md=md, progress=False)
         else:
             from ase.build import molecule
 
@@ -257,6 +258,7 @@ def fit_models(
             load_potential(members[0]),
             cal_s,
             max_minutes=mode.minutes,
+            epochs=min(200, mode.epochs),  # 200: fit_probe's default
             seed=seed,
             log=log,
             source="calibration",

@@ -303,3 +303,15 @@ def test_md_refuses_a_rule_the_checkpoint_cannot_evaluate(
     # --stop-below is the older spelling of --halt reliability<R
     assert main([*argv, "--stop-below", "1"]) == 3
     assert "[--stop-below reliability<1]" in capsys.readouterr().err
+
+
+def test_the_monitor_works_with_an_optimizer() -> None:
+    """Any ASE dynamics: a BFGS relaxation of a compressed molecule halts at step 0."""
+    from ase.optimize import BFGS
+
+    atoms = _atoms("uq-ensemble")
+    atoms.positions *= 0.8
+    opt = BFGS(atoms, logfile=None)
+    opt.attach(TrustMonitor(TrustPolicy.from_specs(halt=["force-std>1e-6"]), atoms, opt))
+    with pytest.raises(TrustHalt, match=r"^step 0: atom \d+ \("):
+        opt.run(fmax=1e-6, steps=5)

@@ -141,8 +141,9 @@ MD_EPILOG = """\
 trust rules (RULE of --warn, --harvest, --halt):
   force-error>T@P    some atom's force error exceeds T eV/Å with probability >= P
                      (Gaussian components with the calibrated std; |error| is chi, 3 dof)
-  force-std>T        some atom's calibrated force std (per component) exceeds T eV/Å
-  frame-force-std>T  the frame's mean calibrated force std exceeds T eV/Å
+  force-std>T        some atom's force std (per component) exceeds T eV/Å (recalibrated
+                     when the wrapper was fitted with --calibration)
+  frame-force-std>T  the frame's mean force std exceeds T eV/Å
   reliability<R      the frame's reliability is below R (PROBE, or a recalibrated std method)
 Every run also halts on a non-finite energy, force or uncertainty before writing it.
 Example: --warn force-std>0.05 --harvest force-std>0.1 --halt force-error>0.3@0.95
