@@ -52,7 +52,7 @@ from ase.io import read, write
 from trustpot import keys as K
 from trustpot.calculator import CALCULATOR_OUTPUTS, Predictor, TrustpotCalculator
 from trustpot.config import load_config
-from trustpot.data.reader import atoms_to_structure
+from trustpot.data.reader import atoms_to_structure, file_sha256
 from trustpot.errors import ConfigError
 from trustpot.io.checkpoint import load_model, load_potential
 from trustpot.monitor import capabilities
@@ -86,7 +86,7 @@ class Mode:
 
 MODES = {
     "quick": Mode("emt", 30, 12, 10, 2, 0.2, 40, 7, 30, 5, {"n_features": 16, "n_layers": 2}),
-    "full": Mode("xtb", 200, 50, 50, 4, 1.5, 100000, 25, 400, 10),
+    "full": Mode("xtb", 200, 50, 50, 4, 1.5, 100000, 25, 400, 10),  # 300 frames in all
 }
 
 
@@ -115,16 +115,17 @@ def label(frames: list[Atoms], engine: str, work: Path, workers: int) -> list[At
     return [by_index.get(k) for k in range(len(frames))]
 
 
-def sample(mode: Mode, out: Path, seed: int, workers: int) -> list[Atoms]:
-    """Labelled in-domain frames: xTB Langevin MD at 300 K, or rattled EMT ethanol."""
-    path = out / "data.xyz"
+def sample(mode: Mode, out: Path, seed: int, workers: int, given: str | None) -> list[Atoms]:
+    """Labelled in-domain frames: ``given``, else xTB Langevin MD at 300 K (the frames of
+    ``trustpot data molecules --smiles CCO --frames N --seed SEED``, also the quickstart's),
+    or rattled EMT ethanol."""
+    path = Path(given) if given else out / "data.xyz"
     if not path.is_file():
         if mode.engine == "xtb":
-            from trustpot.engines.xtb import MDOptions, generate_molecules
+            from trustpot.engines.xtb import generate_molecules
 
             n = mode.n_train + mode.n_cal + mode.n_test
-            md = MDOptions(equilibration=200, interval=20, chunk=10)  # 10 fs apart
-            generate_molecules(["CCO"], [300.0], n, path, seed, workers, md=md, progress=False)
+            generate_molecules(["CCO"], [300.0], n, path, seed, workers, progress=False)
         else:
             from ase.build import molecule
 
@@ -181,10 +182,30 @@ def torsion_path(start: Atoms, n: int) -> tuple[list[Atoms], list[float]]:
     return frames, coords
 
 
+class _Broken(Exception):
+    """The molecule came apart (stops the hot path's MD)."""
+
+
+#: an atom with no other atom this close (Å) has left the molecule (bonds are under 1.6 Å)
+DETACHED = 2.0
+
+
+def detached(atoms: Atoms) -> bool:
+    """Whether some atom's nearest neighbour is farther than :data:`DETACHED`."""
+    d = atoms.get_all_distances()
+    np.fill_diagonal(d, np.inf)
+    return bool(d.min(axis=1).max() > DETACHED)
+
+
 def hot_path(
     model: Path, start: Atoms, mode: Mode, temperature: float, compress: float, seed: int
-) -> tuple[list[Atoms], list[float]]:
-    """Langevin MD with the plain potential from a compressed start; coordinate: MD step."""
+) -> tuple[list[Atoms], list[float], int | None]:
+    """Langevin MD with the plain potential from a compressed start; coordinate: MD step.
+
+    The run stops at the first kept frame where the molecule has come apart (its step is
+    returned, else None): the engine's labels of fragments are slow and beside the point, a
+    policy that has not fired by then has failed.
+    """
     from ase import units
     from ase.md import velocitydistribution as vd
     from ase.md.langevin import Langevin
@@ -211,10 +232,15 @@ def hot_path(
     def keep() -> None:
         frames.append(Atoms(numbers=atoms.numbers, positions=atoms.positions.copy()))
         coords.append(float(dyn.nsteps))
+        if detached(atoms):
+            raise _Broken
 
     dyn.attach(keep, interval=mode.stride)
-    dyn.run(mode.hot_steps)
-    return frames, coords
+    try:
+        dyn.run(mode.hot_steps)
+    except _Broken:
+        return frames, coords, int(dyn.nsteps)
+    return frames, coords, None
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -411,6 +437,11 @@ def main() -> int:
     p.add_argument("--reliability", type=float, default=0.5, help="R of reliability< (0.5)")
     p.add_argument("--hot-temperature", type=float, default=1000.0, help="K (1000)")
     p.add_argument("--compress", type=float, default=0.9, help="start size factor (0.9)")
+    p.add_argument(
+        "--data",
+        help="labelled in-domain ethanol frames instead of sampling them "
+        "(e.g. a quickstart's data_300K.xyz; at least the mode's frames)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="xTB labelling processes")
     p.add_argument("--seed", type=int, default=0)
@@ -421,17 +452,20 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = sample(mode, out, args.seed, args.workers)
+    data = sample(mode, out, args.seed, args.workers, args.data)
+    data_path = Path(args.data) if args.data else out / "data.xyz"
+    need = mode.n_train + mode.n_cal + mode.n_test
+    if len(data) < need:
+        raise SystemExit(f"{args.data or out / 'data.xyz'}: {len(data)} frames, need {need}")
     order = np.random.default_rng(args.seed).permutation(len(data))
-    split = np.split(order, [mode.n_train, mode.n_train + mode.n_cal])
+    split = np.split(order[:need], [mode.n_train, mode.n_train + mode.n_cal])
     train, cal, test = ([data[i] for i in idx] for idx in split)
     ckpts = fit_models(mode, out, train, cal, args.seed, args.threads)
+    hot = hot_path(ckpts["base"], cal[0], mode, args.hot_temperature, args.compress, args.seed)
     paths: dict[str, tuple[list[Atoms], list[float]]] = {
         "stretch": stretch_path(cal[0], mode.scan_points),
         "torsion": torsion_path(cal[0], mode.scan_points),
-        "hot": hot_path(
-            ckpts["base"], cal[0], mode, args.hot_temperature, args.compress, args.seed
-        ),
+        "hot": hot[:2],
         "test_id": (test, [float(k) for k in range(len(test))]),
     }
     rows: list[dict[str, Any]] = []
@@ -465,6 +499,9 @@ def main() -> int:
         "reliability": args.reliability,
         "hot_temperature": args.hot_temperature,
         "compress": args.compress,
+        "hot_came_apart_at_step": hot[2],
+        "data": str(data_path),
+        "data_sha256": file_sha256(data_path),
         "threads": args.threads,
         "seed": args.seed,
         "git": commit,
@@ -474,14 +511,20 @@ def main() -> int:
     (out / "policy.json").write_text(
         json.dumps({"settings": settings, "rows": rows, "series": series}, indent=1)
     )
+    broke = (
+        f"the molecule came apart (an atom {DETACHED} Å from all others) at step {hot[2]}, "
+        "where the MD stopped"
+        if hot[2] is not None
+        else "the molecule stayed whole"
+    )
     text = (
         f"# Trust policies on out-of-domain paths ({mode_name}, {mode.engine})\n\n"
         f"Ethanol, {len(train)} training frames; T = {args.error} eV/Å; halt rules "
         f"`force-error>{args.error}@P` (P = {', '.join(map(str, args.probability))}) and "
         f"`reliability<{args.reliability}`; "
         f"hot path: {args.hot_temperature:g} K from a start compressed to {args.compress}, "
-        f"every {mode.stride} steps; git {commit}; {settings['wall_s'] / 60:.1f} min.\n\n"
-        + table(rows)
+        f"every {mode.stride} steps ({broke}); git {commit}; {settings['wall_s'] / 60:.1f} min."
+        "\n\n" + table(rows)
     )
     (out / "policy.md").write_text(text)
     print(text)
