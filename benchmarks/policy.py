@@ -11,7 +11,7 @@ each recalibrated on held-out calibration frames (PROBE calibrates itself), as i
 - ``torsion``: the methyl group rotated rigidly about the C-C bond in steps over 360 degrees
   (eclipsed conformers are rare at 300 K);
 - ``hot``: Langevin MD driven by ensemble member 0 (a plain potential, as a user would run it)
-  at ``--hot-temperature`` from a start compressed to ``--compress`` of its size, every
+  at ``--hot-temperature`` from a start compressed to ``--compress`` of its size (0.95), every
   ``--stride``-th step kept;
 
 and the in-domain test frames (unordered), where a halt is a false alarm.
@@ -436,7 +436,7 @@ def main() -> int:
     )
     p.add_argument("--reliability", type=float, default=0.5, help="R of reliability< (0.5)")
     p.add_argument("--hot-temperature", type=float, default=1000.0, help="K (1000)")
-    p.add_argument("--compress", type=float, default=0.9, help="start size factor (0.9)")
+    p.add_argument("--compress", type=float, default=0.95, help="start size factor (0.95)")
     p.add_argument(
         "--data",
         help="labelled in-domain ethanol frames instead of sampling them "
@@ -471,7 +471,10 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     series: dict[str, Any] = {}
     for name, (frames, coords) in paths.items():
-        truth = test if name == "test_id" else label(frames, mode.engine, out / name, args.workers)
+        folder = out / (
+            f"hot_{args.hot_temperature:g}K_{args.compress:g}" if name == "hot" else name
+        )
+        truth = test if name == "test_id" else label(frames, mode.engine, folder, args.workers)
         for method in METHODS:
             model = load_model(ckpts[method], UQModel)
             policies = rules_for(model, args.error, args.probability, args.reliability)
