@@ -388,6 +388,47 @@ def _at(coords: list[float], k: int | None, unit: str) -> str:
     return "never" if k is None else f"frame {k} ({coords[k]:.4g}{unit})"
 
 
+def plot(series: dict[str, Any], args: argparse.Namespace, out: Path) -> list[str]:
+    """One PNG per path: the true largest force error, the std methods' largest calibrated std
+    against the std where ``force-error>T@P`` fires, and every reliability against R."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trustpot.policy import sigma_for_exceedance
+
+    written = []
+    labels = {"stretch": "r(C-O), Å", "torsion": "methyl torsion, degrees", "hot": "MD step"}
+    for path, xlabel in labels.items():
+        fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
+        for k, method in enumerate(METHODS):
+            s = series[f"{path}/{method}"]
+            x, style = s["coords"], {"marker": ".", "label": method, "color": f"C{k}"}
+            axes[0].plot(x, s["max_force_error"], **style)
+            if "max_forces_std" in s:
+                axes[1].plot(x, s["max_forces_std"], **style)
+            if "reliability" in s:
+                axes[2].plot(x, s["reliability"], **style)
+        axes[0].axhline(args.error, color="k", ls="--", lw=0.8, label=f"T = {args.error}")
+        for p, ls in zip(args.probability, (":", "-.", "--", "-"), strict=False):
+            sigma = sigma_for_exceedance(args.error, p)
+            axes[1].axhline(sigma, color="k", ls=ls, lw=0.8, label=f"force-error fires, P = {p}")
+        axes[2].axhline(args.reliability, color="k", ls="--", lw=0.8)
+        axes[0].set_ylabel("largest force error, eV/Å")
+        axes[1].set_ylabel("largest calibrated std, eV/Å")
+        axes[2].set_ylabel("reliability")
+        axes[2].set_xlabel(xlabel)
+        axes[0].legend(fontsize=7)
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        name = f"policy_{path}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| path | method | halt rule | fires at | first frame with error > T | fired frames "
@@ -529,6 +570,8 @@ def main() -> int:
         f"every {mode.stride} steps ({broke}); git {commit}; {settings['wall_s'] / 60:.1f} min."
         "\n\n" + table(rows)
     )
+    figures = plot(series, args, out)
+    text += "\n" + "\n".join(f"![{name}]({name})" for name in figures) + "\n"
     (out / "policy.md").write_text(text)
     print(text)
     return 0
