@@ -87,6 +87,7 @@ def test_rules_parse_and_print_back() -> None:
         ("force-std>abc", "'abc' is not a number"),
         ("force-std>nan", "finite"),
         ("0.2", "not a rule"),
+        ("force-std", "quote the rule"),  # `--halt force-std>0.2` unquoted in a shell
     ],
 )
 def test_bad_rules_are_refused_naming_the_flag(text: str, match: str) -> None:

@@ -170,7 +170,10 @@ def parse_rule(text: str, action: Action, origin: str = "") -> TrustRule:
     where = f"{origin or action} '{text}'"
     m = _RULE.match(text)
     if m is None:
-        raise ConfigError(f"{where}: not a rule; expected one of: {GRAMMAR}")
+        hint = ""
+        if text.strip() in QUANTITIES:  # what an unquoted rule leaves after the shell
+            hint = " (quote the rule: a shell reads an unquoted > or < as a redirection)"
+        raise ConfigError(f"{where}: not a rule{hint}; expected one of: {GRAMMAR}")
     name, op, value, prob = m.groups()
     if name not in QUANTITIES:
         raise ConfigError(f"{where}: unknown quantity '{name}'; known: {', '.join(QUANTITIES)}")

@@ -146,7 +146,8 @@ trust rules (RULE of --warn, --harvest, --halt):
   frame-force-std>T  the frame's mean force std exceeds T eV/Å
   reliability<R      the frame's reliability is below R (PROBE, or a recalibrated std method)
 Every run also halts on a non-finite energy, force or uncertainty before writing it.
-Example: --warn force-std>0.05 --harvest force-std>0.1 --halt force-error>0.3@0.95
+Quote each rule (a shell reads > and < as redirections), e.g.
+  --warn 'force-std>0.05' --harvest 'force-std>0.1' --halt 'force-error>0.3@0.95'
 """
 
 
