@@ -47,6 +47,11 @@ BASES: dict[tuple[str, ...], list[list[str]]] = {
         ["--target", "homo_lumo_gap"],
     ],
 }
+#: Extra arguments under which a flag that only acts with another one takes effect (not
+#: modes: no flag is rejected for being of "another mode"). Without them it is rejected by name.
+REQUIRES: dict[tuple[str, ...], list[list[str]]] = {
+    ("md",): [["--harvest", "force-std>0.2"]],  # --harvest-file
+}
 #: The flag that selects the mode of a command (exercised through BASES).
 MODE_FLAGS = {
     ("data", "split"): "--rule",
@@ -68,6 +73,9 @@ TEXT_VALUES: dict[str, tuple[str, str]] = {
     "smiles": ("CCO", "CC"),
     "task": ("all", "duplication"),
     "rest": ("none", "valid"),
+    "warn": ("force-std>0.2", "reliability<0.5"),
+    "harvest": ("force-std>0.2", "frame-force-std>0.1"),
+    "halt": ("force-error>0.15@0.95", "reliability<0.5"),
 }
 
 
@@ -162,7 +170,7 @@ def test_every_flag_changes_the_options(path: tuple[str, ...], flag: str, tmp_pa
     parser = LEAVES[path]
     action = next(a for a in _flags(parser) if _name(a) == flag)
     changed_somewhere = False
-    for extra in BASES.get(path, [[]]):
+    for extra in BASES.get(path, [[]]) + REQUIRES.get(path, []):
         base = [*_base_argv(path, parser, tmp_path), *extra]
         before = _resolve(base)
         if action.choices and action.option_strings:

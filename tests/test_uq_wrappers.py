@@ -246,23 +246,28 @@ def test_uq_cli_probe_and_perturb(tmp_path, ethanol_file, ethanol_structures):
     assert K.RELIABILITY in pert.supported_outputs()
 
 
-def test_md_logs_reliability_and_stops_below_threshold(tmp_path, ethanol_structures):
+def test_md_logs_reliability_and_halts_below_threshold(tmp_path, ethanol_structures):
     from trustpot.md import run_md
+    from trustpot.monitor import TrustHalt
+    from trustpot.policy import TrustPolicy
 
     ens = DeepEnsemble(_members(ethanol_structures, 2))
     calc = TrustpotCalculator(Predictor(ens))
     atoms = ethanol_structures[0].to_atoms(with_labels=False)
+    below = TrustPolicy.from_specs(halt=["reliability<0.5"])
     with pytest.raises(ConfigError, match="reliability"):
-        run_md(calc, atoms, 4, 300, tmp_path / "a.xyz", interval=2, stop_below=0.5)
+        run_md(calc, atoms, 4, 300, tmp_path / "a.xyz", interval=2, policy=below)
     recalibrate(ens, ethanol_structures[:12])
     calc = TrustpotCalculator(Predictor(ens))
     stats = run_md(calc, atoms, 6, 300, tmp_path / "b.xyz", interval=2)
     lines = (tmp_path / "b.xyz.reliability.csv").read_text().splitlines()
     assert lines[0].startswith("step,time_fs,reliability") and len(lines) == 1 + 4  # 0,2,4,6
-    assert stats["stopped_at_step"] == -1 and 0 <= stats["min_reliability"] <= 1
-    # reliability never exceeds 1, so a threshold above it stops at the first check
-    stats = run_md(calc, atoms, 6, 300, tmp_path / "c.xyz", interval=2, stop_below=1.01)
-    assert stats["stopped_at_step"] == 2 and stats["steps"] == 2
+    assert stats["frames"] == 4 and 0 <= stats["min_reliability"] <= 1
+    # reliability is below 1 (a sigmoid), so reliability<1 halts at the first step
+    with pytest.raises(TrustHalt) as exc:
+        run_md(calc, atoms, 6, 300, tmp_path / "c.xyz", interval=2,
+               policy=TrustPolicy.from_specs(halt=["reliability<1"]))  # fmt: skip
+    assert exc.value.event.step == 0 and exc.value.stats["steps"] == 0
 
 
 def test_std_floor_keeps_raw_ranking_and_reliability(ethanol_structures):

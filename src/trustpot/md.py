@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from ase.md.verlet import VelocityVerlet
 
 from trustpot.calculator import TrustpotCalculator
 from trustpot.errors import ConfigError
+from trustpot.monitor import TrustHalt, TrustMonitor
+from trustpot.policy import TrustPolicy
 
 
 def _thermalize(atoms: Atoms, temperature: float, rng: np.random.Generator) -> None:
@@ -56,65 +59,78 @@ def run_md(
     thermostat: str = "langevin",
     interval: int = 10,
     seed: int = 0,
-    stop_below: float | None = None,
+    policy: TrustPolicy | None = None,
+    harvest_file: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Run ``steps`` of MD at ``temperature`` K, writing every ``interval``-th frame to ``out``.
 
+    A :class:`~trustpot.monitor.TrustMonitor` applies ``policy`` (default: no rules) before
+    each frame is written: halt rules and the non-finite check at every step, warn and harvest
+    rules on the written frames' steps. A halt raises :class:`~trustpot.monitor.TrustHalt`
+    (with ``stats`` filled in) after closing ``out``, which keeps every frame written before.
     With a reliability wrapper (``trustpot uq fit``) every written frame's ``reliability``,
-    ``energy_std`` and largest per-atom ``forces_std`` go to ``OUT.reliability.csv``, and the
-    run stops at the first written frame whose reliability is below ``stop_below``.
+    ``energy_std`` and largest per-atom ``forces_std`` go to ``OUT.reliability.csv``.
 
     Args:
         thermostat: ``langevin`` (NVT) or ``nve`` (velocity Verlet after Maxwell-Boltzmann
             initialisation).
         out: trajectory file; ``.traj`` writes an ASE trajectory, anything else extended XYZ.
-        stop_below: reliability threshold in [0, 1] (needs a calibrated wrapper).
+        policy: trust rules (checked against the calculator first: ConfigError).
+        harvest_file: extxyz file for harvested frames (started afresh, like ``out``).
+        log: where warnings go (default: standard error).
 
     Returns:
         ``steps`` (done), ``seconds``, ``steps_per_second``, ``final_temperature`` (K),
-        ``max_energy_drift`` (eV/atom, total-energy drift relative to step 0) and, with a
-        wrapper, ``min_reliability`` and ``stopped_at_step`` (-1 when it ran to the end).
+        ``max_energy_drift`` (eV/atom, total-energy drift relative to step 0), ``frames``
+        (written), ``warnings`` and ``harvested`` (events) and, with a reliability output,
+        ``min_reliability``.
+
+    Raises:
+        TrustHalt: when a halt rule fires or a value is not finite.
     """
     if steps < 1:
         raise ConfigError(f"--steps must be positive, got {steps}")
     if temperature < 0:
         raise ConfigError(f"--temperature must be non-negative, got {temperature}")
-    monitor = "reliability" in calculator.implemented_properties
-    if stop_below is not None and not monitor:
-        raise ConfigError(
-            "--stop-below needs a checkpoint that gives reliability "
-            "(trustpot uq fit ... --calibration DATA)"
-        )
     if interval < 1:
         raise ConfigError(f"--interval must be positive, got {interval}")
+    monitor_reliability = "reliability" in calculator.implemented_properties
     atoms = atoms.copy()
     atoms.calc = calculator
+    out = Path(out)
+    monitor = TrustMonitor(
+        policy or TrustPolicy(), atoms, None, harvest_file, log, interval, source=out.name
+    )
     rng = np.random.default_rng(seed)
     _thermalize(atoms, temperature, rng)
     Stationary(atoms)
     if not atoms.pbc.any():
         ZeroRotation(atoms)
     dyn = _integrator(atoms, thermostat, timestep_fs, temperature, friction, rng)
-    out = Path(out)
+    monitor.dyn = dyn
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        out.unlink()
+    for path in (out, None if harvest_file is None else Path(harvest_file)):
+        if path is not None and path.exists():
+            path.unlink()
     traj = Trajectory(str(out), "w", atoms) if out.suffix == ".traj" else None
     e0 = atoms.get_total_energy()
     drift = 0.0
+    frames = 0
     log_path = out.with_name(out.name + ".reliability.csv")
     reliabilities: list[float] = []
-    if monitor:
+    if monitor_reliability:
         log_path.write_text("step,time_fs,reliability,energy_std_eV,max_forces_std_eV_per_A\n")
 
     def record() -> None:
-        nonlocal drift
+        nonlocal drift, frames
         drift = max(drift, abs(atoms.get_total_energy() - e0) / len(atoms))
         if traj is not None:
             traj.write()
         else:
             write(str(out), atoms, format="extxyz", append=True)
-        if monitor:
+        frames += 1
+        if monitor_reliability:
             res = calculator.results
             step = dyn.nsteps
             reliabilities.append(float(res["reliability"]))
@@ -125,28 +141,33 @@ def run_md(
                     f"{float(np.max(res.get('forces_std', [np.nan]))):.6g}\n"
                 )
 
+    dyn.attach(monitor, interval=1)  # first: a halted or non-finite frame is never written
     dyn.attach(record, interval=interval)
     start = time.perf_counter()
-    stopped_at = -1
-    done = 0
-    while done < steps:
-        chunk = min(interval, steps - done)
-        dyn.run(chunk)
-        done += chunk
-        if stop_below is not None and reliabilities and reliabilities[-1] < stop_below:
-            stopped_at = done
-            break
-    seconds = time.perf_counter() - start
-    if traj is not None:
-        traj.close()
-    stats = {
-        "steps": float(done),
-        "seconds": seconds,
-        "steps_per_second": done / seconds,
-        "final_temperature": float(atoms.get_temperature()),
-        "max_energy_drift": drift,
-    }
-    if monitor:
-        stats["min_reliability"] = min(reliabilities) if reliabilities else float("nan")
-        stats["stopped_at_step"] = float(stopped_at)
-    return stats
+
+    def statistics() -> dict[str, float]:
+        seconds = time.perf_counter() - start
+        done = int(dyn.nsteps)
+        stats = {
+            "steps": float(done),
+            "seconds": seconds,
+            "steps_per_second": done / seconds if seconds > 0 else 0.0,
+            "final_temperature": float(atoms.get_temperature()),
+            "max_energy_drift": drift,
+            "frames": float(frames),
+            "warnings": float(monitor.counts["warn"]),
+            "harvested": float(monitor.counts["harvest"]),
+        }
+        if monitor_reliability:
+            stats["min_reliability"] = min(reliabilities) if reliabilities else float("nan")
+        return stats
+
+    try:
+        dyn.run(steps)
+    except TrustHalt as halt:
+        halt.stats = statistics()
+        raise
+    finally:
+        if traj is not None:
+            traj.close()
+    return statistics()

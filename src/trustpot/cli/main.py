@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trustpot.cli.flags import add_flags, from_args, option
-from trustpot.errors import TrustpotError
+from trustpot.errors import ConfigError, TrustpotError
 
 if TYPE_CHECKING:
     from trustpot.config import RunConfig
+    from trustpot.policy import TrustPolicy
 
 
 def _add_train(sub: argparse._SubParsersAction[Any]) -> None:
@@ -108,50 +109,115 @@ class MDRunOptions:
     thermostat: str = option("langevin", "langevin (NVT) or nve", choices=("langevin", "nve"))
     interval: int = option(10, "write every N steps")
     seed: int = option(0, "seed of the initial velocities and the thermostat")
-    stop_below: float | None = option(
-        None, "stop when a written frame's reliability falls below this (uq checkpoints)"
-    )
+    warn: tuple[str, ...] = option(
+        (), "log a line when the rule holds (checked on written frames; repeatable)",
+        action="append", metavar="RULE",
+    )  # fmt: skip
+    harvest: tuple[str, ...] = option(
+        (), "append the frame with its uncertainties, step and score to --harvest-file when "
+        "the rule holds (checked on written frames; repeatable)",
+        action="append", metavar="RULE",
+    )  # fmt: skip
+    harvest_file: str = option("", "extxyz file of harvested frames (default OUT.harvest.xyz)")
+    halt: tuple[str, ...] = option(
+        (), "stop when the rule holds, checked every step: one-line message, exit code 3, "
+        "the trajectory so far kept (repeatable)",
+        action="append", metavar="RULE",
+    )  # fmt: skip
+    stop_below: float | None = option(None, "alias of --halt reliability<R (older spelling)")
     out: str = option("", "trajectory (.traj or .xyz)", required=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class MDRequest:
+    """``trustpot md``: the options, the trust policy they describe and the harvest file."""
+
+    options: MDRunOptions
+    policy: TrustPolicy
+    harvest_file: str | None
+
+
+MD_EPILOG = """\
+trust rules (RULE of --warn, --harvest, --halt):
+  force-error>T@P    some atom's force error exceeds T eV/Å with probability >= P
+                     (Gaussian components with the calibrated std; |error| is chi, 3 dof)
+  force-std>T        some atom's force std (per component) exceeds T eV/Å (recalibrated
+                     when the wrapper was fitted with --calibration)
+  frame-force-std>T  the frame's mean force std exceeds T eV/Å
+  reliability<R      the frame's reliability is below R (PROBE, or a recalibrated std method)
+Every run also halts on a non-finite energy, force or uncertainty before writing it.
+Quote each rule (a shell reads > and < as redirections), e.g.
+  --warn 'force-std>0.05' --harvest 'force-std>0.1' --halt 'force-error>0.3@0.95'
+"""
 
 
 def _add_md(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
         "md",
         help="run molecular dynamics with a checkpoint",
-        description="Langevin (NVT) or NVE dynamics through ASE.",
+        description="Langevin (NVT) or NVE dynamics through ASE, with optional trust rules "
+        "that warn, harvest uncertain frames or halt.",
+        epilog=MD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_flags(p, MDRunOptions)
-    p.set_defaults(
-        resolve=lambda a: from_args(MDRunOptions, a),
-        run=_md,
-        out_dir=lambda a: str(Path(a.out).parent),
-    )
+    p.set_defaults(resolve=_resolve_md, run=_md, out_dir=lambda a: str(Path(a.out).parent))
 
 
-def _md(opts: MDRunOptions) -> int:
+def _resolve_md(args: argparse.Namespace) -> MDRequest:
+    """The options, with the rules parsed (errors name the flag) and the harvest file set."""
+    from trustpot.policy import TrustPolicy, parse_rule
+
+    opts = from_args(MDRunOptions, args)
+    rules = TrustPolicy.from_specs(opts.warn, opts.harvest, opts.halt, flags=True).rules
+    if opts.stop_below is not None:
+        rules += (parse_rule(f"reliability<{opts.stop_below!r}", "halt", "--stop-below"),)
+    policy = TrustPolicy(rules)
+    harvest_file = opts.harvest_file or None
+    if policy.of("harvest"):
+        harvest_file = harvest_file or opts.out + ".harvest.xyz"
+    elif harvest_file is not None:
+        raise ConfigError("--harvest-file needs at least one --harvest RULE")
+    return MDRequest(opts, policy, harvest_file)
+
+
+def _md(req: MDRequest) -> int:
     import json
 
     from trustpot.calculator import TrustpotCalculator
     from trustpot.data.reader import read_structures
     from trustpot.data.structures import check_species
     from trustpot.md import run_md
+    from trustpot.monitor import TrustHalt
 
+    opts = req.options
     calc = TrustpotCalculator.from_checkpoint(opts.checkpoint)
     (start,) = read_structures(opts.structure, require=(), index=0)
     check_species([start], calc.predictor.species, opts.structure)
-    stats = run_md(
-        calc,
-        start.to_atoms(with_labels=False),
-        opts.steps,
-        opts.temperature,
-        opts.out,
-        timestep_fs=opts.timestep,
-        friction=opts.friction,
-        thermostat=opts.thermostat,
-        interval=opts.interval,
-        seed=opts.seed,
-        stop_below=opts.stop_below,
-    )
+    try:
+        stats = run_md(
+            calc,
+            start.to_atoms(with_labels=False),
+            opts.steps,
+            opts.temperature,
+            opts.out,
+            timestep_fs=opts.timestep,
+            friction=opts.friction,
+            thermostat=opts.thermostat,
+            interval=opts.interval,
+            seed=opts.seed,
+            policy=req.policy,
+            harvest_file=req.harvest_file,
+        )
+    except TrustHalt as halt:
+        print(json.dumps(halt.stats, indent=1))
+        frames = int(halt.stats.get("frames", 0))
+        print(
+            f"trustpot: halted at {halt.event.message()}; trajectory kept: {opts.out} "
+            f"({frames} frames)",
+            file=sys.stderr,
+        )
+        return 3
     print(json.dumps(stats, indent=1))
     return 0
 
