@@ -544,7 +544,7 @@ def main() -> int:
         "hot_temperature": args.hot_temperature,
         "compress": args.compress,
         "hot_came_apart_at_step": hot[2],
-        "data": str(data_path),
+        "data": data_path.name,  # no machine path in a committed result
         "data_sha256": file_sha256(data_path),
         "threads": args.threads,
         "seed": args.seed,
