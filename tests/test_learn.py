@@ -1,0 +1,258 @@
+"""``trustpot learn``: selection, options, provenance, resume, and the quick run end to end.
+
+The loop tests use the N-body engine (exact labels, no extra package, milliseconds per frame);
+the ``--quick`` run uses GFN2-xTB and skips without the ``xtb`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from ase.io import read
+
+from trustpot import keys as K
+from trustpot.cli.main import main
+from trustpot.errors import ConfigError
+from trustpot.learn.options import LearnOptions, quick_values
+from trustpot.learn.rounds import CALIBRATION, TRAIN, split_roles
+from trustpot.learn.select import (
+    farthest_point_sampling,
+    frame_score,
+    pool_size,
+    select_diverse,
+    select_random,
+    structure_descriptors,
+    top_k,
+)
+
+HAVE_XTB = find_spec("tblite") is not None and find_spec("rdkit") is not None
+
+
+# -- selection -----------------------------------------------------------------------------
+def test_top_k_orders_by_score_then_index_with_nan_last() -> None:
+    scores = [0.2, np.nan, 0.9, 0.2, 0.5]
+    assert top_k(scores, 3) == [2, 4, 0]
+    assert top_k(scores, 10) == [2, 4, 0, 3, 1]
+    assert top_k(scores, 0) == []
+
+
+def test_farthest_point_sampling_picks_one_frame_per_cluster() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = np.concatenate([c + 0.01 * rng.normal(size=(5, 2)) for c in centres])
+    picked = farthest_point_sampling(points, 3, first=0)
+    assert picked[0] == 0
+    assert sorted(i // 5 for i in picked) == [0, 1, 2]  # one from each cluster
+    assert farthest_point_sampling(points, 50) == sorted(
+        farthest_point_sampling(points, 50), key=farthest_point_sampling(points, 50).index
+    )
+    assert len(set(farthest_point_sampling(points, 50))) == len(points)
+
+
+def test_select_diverse_spreads_the_top_scores_over_the_embedding_space() -> None:
+    """The 6 highest scores are near-copies (consecutive MD frames); top-k takes 3 of them,
+    FPS over a pool of 4 x 3 takes the best one and then frames elsewhere."""
+    rng = np.random.default_rng(1)
+    copies = 0.001 * rng.normal(size=(6, 4))
+    others = rng.normal(size=(10, 4)) * 5
+    desc = np.concatenate([copies, others])
+    scores = np.concatenate([np.linspace(1.0, 0.9, 6), np.linspace(0.8, 0.1, 10)])
+    assert select_diverse(scores, desc, 3, pool_factor=1.0) == [0, 1, 2]  # plain top-k
+    diverse = select_diverse(scores, desc, 3, pool_factor=4.0)
+    assert diverse[0] == 0  # starts from the highest score
+    assert sum(i < 6 for i in diverse) == 1  # one of the near-copies only
+    pool = set(top_k(scores, pool_size(3, 4.0)))
+    assert set(diverse) <= pool  # and only among the top-scoring candidates
+    assert pool_size(3, 0.5) == 3 and pool_size(3, 4.0) == 12
+
+
+def test_random_selection_is_seeded_and_without_repeats() -> None:
+    a = select_random(20, 5, seed=3)
+    assert a == select_random(20, 5, seed=3) != select_random(20, 5, seed=4)
+    assert len(set(a)) == 5 and all(0 <= i < 20 for i in a)
+    assert sorted(select_random(3, 5, seed=0)) == [0, 1, 2]
+
+
+def test_structure_descriptors_average_per_element() -> None:
+    emb = [np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), np.array([[7.0, 8.0]])]
+    numbers = [np.array([1, 1, 8]), np.array([8])]
+    d = structure_descriptors(emb, numbers, species=[1, 6, 8])
+    assert d.shape == (2, 6)
+    np.testing.assert_allclose(d[0], [2.0, 3.0, 0.0, 0.0, 5.0, 6.0])
+    np.testing.assert_allclose(d[1], [0.0, 0.0, 0.0, 0.0, 7.0, 8.0])
+
+
+def test_frame_score_reads_the_std_before_recalibration() -> None:
+    pred: dict[str, Any] = {
+        K.FORCES_STD: np.array([0.5, 0.5]),
+        K.FORCES_STD_RAW: np.array([0.1, 0.3]),
+        K.RELIABILITY: 0.25,
+    }
+    assert frame_score(pred, "max-std") == pytest.approx(0.3)
+    assert frame_score(pred, "mean-std") == pytest.approx(0.2)
+    assert frame_score(pred, "reliability") == pytest.approx(0.75)
+    assert frame_score({K.FORCES_STD: np.array([0.4])}, "max-std") == pytest.approx(0.4)
+    with pytest.raises(ConfigError, match="reliability"):
+        frame_score({K.FORCES_STD: np.array([0.4])}, "reliability")
+
+
+def test_split_roles_holds_out_a_seeded_share() -> None:
+    roles = split_roles(10, 0.2, seed=0)
+    assert roles.count(CALIBRATION) == 2 and roles == split_roles(10, 0.2, seed=0)
+    assert split_roles(10, None, seed=0) == [TRAIN] * 10
+    assert split_roles(6, 0.1, seed=0, minimum=2).count(CALIBRATION) == 2
+    assert split_roles(1, 0.5, seed=0) == [TRAIN]
+
+
+# -- options -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"engine": "nbody", "smiles": ("CCO",)}, "--smiles"),
+        ({"particles": (3,)}, "--particles"),
+        ({"uq": "probe", "n_models": 3}, "--n-models"),
+        ({"uq": "ensemble", "uq_minutes": 1.0}, "--uq-minutes"),
+        ({"uq": "random", "baseline": True}, "--baseline"),
+        ({"uq": "random", "pool_factor": 2.0}, "--pool-factor"),
+        ({"uq": "probe", "score": "max-std"}, "--score"),
+        ({"pool_factor": 0.0}, "--pool-factor"),
+        ({"calibration_fraction": 1.0}, "--calibration-fraction"),
+        ({"interval": 50, "md_steps": 20}, "--interval"),
+        ({"initial": "a.xyz", "initial_frames": 4}, "--initial-frames"),
+        ({"min_distance": 1.5}, "--min-distance"),
+        ({"overrides": ("train.nothing=1",)}, "train.nothing"),
+    ],
+)
+def test_bad_options_name_the_flag(kwargs: dict[str, Any], flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        LearnOptions(out="x", **kwargs)
+
+
+def test_quick_preset_never_overrides_what_was_given() -> None:
+    opts = LearnOptions(**quick_values({"out": "x", "rounds": 5, "overrides": ("train.lr=0.1",)}))
+    assert opts.quick and opts.rounds == 5 and opts.baseline and opts.smiles == ("CO", "CC")
+    assert opts.overrides[-1] == "train.lr=0.1"  # the user's -o comes last, so it wins
+    nbody = LearnOptions(**quick_values({"out": "x", "engine": "nbody", "uq": "random"}))
+    assert nbody.particles and not nbody.baseline and nbody.smiles == ()
+
+
+def test_missing_systems_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["learn", "--out", str(tmp_path / "al")]) == 2
+    assert "--smiles" in capsys.readouterr().err
+
+
+# -- the loop (N-body engine) --------------------------------------------------------------
+def _nbody_argv(out: Path, rounds: int) -> list[str]:
+    return [
+        "learn",
+        "--engine",
+        "nbody",
+        "--particles",
+        "3",
+        "--temperature",
+        "600",
+        "--initial-frames",
+        "8",
+        "--test-frames",
+        "6",
+        "--rounds",
+        str(rounds),
+        "--per-round",
+        "3",
+        "--walkers",
+        "1",
+        "--md-steps",
+        "20",
+        "--interval",
+        "2",
+        "--n-models",
+        "2",
+        "--epochs",
+        "3",
+        "--max-minutes",
+        "1",
+        "--workers",
+        "0",
+        "-o",
+        "model.hypers.n_features=8",
+        "-o",
+        "model.hypers.n_layers=1",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+
+
+@pytest.mark.slow
+def test_resume_reuses_finished_rounds_and_frames_keep_provenance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "al"
+    assert main(_nbody_argv(out, 1)) == 0
+    fit0 = out / "rounds" / "00" / "fit" / "state.json"
+    first = fit0.read_text()
+    assert (out / "rounds" / "01" / "fit" / "state.json").is_file()
+    capsys.readouterr()
+    # a kill while labelling round 1: its acquire step is unfinished and a frame is missing
+    acquire = out / "rounds" / "00" / "acquire"
+    for step in (acquire, acquire / "label"):
+        state = json.loads((step / "state.json").read_text())
+        (step / "state.json").write_text(json.dumps({**state, "status": "running"}))
+    labelled = acquire / "label" / "labelled.xyz"
+    text = labelled.read_text().splitlines(keepends=True)
+    n_atoms = int(text[0])
+    labelled.write_text("".join(text[: -(n_atoms + 2)]))  # the last frame never arrived
+    # rerun with one more round: round 0 is reused, its labelling resumed, round 2 added
+    assert main(_nbody_argv(out, 2)) == 0
+    log = capsys.readouterr().out
+    assert fit0.read_text() == first
+    assert "rounds/00/fit: done already, reused" in log
+    assert "rounds/00/acquire/explore: done already, reused" in log
+    assert "rounds/00/acquire/label: unfinished, resuming" in log
+    assert (out / "rounds" / "02" / "fit" / "state.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    (ens,) = report["strategies"]
+    assert [r["round"] for r in ens["rounds"]] == [0, 1, 2]
+    assert [r["labels"] for r in ens["rounds"]] == [8, 11, 14]
+    frames = read(str(out / "data.xyz"), ":")
+    assert len(frames) == 14 == len({a.info["al_id"] for a in frames})
+    explored = [a for a in frames if a.info["al_round"] >= 0]
+    assert len(explored) == 6
+    for a in explored:
+        assert a.info["engine"] == "trustpot-nbody" and a.info["al_source"] == "md"
+        assert a.info["al_role"] in (TRAIN, CALIBRATION)
+        assert a.info["al_source_step"] % 2 == 0 and a.info["al_seed_frame"]
+        assert np.isfinite(a.info["al_score"]) and a.get_forces().shape == (3, 3)
+    assert {a.info["al_round"] for a in frames} == {-1, 0, 1}
+    assert all(a.info["al_source"] == "start" for a in frames if a.info["al_round"] == -1)
+    # another exploration setting is refused, naming it, instead of mixing rounds
+    assert main([*_nbody_argv(out, 2), "--walkers", "2"]) == 2
+    assert "walkers" in capsys.readouterr().err
+
+
+# -- the quick run (GFN2-xTB) --------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(not HAVE_XTB, reason="the xtb extra (tblite, rdkit) is not installed")
+def test_quick_run_writes_learning_curves_for_uq_and_random(tmp_path: Path) -> None:
+    out = tmp_path / "quick"
+    assert main(["learn", "--quick", "--quiet", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    names = [s["strategy"] for s in report["strategies"]]
+    assert names == ["ensemble", "random"]
+    for s in report["strategies"]:
+        assert len(s["rounds"]) == 3  # two labelling rounds, then the last fit
+        labels = [r["labels"] for r in s["rounds"]]
+        assert labels == sorted(labels) and labels[-1] > labels[0]
+        assert all(np.isfinite(r["test"]["forces_mae"]) for r in s["rounds"])
+    assert "spearman" in report["strategies"][0]["rounds"][0]["test"]
+    assert (out / "learning_curve.png").stat().st_size > 0
+    assert (out / "data.xyz").is_file() and (out / "baseline" / "data.xyz").is_file()
+    assert "| ensemble |" in (out / "report.md").read_text()
