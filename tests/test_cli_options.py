@@ -46,12 +46,19 @@ BASES: dict[tuple[str, ...], list[list[str]]] = {
         ["--strategy", "mft", "--replay", "r.xyz"],
         ["--target", "homo_lumo_gap"],
     ],
+    ("learn",): [
+        [],
+        ["--engine", "nbody", "--particles", "3"],
+        ["--uq", "probe"],
+        ["--uq", "random"],
+    ],
 }
 #: The flag that selects the mode of a command (exercised through BASES).
 MODE_FLAGS = {
     ("data", "split"): "--rule",
     ("scales", "run"): "--testbed",
     ("finetune",): "--strategy",
+    ("learn",): "--engine",
 }
 
 #: Values of string options that must be meaningful: (base, other).

@@ -288,6 +288,7 @@ def quick_values(given: dict[str, Any]) -> dict[str, Any]:
         "max_minutes": 0.2,
         "epochs": 15,
         "workers": 0,
+        "threads": 1,
     }
     if not given.get("initial") and not given.get("smiles") and not given.get("particles"):
         preset.update({"smiles": ("CO", "CC")} if engine == "xtb" else {"particles": (4, 5)})
