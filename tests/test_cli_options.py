@@ -49,6 +49,7 @@ BASES: dict[tuple[str, ...], list[list[str]]] = {
     ("learn",): [
         [],
         ["--engine", "nbody", "--particles", "3"],
+        ["--engine", "nacl-water", "--pairs", "1"],
         ["--uq", "probe"],
         ["--uq", "random"],
     ],

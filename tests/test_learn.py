@@ -17,7 +17,7 @@ from ase.io import read
 
 from trustpot import keys as K
 from trustpot.cli.main import main
-from trustpot.errors import ConfigError
+from trustpot.errors import ConfigError, DataError
 from trustpot.learn.options import LearnOptions, quick_values
 from trustpot.learn.rounds import CALIBRATION, TRAIN, split_roles
 from trustpot.learn.select import (
@@ -256,3 +256,28 @@ def test_quick_run_writes_learning_curves_for_uq_and_random(tmp_path: Path) -> N
     assert (out / "learning_curve.png").stat().st_size > 0
     assert (out / "data.xyz").is_file() and (out / "baseline" / "data.xyz").is_file()
     assert "| ensemble |" in (out / "report.md").read_text()
+
+
+def test_nacl_water_oracle_reproduces_the_engine_labels(tmp_path: Path) -> None:
+    """Frames sampled by the OpenMM engine, relabelled by the oracle from their atoms alone."""
+    pytest.importorskip("openmm", reason="the openmm extra is not installed")
+    from trustpot.engines.nacl_water import BoxOptions, generate_nacl_water
+    from trustpot.learn.engines import NaClWaterOracle
+
+    sampled, labelled = tmp_path / "sampled.xyz", tmp_path / "labelled.xyz"
+    box = BoxOptions(equilibration=20, interval=10, chunk=2)
+    generate_nacl_water([1], 2, sampled, workers=0, box=box, progress=False)
+    oracle = NaClWaterOracle((1,))
+    oracle.check()
+    summary = oracle.label(sampled, labelled, workers=0, progress=False)
+    assert summary.written == 2 and summary.failed == 0
+    for a, b in zip(read(str(sampled), ":"), read(str(labelled), ":")):
+        assert b.info["engine"] == "openmm" and b.info["n_pairs"] == 1
+        assert b.get_potential_energy() == pytest.approx(a.get_potential_energy(), rel=1e-6)
+        scale = np.abs(a.get_forces()).max()
+        assert np.abs(b.get_forces() - a.get_forces()).max() < 1e-3 * scale
+    shuffled = read(str(sampled), "0")
+    shuffled.numbers = shuffled.numbers[::-1]
+    shuffled.write(str(tmp_path / "bad.xyz"))
+    with pytest.raises(DataError, match="numbers"):
+        oracle.label(tmp_path / "bad.xyz", tmp_path / "bad_out.xyz", workers=0, progress=False)

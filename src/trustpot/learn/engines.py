@@ -12,7 +12,10 @@ function of (inputs -> files) that resumes after a kill
 electrons travel in ``atoms.info`` from the seed frame to the explored frames). ``nbody``: the
 charged N-body system (:mod:`trustpot.engines.nbody`, exact energies and forces, no extra
 package; particle ``k`` has charge +1 e for even ``k``, -1 e for odd ``k``, so explored frames
-keep the atom order of their seed). Adding an engine means one class with these two calls.
+keep the atom order of their seed). ``nacl-water``: OpenMM NaCl(aq) boxes
+(:mod:`trustpot.engines.nacl_water`; a frame is labelled with the engine's own topology for its
+ion-pair count, rebuilt from the atom order Na..., Cl..., then O H H per water, which explored
+frames keep). Adding an engine means one class with these two calls.
 """
 
 from __future__ import annotations
@@ -189,5 +192,171 @@ class NBodyOracle(Oracle):
         )
 
 
+def _nacl_label_task(payload: dict[str, Any], needed: frozenset[str]) -> Iterator[tuple[str, Any]]:
+    """OpenMM single points of NaCl(aq) frames (task function, runs in a worker)."""
+    import openmm as mm
+    import openmm.app as app
+    import openmm.unit as u
+
+    from trustpot.engines.nacl_water import FORCE_FIELD, NM_TO_A, build_box
+    from trustpot.units import KJ_PER_MOL_PER_NM_TO_EV_PER_A, KJ_PER_MOL_TO_EV
+
+    ff = app.ForceField(FORCE_FIELD)
+    platform = mm.Platform.getPlatformByName("CPU")
+    for frame_id, s in zip(payload["frame_ids"], payload["structures"]):
+        if frame_id not in needed:
+            continue
+        # the engine's own topology for this many ion pairs and lattice sites (atom order: Na,
+        # Cl, then O H H per water); its random placement is not used, only its bonds
+        top, _, _ = build_box(s["pairs"], s["grid"], np.random.default_rng(0))
+        system = ff.createSystem(
+            top,
+            nonbondedMethod=app.PME,
+            constraints=None,
+            nonbondedCutoff=payload["cutoff"] * u.nanometer,
+            rigidWater=False,
+        )
+        context = mm.Context(system, mm.VerletIntegrator(0.001), platform, {"Threads": "1"})
+        context.setPositions(np.asarray(s["positions"]) / NM_TO_A * u.nanometer)
+        state = context.getState(getEnergy=True, getForces=True)
+        energy = state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole) * KJ_PER_MOL_TO_EV
+        forces = (
+            np.asarray(
+                state.getForces(asNumpy=True).value_in_unit(u.kilojoule_per_mole / u.nanometer)
+            )
+            * KJ_PER_MOL_PER_NM_TO_EV_PER_A
+        )
+        info = dict(
+            s["info"],
+            engine="openmm",
+            engine_version=f"openmm {mm.__version__}",
+            method=payload["method"],
+            source=payload["source"],
+            source_frame=s["index"],
+            trustpot_version=trustpot_version(),
+        )
+        yield (
+            frame_id,
+            FrameRecord(
+                np.asarray(s["numbers"]),
+                np.asarray(s["positions"]),
+                float(energy),
+                forces,
+                np.asarray(s["cell"]),
+                np.ones(3, dtype=bool),
+                info,
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class NaClWaterOracle(Oracle):
+    """OpenMM NaCl(aq) (:mod:`trustpot.engines.nacl_water`): ``pairs`` gives the ion-pair counts
+    (systems), in the engine's default box (125 lattice sites, flexible TIP3P, PME)."""
+
+    pairs: tuple[int, ...]
+    name: ClassVar[str] = "nacl-water"
+    carry: ClassVar[tuple[str, ...]] = ("n_pairs",)
+
+    def _box(self) -> Any:
+        from trustpot.engines.nacl_water import BoxOptions
+
+        return BoxOptions()
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            "pairs": list(self.pairs),
+            "box": dataclasses.asdict(self._box()),
+        }
+
+    def check(self) -> None:
+        from trustpot.engines.nacl_water import require_openmm
+
+        require_openmm()
+        if not self.pairs or any(n < 1 for n in self.pairs):
+            raise ConfigError(f"--pairs must be >= 1, got {list(self.pairs)}")
+        if len(set(self.pairs)) != len(self.pairs):
+            raise ConfigError("--pairs lists a count more than once")
+        self._box().check(max(self.pairs))
+
+    def sample(
+        self, out: Path, frames: int, temperature: float, seed: int, workers: int, progress: bool
+    ) -> RunSummary:
+        from trustpot.engines.nacl_water import generate_nacl_water
+
+        return generate_nacl_water(
+            self.pairs, frames, out, [temperature], seed, workers, self._box(), progress
+        )
+
+    def label(self, source: Path, out: Path, workers: int, progress: bool) -> RunSummary:
+        from trustpot.data.reader import file_sha256, read_structures
+        from trustpot.engines.nacl_water import FORCE_FIELD, NM_TO_A
+
+        box = self._box()
+        structures = read_structures(source, require=(), use_cache=False)
+        items = []
+        for k, s in enumerate(structures):
+            pairs = int((s.numbers == 11).sum())
+            waters = (s.n_atoms - 2 * pairs) // 3
+            grid = round((2 * pairs + waters) ** (1 / 3))
+            expected = [11] * pairs + [17] * pairs + [8, 1, 1] * waters
+            if list(s.numbers) != expected or grid**3 != 2 * pairs + waters:
+                raise DataError(
+                    str(source),
+                    "not a NaCl(aq) frame of the engine (Na..., Cl..., "
+                    "then O H H per water, on a cubic lattice of sites)",
+                    k,
+                    "numbers",
+                )
+            edge = dataclasses.replace(box, grid=grid).edge_nm * NM_TO_A
+            if not (s.pbc.all() and np.allclose(s.cell, np.eye(3) * edge, atol=1e-6)):
+                raise DataError(
+                    str(source),
+                    f"the engine's cubic periodic cell of edge {edge:.4f} Å is needed",
+                    k,
+                    "cell",
+                )
+            info = {key: v for key, v in s.info.items() if key != "frame_id"}
+            items.append(
+                {
+                    "numbers": s.numbers,
+                    "positions": s.positions,
+                    "cell": s.cell,
+                    "pairs": pairs,
+                    "grid": grid,
+                    "info": info,
+                    "index": k,
+                }
+            )
+        method = (
+            f"{FORCE_FIELD} (flexible TIP3P, Joung-Cheatham ions), PME cutoff {box.cutoff:g} nm"
+        )
+        tasks = []
+        for start in range(0, len(items), 4):
+            chunk = items[start : start + 4]
+            ids = tuple(f"frame-{it['index']}" for it in chunk)
+            payload = {
+                "structures": chunk,
+                "frame_ids": ids,
+                "cutoff": box.cutoff,
+                "method": method,
+                "source": source.name,
+            }
+            tasks.append(Task(f"frames{start}-{start + len(chunk) - 1}", ids, payload))
+        params = {
+            "engine": "nacl-water-label",
+            "box": dataclasses.asdict(box),
+            "source_sha256": file_sha256(source),
+        }
+        return run_tasks(
+            tasks, _nacl_label_task, out, params, workers, desc="OpenMM label", progress=progress
+        )
+
+
 #: ``--engine`` -> oracle class.
-ORACLES: dict[str, type[Oracle]] = {"xtb": XTBOracle, "nbody": NBodyOracle}
+ORACLES: dict[str, type[Oracle]] = {
+    "xtb": XTBOracle,
+    "nbody": NBodyOracle,
+    "nacl-water": NaClWaterOracle,
+}

@@ -297,6 +297,15 @@ def run_learn(opts: LearnOptions, log: Log = print) -> dict[str, Any]:
         **given,
     }
     start = run_step(out / "start", start_cfg, lambda f, _: start_step(opts, oracle, f), log)
+    if opts.uq == "probe":
+        from trustpot.uq.probe import MIN_STRUCTURES
+
+        if start["calibration"] < MIN_STRUCTURES:
+            raise ConfigError(
+                f"--uq probe: {start['calibration']} of the {start['frames']} starting frames "
+                f"are held out for calibration; PROBE needs at least {MIN_STRUCTURES}: raise "
+                "--calibration-fraction or the starting frames (--initial-frames, --initial)"
+            )
     test_cfg = {
         "engine": oracle.params(),
         "seed": opts.seed,

@@ -13,7 +13,7 @@ from typing import Any
 
 from trustpot.config import RunConfig, load_config
 from trustpot.errors import ConfigError
-from trustpot.learn.engines import ORACLES, NBodyOracle, Oracle, XTBOracle
+from trustpot.learn.engines import ORACLES, NaClWaterOracle, NBodyOracle, Oracle, XTBOracle
 from trustpot.learn.select import SCORES
 from trustpot.options import flag_of, option
 
@@ -39,12 +39,13 @@ class LearnOptions:
     out: str = option("", "output folder; a rerun resumes what a killed run left", required=True)
     engine: str = option(
         "xtb",
-        "reference engine (the oracle): xtb (GFN2-xTB molecules from "
-        "--smiles) or nbody (charged particles, --particles)",
+        "reference engine (the oracle): xtb (GFN2-xTB molecules from --smiles), nbody "
+        "(charged particles, --particles) or nacl-water (OpenMM NaCl(aq), --pairs)",
         choices=tuple(ORACLES),
     )
     smiles: tuple[str, ...] = option((), "xtb: the molecules, as SMILES", metavar="SMILES")
     particles: tuple[int, ...] = option((), "nbody: particle counts, one system each")
+    pairs: tuple[int, ...] = option((), "nacl-water: ion-pair counts, one box each")
     temperature: float = option(
         300.0, "exploration MD temperature, K (and of the sampled starting frames)"
     )
@@ -171,7 +172,9 @@ class LearnOptions:
         """The engine, from ``--engine`` and its systems."""
         if self.engine == "xtb":
             return XTBOracle(tuple(self.smiles))
-        return NBodyOracle(tuple(self.particles))
+        if self.engine == "nbody":
+            return NBodyOracle(tuple(self.particles))
+        return NaClWaterOracle(tuple(self.pairs))
 
     def run_config(
         self, train: str, seed: int, init_from: str = "", dropout: float = 0.0
@@ -207,6 +210,8 @@ class LearnOptions:
             foreign(("smiles",), "--engine xtb")
         if self.engine != "nbody":
             foreign(("particles",), "--engine nbody")
+        if self.engine != "nacl-water":
+            foreign(("pairs",), "--engine nacl-water")
         if self.uq != "ensemble":
             foreign(("n_models",), "--uq ensemble")
         if self.uq not in ("probe", "perturb"):
@@ -261,19 +266,20 @@ class LearnOptions:
     def check_systems(self) -> None:
         """Before any work: the engine's systems are given (or come with ``--initial`` and
         ``--test`` files)."""
-        needs = not (self.initial and self.test)
-        if needs and self.engine == "xtb" and not self.smiles:
-            raise ConfigError("--engine xtb needs --smiles (or both --initial and --test files)")
-        if needs and self.engine == "nbody" and not self.particles:
-            raise ConfigError("--engine nbody needs --particles (or both --initial and --test)")
+        systems = {"xtb": "smiles", "nbody": "particles", "nacl-water": "pairs"}[self.engine]
+        if not (self.initial and self.test) and not getattr(self, systems):
+            raise ConfigError(
+                f"--engine {self.engine} needs --{systems} (or both --initial and --test files)"
+            )
 
 
 def quick_values(given: dict[str, Any]) -> dict[str, Any]:
     """The ``--quick`` preset completed by ``given`` (the options the user set, which win).
 
-    Small budgets everywhere; two systems (methanol and ethane for xtb, 4 and 5 particles for
-    nbody) when none are given; the engine runs in this process; ``--baseline`` unless the
-    method is random. Its training overrides come first, so the user's ``-o`` win.
+    Small budgets everywhere; small systems when none are given (methanol and ethane for xtb,
+    4 and 5 particles for nbody, one ion pair for nacl-water); the engine runs in this
+    process; ``--baseline`` unless the method is random. Its training overrides come first,
+    so the user's ``-o`` win.
     """
     engine = given.get("engine", "xtb")
     uq = given.get("uq", "ensemble")
@@ -290,8 +296,13 @@ def quick_values(given: dict[str, Any]) -> dict[str, Any]:
         "workers": 0,
         "threads": 1,
     }
-    if not given.get("initial") and not given.get("smiles") and not given.get("particles"):
-        preset.update({"smiles": ("CO", "CC")} if engine == "xtb" else {"particles": (4, 5)})
+    systems = {
+        "xtb": ("smiles", ("CO", "CC")),
+        "nbody": ("particles", (4, 5)),
+        "nacl-water": ("pairs", (1,)),
+    }[engine]
+    if not given.get("initial") and not given.get(systems[0]):
+        preset[systems[0]] = systems[1]
     if given.get("initial"):
         preset.pop("initial_frames")
     if given.get("test"):

@@ -130,10 +130,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     width = 0.8 / max(len(strategies), 1)
     target = report["options"]["target_mae"]
     for s, r in enumerate(strategies):
-        rows = r["rounds"]
+        rows, color = r["rounds"], f"C{s}"
         labels = [row["labels"] for row in rows]
         axes[0].plot(
-            labels, [1000 * row["test"]["forces_mae"] for row in rows], "o-", label=r["strategy"]
+            labels,
+            [1000 * row["test"]["forces_mae"] for row in rows],
+            "o-",
+            color=color,
+            label=r["strategy"],
         )
         acq = [(row["round"], row["acquire"]) for row in rows if "acquire" in row]
         x = [k + (s - (len(strategies) - 1) / 2) * width for k, _ in acq]
@@ -141,24 +145,37 @@ def plot(report: dict[str, Any], path: Path) -> None:
             x,
             [a["candidates"] for _, a in acq],
             width,
-            alpha=0.35,
+            color=color,
+            alpha=0.3,
             label=f"{r['strategy']}: visited",
         )
-        axes[1].bar(x, [a["labelled"] for _, a in acq], width, label=f"{r['strategy']}: labelled")
+        axes[1].bar(
+            x,
+            [a["labelled"] for _, a in acq],
+            width,
+            color=color,
+            label=f"{r['strategy']}: labelled",
+        )
         if any("spearman" in row["test"] for row in rows):
             rounds = [row["round"] for row in rows]
             axes[2].plot(
                 rounds,
                 [row["test"].get("spearman", math.nan) for row in rows],
                 "o-",
+                color=color,
                 label=f"{r['strategy']}: Spearman",
             )
             axes[2].plot(
                 rounds,
                 [row["test"].get("auroc", math.nan) for row in rows],
                 "s--",
+                color=color,
+                alpha=0.6,
                 label=f"{r['strategy']}: AUROC",
             )
+    n_rounds = max((len(r["rounds"]) for r in strategies), default=1)
+    for ax in axes[1:]:
+        ax.set_xticks(range(n_rounds))
     if target is not None:
         axes[0].axhline(1000 * target, color="grey", ls=":", label="target")
     axes[0].set(xlabel="labelled frames", ylabel="test force MAE (meV/Å)", title="learning curve")
