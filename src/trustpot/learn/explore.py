@@ -8,14 +8,19 @@ frame is kept as a candidate with the uncertainty the calculator computed for it
 scores the candidates afterwards, in batches (:func:`trustpot.learn.rounds.explore`).
 
 A walker stops early at a frame that is not physical: non-finite positions or forces, or two
-atoms closer than ``min_distance`` times the sum of their covalent radii (ASE's table). Such a
-frame is not a candidate (an engine cannot label it meaningfully); the stop is recorded. This
-is the loop's own small harvesting step; the trust policies of the calculator can take its place.
+atoms closer than ``min_distance`` times the sum of their covalent radii (ASE's table); and,
+with ``halt_std``, at a frame whose largest calibrated per-atom ``forces_std`` (eV/Å) exceeds
+it: the model knows too little there for the trajectory to mean anything, and what follows
+would drift further from the conditions the model is learning (DP-GEN's upper trust level).
+A stopped walker restarts from its seed frame with new velocities until its MD steps are spent
+(:func:`walk`). This is the loop's own small harvesting step; the trust policies of the
+calculator can take its place.
 
-Candidates carry their provenance in ``atoms.info``: ``al_walker``, ``al_source_step`` (MD
-step), ``al_seed_frame`` (the ``al_id`` of the seed), ``al_max_forces_std`` (calibrated, eV/Å)
-and ``al_reliability`` where the model gives them, and what the seed frame carried for
-the engine (:attr:`trustpot.learn.engines.Oracle.carry`).
+Candidates carry their provenance in ``atoms.info``: ``al_walker``, ``al_segment`` and
+``al_source_step`` (MD step from the seed frame in that segment), ``al_halt`` (the frame that
+stopped its segment), ``al_seed_frame`` (the ``al_id`` of the seed), ``al_max_forces_std``
+(calibrated, eV/Å) and ``al_reliability`` where the model gives them, and what the seed frame
+carried for the engine (:attr:`trustpot.learn.engines.Oracle.carry`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class Walk:
         timestep: fs.
         friction: Langevin friction, 1/fs.
         min_distance: share of the covalent-radius sum below which a pair is unphysical.
+        halt_std: eV/Å; stop at a frame whose largest calibrated per-atom ``forces_std`` is
+            above it (``None``: no such stop).
     """
 
     steps: int
@@ -52,6 +59,7 @@ class Walk:
     timestep: float
     friction: float
     min_distance: float
+    halt_std: float | None = None
 
 
 def too_close(atoms: Atoms, share: float) -> tuple[int, int] | None:
@@ -85,7 +93,12 @@ def walk(
     carry: Sequence[str] = (),
     walker: int = 0,
 ) -> tuple[list[Atoms], dict[str, Any]]:
-    """Run one walker; returns its candidate frames and a summary.
+    """Run one walker for ``settings.steps`` MD steps; returns its candidates and a summary.
+
+    A stop (module docstring) ends a segment; the walker then restarts from the seed frame with
+    new velocities until its steps are spent. A segment stopped by ``halt_std`` keeps its last
+    frame as a candidate (``al_halt``): the first frame the model knows too little about, the
+    one on-the-fly learning labels; an unphysical frame is never kept.
 
     Args:
         predictor: the round's model.
@@ -96,27 +109,12 @@ def walk(
         walker: the walker's number (recorded).
 
     Returns:
-        ``(frames, summary)``: the kept frames (no calculator attached) and ``{"steps": run,
-        "stopped": reason or "", "frames": kept}``.
+        ``(frames, summary)``: the kept frames (no calculator attached; ``al_source_step`` is
+        the MD step within segment ``al_segment``) and ``{"steps": run, "segments": n,
+        "stops": [reason, ...], "frames": kept}``.
     """
-    atoms = Atoms(
-        numbers=seed_frame.numbers,
-        positions=seed_frame.positions,
-        cell=seed_frame.cell,
-        pbc=seed_frame.pbc,
-    )
     calc = TrustpotCalculator(predictor)
-    atoms.calc = calc
     rng = np.random.default_rng(seed)
-    _thermalize(atoms, settings.temperature, rng)
-    dyn = Langevin(
-        atoms,
-        settings.timestep * units.fs,
-        temperature_K=settings.temperature,
-        friction=settings.friction / units.fs,
-        rng=rng,
-        fixcm=False,
-    )
     base = {key: seed_frame.info[key] for key in carry if key in seed_frame.info}
     base.update(
         al_walker=walker,
@@ -124,26 +122,57 @@ def walk(
         al_temperature=settings.temperature,
     )
     frames: list[Atoms] = []
-    stopped, done = "", 0
+    stops: list[str] = []
+    done = segment = 0
     while done < settings.steps:
-        n = min(settings.interval, settings.steps - done)
-        with np.errstate(all="ignore"):
-            dyn.run(n)
-        done += n
-        res = calc.results
-        finite = np.all(np.isfinite(atoms.positions)) and np.all(np.isfinite(res["forces"]))
-        pair = too_close(atoms, settings.min_distance) if finite else None
-        if not finite or pair is not None:
-            what = "non-finite positions or forces" if not finite else f"atoms {pair} too close"
-            stopped = f"step {done}: {what}"
-            break
-        frame = Atoms(
-            numbers=atoms.numbers, positions=atoms.positions.copy(), cell=atoms.cell, pbc=atoms.pbc
+        atoms = Atoms(
+            numbers=seed_frame.numbers,
+            positions=seed_frame.positions,
+            cell=seed_frame.cell,
+            pbc=seed_frame.pbc,
         )
-        frame.info.update(base, al_source_step=done)
-        if "forces_std" in res:
-            frame.info["al_max_forces_std"] = float(np.max(res["forces_std"]))
-        if "reliability" in res:
-            frame.info["al_reliability"] = float(res["reliability"])
-        frames.append(frame)
-    return frames, {"steps": done, "stopped": stopped, "frames": len(frames)}
+        atoms.calc = calc
+        _thermalize(atoms, settings.temperature, rng)
+        dyn = Langevin(
+            atoms,
+            settings.timestep * units.fs,
+            temperature_K=settings.temperature,
+            friction=settings.friction / units.fs,
+            rng=rng,
+            fixcm=False,
+        )
+        step = 0
+        while done < settings.steps:
+            n = min(settings.interval, settings.steps - done)
+            with np.errstate(all="ignore"):
+                dyn.run(n)
+            done, step = done + n, step + n
+            res = calc.results
+            finite = np.all(np.isfinite(atoms.positions)) and np.all(np.isfinite(res["forces"]))
+            pair = too_close(atoms, settings.min_distance) if finite else None
+            if not finite or pair is not None:
+                what = "non-finite positions or forces" if not finite else f"atoms {pair} too close"
+                stops.append(f"segment {segment} step {step}: {what}")
+                break
+            frame = Atoms(
+                numbers=atoms.numbers,
+                positions=atoms.positions.copy(),
+                cell=atoms.cell,
+                pbc=atoms.pbc,
+            )
+            frame.info.update(base, al_segment=segment, al_source_step=step)
+            top = float(np.max(res["forces_std"])) if "forces_std" in res else None
+            if top is not None:
+                frame.info["al_max_forces_std"] = top
+            if "reliability" in res:
+                frame.info["al_reliability"] = float(res["reliability"])
+            frames.append(frame)
+            if settings.halt_std is not None and top is not None and top > settings.halt_std:
+                frame.info["al_halt"] = True
+                stops.append(
+                    f"segment {segment} step {step}: forces_std {top:.3g} eV/Å > "
+                    f"{settings.halt_std:.3g}"
+                )
+                break
+        segment += 1
+    return frames, {"steps": done, "segments": segment, "stops": stops, "frames": len(frames)}

@@ -54,6 +54,8 @@ from trustpot.learn.options import LearnOptions
 from trustpot.learn.rounds import (
     CALIBRATION,
     MIN_CALIBRATION,
+    PLAIN,
+    Strategy,
     acquire,
     fit_round,
     split_roles,
@@ -139,25 +141,27 @@ def _digest(files: Sequence[tuple[str, Path]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def fit_config(opts: LearnOptions, strategy: str) -> dict[str, Any]:
+def fit_config(opts: LearnOptions, strategy: Strategy) -> dict[str, Any]:
     """What shapes a round's model: method, its options, training (where it runs aside)."""
     training = config_to_dict(opts.run_config("", opts.seed))
     training["data"].pop("train")
     training["train"].pop("threads")
     cfg: dict[str, Any] = {
-        "strategy": strategy,
+        "method": strategy.method,
         "training": training,
         "cold_start": opts.cold_start,
     }
-    if strategy != "random":
+    if strategy.calibrating:
         cfg["score"] = opts.score_kind
     for name in ("n_models", "uq_minutes"):
-        if getattr(opts, name) is not None or (name == "n_models" and strategy == "ensemble"):
+        if getattr(opts, name) is not None or (
+            name == "n_models" and strategy.method == "ensemble"
+        ):
             cfg[name] = opts.get(name)
     return cfg
 
 
-def acquire_config(opts: LearnOptions, strategy: str, oracle: Oracle) -> dict[str, Any]:
+def acquire_config(opts: LearnOptions, strategy: Strategy, oracle: Oracle) -> dict[str, Any]:
     """What shapes a round's exploration, selection and labels."""
     names = (
         "temperature",
@@ -170,19 +174,20 @@ def acquire_config(opts: LearnOptions, strategy: str, oracle: Oracle) -> dict[st
         "seed",
     )
     cfg: dict[str, Any] = {name: getattr(opts, name) for name in names}
-    cfg.update(strategy=strategy, engine=oracle.params())
-    if strategy != "random":
+    cfg.update(method=strategy.method, rule=strategy.rule, engine=oracle.params())
+    if strategy.calibrating:
         cfg.update(
             score=opts.score_kind,
             pool_factor=opts.get("pool_factor"),
             calibration_fraction=opts.get("calibration_fraction"),
+            halt_std=opts.halt_std,
         )
     return cfg
 
 
 def _fit(
     opts: LearnOptions,
-    strategy: str,
+    strategy: Strategy,
     pool: list[Structure],
     previous: Path | None,
     test: list[Structure],
@@ -195,7 +200,7 @@ def _fit(
 
 def _acquire(
     opts: LearnOptions,
-    strategy: str,
+    strategy: Strategy,
     oracle: Oracle,
     checkpoint: Path,
     pool: list[Structure],
@@ -212,30 +217,37 @@ def run_strategy(
     opts: LearnOptions,
     oracle: Oracle,
     root: Path,
-    strategy: str,
+    strategy: Strategy,
     start: Path,
     test: dict[str, Any],
     log: Log,
+    first_fit: Path | None = None,
 ) -> dict[str, Any]:
-    """The rounds of one selection strategy in ``root``; writes ``root/data.xyz``."""
+    """The rounds of one selection strategy in ``root``; writes ``root/data.xyz``.
+
+    ``first_fit``: the folder of round 0's fit when another strategy trains the same model on
+    the same starting frames (the ``--baseline`` run shares the main run's).
+    """
     test_frames = read_data(test["file"])
     files: list[tuple[str, Path]] = [("start", start)]
     rows: list[dict[str, Any]] = []
     stopped_by = "rounds"
     base_fit = {**fit_config(opts, strategy), "test_sha256": test["sha256"]}
     base_acquire = acquire_config(opts, strategy, oracle)
+    previous: Path | None = None
     for k in range(opts.rounds + 1):
         pool = read_pool(files)
         folder = root / "rounds" / f"{k:02d}"
-        previous = root / "rounds" / f"{k - 1:02d}" / "fit" if k else None
+        fit_dir = first_fit if k == 0 and first_fit is not None else folder / "fit"
         fit = run_step(
-            folder / "fit",
+            fit_dir,
             {**base_fit, "round": k, "pool": _digest(files)},
             functools.partial(_fit, opts, strategy, pool, previous, test_frames, log),
             log,
         )
         fit.pop("reused", None)
         rows.append({"round": k, **fit})
+        previous = fit_dir
         n = opts.per_round if not opts.budget else min(opts.per_round, opts.budget - len(pool))
         if opts.target_mae is not None and fit["test"]["forces_mae"] <= opts.target_mae:
             stopped_by = "target"
@@ -264,7 +276,9 @@ def run_strategy(
     write_frames(root / "data.xyz", frames)
     log(f"{root / 'data.xyz'}: {len(frames)} labelled frames; stopped by {stopped_by}")
     return {
-        "strategy": strategy,
+        "strategy": strategy.name,
+        "method": strategy.method,
+        "rule": strategy.rule,
         "rounds": rows,
         "stopped_by": stopped_by,
         "labels": len(frames),
@@ -316,9 +330,22 @@ def run_learn(opts: LearnOptions, log: Log = print) -> dict[str, Any]:
     test = run_step(out / "test", test_cfg, lambda f, _: test_step(opts, oracle, f), log)
     if opts.test and test["sha256"] != file_sha256(opts.test):
         raise ConfigError(f"--test {opts.test}: the file changed since {out / 'test'} used it")
-    strategies = [(opts.uq, out)] + ([("random", out / "baseline")] if opts.baseline else [])
+    main = Strategy(PLAIN, "random") if opts.uq == "random" else Strategy(opts.uq, "score")
+    strategies = [(main, out)]
+    if opts.baseline:  # the same models and exploration, frames drawn at random
+        strategies.append((Strategy(opts.uq, "random"), out / "baseline"))
+    shared = out / "rounds" / "00" / "fit"
     results = [
-        run_strategy(opts, oracle, root, strategy, out / "start" / "start.xyz", test, log)
+        run_strategy(
+            opts,
+            oracle,
+            root,
+            strategy,
+            out / "start" / "start.xyz",
+            test,
+            log,
+            None if root == out else shared,
+        )
         for strategy, root in strategies
     ]
     report = write_report(out, opts, start, test, results, time.perf_counter() - t0)

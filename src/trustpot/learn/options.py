@@ -71,8 +71,8 @@ class LearnOptions:
     )
     uq: str = option(
         "ensemble",
-        "what scores the visited frames: a reliability method, or "
-        "random (uniform selection, the baseline)",
+        "the reliability method that scores the visited frames, or random (one plain "
+        "potential, no uncertainty, frames drawn uniformly)",
         choices=UQ_METHODS,
     )
     n_models: int | None = option(None, f"--uq ensemble: members (default {DEFAULTS['n_models']})")
@@ -104,8 +104,9 @@ class LearnOptions:
     )
     baseline: bool = option(
         False,
-        "also run random selection from the same start, test "
-        "frames and budgets, in OUT/baseline, for the learning curve",
+        "also run, in OUT/baseline, the same loop (same method, models, exploration, "
+        "budgets, start and test frames) with the frames drawn uniformly from the visited "
+        "ones instead of by score: the learning curve's control",
     )
     rounds: int = option(
         5,
@@ -125,6 +126,12 @@ class LearnOptions:
         "a trajectory stops at a frame with two atoms closer than "
         "this share of their covalent-radius sum (unphysical, never "
         "labelled)",
+    )
+    halt_std: float | None = option(
+        None,
+        "a trajectory stops at a frame whose largest calibrated per-atom forces_std exceeds "
+        "this, eV/Å; that frame and later ones are not candidates (default: the RMS force "
+        "component of the labelled training frames; not with probe or random)",
     )
     cold_start: bool = option(
         False, "train every round from scratch, not from the previous round's weights"
@@ -216,6 +223,8 @@ class LearnOptions:
             foreign(("n_models",), "--uq ensemble")
         if self.uq not in ("probe", "perturb"):
             foreign(("uq_minutes",), "--uq probe or perturb")
+        if self.uq in ("random", "probe"):
+            foreign(("halt_std",), "--uq ensemble, mc-dropout or perturb")
         if self.uq == "random":
             foreign(("score", "pool_factor", "calibration_fraction"), "a reliability method")
             if self.baseline:
@@ -240,6 +249,7 @@ class LearnOptions:
             "friction",
             "max_minutes",
             "epochs",
+            "halt_std",
             "initial_frames",
             "test_frames",
             "target_mae",

@@ -3,7 +3,7 @@
 Per strategy (the ``--uq`` method, and random with ``--baseline``) and round: labels used
 (training + calibration frames), the test force MAE and energy MAE, how well the score ranks
 the test frames' force errors (Spearman, AUROC for the 20% largest, RMS of error/std), and what
-exploration harvested (frames visited, walkers stopped, frames selected and labelled). The
+exploration harvested (frames visited, stops per MD segment, frames selected and labelled). The
 comparison gives, for each strategy, the fewest labels with which it reached a force MAE: the
 ``--target-mae`` when given, and the level every strategy reached (the worst final MAE).
 Errors in the Markdown and the figure are in meV/Å and meV/atom; the JSON keeps eV units.
@@ -65,7 +65,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
     else:
         cells += [
             str(a["candidates"]),
-            str(len(a["stopped"])),
+            f"{len(a['stops'])}/{a['segments']}",
             f"{a['selected']} + {a['calibration']}",
             f"{a['labelled']} ({a['failed']})",
             _fmt(a.get("mean_selected_score"), 1, 3),
@@ -101,7 +101,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"## {r['strategy']}",
             "",
             "| round | labels (train + cal) | force MAE (meV/Å) | energy MAE (meV/atom) "
-            "| Spearman | AUROC | RMS z | visited | walkers stopped | selected + cal "
+            "| Spearman | AUROC | RMS z | visited | stops/segments | selected + cal "
             "| labelled (failed) | mean score selected | fit s | acquire s |",
             "|" + "---|" * 14,
         ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,35 @@ from trustpot.train.reuse import run_step
 Log = Callable[[str], None]
 #: Fewest calibration frames :func:`trustpot.uq.calibrate.recalibrate` works with.
 MIN_CALIBRATION = 2
+#: ``Strategy.method`` of random selection without a reliability method (``--uq random``).
+PLAIN = "plain"
 #: Role of a labelled frame (``atoms.info["al_role"]``).
 TRAIN, CALIBRATION = "train", "calibration"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How a run chooses frames.
+
+    Attributes:
+        method: what each round trains: a reliability method (``ensemble``, ``mc-dropout``,
+            ``probe``, ``perturb``) or :data:`PLAIN` (one potential, no uncertainty).
+        rule: ``score`` (top scores, farthest-point sampling) or ``random`` (uniform among the
+            visited frames).
+    """
+
+    method: str
+    rule: str
+
+    @property
+    def name(self) -> str:
+        """The report's label: the method for score selection, ``random`` otherwise."""
+        return self.method if self.rule == "score" else "random"
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether a share of the labels is held out to calibrate a reliability method."""
+        return self.method != PLAIN
 
 
 def write_frames(path: Path, frames: Sequence[Atoms]) -> None:
@@ -72,13 +100,13 @@ def split_roles(n: int, fraction: float | None, seed: int, minimum: int = 0) -> 
 
 # -- fit -----------------------------------------------------------------------------------
 def _train_members(
-    opts: LearnOptions, strategy: str, folder: Path, train: Path, previous: Path | None, log: Log
+    opts: LearnOptions, method: str, folder: Path, train: Path, previous: Path | None, log: Log
 ) -> list[Path]:
     from trustpot.uq.fit import train_once
     from trustpot.uq.options import MCDropoutOptions
 
-    n = opts.get("n_models") if strategy == "ensemble" else 1
-    dropout = MCDropoutOptions().dropout if strategy == "mc-dropout" else 0.0
+    n = opts.get("n_models") if method == "ensemble" else 1
+    dropout = MCDropoutOptions().dropout if method == "mc-dropout" else 0.0
     paths = []
     for k in range(n):
         init = ""
@@ -91,14 +119,14 @@ def _train_members(
 
 def _wrap(
     opts: LearnOptions,
-    strategy: str,
+    method: str,
     members: list[Path],
     train: Path,
     calibration: Path | None,
     folder: Path,
     log: Log,
 ) -> Path:
-    """Fit the reliability wrapper of ``strategy`` around ``members``; its checkpoint."""
+    """Fit the reliability wrapper ``method`` around ``members``; its checkpoint."""
     from trustpot.uq.fit import fit_uq
     from trustpot.uq.options import (
         EnsembleOptions,
@@ -110,11 +138,11 @@ def _wrap(
 
     cal = str(calibration) if calibration is not None else None
     options: UQOptions
-    if strategy == "ensemble":
+    if method == "ensemble":
         options = EnsembleOptions(members=tuple(str(p) for p in members), calibration=cal)
-    elif strategy == "mc-dropout":
+    elif method == "mc-dropout":
         options = MCDropoutOptions(base=str(members[0]), calibration=cal)
-    elif strategy == "probe":
+    elif method == "probe":
         options = ProbeOptions(
             base=str(members[0]),
             calibration=cal,
@@ -129,7 +157,7 @@ def _wrap(
             max_minutes=opts.get("uq_minutes"),
             seed=opts.seed,
         )
-    fit_uq(strategy, options, folder / "uq", log)
+    fit_uq(method, options, folder / "uq", log)
     return folder / "uq" / "uq.ckpt"
 
 
@@ -176,7 +204,7 @@ def evaluate(checkpoint: Path, test: Sequence[Structure], score: str | None) -> 
 
 def fit_round(
     opts: LearnOptions,
-    strategy: str,
+    strategy: Strategy,
     folder: Path,
     pool: Sequence[Structure],
     previous: Path | None,
@@ -189,18 +217,18 @@ def fit_round(
     (training runs), ``uq/`` (the wrapper). ``previous``: the last round's fit folder.
     """
     t0 = time.perf_counter()
-    calibrating = strategy != "random"
+    calibrating = strategy.calibrating
     train = [s for s in pool if not calibrating or s.info.get("al_role") != CALIBRATION]
     cal = [s for s in pool if calibrating and s.info.get("al_role") == CALIBRATION]
     train_file, cal_file = folder / "train.xyz", folder / "calibration.xyz"
     write_frames(train_file, [s.to_atoms() for s in train])
     if cal:
         write_frames(cal_file, [s.to_atoms() for s in cal])
-    members = _train_members(opts, strategy, folder, train_file, previous, log)
+    members = _train_members(opts, strategy.method, folder, train_file, previous, log)
     checkpoint = members[0]
     if calibrating:
         checkpoint = _wrap(
-            opts, strategy, members, train_file, cal_file if cal else None, folder, log
+            opts, strategy.method, members, train_file, cal_file if cal else None, folder, log
         )
     metrics = evaluate(checkpoint, test, opts.score_kind if calibrating else None)
     log(
@@ -219,8 +247,9 @@ def fit_round(
 
 # -- acquire -------------------------------------------------------------------------------
 def seed_frames(pool: Sequence[Structure], walkers: int, seed: int, k: int) -> list[Structure]:
-    """``walkers`` starting frames per system (chemical formula), drawn from ``pool`` with a
-    seed per (round, system); systems in sorted order."""
+    """``walkers`` seed frames per system (chemical formula), drawn from ``pool`` (the starting
+    frames: walkers always start from configurations the engine sampled, so exploration does
+    not drift further round after round) with a seed per (round, system); systems sorted."""
     systems: dict[str, list[Structure]] = {}
     for s in pool:
         systems.setdefault(s.to_atoms(with_labels=False).get_chemical_formula(), []).append(s)
@@ -252,9 +281,25 @@ def descriptors(model: Model, frames: Sequence[Atoms], batch_size: int = 32) -> 
     return structure_descriptors(per_frame, [s.numbers for s in structures], model.species)
 
 
+def halt_level(opts: LearnOptions, strategy: Strategy, pool: Sequence[Structure]) -> float | None:
+    """The ``forces_std`` (eV/Å) that stops a walker: ``--halt-std``, else the RMS force
+    component of the labelled training frames (an uncertainty as large as the forces
+    themselves); ``None`` for methods without ``forces_std`` (PROBE, random)."""
+    if strategy.method in (PLAIN, "probe"):
+        return None
+    if opts.halt_std is not None:
+        return float(opts.halt_std)
+    forces = [
+        s.forces.ravel()
+        for s in pool
+        if s.forces is not None and s.info.get("al_role") != CALIBRATION
+    ]
+    return float(np.sqrt(np.mean(np.concatenate(forces) ** 2)))
+
+
 def explore(
     opts: LearnOptions,
-    strategy: str,
+    strategy: Strategy,
     checkpoint: Path,
     pool: Sequence[Structure],
     k: int,
@@ -265,6 +310,7 @@ def explore(
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
     predictor = Predictor.from_checkpoint(checkpoint)
+    halt = halt_level(opts, strategy, pool)
     settings = Walk(
         opts.md_steps,
         opts.interval,
@@ -272,10 +318,12 @@ def explore(
         opts.timestep,
         opts.friction,
         opts.min_distance,
+        halt,
     )
     frames: list[Atoms] = []
     walks = []
-    for w, start in enumerate(seed_frames(pool, opts.walkers, opts.seed, k)):
+    starts = [s for s in pool if s.info.get("al_round") == -1]
+    for w, start in enumerate(seed_frames(starts, opts.walkers, opts.seed, k)):
         got, summary = walk(
             predictor,
             start.to_atoms(with_labels=False),
@@ -286,7 +334,7 @@ def explore(
         )
         frames.extend(got)
         walks.append(summary)
-    if strategy != "random" and frames:
+    if strategy.calibrating and frames:
         kind = opts.score_kind
         preds = predictor.predict(frames, {K.ENERGY, K.FORCES} | score_outputs(kind))
         for atoms, p in zip(frames, preds):
@@ -295,13 +343,15 @@ def explore(
     return {
         "candidates": len(frames),
         "walkers": len(walks),
-        "stopped": [s["stopped"] for s in walks if s["stopped"]],
+        "segments": sum(s["segments"] for s in walks),
+        "stops": [reason for s in walks for reason in s["stops"]],
+        "halt_std": halt,
     }
 
 
 def select(
     opts: LearnOptions,
-    strategy: str,
+    strategy: Strategy,
     checkpoint: Path,
     candidates: list[Atoms],
     k: int,
@@ -310,12 +360,12 @@ def select(
 ) -> dict[str, Any]:
     """Choose ``n_labels`` candidates (selected + calibration); write ``folder/selected.xyz``."""
     rng_seed = stable_seed(opts.seed, "select", k)
-    calibrating = strategy != "random"
+    calibrating = strategy.calibrating
     fraction = opts.get("calibration_fraction") if calibrating else None
     roles = split_roles(n_labels, fraction, rng_seed)
     n_cal = roles.count(CALIBRATION)
     n_sel = min(n_labels - n_cal, len(candidates))
-    if strategy == "random":
+    if strategy.rule == "random":
         picked = select_random(len(candidates), n_sel, rng_seed)
     else:
         from trustpot.io.checkpoint import load_model
@@ -331,7 +381,13 @@ def select(
     ):
         atoms = candidates[i].copy()
         atoms.info.update(
-            al_round=k, al_uq=strategy, al_role=role, al_rank=rank, al_source="md", al_candidate=i
+            al_round=k,
+            al_uq=strategy.method,
+            al_rule=strategy.rule,
+            al_role=role,
+            al_rank=rank,
+            al_source="md",
+            al_candidate=i,
         )
         out.append(atoms)
     write_frames(folder / "selected.xyz", out)
@@ -345,7 +401,7 @@ def select(
 
 def acquire(
     opts: LearnOptions,
-    strategy: str,
+    strategy: Strategy,
     oracle: Oracle,
     checkpoint: Path,
     pool: Sequence[Structure],
