@@ -238,6 +238,48 @@ def test_resume_reuses_finished_rounds_and_frames_keep_provenance(
     assert "walkers" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    """SIGKILL while round 1 trains; the rerun ends with the frames and errors of a run that
+    was never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def argv(out: Path) -> list[str]:
+        args = _nbody_argv(out, 2)
+        args[args.index("--epochs") + 1] = "40"
+        return args
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(argv(full)) == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trustpot", *argv(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = killed / "rounds" / "01" / "fit" / "models" / "member_0" / "metrics.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        metrics.is_file() and len(metrics.read_text().splitlines()) > 3
+    ):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "rounds" / "01" / "fit" / "uq").exists()
+    assert main(argv(killed)) == 0
+    a, b = read(str(full / "data.xyz"), ":"), read(str(killed / "data.xyz"), ":")
+    assert [x.info["al_id"] for x in a] == [y.info["al_id"] for y in b]
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.positions, y.positions, atol=1e-8)
+        assert x.get_potential_energy() == pytest.approx(y.get_potential_energy(), abs=1e-8)
+    ra, rb = (json.loads((d / "report.json").read_text())["strategies"][0] for d in (full, killed))
+    for x, y in zip(ra["rounds"], rb["rounds"]):
+        assert x["test"]["forces_mae"] == pytest.approx(y["test"]["forces_mae"], rel=1e-6)
+
+
 # -- the quick run (GFN2-xTB) --------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.integration
