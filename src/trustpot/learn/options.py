@@ -83,9 +83,9 @@ class LearnOptions:
     )
     score: str | None = option(
         None,
-        "selection score: max-std (largest per-atom calibrated "
-        "forces_std, eV/Å), mean-std, or reliability (1 - reliability); "
-        "default reliability for probe, max-std otherwise",
+        "selection score: max-std (largest per-atom forces_std of the frame before "
+        "recalibration, which ranks frames as the calibrated one does, eV/Å), mean-std, or "
+        "reliability (1 - reliability); default reliability for probe, max-std otherwise",
         choices=tuple(SCORES),
     )
     pool_factor: float | None = option(
@@ -97,10 +97,9 @@ class LearnOptions:
     )
     calibration_fraction: float | None = option(
         None,
-        "share of every labelled batch held out "
-        "of training to calibrate the uncertainty "
-        "(default "
-        f"{DEFAULTS['calibration_fraction']})",
+        "share of the labels held out of training to calibrate the uncertainty: of the "
+        "starting frames (at least 2), and of each round's, drawn at random among the "
+        f"visited frames (default {DEFAULTS['calibration_fraction']})",
     )
     baseline: bool = option(
         False,
