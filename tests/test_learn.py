@@ -239,6 +239,34 @@ def test_resume_reuses_finished_rounds_and_frames_keep_provenance(
 
 
 @pytest.mark.slow
+def test_given_start_and_test_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--initial and --test files instead of the engine's sampling; random selection."""
+    from trustpot.engines.nbody import generate_nbody
+
+    start, test = tmp_path / "start.xyz", tmp_path / "test.xyz"
+    generate_nbody([3], 5, start, [800.0], seed=1, workers=0, progress=False)
+    generate_nbody([3], 4, test, [800.0], seed=2, workers=0, progress=False)
+    argv = _nbody_argv(tmp_path / "al", 1)
+    for flag in ("--particles", "--initial-frames", "--test-frames", "--n-models"):
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    argv += ["--uq", "random", "--initial", str(start), "--test", str(test)]
+    assert main(argv) == 0
+    frames = read(str(tmp_path / "al" / "data.xyz"), ":")
+    assert len(frames) == 8
+    given = [a for a in frames if a.info["al_round"] == -1]
+    assert [a.info["frame_id"] for a in given] == [f"given-{i}" for i in range(5)]
+    assert all(a.info["al_source"] == "given" and a.info["al_role"] == TRAIN for a in given)
+    assert all(a.info["al_rule"] == "random" and "al_score" not in a.info for a in frames[5:])
+    report = json.loads((tmp_path / "al" / "report.json").read_text())
+    assert report["test"]["frames"] == 4 and report["strategies"][0]["strategy"] == "random"
+    capsys.readouterr()
+    test.write_text(test.read_text().replace("energy=", "energy=1", 1))  # another label
+    assert main(argv) == 2
+    assert "--test" in capsys.readouterr().err  # the file changed since the run used it
+
+
+@pytest.mark.slow
 def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """SIGKILL while round 1 trains; the rerun ends with the frames and errors of a run that
     was never interrupted."""

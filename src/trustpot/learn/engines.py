@@ -47,8 +47,8 @@ class Oracle(abc.ABC):
 
     @abc.abstractmethod
     def check(self) -> None:
-        """Raise :class:`ConfigError` when the engine cannot run here (missing extra, bad
-        systems), before any work."""
+        """Raise :class:`ConfigError` when the engine cannot run here (missing extra) or a
+        given system is bad, before any work (no systems: the frames come in files)."""
 
     @abc.abstractmethod
     def sample(
@@ -78,7 +78,8 @@ class XTBOracle(Oracle):
         from trustpot.engines.xtb import check_smiles, require_xtb
 
         require_xtb()
-        check_smiles(self.smiles)
+        if self.smiles:
+            check_smiles(self.smiles)
 
     def sample(
         self, out: Path, frames: int, temperature: float, seed: int, workers: int, progress: bool
@@ -137,7 +138,7 @@ class NBodyOracle(Oracle):
         }
 
     def check(self) -> None:
-        if not self.particles or any(n < 2 for n in self.particles):
+        if any(n < 2 for n in self.particles):
             raise ConfigError(f"--particles must be >= 2, got {list(self.particles)}")
         if len(set(self.particles)) != len(self.particles):
             raise ConfigError("--particles lists a count more than once")
@@ -274,11 +275,11 @@ class NaClWaterOracle(Oracle):
         from trustpot.engines.nacl_water import require_openmm
 
         require_openmm()
-        if not self.pairs or any(n < 1 for n in self.pairs):
+        if any(n < 1 for n in self.pairs):
             raise ConfigError(f"--pairs must be >= 1, got {list(self.pairs)}")
         if len(set(self.pairs)) != len(self.pairs):
             raise ConfigError("--pairs lists a count more than once")
-        self._box().check(max(self.pairs))
+        self._box().check(max(self.pairs, default=1))
 
     def sample(
         self, out: Path, frames: int, temperature: float, seed: int, workers: int, progress: bool

@@ -98,7 +98,10 @@ def start_step(opts: LearnOptions, oracle: Oracle, folder: Path) -> dict[str, An
     for i, (s, role) in enumerate(zip(frames, roles)):
         atoms = s.to_atoms()
         atoms.info.update(al_round=-1, al_role=role, al_source=source)
-        atoms.info.setdefault("frame_id", f"{source}-{i}")
+        if source == "given":  # a given file's ids need not be unique: number the frames
+            if "frame_id" in atoms.info:
+                atoms.info["given_frame_id"] = atoms.info["frame_id"]
+            atoms.info["frame_id"] = f"given-{i}"
         out.append(atoms)
     write_frames(folder / "start.xyz", out)
     return {
@@ -108,7 +111,7 @@ def start_step(opts: LearnOptions, oracle: Oracle, folder: Path) -> dict[str, An
     }
 
 
-def test_step(opts: LearnOptions, oracle: Oracle, folder: Path) -> dict[str, Any]:
+def heldout_step(opts: LearnOptions, oracle: Oracle, folder: Path) -> dict[str, Any]:
     """The test frames: ``--test`` as given, else sampled into ``folder/test.xyz``."""
     if opts.test:
         frames, path = read_data(opts.test), Path(opts.test)
@@ -327,7 +330,7 @@ def run_learn(opts: LearnOptions, log: Log = print) -> dict[str, Any]:
         "frames": None if opts.test else opts.get("test_frames"),
         "temperature": None if opts.test else opts.test_temp,
     }
-    test = run_step(out / "test", test_cfg, lambda f, _: test_step(opts, oracle, f), log)
+    test = run_step(out / "test", test_cfg, lambda f, _: heldout_step(opts, oracle, f), log)
     if opts.test and test["sha256"] != file_sha256(opts.test):
         raise ConfigError(f"--test {opts.test}: the file changed since {out / 'test'} used it")
     main = Strategy(PLAIN, "random") if opts.uq == "random" else Strategy(opts.uq, "score")

@@ -11,7 +11,8 @@ options, so a pool of processes or a cluster could run them; the loop
 Each labelling round spends ``n`` labels: ``c = round(calibration_fraction * n)`` of them on
 frames drawn uniformly from the visited ones (held out of training; they calibrate the
 uncertainty on the distribution that exploration visits, not on the frames chosen for being
-uncertain), the other ``n - c`` on the selected frames. Random selection trains on every frame.
+uncertain), the other ``n - c`` on the selected frames. Without a reliability method
+(``--uq random``) every label trains.
 """
 
 from __future__ import annotations
@@ -213,8 +214,9 @@ def fit_round(
 ) -> dict[str, Any]:
     """Train and wrap the round's model on ``pool``; evaluate it on ``test``.
 
-    Writes ``folder/train.xyz``, ``calibration.xyz`` (not for random), ``models/member_k/``
-    (training runs), ``uq/`` (the wrapper). ``previous``: the last round's fit folder.
+    Writes ``folder/train.xyz``, ``calibration.xyz`` (with a reliability method),
+    ``models/member_k/`` (training runs), ``uq/`` (the wrapper). ``previous``: the last
+    round's fit folder (warm start from its members, unless ``--cold-start``).
     """
     t0 = time.perf_counter()
     calibrating = strategy.calibrating
