@@ -302,7 +302,6 @@ def run_learn(opts: LearnOptions, log: Log = print) -> dict[str, Any]:
         torch.set_num_threads(opts.threads)
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "learn.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1))
     t0 = time.perf_counter()
     given = {"initial_sha256": file_sha256(opts.initial)} if opts.initial else {}
     start_cfg = {
@@ -351,6 +350,7 @@ def run_learn(opts: LearnOptions, log: Log = print) -> dict[str, Any]:
         )
         for strategy, root in strategies
     ]
+    (out / "learn.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1))
     report = write_report(out, opts, start, test, results, time.perf_counter() - t0)
     log(f"report: {out / 'report.md'}")
     return report

@@ -9,6 +9,7 @@ values for every option the user did not set, never overriding one that was set.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from trustpot.config import RunConfig, load_config
@@ -286,9 +287,10 @@ def quick_values(given: dict[str, Any]) -> dict[str, Any]:
     """The ``--quick`` preset completed by ``given`` (the options the user set, which win).
 
     Small budgets everywhere; small systems when none are given (methanol and ethane for xtb,
-    4 and 5 particles for nbody, one ion pair for nacl-water); the engine runs in this
-    process; ``--baseline`` unless the method is random. Its training overrides come first,
-    so the user's ``-o`` win.
+    4 and 5 particles for nbody, one ion pair for nacl-water); for PROBE, enough starting
+    frames for its minimum of calibration frames; the engine runs in this process;
+    ``--baseline`` unless the method is random. Its training overrides come first, so the
+    user's ``-o`` win.
     """
     engine = given.get("engine", "xtb")
     uq = given.get("uq", "ensemble")
@@ -320,6 +322,12 @@ def quick_values(given: dict[str, Any]) -> dict[str, Any]:
         preset["n_models"] = 2
     if uq in ("probe", "perturb"):
         preset["uq_minutes"] = 0.05
+    if uq == "probe" and "initial_frames" in preset:  # enough calibration frames for PROBE
+        from trustpot.uq.probe import MIN_STRUCTURES
+
+        n_systems = len(given.get(systems[0]) or preset.get(systems[0], ()))
+        share = given.get("calibration_fraction") or DEFAULTS["calibration_fraction"]
+        preset["initial_frames"] = math.ceil(MIN_STRUCTURES / (share * max(n_systems, 1)))
     if uq != "random":
         preset["baseline"] = True
     values = {**preset, **given, "quick": True}
