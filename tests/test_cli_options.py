@@ -46,6 +46,13 @@ BASES: dict[tuple[str, ...], list[list[str]]] = {
         ["--strategy", "mft", "--replay", "r.xyz"],
         ["--target", "homo_lumo_gap"],
     ],
+    ("learn",): [
+        [],
+        ["--engine", "nbody", "--particles", "3"],
+        ["--engine", "nacl-water", "--pairs", "1"],
+        ["--uq", "probe"],
+        ["--uq", "random"],
+    ],
 }
 #: Extra arguments under which a flag that only acts with another one takes effect (not
 #: modes: no flag is rejected for being of "another mode"). Without them it is rejected by name.
@@ -57,6 +64,7 @@ MODE_FLAGS = {
     ("data", "split"): "--rule",
     ("scales", "run"): "--testbed",
     ("finetune",): "--strategy",
+    ("learn",): "--engine",
 }
 
 #: Values of string options that must be meaningful: (base, other).

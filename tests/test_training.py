@@ -231,3 +231,22 @@ def test_torchrun_probe_fit_matches_one_process(ethanol_file: Path, tmp_path: Pa
     b = torch.load(multi / "classifier.pt", weights_only=True)
     for name, value in a.items():
         torch.testing.assert_close(b[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_warm_start_begins_from_the_checkpoint(ethanol_file: Path, tmp_path: Path) -> None:
+    """``model.init_from`` starts from the checkpoint's weights; a mismatch names it."""
+    import torch
+
+    from trustpot.errors import ConfigError
+    from trustpot.io.checkpoint import load_potential
+    from trustpot.train.run import warm_start
+
+    run_training(config(ethanol_file, "train.epochs=2"), tmp_path / "a")
+    best = tmp_path / "a" / "best.ckpt"
+    warm = warm_start(config(ethanol_file, f"model.init_from={best}"))
+    for (name, x), y in zip(warm.state_dict().items(), load_potential(best).state_dict().values()):
+        assert torch.equal(x, y), name
+    run_training(config(ethanol_file, "train.epochs=1", f"model.init_from={best}"), tmp_path / "b")
+    for bad in ("model.name=schnet", "model.hypers.n_features=16", "model.head_dropout=0.1"):
+        with pytest.raises(ConfigError, match=r"model\.init_from"):
+            warm_start(config(ethanol_file, f"model.init_from={best}", bad))

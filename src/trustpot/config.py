@@ -62,12 +62,16 @@ class ModelConfig:
         dtype: ``float32`` or ``float64``.
         hypers: backbone hyper-parameters (see ``trustpot config show``).
         head_dropout: dropout in the energy head (needed by MC dropout).
+        init_from: warm start: a potential checkpoint whose weights, species and reference
+            energies the run starts from (same backbone, dtype, head dropout and any hyper set
+            here); empty: a new model initialised with the seed.
     """
 
     name: str = "painn"
     dtype: str = "float32"
     hypers: dict[str, Any] = dataclasses.field(default_factory=dict)
     head_dropout: float = 0.0
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -365,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub: argparse._SubParsersAction[Any] = parser.add_subparsers(dest="command", required=True)
     from trustpot.cli.bench import add_bench_commands
     from trustpot.cli.data import add_data_commands
+    from trustpot.cli.learn import add_learn_command
     from trustpot.cli.pretrained import add_pretrained_commands
     from trustpot.cli.scales import add_scales_commands
     from trustpot.cli.uq import add_uq_commands
@@ -372,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = [_add_quickstart, _add_train, _add_finetune, _add_eval, _add_md, add_uq_commands]
     commands += [_add_config]
     commands += [add_bench_commands, add_scales_commands, add_data_commands]
-    commands += [add_pretrained_commands, _add_pretrain]
+    commands += [add_pretrained_commands, _add_pretrain, add_learn_command]
     for add in commands:
         add(sub)
     return parser

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trustpot.config import RunConfig, config_to_dict, dump_config
+from trustpot.config import ModelConfig, RunConfig, config_to_dict, dump_config
 from trustpot.data.dataset import GraphDataset
 from trustpot.data.reader import KeyMap, file_sha256, read_structures
 from trustpot.data.splits import is_manifest_spec, read_data
@@ -81,6 +81,36 @@ def open_run_dir(out: Path, resume: bool, is_main: bool) -> Callable[[str], None
     return log
 
 
+def warm_start(cfg: RunConfig) -> Potential:
+    """The potential of ``cfg.model.init_from``, checked against the model options of ``cfg``.
+
+    Raises:
+        ConfigError: naming ``model.init_from`` when the checkpoint is another backbone, dtype
+            or head dropout, disagrees with a hyper-parameter set in ``cfg``, or when
+            ``data.isolated_atoms`` is set (the checkpoint's reference energies are kept).
+    """
+    from trustpot.io.checkpoint import load_potential
+
+    path = cfg.model.init_from
+    if cfg.data.isolated_atoms:
+        raise ConfigError(
+            "data.isolated_atoms would be ignored with model.init_from (the warm start keeps "
+            f"the reference energies of {path})"
+        )
+    model = load_potential(path)
+    meta = model.meta
+    wanted = {"name": cfg.model.name, "dtype": cfg.model.dtype,
+              "head_dropout": cfg.model.head_dropout}  # fmt: skip
+    have = {"name": meta.backbone, "dtype": meta.dtype, "head_dropout": meta.head_dropout}
+    wanted.update({f"hypers.{k}": v for k, v in cfg.model.hypers.items()})
+    have.update({f"hypers.{k}": meta.hypers.get(k) for k in cfg.model.hypers})
+    differ = [f"model.{k} ({have[k]!r} in the checkpoint, {v!r} here)"
+              for k, v in wanted.items() if have[k] != v]  # fmt: skip
+    if differ:
+        raise ConfigError(f"model.init_from {path}: {'; '.join(differ)}")
+    return model
+
+
 def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> TrainResult:
     """Train a potential as ``cfg`` says and write the run directory ``out``."""
     out = Path(out)
@@ -105,12 +135,16 @@ def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> Train
     if resume:
         data = read_checkpoint(last)
         saved = data.get("training", {}).get("config", {})
-        if saved.get("model") and saved["model"] != config_to_dict(cfg)["model"]:
+        # options added since the checkpoint was written take their defaults
+        saved_model = {**config_to_dict(ModelConfig()), **saved.get("model", {})}
+        if saved.get("model") and saved_model != config_to_dict(cfg)["model"]:
             raise ConfigError(
                 f"{last}: the model options differ from the run being resumed; "
                 f"saved {saved['model']}, now {config_to_dict(cfg)['model']}"
             )
         model = Potential.from_payload(data, str(last))
+    elif cfg.model.init_from:
+        model = warm_start(cfg)
     else:
         e0 = None
         if cfg.data.isolated_atoms:
