@@ -110,7 +110,7 @@ class Mode:
 
 
 MODES = {
-    "quick": Mode(0.05, 6, 2, 2, 2, 2, 10, 4, 2, 2, (20, 5), ("gap",)),
+    "quick": Mode(0.03, 6, 2, 2, 2, 2, 10, 4, 2, 1, (20, 5), ("gap",)),
     "full": Mode(3.0, 48, 12, 16, 3, 12, 240, 60, 60, 16, (60, 20), ("gap", "dipole")),
 }
 
@@ -320,14 +320,13 @@ def row_options(
     return FinetuneOptions(**kwargs)
 
 
-def downstream_error(model_path: str, frames: str, target: str | None) -> float:
-    """MAE of the downstream quantity: the property (its unit) or the forces (eV/Å)."""
+def downstream_error(model: Any, frames: str, target: str | None) -> float:
+    """MAE of ``model``'s downstream quantity on ``frames``: the property (its unit) or the
+    forces (eV/Å)."""
     from trustpot import keys as K
     from trustpot.calculator import Predictor
     from trustpot.data.splits import read_data
-    from trustpot.io.checkpoint import load_model
 
-    model = load_model(model_path)
     structures = read_data(frames)
     if target is None:
         preds = Predictor(model).predict_structures(structures)
@@ -356,6 +355,7 @@ def run_row(
 ) -> dict[str, Any]:
     """Fine-tune one row (reused when done) and measure it."""
     from trustpot.finetune import run_finetune
+    from trustpot.io.checkpoint import load_model
 
     label = f"{task}/{target or 'forces'}/{row}"
     folder = s.out / task / (target or "forces") / row
@@ -370,11 +370,10 @@ def run_row(
     def work(where: Path, resuming: bool) -> dict[str, Any]:
         run = where / "run"
         run_finetune(opts, run, resume=resuming and (run / "last.ckpt").is_file())
-        best = str(run / "best.ckpt")
+        model = load_model(run / "best.ckpt")  # loaded once for both test sets
         return {
-            "id": downstream_error(best, files["test_id"], target),
-            "ood": downstream_error(best, files["test_ood"], target),
-            "best": best,
+            "id": downstream_error(model, files["test_id"], target),
+            "ood": downstream_error(model, files["test_ood"], target),
         }
 
     log(f"{label}: fine-tuning ({s.minutes} min)")
