@@ -57,7 +57,6 @@ Every step is a :func:`trustpot.train.reuse.run_step` (reused on a rerun, resume
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -71,6 +70,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from trustpot.train.reuse import timed_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -127,20 +128,6 @@ class Settings:
     minutes: float
     seed: int
     threads: int
-
-
-def timed_step(
-    folder: Path, config: Mapping[str, Any], fn: Callable[[Path, bool], Mapping[str, Any]], log: Log
-) -> dict[str, Any]:
-    """:func:`run_step` whose result holds the step's wall-clock ``seconds``."""
-    from trustpot.train.reuse import run_step
-
-    def work(where: Path, resuming: bool) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        result = dict(fn(where, resuming))
-        return {**result, "seconds": time.perf_counter() - t0}
-
-    return run_step(folder, config, work, log)
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -247,24 +234,14 @@ def prepare_materials(s: Settings, log: Log) -> dict[str, str]:
     return files
 
 
-def mft_replay(files: Mapping[str, str], where: Path, pseudo_from: str | None) -> str:
-    """The MFT force-field frames: the fine-tuning frames and the replay frames in one file.
-
-    With ``pseudo_from`` (a model name or checkpoint) every frame is relabelled by that model
-    (energies and forces; the downstream labels belong to another level of theory)."""
+def mft_replay(files: Mapping[str, str], where: Path) -> str:
+    """The MFT force-field frames: the fine-tuning frames and the replay frames in one file
+    (labelled as ``--replay-labels`` says: their own xTB labels for the molecules, the untouched
+    model's predictions for the materials, whose downstream labels are another level of
+    theory)."""
     from ase.io import read, write
 
     frames = list(read(files["train"], ":")) + list(read(files["replay"], ":"))
-    if pseudo_from is not None:
-        from ase.calculators.singlepoint import SinglePointCalculator
-
-        from trustpot.calculator import TrustpotCalculator
-
-        calc = TrustpotCalculator.from_checkpoint(pseudo_from)
-        for atoms in frames:
-            atoms.calc = calc
-            energy, forces = atoms.get_potential_energy(), atoms.get_forces()
-            atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
     path = where / "mft_frames.xyz"
     write(path, frames, format="extxyz")
     return str(path)
@@ -278,7 +255,7 @@ def scratch_checkpoint(base: str, where: Path, seed: int) -> str:
 
     from trustpot.io.checkpoint import load_model, save_model
 
-    model = copy.deepcopy(load_model(base))
+    model = load_model(base)  # a fresh object, re-initialised in place
     torch.manual_seed(seed)
     for module in model.modules():
         reset = getattr(module, "reset_parameters", None)
@@ -315,39 +292,29 @@ def row_options(
     else:
         kwargs["strategy"] = "mft"
         if row == "mft":
-            pseudo = None if task == "molecules" else base
-            kwargs["replay"] = mft_replay(files, where, pseudo)
+            kwargs["replay"] = mft_replay(files, where)
     return FinetuneOptions(**kwargs)
 
 
 def downstream_error(model: Any, frames: str, target: str | None) -> float:
     """MAE of ``model``'s downstream quantity on ``frames``: the property (its unit) or the
-    forces (eV/Å)."""
+    forces (eV/Å), pooled over every component (:func:`trustpot.metrics.accuracy.pooled_mae`)."""
     from trustpot import keys as K
     from trustpot.calculator import Predictor
     from trustpot.data.splits import read_data
+    from trustpot.metrics.accuracy import pooled_mae
 
     structures = read_data(frames)
     if target is None:
         preds = Predictor(model).predict_structures(structures)
-        errors = [np.abs(p[K.FORCES] - st.forces).ravel() for p, st in zip(preds, structures)]
-        return float(np.mean(np.concatenate(errors)))
+        return pooled_mae(p[K.FORCES] - st.forces for p, st in zip(preds, structures))
     key = PROPERTIES[target][0]
-    out_key = property_output(model, key)
+    out_key = K.property_key(key)  # the fine-tuned model's output of the property
     preds = Predictor(model).predict_structures(structures, {out_key})
-    errors = []
-    for p, st in zip(preds, structures):
-        ref = np.asarray(st.info[key], dtype=float)
-        errors.append(np.abs(np.asarray(p[out_key], dtype=float).reshape(ref.shape) - ref).ravel())
-    return float(np.mean(np.concatenate(errors)))
-
-
-def property_output(model: Any, key: str) -> str:
-    """The model output holding the property read from the frames' ``key``."""
-    names = [n for n in model.output_specs() if n == key or n.endswith(f":{key}")]
-    if not names:
-        raise KeyError(f"the fine-tuned model has no output for '{key}'")
-    return str(names[0])
+    refs = [np.asarray(st.info[key], dtype=float) for st in structures]
+    return pooled_mae(
+        np.asarray(p[out_key], dtype=float).reshape(r.shape) - r for p, r in zip(preds, refs)
+    )
 
 
 def run_row(

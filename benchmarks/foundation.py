@@ -41,12 +41,14 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from trustpot.train.reuse import timed_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -115,21 +117,6 @@ MODES = {
 
 
 # -- steps ----------------------------------------------------------------------------------
-def timed_step(
-    folder: Path, config: Mapping[str, Any], fn: Callable[[Path, bool], Mapping[str, Any]], log: Log
-) -> dict[str, Any]:
-    """:func:`run_step` whose result also holds the step's wall-clock ``seconds`` (the
-    seconds of the run that finished it; a resumed step counts only its last part)."""
-    from trustpot.train.reuse import run_step
-
-    def work(where: Path, resuming: bool) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        result = dict(fn(where, resuming))
-        return {**result, "seconds": time.perf_counter() - t0}
-
-    return run_step(folder, config, work, log)
-
-
 def prepare(mode: Mode, out: Path, seed: int, log: Log) -> dict[str, Any]:
     """Write ``out/data.xyz`` and ``out/split.json``: ``train``, ``calibration``, ``test_id``
     (training topologies) and ``test_ood`` (PTY and UOE, ``n_ood`` frames each)."""

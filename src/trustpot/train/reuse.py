@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,20 @@ def run_step(
     result = _plain(dict(fn(folder, status == "running")))
     write_state(folder, {"status": "done", "config": config, "result": result})
     return dict(result)
+
+
+def timed_step(
+    folder: str | Path,
+    config: Mapping[str, Any],
+    fn: Callable[[Path, bool], Mapping[str, Any]],
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`run_step` whose result also holds the step's wall-clock ``seconds`` (those of
+    the run that finished it: a resumed step counts only its last part)."""
+
+    def work(where: Path, resuming: bool) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        result = dict(fn(where, resuming))
+        return {**result, "seconds": time.perf_counter() - t0}
+
+    return run_step(folder, config, work, log)
