@@ -18,6 +18,14 @@ def _out_dir(args: argparse.Namespace) -> str:
     return str(Path(args.out).parent)
 
 
+def _workers(args: argparse.Namespace) -> Any:
+    """``--workers`` and ``--dask`` as :data:`trustpot.parallel.Workers`."""
+    from trustpot.parallel import workers_from_flags
+
+    given = args.workers is not None
+    return workers_from_flags(args.workers if given else 1, args.dask, given)
+
+
 def _report(summary: Any) -> int:
     line = (
         f"{summary.out}: {summary.resumed + summary.written}/{summary.total} frames "
@@ -55,7 +63,7 @@ def _molecules(args: argparse.Namespace) -> dict[str, Any]:
         frames=args.frames,
         out=args.out,
         seed=args.seed,
-        workers=args.workers,
+        workers=_workers(args),
         method=args.method,
         md=md,
         progress=not args.quiet,
@@ -67,7 +75,7 @@ def _label(args: argparse.Namespace) -> dict[str, Any]:
         source=args.file,
         out=args.out,
         method=args.method,
-        workers=args.workers,
+        workers=_workers(args),
         progress=not args.quiet,
     )
 
@@ -122,7 +130,7 @@ def _nacl_water(args: argparse.Namespace) -> dict[str, Any]:
         out=args.out,
         temperatures=args.temperatures,
         seed=args.seed,
-        workers=args.workers,
+        workers=_workers(args),
         box=box,
         progress=not args.quiet,
     )
@@ -145,7 +153,7 @@ def _nbody(args: argparse.Namespace) -> dict[str, Any]:
         out=args.out,
         temperatures=args.temperatures,
         seed=args.seed,
-        workers=args.workers,
+        workers=_workers(args),
         mc=mc,
         progress=not args.quiet,
     )
@@ -167,10 +175,26 @@ def _common(p: argparse.ArgumentParser, frames: bool = True) -> None:
         p.add_argument("--frames", type=int, required=True, help="frames per (system, temperature)")
         p.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     p.add_argument("--out", required=True, help="extended XYZ output; rerun to resume")
-    p.add_argument(
-        "--workers", type=int, default=1, help="worker processes (default 1; 0: in this process)"
-    )
+    add_workers_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_workers_flags(p: argparse.ArgumentParser, what: str = "worker processes") -> None:
+    """``--workers N`` and ``--dask [local|ADDRESS]`` (resolve with :func:`_workers`)."""
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"{what} (default 1; 0: in this process); with --dask local: LocalCluster workers",
+    )
+    p.add_argument(
+        "--dask",
+        default=None,
+        metavar="ADDRESS",
+        help="run the tasks on Dask distributed: 'local' (a LocalCluster of --workers "
+        "processes) or a running scheduler's address (tcp://host:8786; its workers must "
+        "share this file system). Extra: dask",
+    )
 
 
 def _sampling(p: argparse.ArgumentParser, eq: int, interval: int, chunk: int, unit: str) -> None:

@@ -42,6 +42,7 @@ from ase.io import write
 from ase.io.extxyz import key_val_str_to_dict
 
 from trustpot.errors import ConfigError, DataError
+from trustpot.parallel import DaskCluster, Workers, as_completed, killed_reason
 
 #: Version of the ``OUT.run.json`` layout.
 RUN_FORMAT = 1
@@ -410,6 +411,46 @@ def _run_parallel(
             p.join(timeout=5)
 
 
+def _dask_task(
+    fn: TaskFn, payload: Any, needed: frozenset[str], env: dict[str, str]
+) -> tuple[list[tuple[str, FrameRecord | Failure]], str | None]:  # pragma: no cover - on a worker
+    """One task on a Dask worker: its frames and, if it raised, the reason (frames it finished
+    before raising are kept, as in a local worker)."""
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    frames: list[tuple[str, FrameRecord | Failure]] = []
+    try:
+        for frame_id, result in fn(payload, needed):
+            frames.append((frame_id, result))
+    except Exception as err:
+        return frames, f"{type(err).__name__}: {err}"
+    return frames, None
+
+
+def _run_dask(
+    fn: TaskFn,
+    pending: list[tuple[Task, frozenset[str]]],
+    writer: _Writer,
+    cluster: DaskCluster,
+    env: dict[str, str],
+    desc: str,
+) -> None:
+    """Each task a Dask task; its frames are written as soon as its result arrives."""
+    calls = [(fn, task.payload, needed, env) for task, needed in pending]
+    name = desc.replace(" ", "-")
+    for k, result, error in as_completed(cluster, _dask_task, calls, name):
+        task = pending[k][0]
+        reason = "the engine returned no result for this frame"
+        if error is not None:
+            reason = killed_reason(error)
+        else:
+            frames, raised = result
+            for frame_id, record in frames:
+                writer.frame(task.task_id, frame_id, record)
+            reason = raised or reason
+        _finish_task(writer, task, reason)
+
+
 def _rewrite_in_order(out: Path, order: Sequence[str]) -> None:
     blocks, _ = scan_output(out)
     rank = {frame_id: k for k, frame_id in enumerate(order)}
@@ -428,7 +469,7 @@ def run_tasks(
     fn: TaskFn,
     out: str | Path,
     params: dict[str, Any],
-    workers: int = 1,
+    workers: Workers = 1,
     desc: str = "labelling",
     progress: bool = True,
     threads_per_worker: int = 1,
@@ -441,7 +482,9 @@ def run_tasks(
         out: extended XYZ output.
         params: options that shape the data (stored in ``OUT.run.json``, compared on resume).
         workers: worker processes (each started fresh, so a crash in an engine's native code
-            costs one task, not the run); 0 runs the tasks in this process.
+            costs one task, not the run); 0 runs the tasks in this process; a
+            :class:`trustpot.parallel.DaskCluster` submits each task to Dask (a killed worker's
+            task is rerun elsewhere; frames of finished tasks are already written).
         desc: progress bar label.
         progress: show a tqdm progress bar (on stderr).
         threads_per_worker: ``OMP_NUM_THREADS`` for each worker unless already set (OpenMP
@@ -455,7 +498,7 @@ def run_tasks(
     """
     from tqdm.auto import tqdm
 
-    if workers < 0:
+    if not isinstance(workers, DaskCluster) and workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
     out = Path(out)
     order = [frame_id for task in tasks for frame_id in task.frame_ids]
@@ -482,7 +525,10 @@ def run_tasks(
     bar = tqdm(total=len(order), initial=resumed, desc=desc, unit="frame", disable=not progress)
     writer = _Writer(out, done, bar)
     try:
-        if workers == 0:
+        if isinstance(workers, DaskCluster):
+            if pending:
+                _run_dask(fn, pending, writer, workers, env, desc)
+        elif workers == 0:
             for key, value in env.items():  # effective only if no OpenMP runtime is loaded yet
                 os.environ.setdefault(key, value)
             _run_serial(fn, pending, writer)

@@ -47,6 +47,7 @@ from trustpot.engines.labelling import (
     trustpot_version,
 )
 from trustpot.errors import ConfigError
+from trustpot.parallel import Workers
 from trustpot.units import KJ_PER_MOL_PER_NM_TO_EV_PER_A, KJ_PER_MOL_TO_EV
 
 #: 1 nm in Å.
@@ -281,7 +282,7 @@ def generate_nacl_water(
     out: str | Path,
     temperatures: Sequence[float] = (300.0,),
     seed: int = 0,
-    workers: int = 1,
+    workers: Workers = 1,
     box: BoxOptions = BoxOptions(),
     progress: bool = True,
 ) -> RunSummary:
@@ -293,7 +294,7 @@ def generate_nacl_water(
         out: extended XYZ output (resumable).
         temperatures: K, each > 0.
         seed: run seed; each trajectory's seed is derived from it.
-        workers: worker processes (one OpenMM CPU thread each).
+        workers: worker processes (one OpenMM CPU thread each), or a Dask cluster.
         box: box and sampling settings.
 
     Raises:

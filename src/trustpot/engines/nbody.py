@@ -39,6 +39,7 @@ from trustpot.engines.labelling import (
     trustpot_version,
 )
 from trustpot.errors import ConfigError
+from trustpot.parallel import Workers
 from trustpot.units import COULOMB_EV_A
 
 #: Chemical symbols standing for the positive and the negative particles.
@@ -181,7 +182,7 @@ def generate_nbody(
     out: str | Path,
     temperatures: Sequence[float] = (1000.0,),
     seed: int = 0,
-    workers: int = 1,
+    workers: Workers = 1,
     mc: MCOptions = MCOptions(),
     progress: bool = True,
 ) -> RunSummary:
@@ -193,7 +194,7 @@ def generate_nbody(
         out: extended XYZ output (resumable).
         temperatures: K, each > 0.
         seed: run seed; each chain's seed is derived from it.
-        workers: worker processes.
+        workers: worker processes, or a Dask cluster (:data:`trustpot.parallel.Workers`).
         mc: Metropolis settings.
 
     Raises:

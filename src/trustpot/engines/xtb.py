@@ -42,6 +42,7 @@ from trustpot.engines.labelling import (
     trustpot_version,
 )
 from trustpot.errors import ConfigError, DataError
+from trustpot.parallel import Workers
 
 #: Methods ``tblite`` provides.
 METHODS = ("GFN2-xTB", "GFN1-xTB", "IPEA1-xTB")
@@ -352,7 +353,7 @@ def generate_molecules(
     frames: int,
     out: str | Path,
     seed: int = 0,
-    workers: int = 1,
+    workers: Workers = 1,
     method: str = "GFN2-xTB",
     md: MDOptions = MDOptions(),
     progress: bool = True,
@@ -366,7 +367,7 @@ def generate_molecules(
         frames: frames per (SMILES, temperature).
         out: extended XYZ output (appended to and resumed, see :mod:`trustpot.engines.labelling`).
         seed: run seed; every trajectory's seed is derived from it.
-        workers: worker processes.
+        workers: worker processes, or a Dask cluster (:data:`trustpot.parallel.Workers`).
         method: xTB method.
         md: Langevin settings.
         progress: show a progress bar.
@@ -465,7 +466,7 @@ def label_file(
     source: str | Path,
     out: str | Path,
     method: str = "GFN2-xTB",
-    workers: int = 1,
+    workers: Workers = 1,
     per_task: int = 4,
     progress: bool = True,
 ) -> RunSummary:

@@ -30,6 +30,7 @@ import numpy as np
 
 from trustpot.engines.labelling import FrameRecord, RunSummary, Task, run_tasks, trustpot_version
 from trustpot.errors import ConfigError, DataError
+from trustpot.parallel import Workers
 
 
 class Oracle(abc.ABC):
@@ -52,12 +53,18 @@ class Oracle(abc.ABC):
 
     @abc.abstractmethod
     def sample(
-        self, out: Path, frames: int, temperature: float, seed: int, workers: int, progress: bool
+        self,
+        out: Path,
+        frames: int,
+        temperature: float,
+        seed: int,
+        workers: Workers,
+        progress: bool,
     ) -> RunSummary:
         """Write ``frames`` labelled frames per system, sampled at ``temperature`` K, to ``out``."""
 
     @abc.abstractmethod
-    def label(self, source: Path, out: Path, workers: int, progress: bool) -> RunSummary:
+    def label(self, source: Path, out: Path, workers: Workers, progress: bool) -> RunSummary:
         """Write every frame of ``source`` with the engine's energy (eV) and forces (eV/Å) to
         ``out``; frame ``k`` gets ``frame_id`` ``frame-k``, its info kept."""
 
@@ -82,7 +89,13 @@ class XTBOracle(Oracle):
             check_smiles(self.smiles)
 
     def sample(
-        self, out: Path, frames: int, temperature: float, seed: int, workers: int, progress: bool
+        self,
+        out: Path,
+        frames: int,
+        temperature: float,
+        seed: int,
+        workers: Workers,
+        progress: bool,
     ) -> RunSummary:
         from trustpot.engines.xtb import generate_molecules
 
@@ -90,7 +103,7 @@ class XTBOracle(Oracle):
             self.smiles, [temperature], frames, out, seed, workers, self.method, progress=progress
         )
 
-    def label(self, source: Path, out: Path, workers: int, progress: bool) -> RunSummary:
+    def label(self, source: Path, out: Path, workers: Workers, progress: bool) -> RunSummary:
         from trustpot.engines.xtb import label_file
 
         return label_file(source, out, self.method, workers, progress=progress)
@@ -146,7 +159,13 @@ class NBodyOracle(Oracle):
             self._mc().check(n)
 
     def sample(
-        self, out: Path, frames: int, temperature: float, seed: int, workers: int, progress: bool
+        self,
+        out: Path,
+        frames: int,
+        temperature: float,
+        seed: int,
+        workers: Workers,
+        progress: bool,
     ) -> RunSummary:
         from trustpot.engines.nbody import generate_nbody
 
@@ -154,7 +173,7 @@ class NBodyOracle(Oracle):
             self.particles, frames, out, [temperature], seed, workers, self._mc(), progress
         )
 
-    def label(self, source: Path, out: Path, workers: int, progress: bool) -> RunSummary:
+    def label(self, source: Path, out: Path, workers: Workers, progress: bool) -> RunSummary:
         from ase.data import atomic_numbers
 
         from trustpot.data.reader import file_sha256, read_structures
@@ -282,7 +301,13 @@ class NaClWaterOracle(Oracle):
         self._box().check(max(self.pairs, default=1))
 
     def sample(
-        self, out: Path, frames: int, temperature: float, seed: int, workers: int, progress: bool
+        self,
+        out: Path,
+        frames: int,
+        temperature: float,
+        seed: int,
+        workers: Workers,
+        progress: bool,
     ) -> RunSummary:
         from trustpot.engines.nacl_water import generate_nacl_water
 
@@ -290,7 +315,7 @@ class NaClWaterOracle(Oracle):
             self.pairs, frames, out, [temperature], seed, workers, self._box(), progress
         )
 
-    def label(self, source: Path, out: Path, workers: int, progress: bool) -> RunSummary:
+    def label(self, source: Path, out: Path, workers: Workers, progress: bool) -> RunSummary:
         from trustpot.data.reader import file_sha256, read_structures
         from trustpot.engines.nacl_water import FORCE_FIELD, NM_TO_A
 

@@ -69,7 +69,7 @@ Log = Callable[[str], None]
 def _sampled(
     oracle: Oracle, out: Path, frames: int, temperature: float, seed: int, opts: LearnOptions
 ) -> list[Structure]:
-    summary = oracle.sample(out, frames, temperature, seed, opts.workers, not opts.quiet)
+    summary = oracle.sample(out, frames, temperature, seed, opts.executor, not opts.quiet)
     if summary.failed:
         raise ConfigError(
             f"{summary.failed} frame(s) of {out} failed ({summary.failed_path}); "

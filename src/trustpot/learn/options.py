@@ -17,6 +17,7 @@ from trustpot.errors import ConfigError
 from trustpot.learn.engines import ORACLES, NaClWaterOracle, NBodyOracle, Oracle, XTBOracle
 from trustpot.learn.select import SCORES
 from trustpot.options import flag_of, option
+from trustpot.parallel import Workers, workers_from_flags
 
 #: ``--uq`` choices: the reliability methods of :mod:`trustpot.uq`, and random selection.
 UQ_METHODS = ("ensemble", "mc-dropout", "probe", "perturb", "random")
@@ -148,7 +149,16 @@ class LearnOptions:
         metavar="KEY=VALUE",
     )
     seed: int = option(0, "seed of sampling, training, exploration and selection")
-    workers: int = option(1, "engine worker processes (0: in this process)")
+    workers: int = option(
+        1, "engine worker processes (0: in this process); with --dask local: LocalCluster workers"
+    )
+    dask: str = option(
+        "",
+        "run the labelling and the ensemble members' training as tasks on Dask distributed: "
+        "'local' (a LocalCluster of --workers processes) or a running scheduler's address "
+        "(tcp://host:8786; its workers must share this file system). Extra: dask",
+        metavar="ADDRESS",
+    )
     threads: int = option(0, "torch CPU threads (0: torch's default)")
     quiet: bool = option(False, "no progress bars")
     quick: bool = option(
@@ -174,6 +184,11 @@ class LearnOptions:
     @property
     def test_temp(self) -> float:
         return self.temperature if self.test_temperature is None else self.test_temperature
+
+    @property
+    def executor(self) -> Workers:
+        """Where the labelling and the members' training run (``--workers``, ``--dask``)."""
+        return workers_from_flags(self.workers, self.dask)
 
     def oracle(self) -> Oracle:
         """The engine, from ``--engine`` and its systems."""

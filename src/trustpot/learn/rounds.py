@@ -45,6 +45,7 @@ from trustpot.learn.select import (
 from trustpot.metrics import uncertainty
 from trustpot.metrics.accuracy import accuracy_metrics, per_structure_force_mae
 from trustpot.models.contract import Model
+from trustpot.parallel import DaskCluster
 from trustpot.train.reuse import run_step
 
 Log = Callable[[str], None]
@@ -103,19 +104,20 @@ def split_roles(n: int, fraction: float | None, seed: int, minimum: int = 0) -> 
 def _train_members(
     opts: LearnOptions, method: str, folder: Path, train: Path, previous: Path | None, log: Log
 ) -> list[Path]:
-    from trustpot.uq.fit import train_once
+    from trustpot.uq.fit import train_many
     from trustpot.uq.options import MCDropoutOptions
 
     n = opts.get("n_models") if method == "ensemble" else 1
     dropout = MCDropoutOptions().dropout if method == "mc-dropout" else 0.0
-    paths = []
+    runs = []
     for k in range(n):
         init = ""
         if previous is not None and not opts.cold_start:
             init = str(previous / "models" / f"member_{k}" / "best.ckpt")
         cfg = opts.run_config(str(train), opts.seed + k, init, dropout)
-        paths.append(train_once(cfg, folder / "models" / f"member_{k}", log))
-    return paths
+        runs.append((cfg, folder / "models" / f"member_{k}"))
+    executor = opts.executor
+    return train_many(runs, executor if isinstance(executor, DaskCluster) else 0, log)
 
 
 def _wrap(
@@ -436,7 +438,7 @@ def acquire(
     def label(f: Path, _: bool) -> dict[str, Any]:
         if s["selected"] + s["calibration"] == 0:
             return {"labelled": 0, "failed": 0}
-        summary = oracle.label(source, f / "labelled.xyz", opts.workers, not opts.quiet)
+        summary = oracle.label(source, f / "labelled.xyz", opts.executor, not opts.quiet)
         return {
             "labelled": summary.total - summary.failed,
             "failed": summary.failed,

@@ -21,6 +21,7 @@ from trustpot.config import RunConfig, config_to_dict
 from trustpot.data.structures import Structure, info_values
 from trustpot.errors import ConfigError
 from trustpot.io.checkpoint import load_model, load_potential, save_model
+from trustpot.parallel import DaskCluster, Workers, map_tasks, workers_from_flags
 from trustpot.train.reuse import run_step
 from trustpot.train.run import run_training
 from trustpot.uq.base import UQModel
@@ -55,23 +56,53 @@ def train_once(cfg: RunConfig, run_dir: Path, log: Log) -> Path:
     return run_dir / "best.ckpt"
 
 
-def train_ensemble_members(
-    cfg: RunConfig, out: Path, n_members: int, log: Log = print
+def _quiet(message: str) -> None:
+    """Log of a training run on a Dask worker (its progress is in the run folder)."""
+
+
+def _train_task(cfg: RunConfig, run_dir: Path) -> Path:  # pragma: no cover - on a worker
+    return train_once(cfg, run_dir, _quiet)
+
+
+def train_many(
+    runs: Sequence[tuple[RunConfig, Path]], workers: Workers = 0, log: Log = print
 ) -> list[Path]:
-    """Train ``n_members`` potentials with seeds ``seed, seed + 1, ...`` in ``out/member_k``.
+    """Train independent potentials (ensemble members), each under :func:`train_once`.
+
+    Args:
+        runs: ``(config, run folder)`` per potential.
+        workers: an ``int`` trains them here one after another; a
+            :class:`trustpot.parallel.DaskCluster` trains each as a Dask task (a killed
+            worker's run resumes from its ``last.ckpt`` on another worker; finished runs are
+            reused by the reuse rule).
+
+    Returns:
+        Each run's ``best.ckpt``, in the order of ``runs``.
+    """
+    if isinstance(workers, DaskCluster):
+        log(f"training {len(runs)} potentials as tasks on {workers.describe()}")
+        return map_tasks(workers, _train_task, [tuple(r) for r in runs], "train")
+    return [train_once(cfg, run_dir, log) for cfg, run_dir in runs]
+
+
+def train_ensemble_members(
+    cfg: RunConfig, out: Path, n_members: int, log: Log = print, workers: Workers = 0
+) -> list[Path]:
+    """Train ``n_members`` potentials with seeds ``seed, seed + 1, ...`` in ``out/member_k``
+    (here, or as tasks on a Dask cluster: :func:`train_many`).
 
     Members differ in initialisation, shuffling and validation split (all seeded).
     """
     if n_members < 2:
         raise ConfigError(f"an ensemble needs at least 2 members, got {n_members}")
-    paths = []
+    runs = []
     for k in range(n_members):
         member = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + k)
         )
         log(f"ensemble member {k + 1}/{n_members} (seed {member.train.seed})")
-        paths.append(train_once(member, out / f"member_{k}", log))
-    return paths
+        runs.append((member, out / f"member_{k}"))
+    return train_many(runs, workers, log)
 
 
 def ensemble_from_checkpoints(paths: Sequence[str | Path]) -> DeepEnsemble:
@@ -140,7 +171,10 @@ def finish(
 def _fit_ensemble(opts: EnsembleOptions, out: Path, log: Log) -> tuple[UQModel, dict[str, Any]]:
     if opts.members:
         return ensemble_from_checkpoints(opts.members), {"members": list(opts.members)}
-    paths = train_ensemble_members(opts.run_config(), out, opts.n_models, log)
+    workers: Workers = 0
+    if opts.dask:
+        workers = workers_from_flags(opts.n_models, opts.dask, workers_given=False)
+    paths = train_ensemble_members(opts.run_config(), out, opts.n_models, log, workers)
     return ensemble_from_checkpoints(paths), {"members": [str(p) for p in paths]}
 
 

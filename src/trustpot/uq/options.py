@@ -128,11 +128,19 @@ class EnsembleOptions(Training):
         (), "trained checkpoints to combine instead of training", metavar="CKPT"
     )
     n_models: int = option(5, "number of potentials to train")
+    dask: str = option(
+        "",
+        "train the members as tasks on Dask distributed: 'local' (a LocalCluster, one "
+        "worker per member) or a running scheduler's address (tcp://host:8786; its workers "
+        "must share this file system). Extra: dask",
+        metavar="ADDRESS",
+    )
 
     def validate(self) -> None:
         super().validate()
         if self.members:
             given = self.training_given() + (["--n-models"] if self.n_models != 5 else [])
+            given += ["--dask"] if self.dask else []
             if given:
                 raise ConfigError(
                     f"uq fit ensemble: --members combines trained checkpoints; "
