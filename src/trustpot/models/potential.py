@@ -242,9 +242,16 @@ def compute_outputs(
 ) -> dict[str, Tensor]:
     """Energies and their derivatives for any ``node_energy_fn(g) -> ([n_atoms], emb)``.
 
-    Shared by :class:`Potential` and by wrappers (scale mixtures, perturbations) so that every
-    model gets forces and stress the same way. Stress uses a symmetric strain applied to
-    positions and cell: ``stress = (1/V) dE/d(strain)`` (ASE sign), ``virial = -dE/d(strain)``.
+    Shared by :class:`Potential` and by wrappers (scale mixtures, perturbations, samplers that
+    share one backbone pass) so that every model gets forces and stress the same way. Stress
+    uses a symmetric strain applied to positions and cell: ``stress = (1/V) dE/d(strain)`` (ASE
+    sign), ``virial = -dE/d(strain)``.
+
+    When ``node_energy_fn`` returns ``[n_atoms, M]`` (M samples of the per-atom energies from
+    one forward pass, e.g. M dropout masks or M last layers on one backbone), every output
+    gains a sample axis after its first: ``energy`` [n_graphs, M], ``forces`` [n_atoms, M, 3],
+    ``stress``/``virial`` [n_graphs, M, 3, 3], ``energies`` [n_atoms, M]. The M derivatives
+    come from one vectorised backward pass (``is_grads_batched``), not M passes.
     """
     need_strain = bool(wanted & {K.STRESS, K.VIRIAL})
     need_grad = need_strain or K.FORCES in wanted
@@ -270,20 +277,49 @@ def compute_outputs(
         if K.NODE_ENERGY in wanted:
             out[K.NODE_ENERGY] = node_e
         if need_grad:
-            grads = torch.autograd.grad(
-                energy.sum(), inputs, create_graph=create_graph, allow_unused=True
-            )
+            grads = _energy_gradients(energy, inputs, create_graph)
             if K.FORCES in wanted:
-                out[K.FORCES] = -grads[0] if grads[0] is not None else torch.zeros_like(pos)
+                out[K.FORCES] = -grads[0] if grads[0] is not None else _zeros(pos, energy)
             if need_strain:
-                d_strain = grads[-1] if grads[-1] is not None else torch.zeros_like(strain)
+                d_strain = grads[-1] if grads[-1] is not None else _zeros(strain, energy)
                 if K.VIRIAL in wanted:
                     out[K.VIRIAL] = -d_strain
                 if K.STRESS in wanted:
                     volume = torch.linalg.det(g[K.CELL]).abs().clamp_min(1e-12)
                     periodic = g[K.PBC].any(dim=1)
-                    stress = d_strain / volume.view(-1, 1, 1)
+                    shape = (-1,) + (1,) * (d_strain.dim() - 1)
+                    stress = d_strain / volume.view(shape)
                     out[K.STRESS] = torch.where(
-                        periodic.view(-1, 1, 1), stress, torch.zeros_like(stress)
+                        periodic.view(shape), stress, torch.zeros_like(stress)
                     )
     return out
+
+
+def _zeros(like: Tensor, energy: Tensor) -> Tensor:
+    """Zero derivatives shaped as :func:`_energy_gradients` returns them."""
+    if energy.dim() == 1:
+        return torch.zeros_like(like)
+    m = energy.shape[1]
+    return torch.zeros((like.shape[0], m, *like.shape[1:]), dtype=like.dtype, device=like.device)
+
+
+def _energy_gradients(
+    energy: Tensor, inputs: list[Tensor], create_graph: bool
+) -> tuple[Tensor | None, ...]:
+    """d(sum of energies)/d(inputs); for [n_graphs, M] energies one vectorised backward pass
+    gives each sample's derivative, moved to axis 1 ([n, M, ...])."""
+    if energy.dim() == 1:
+        return torch.autograd.grad(
+            energy.sum(), inputs, create_graph=create_graph, allow_unused=True
+        )
+    totals = energy.sum(0)  # [M]
+    eye = torch.eye(totals.shape[0], dtype=totals.dtype, device=totals.device)
+    grads = torch.autograd.grad(
+        totals,
+        inputs,
+        grad_outputs=eye,
+        create_graph=create_graph,
+        allow_unused=True,
+        is_grads_batched=True,
+    )
+    return tuple(None if d is None else d.movedim(0, 1) for d in grads)

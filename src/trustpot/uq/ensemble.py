@@ -16,8 +16,9 @@ from torch.utils.hooks import RemovableHandle
 from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.errors import CheckpointError, ConfigError
+from trustpot.models.base import Embedding
 from trustpot.models.contract import Model
-from trustpot.models.potential import Potential
+from trustpot.models.potential import EnergyHead, Potential, compute_outputs
 from trustpot.uq.base import (
     Recalibration,
     UQModel,
@@ -54,6 +55,14 @@ def _potential_outputs(outputs: frozenset[str]) -> frozenset[str]:
         K.ENERGY,
         K.FORCES,
     }
+
+
+def _local_index(g: Graph) -> Tensor:
+    """[n_atoms] index of each atom within its structure (on the CPU)."""
+    batch = g[K.BATCH]
+    first = torch.zeros_like(g[K.N_ATOMS])
+    first[1:] = torch.cumsum(g[K.N_ATOMS], 0)[:-1]
+    return (torch.arange(batch.shape[0], device=batch.device) - first[batch]).cpu()
 
 
 class DeepEnsemble(UQModel):
@@ -184,10 +193,7 @@ class MCDropout(UQModel):
 
         The mask of an atom depends on its index within its structure, never on the batch.
         """
-        batch = g[K.BATCH]
-        first = torch.zeros_like(g[K.N_ATOMS])
-        first[1:] = torch.cumsum(g[K.N_ATOMS], 0)[:-1]
-        local = (torch.arange(batch.shape[0], device=batch.device) - first[batch]).cpu()
+        local = _local_index(g)
         n_local = int(local.max()) + 1 if local.numel() else 0
         handles = []
         layers = [m for m in self.base.modules() if isinstance(m, nn.Dropout) and m.p > 0]
@@ -206,7 +212,66 @@ class MCDropout(UQModel):
             handles.append(layer.register_forward_hook(hook))
         return handles
 
+    def _shared_backbone(self) -> bool:
+        """True when every dropout layer is in the energy head's MLP: the M samples then share
+        one backbone pass (:meth:`_predict_shared`)."""
+        head = getattr(self.base.head, "mlp", None)
+        inside = {id(m) for m in head.modules()} if isinstance(head, nn.Sequential) else set()
+        layers = [m for m in self.base.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        return isinstance(self.base.head, EnergyHead) and all(id(m) in inside for m in layers)
+
+    def _masks(self, g: Graph, layer: nn.Dropout, index: int, width: int, x: Tensor) -> Tensor:
+        """[M, n_atoms, width] scaled keep-masks of dropout layer ``index`` for all samples:
+        the masks :meth:`_seeded_masks` applies one sample at a time, or fresh ones."""
+        p = float(layer.p)
+        if self.eval_seed is None:
+            keep = torch.rand((self.n_samples, x.shape[-2], width), device=x.device) >= p
+            return keep.to(x.dtype) / (1.0 - p)
+        local = _local_index(g)
+        n_local = int(local.max()) + 1 if local.numel() else 0
+        masks = []
+        for k in range(self.n_samples):
+            seed = (int(self.eval_seed or 0) * 1_000_003 + k * 7919 + index) % (2**62)
+            gen = torch.Generator().manual_seed(seed)
+            table = torch.rand((n_local, width), generator=gen, dtype=torch.float64)
+            masks.append(table[local] >= p)
+        return torch.stack(masks).to(x.device, x.dtype) / (1.0 - p)
+
+    def _predict_shared(self, g: Graph, wanted: frozenset[str]) -> dict[str, Tensor]:
+        """All M samples from one backbone pass: the head runs on [M, n_atoms, F] with each
+        sample's masks, and one vectorised backward pass gives the M force fields."""
+        base = self.base
+
+        def node_energies(graph: Graph) -> tuple[Tensor, Embedding]:
+            emb = base.backbone(graph)
+            x = emb["node"].unsqueeze(0).expand(self.n_samples, -1, -1)
+            index = 0
+            mlp = base.head.mlp
+            assert isinstance(mlp, nn.Sequential)  # checked by _shared_backbone
+            for module in mlp:
+                if isinstance(module, nn.Dropout) and module.p > 0:
+                    x = x * self._masks(graph, module, index, x.shape[-1], x)
+                    index += 1
+                elif not isinstance(module, nn.Dropout):
+                    x = module(x)
+            raw = x.squeeze(-1).transpose(0, 1)  # [n_atoms, M]
+            learned = raw * base.energy_scale.to(raw.dtype) + base.energy_shift.to(raw.dtype)
+            e0 = base.reference_energies[graph[K.ATOMIC_NUMBERS]]
+            return learned.double() + e0.unsqueeze(1), emb
+
+        return compute_outputs(node_energies, g, wanted, create_graph=False)
+
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
+        wanted = _potential_outputs(outputs)
+        if self._shared_backbone():
+            out = {k: v.detach() for k, v in self._predict_shared(g, wanted).items()}
+            means = {k: out[k].mean(1) for k in outputs & {K.STRESS, K.VIRIAL, K.NODE_ENERGY}}
+            return _finish(out[K.ENERGY], out[K.FORCES], outputs, means)
+        return self.predict_one_by_one(g, outputs)
+
+    def predict_one_by_one(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
+        """The M samples as M full passes (dropout outside the energy head; the reference the
+        shared pass is tested against)."""
         wanted = _potential_outputs(outputs)
         samples = []
         if self.eval_seed is None:
