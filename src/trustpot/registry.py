@@ -54,6 +54,7 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
         "uq:mc-dropout": "trustpot.uq.ensemble:MCDropout",
         "uq:probe": "trustpot.uq.probe:Probe",
         "uq:perturb": "trustpot.uq.perturb:PerturbedPotential",
+        "uq:llpr": "trustpot.uq.lastlayer:LLPR",
         "pretrained:chgnet": "trustpot.models.pretrained.chgnet:CHGNetAdapter",
         "pretrained:sevennet": "trustpot.models.pretrained.sevennet:SevenNetAdapter",
     },

@@ -1,4 +1,4 @@
-"""``trustpot uq fit {ensemble,mc-dropout,probe,perturb}`` and ``trustpot uq eval``.
+"""``trustpot uq fit {ensemble,mc-dropout,probe,perturb,llpr}`` and ``trustpot uq eval``.
 
 Each method is its own subcommand whose flags are generated from its options dataclass
 (:mod:`trustpot.uq.options`): a flag another method uses is an argparse error.
@@ -49,6 +49,13 @@ METHOD_HELP = {
         "Add noise-conditioned scale-and-shift perturbations to the hidden features of --from "
         "and fine-tune them (and the backbone unless --freeze-backbone) on --train with the "
         "fair ensemble CRPS; --n-samples perturbations per prediction give the uncertainty.",
+    ),
+    "llpr": (
+        "LLPR: last-layer prediction rigidity, a Bayesian last layer at about one model's cost",
+        "Treat the last linear layer of --from's energy head as a Bayesian linear regression on "
+        "the features below it, from one pass over --train (the potential's training data; no "
+        "training): the energy std is exact, the force std comes from --n-samples last layers "
+        "drawn from the posterior, all from one backbone pass.",
     ),
 }
 

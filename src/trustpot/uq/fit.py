@@ -30,6 +30,7 @@ from trustpot.uq.ensemble import DeepEnsemble, MCDropout
 from trustpot.uq.options import (
     METHOD_OPTIONS,
     EnsembleOptions,
+    LLPROptions,
     MCDropoutOptions,
     PerturbOptions,
     ProbeOptions,
@@ -206,6 +207,23 @@ def _fit_probe(opts: ProbeOptions, data: Sequence[Structure], log: Log) -> UQMod
     )
 
 
+def _fit_llpr(opts: LLPROptions, calibration: Sequence[Structure] | None, log: Log) -> UQModel:
+    from trustpot.data.splits import read_data
+    from trustpot.uq.lastlayer import fit_llpr
+
+    assert opts.base is not None and opts.train is not None
+    return fit_llpr(
+        load_potential(opts.base),
+        read_data(opts.train, require=("energy",)),
+        calibration,
+        regularizer=opts.regularizer,
+        n_samples=opts.n_samples,
+        seed=opts.seed,
+        batch_size=opts.batch_size,
+        log=log,
+    )
+
+
 def _fit_perturb(opts: PerturbOptions, log: Log) -> UQModel:
     from trustpot.data.splits import read_data
     from trustpot.train.run import train_and_valid
@@ -265,6 +283,8 @@ def fit_uq(method: str, options: UQOptions, out: Path, log: Log = print) -> UQMo
     elif isinstance(options, ProbeOptions):
         assert calibration is not None  # validate() requires it
         model = _fit_probe(options, calibration, log)
+    elif isinstance(options, LLPROptions):
+        model = _fit_llpr(options, calibration, log)
     else:
         model = _fit_perturb(options, log)
     report["fit_s"] = time.perf_counter() - t0

@@ -261,6 +261,37 @@ class PerturbOptions(Calibration):
             raise ConfigError(f"--max-minutes must be >= 0, got {self.max_minutes}")
 
 
+@dataclasses.dataclass(frozen=True)
+class LLPROptions(Calibration):
+    """Last-layer prediction rigidity around a trained potential: one pass over its training
+    data, no training; energy std exact, force std from ``n_samples`` drawn last layers."""
+
+    base: str | None = option(None, "trained potential checkpoint to wrap", flag="--from")
+    train: str | None = option(
+        None, "the data the potential trained on (file or split.json:SUBSET), with energies"
+    )
+    regularizer: float | None = option(
+        None,
+        "lambda relative to the mean eigenvalue of the feature Gram matrix (default: chosen "
+        "on --calibration energies from 1e-8..1e-1, else 1e-4)",
+    )
+    n_samples: int = option(8, "last layers drawn from the posterior for the force std")
+    batch_size: int = option(32, "structures per pass")
+    seed: int = option(0, "seed of the drawn last layers")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.base:
+            raise ConfigError("uq fit llpr: --from is required (the potential to wrap)")
+        if not self.train:
+            raise ConfigError("uq fit llpr: --train is required (the potential's training data)")
+        if self.regularizer is not None and not self.regularizer > 0:
+            raise ConfigError(f"--regularizer must be > 0, got {self.regularizer}")
+        if self.n_samples < 2:
+            raise ConfigError(f"--n-samples must be at least 2, got {self.n_samples}")
+        _positive(self, ("batch_size",))
+
+
 def _positive(opts: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(opts, name)
@@ -268,7 +299,7 @@ def _positive(opts: Any, names: tuple[str, ...]) -> None:
             raise ConfigError(f"{_flag(type(opts), name)} must be > 0, got {value}")
 
 
-UQOptions = EnsembleOptions | MCDropoutOptions | ProbeOptions | PerturbOptions
+UQOptions = EnsembleOptions | MCDropoutOptions | ProbeOptions | PerturbOptions | LLPROptions
 
 #: ``trustpot uq fit`` method -> its options class
 METHOD_OPTIONS: dict[str, type[Any]] = {
@@ -276,4 +307,5 @@ METHOD_OPTIONS: dict[str, type[Any]] = {
     "mc-dropout": MCDropoutOptions,
     "probe": ProbeOptions,
     "perturb": PerturbOptions,
+    "llpr": LLPROptions,
 }

@@ -1,0 +1,273 @@
+"""Uncertainty from the last layer: last-layer prediction rigidity (LLPR).
+
+LLPR (Bigi, Chong, Ceriotti, Grasselli, *A prediction rigidity formalism for low-cost
+uncertainties in trained neural networks*, 2024; the method metatrain and PET-MAD ship) treats
+the last linear layer of a trained potential's energy head as a Bayesian linear regression on
+the features below it. A structure's feature is ``phi = scale * sum_i f_i`` [H] (``f_i`` the
+atom's penultimate head features, ``scale`` the potential's energy scale), so its energy is
+``w . phi`` plus terms that do not depend on ``w``. With the training structures' features
+stacked in ``Phi`` [N, H]:
+
+- posterior covariance of ``w``: ``Sigma = sigma^2 (Phi^T Phi + lambda I)^-1``, with
+  ``sigma^2`` the mean squared energy residual on the training data (eV^2) and ``lambda`` a
+  regulariser (relative to the mean eigenvalue of ``Phi^T Phi``);
+- energy std of a structure: ``sqrt(phi^T Sigma phi)`` (eV), exact, at the cost of one model;
+- force std: M last layers ``w + dw_m`` with ``dw_m ~ N(0, Sigma)`` drawn once (seeded) and
+  stored; the M force fields come from one backbone pass and one vectorised backward pass
+  (:func:`trustpot.models.potential.compute_outputs` with a sample axis). The predicted energy
+  and forces are the trained model's own (``w``), not the samples' mean.
+
+``lambda`` is chosen on the calibration data when given (the value of a grid that minimises
+the Gaussian NLL of the calibration energies with the best global scale), else
+``DEFAULT_REGULARIZER``. The standard deviations are then recalibrated like every method's.
+Works on trustpot potentials whose head is an :class:`~trustpot.models.potential.EnergyHead`
+(every backbone but DeepSet-MoE, whose head is not a per-atom MLP).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from trustpot import keys as K
+from trustpot.data.dataset import GraphDataset
+from trustpot.data.graph import Graph, collate
+from trustpot.data.structures import Structure
+from trustpot.errors import CheckpointError, ConfigError
+from trustpot.models.base import Embedding
+from trustpot.models.potential import EnergyHead, Potential, compute_outputs
+from trustpot.nn import scatter_sum
+from trustpot.uq.base import Recalibration, UQModel, wrapper_extra
+from trustpot.uq.ensemble import SAMPLE_OUTPUTS
+
+#: ``lambda`` without calibration data, relative to the mean eigenvalue of ``Phi^T Phi``.
+DEFAULT_REGULARIZER = 1e-4
+#: the grid ``lambda`` is chosen from on calibration data.
+REGULARIZER_GRID = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def last_layer(base: Potential, what: str = "LLPR") -> tuple[nn.Sequential, nn.Linear]:
+    """The energy head's layers below the last linear layer, and that layer.
+
+    Raises:
+        ConfigError: the head is not an :class:`EnergyHead` ending in a 1-output linear layer.
+    """
+    head = base.head
+    mlp = getattr(head, "mlp", None)
+    if not isinstance(head, EnergyHead) or not isinstance(mlp, nn.Sequential):
+        raise ConfigError(
+            f"{what} needs a trustpot potential with a per-atom energy head (an EnergyHead); "
+            f"{type(head).__name__} of backbone {base.meta.backbone} is not one"
+        )
+    last = mlp[-1]
+    if not isinstance(last, nn.Linear) or last.out_features != 1:
+        raise ConfigError(f"{what}: the energy head does not end in a linear layer to 1 output")
+    below = nn.Sequential(*[m for m in list(mlp)[:-1] if not isinstance(m, nn.Dropout)])
+    return below, last
+
+
+def structure_features(base: Potential, g: Graph) -> Tensor:
+    """[n_graphs, H] float64 ``phi = scale * sum_i f_i`` of each structure (no gradients)."""
+    below, _ = last_layer(base)
+    with torch.no_grad():
+        f = below(base.backbone(g)["node"])
+        n = int(g[K.N_ATOMS].shape[0])
+        return scatter_sum(f.double(), g[K.BATCH], n) * base.energy_scale.double()
+
+
+def _features_and_energies(
+    base: Potential, structures: Sequence[Structure], batch_size: int, what: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(phi [N, H], predicted energies [N], reference energies [N])``, eV (NaN: no label)."""
+    data = GraphDataset(list(structures), base.neighbor_lists(), base.dtype, what)
+    phis, pred, ref = [], [], []
+    for start in range(0, len(data), batch_size):
+        g = collate([data.graph(i) for i in range(start, min(start + batch_size, len(data)))])
+        phis.append(structure_features(base, g).numpy())
+        with torch.no_grad():
+            pred.append(base(g, {K.ENERGY}, create_graph=False)[K.ENERGY].double().numpy())
+        weight = g[K.ENERGY_WEIGHT].double().numpy()
+        ref.append(np.where(weight > 0, g[K.ENERGY].double().numpy(), np.nan))
+    return np.concatenate(phis), np.concatenate(pred), np.concatenate(ref)
+
+
+def _inverse(gram: np.ndarray, relative: float) -> np.ndarray:
+    """``(gram + lambda I)^-1`` with ``lambda = relative * mean eigenvalue``, symmetric."""
+    h = gram.shape[0]
+    lam = relative * max(float(np.trace(gram)) / h, 1e-300)
+    inv = np.linalg.inv(gram + lam * np.eye(h))
+    return 0.5 * (inv + inv.T)
+
+
+def _energy_nll(residual: np.ndarray, var: np.ndarray) -> float:
+    """Mean Gaussian NLL of ``residual`` under ``a^2 var`` with the best global ``a^2``."""
+    var = np.clip(var, 1e-300, None)
+    a2 = float(np.mean(residual**2 / var))
+    return float(np.mean(0.5 * np.log(2 * math.pi * a2 * var) + residual**2 / (2 * a2 * var)))
+
+
+class LLPR(UQModel):
+    """Last-layer prediction rigidity around a trained potential (see the module docstring).
+
+    Args:
+        base: the trained potential (its head must be an :class:`EnergyHead`).
+        covariance: [H, H] posterior covariance ``Sigma`` of the last layer's weights, eV^2
+            per unit feature.
+        n_samples: M, last layers drawn for the force std.
+        seed: seed of the drawn last layers.
+    """
+
+    base: Potential
+    kind: ClassVar[str] = "uq:llpr"
+    method: ClassVar[str] = "llpr"
+    provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
+    covariance: Tensor
+    deltas: Tensor
+
+    def __init__(
+        self, base: Potential, covariance: Tensor, n_samples: int = 8, seed: int = 0
+    ) -> None:
+        super().__init__(base)
+        _, last = last_layer(base)
+        h = last.in_features
+        if tuple(covariance.shape) != (h, h):
+            raise ConfigError(f"LLPR covariance must be [{h}, {h}], got {list(covariance.shape)}")
+        if n_samples < 2:
+            raise ConfigError(f"LLPR needs at least 2 samples, got {n_samples}")
+        self.n_samples = int(n_samples)
+        self.seed = int(seed)
+        cov = covariance.double()
+        self.register_buffer("covariance", cov)
+        # dw_m = L z_m with L L^T = Sigma (jitter only for a numerically singular Sigma)
+        jitter = 1e-12 * float(cov.diagonal().abs().mean().clamp_min(1e-300))
+        chol = torch.linalg.cholesky(cov + jitter * torch.eye(h, dtype=torch.float64))
+        gen = torch.Generator().manual_seed(self.seed)
+        z = torch.randn((h, self.n_samples), generator=gen, dtype=torch.float64)
+        self.register_buffer("deltas", chol @ z)  # [H, M]
+
+    def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
+        base = self.base
+        below, last = last_layer(base)
+        dtype = base.dtype
+
+        def node_energies(graph: Graph) -> tuple[Tensor, Embedding]:
+            emb = base.backbone(graph)
+            f = below(emb["node"])  # [n_atoms, H]
+            w = last.weight.T.to(dtype)  # [H, 1]
+            weights = torch.cat([w, w + self.deltas.to(dtype)], dim=1)  # [H, 1 + M]
+            raw = f @ weights + (last.bias.to(dtype) if last.bias is not None else 0.0)
+            learned = raw * base.energy_scale.to(dtype) + base.energy_shift.to(dtype)
+            e0 = base.reference_energies[graph[K.ATOMIC_NUMBERS]]
+            return learned.double() + e0.unsqueeze(1), emb
+
+        wanted = frozenset(outputs & {K.STRESS, K.VIRIAL, K.NODE_ENERGY}) | {K.ENERGY, K.FORCES}
+        out = {k: v.detach() for k, v in compute_outputs(node_energies, g, wanted, False).items()}
+        energies, forces = out[K.ENERGY][:, 1:], out[K.FORCES][:, 1:]
+        result = {k: v[:, 0] for k, v in out.items()}  # the trained model's own prediction
+        phi = structure_features(base, g)
+        result[K.ENERGY_STD] = torch.einsum("gh,hk,gk->g", phi, self.covariance, phi).sqrt()
+        result[K.FORCES_STD] = forces.var(dim=1, unbiased=True).mean(dim=-1).sqrt()
+        if K.ENERGY_SAMPLES in outputs:
+            result[K.ENERGY_SAMPLES] = energies
+        if K.FORCES_SAMPLES in outputs:
+            result[K.FORCES_SAMPLES] = forces
+        return result
+
+    def wrapper_payload(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            **self.base_fields(),
+            "extra": {
+                "n_samples": self.n_samples,
+                "seed": self.seed,
+                "covariance": self.covariance.tolist(),
+                "recalibration": self.recalibration.to_dict(),
+                "fit_report": dict(self.fit_report),
+            },
+        }
+
+    @classmethod
+    def from_payload(cls, data: Mapping[str, Any], path: str = "checkpoint") -> LLPR:
+        extra = wrapper_extra(data, path)
+        base = Potential.from_payload(data, path)
+        try:
+            cov = torch.tensor(extra["covariance"], dtype=torch.float64)
+            if not bool(torch.isfinite(cov).all()):
+                raise ValueError("the covariance is not finite")
+            model = cls(base, cov, int(extra.get("n_samples", 8)), int(extra.get("seed", 0)))
+        except (KeyError, ConfigError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: malformed LLPR wrapper: {err}") from None
+        model.recalibration = Recalibration.from_dict(extra.get("recalibration", {}))
+        model.fit_report = dict(extra.get("fit_report", {}))
+        return model
+
+
+def fit_llpr(
+    base: Potential,
+    train: Sequence[Structure],
+    calibration: Sequence[Structure] | None = None,
+    *,
+    regularizer: float | None = None,
+    n_samples: int = 8,
+    seed: int = 0,
+    batch_size: int = 32,
+    log: Callable[[str], None] = print,
+) -> LLPR:
+    """Fit LLPR around ``base`` from the structures it trained on (one pass, no training).
+
+    Args:
+        base: trained potential.
+        train: its training structures (energies needed for ``sigma^2``).
+        calibration: held-out labelled structures that choose ``lambda`` (energy NLL).
+        regularizer: ``lambda`` relative to the mean eigenvalue of ``Phi^T Phi``; ``None``:
+            chosen on ``calibration`` from :data:`REGULARIZER_GRID`, else
+            :data:`DEFAULT_REGULARIZER`.
+        n_samples: last layers drawn for the force std.
+
+    Raises:
+        ConfigError: no training energies, a head LLPR cannot use, bad options.
+    """
+    last_layer(base)
+    if regularizer is not None and not regularizer > 0:
+        raise ConfigError(f"--regularizer must be > 0, got {regularizer}")
+    t0 = time.perf_counter()
+    base = base.eval()
+    phi, pred, ref = _features_and_energies(base, train, batch_size, "LLPR training data")
+    labelled = np.isfinite(ref)
+    if labelled.sum() < 2:
+        raise ConfigError("LLPR needs at least 2 training structures with energies")
+    sigma2 = float(np.mean((pred[labelled] - ref[labelled]) ** 2))
+    gram = phi.T @ phi
+    chosen = regularizer if regularizer is not None else DEFAULT_REGULARIZER
+    scores: dict[str, float] = {}
+    if regularizer is None and calibration:
+        c_phi, c_pred, c_ref = _features_and_energies(base, calibration, batch_size, "calibration")
+        ok = np.isfinite(c_ref)
+        if ok.sum() >= 2:
+            for rel in REGULARIZER_GRID:
+                var = np.einsum("gh,hk,gk->g", c_phi[ok], _inverse(gram, rel), c_phi[ok])
+                scores[f"{rel:g}"] = _energy_nll(c_pred[ok] - c_ref[ok], var)
+            chosen = float(min(scores, key=lambda k: scores[k]))
+    covariance = sigma2 * _inverse(gram, chosen)
+    model = LLPR(base, torch.from_numpy(covariance), n_samples, seed).eval()
+    model.fit_report = {
+        "n_train": int(labelled.sum()),
+        "features": int(phi.shape[1]),
+        "regularizer": chosen,
+        "train_energy_rmse": math.sqrt(sigma2),
+        "seconds": time.perf_counter() - t0,
+    }
+    if scores:
+        model.fit_report["regularizer_nll"] = min(scores.values())
+    log(
+        f"LLPR: {int(labelled.sum())} training structures, {phi.shape[1]} last-layer features, "
+        f"energy RMSE {math.sqrt(sigma2):.4g} eV, regularizer {chosen:g}"
+        + (" (chosen on the calibration energies)" if scores else "")
+    )
+    return model
