@@ -29,6 +29,7 @@ BASES: dict[tuple[str, ...], list[list[str]]] = {
     ("uq", "fit", "probe"): [["--from", "a.ckpt", "--calibration", "c.xyz"]],
     ("uq", "fit", "perturb"): [["--from", "a.ckpt", "--train", "t.xyz"]],
     ("uq", "fit", "llpr"): [["--from", "a.ckpt", "--train", "t.xyz"]],
+    ("uq", "fit", "shallow-ensemble"): [["--from", "a.ckpt", "--train", "t.xyz"]],
     ("data", "split"): [
         ["--rule", "random", "--sizes", "train=3"],
         ["--rule", "info-key", "--assign", "test=A"],

@@ -33,7 +33,9 @@ def test_aliases_and_underscores() -> None:
 def test_every_kind_lists_its_builtins() -> None:
     assert {"schnet", "painn", "egnn", "deepset-moe"} <= set(registry.names("backbone"))
     assert {"potential", "scale-mixture", "uq:probe"} <= set(registry.names("model"))
-    assert {"ensemble", "mc-dropout", "probe", "perturb", "llpr"} == set(registry.names("uq"))
+    assert {"ensemble", "mc-dropout", "probe", "perturb", "llpr", "shallow-ensemble"} == set(
+        registry.names("uq")
+    )
     for kind in registry.KINDS:
         for name in registry.names(kind):
             assert registry.lookup(kind, name) is not None

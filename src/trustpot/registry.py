@@ -55,6 +55,7 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
         "uq:probe": "trustpot.uq.probe:Probe",
         "uq:perturb": "trustpot.uq.perturb:PerturbedPotential",
         "uq:llpr": "trustpot.uq.lastlayer:LLPR",
+        "uq:shallow-ensemble": "trustpot.uq.shallow:ShallowEnsemble",
         "pretrained:chgnet": "trustpot.models.pretrained.chgnet:CHGNetAdapter",
         "pretrained:sevennet": "trustpot.models.pretrained.sevennet:SevenNetAdapter",
     },

@@ -1,4 +1,4 @@
-"""``trustpot uq fit {ensemble,mc-dropout,probe,perturb,llpr}`` and ``trustpot uq eval``.
+"""``trustpot uq fit {ensemble,mc-dropout,probe,perturb,llpr,shallow-ensemble}``, ``uq eval``.
 
 Each method is its own subcommand whose flags are generated from its options dataclass
 (:mod:`trustpot.uq.options`): a flag another method uses is an argparse error.
@@ -56,6 +56,13 @@ METHOD_HELP = {
         "the features below it, from one pass over --train (the potential's training data; no "
         "training): the energy std is exact, the force std comes from --n-samples last layers "
         "drawn from the posterior, all from one backbone pass.",
+    ),
+    "shallow-ensemble": (
+        "shallow ensemble: --n-heads last layers on one backbone, fine-tuned with a likelihood",
+        "Replace the last linear layer of --from's energy head by --n-heads heads on the same "
+        "features and fine-tune them (and the backbone unless --freeze-backbone) on --train "
+        "with the Gaussian NLL (or the CRPS) of the heads' mean and variance; the heads' "
+        "spread is the uncertainty, all heads from one backbone pass.",
     ),
 }
 

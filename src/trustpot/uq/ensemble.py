@@ -30,10 +30,11 @@ from trustpot.uq.base import (
 SAMPLE_OUTPUTS = frozenset({K.ENERGY_STD, K.FORCES_STD, K.ENERGY_SAMPLES, K.FORCES_SAMPLES})
 
 
-def _finish(
+def samples_output(
     energies: Tensor, forces: Tensor, outputs: frozenset[str], extra: dict[str, Tensor]
 ) -> dict[str, Tensor]:
-    """Means, std and (when asked) samples from [n_graphs, M] energies, [n_atoms, M, 3] forces."""
+    """Means, std and (when asked) samples from [n_graphs, M] energies, [n_atoms, M, 3] forces,
+    with the ``extra`` outputs (means of stress, per-atom energies...)."""
     energy, force, energy_std, forces_std = sample_statistics(energies, forces)
     out = {K.ENERGY: energy, K.FORCES: force, K.ENERGY_STD: energy_std, K.FORCES_STD: forces_std}
     if K.ENERGY_SAMPLES in outputs:
@@ -108,7 +109,7 @@ class DeepEnsemble(UQModel):
         samples = [m(g, wanted, create_graph=False) for m in self.members]
         energies = torch.stack([s[K.ENERGY].detach() for s in samples], dim=1)
         forces = torch.stack([s[K.FORCES].detach() for s in samples], dim=1)
-        return _finish(energies, forces, outputs, _means_of(samples, outputs))
+        return samples_output(energies, forces, outputs, _means_of(samples, outputs))
 
     def wrapper_payload(self) -> dict[str, Any]:
         return {
@@ -266,7 +267,7 @@ class MCDropout(UQModel):
         if self._shared_backbone():
             out = {k: v.detach() for k, v in self._predict_shared(g, wanted).items()}
             means = {k: out[k].mean(1) for k in outputs & {K.STRESS, K.VIRIAL, K.NODE_ENERGY}}
-            return _finish(out[K.ENERGY], out[K.FORCES], outputs, means)
+            return samples_output(out[K.ENERGY], out[K.FORCES], outputs, means)
         return self.predict_one_by_one(g, outputs)
 
     def predict_one_by_one(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
@@ -292,7 +293,7 @@ class MCDropout(UQModel):
                         handle.remove()
         energies = torch.stack([s[K.ENERGY].detach() for s in samples], dim=1)
         forces = torch.stack([s[K.FORCES].detach() for s in samples], dim=1)
-        return _finish(energies, forces, outputs, _means_of(samples, outputs))
+        return samples_output(energies, forces, outputs, _means_of(samples, outputs))
 
     def wrapper_payload(self) -> dict[str, Any]:
         return {

@@ -34,6 +34,7 @@ from trustpot.uq.options import (
     MCDropoutOptions,
     PerturbOptions,
     ProbeOptions,
+    ShallowEnsembleOptions,
     UQOptions,
 )
 
@@ -224,16 +225,47 @@ def _fit_llpr(opts: LLPROptions, calibration: Sequence[Structure] | None, log: L
     )
 
 
-def _fit_perturb(opts: PerturbOptions, log: Log) -> UQModel:
+def _train_valid(
+    opts: PerturbOptions | ShallowEnsembleOptions,
+) -> tuple[list[Structure], list[Structure]]:
+    """``--train`` less the held-out share (or ``--valid``), and the validation structures."""
     from trustpot.data.splits import read_data
     from trustpot.train.run import train_and_valid
-    from trustpot.uq.perturb import fit_perturbation
 
-    assert opts.base is not None and opts.train is not None
+    assert opts.train is not None
     structures = read_data(opts.train)
     given = read_data(opts.valid) if opts.valid else None
     t_idx, _, valid = train_and_valid(structures, given, opts.valid_fraction, opts.seed)
-    train = [structures[i] for i in t_idx]
+    return [structures[i] for i in t_idx], list(valid)
+
+
+def _fit_shallow(opts: ShallowEnsembleOptions, log: Log) -> UQModel:
+    from trustpot.uq.shallow import fit_shallow_ensemble
+
+    assert opts.base is not None
+    train, valid = _train_valid(opts)
+    return fit_shallow_ensemble(
+        load_potential(opts.base),
+        train,
+        valid,
+        n_heads=opts.n_heads,
+        loss=opts.loss,
+        epochs=opts.epochs,
+        max_minutes=opts.max_minutes,
+        lr=opts.lr,
+        backbone_lr=opts.backbone_lr,
+        finetune_backbone=not opts.freeze_backbone,
+        batch_size=opts.batch_size,
+        seed=opts.seed,
+        log=log,
+    )
+
+
+def _fit_perturb(opts: PerturbOptions, log: Log) -> UQModel:
+    from trustpot.uq.perturb import fit_perturbation
+
+    assert opts.base is not None
+    train, valid = _train_valid(opts)
     return fit_perturbation(
         load_model(opts.base),
         train,
@@ -285,6 +317,8 @@ def fit_uq(method: str, options: UQOptions, out: Path, log: Log = print) -> UQMo
         model = _fit_probe(options, calibration, log)
     elif isinstance(options, LLPROptions):
         model = _fit_llpr(options, calibration, log)
+    elif isinstance(options, ShallowEnsembleOptions):
+        model = _fit_shallow(options, log)
     else:
         model = _fit_perturb(options, log)
     report["fit_s"] = time.perf_counter() - t0

@@ -292,6 +292,49 @@ class LLPROptions(Calibration):
         _positive(self, ("batch_size",))
 
 
+@dataclasses.dataclass(frozen=True)
+class ShallowEnsembleOptions(Calibration):
+    """A shallow ensemble: ``n_heads`` last layers on ``base``'s backbone, fine-tuned with a
+    likelihood (or the CRPS) on forces and energies."""
+
+    base: str | None = option(None, "trained potential checkpoint", flag="--from")
+    train: str | None = option(None, "data of the fine-tuning (file or split.json:SUBSET)")
+    valid: str | None = option(None, "validation data (default: hold out --valid-fraction)")
+    valid_fraction: float = option(0.1, "share of --train held out when --valid is not given")
+    n_heads: int = option(8, "last layers (ensemble members sharing the backbone)")
+    loss: str = option(
+        "nll",
+        "nll (Gaussian likelihood of the heads' mean and variance) or crps",
+        choices=("nll", "crps"),
+    )
+    epochs: int = option(50, "fine-tuning epochs")
+    max_minutes: float = option(0.0, "fine-tuning time budget, minutes (0: none)")
+    lr: float = option(1e-3, "learning rate of the heads")
+    backbone_lr: float = option(1e-4, "learning rate of the backbone")
+    freeze_backbone: bool = option(False, "train only the heads")
+    batch_size: int = option(8, "structures per step")
+    seed: int = option(0, "seed of the validation split and of the heads' initial noise")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.base:
+            raise ConfigError("uq fit shallow-ensemble: --from is required (the potential)")
+        if not self.train:
+            raise ConfigError("uq fit shallow-ensemble: --train is required (fine-tuning data)")
+        if self.valid and self.valid_fraction != 0.1:
+            raise ConfigError("uq fit shallow-ensemble: --valid-fraction would be ignored")
+        _check_fraction(self.valid_fraction, "--valid-fraction")
+        _positive(self, ("epochs", "batch_size", "lr", "backbone_lr"))
+        if self.freeze_backbone and self.backbone_lr != 1e-4:
+            raise ConfigError(
+                "uq fit shallow-ensemble: --backbone-lr would be ignored with --freeze-backbone"
+            )
+        if self.n_heads < 2:
+            raise ConfigError(f"--n-heads must be at least 2, got {self.n_heads}")
+        if self.max_minutes < 0:
+            raise ConfigError(f"--max-minutes must be >= 0, got {self.max_minutes}")
+
+
 def _positive(opts: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(opts, name)
@@ -299,7 +342,14 @@ def _positive(opts: Any, names: tuple[str, ...]) -> None:
             raise ConfigError(f"{_flag(type(opts), name)} must be > 0, got {value}")
 
 
-UQOptions = EnsembleOptions | MCDropoutOptions | ProbeOptions | PerturbOptions | LLPROptions
+UQOptions = (
+    EnsembleOptions
+    | MCDropoutOptions
+    | ProbeOptions
+    | PerturbOptions
+    | LLPROptions
+    | ShallowEnsembleOptions
+)
 
 #: ``trustpot uq fit`` method -> its options class
 METHOD_OPTIONS: dict[str, type[Any]] = {
@@ -308,4 +358,5 @@ METHOD_OPTIONS: dict[str, type[Any]] = {
     "probe": ProbeOptions,
     "perturb": PerturbOptions,
     "llpr": LLPROptions,
+    "shallow-ensemble": ShallowEnsembleOptions,
 }
