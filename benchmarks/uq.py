@@ -1,7 +1,9 @@
 """Reliability benchmark: every method on every dataset, one table.
 
-Methods: deep ensemble (5 members), MC dropout, PROBE (on ensemble member 0) and learned
-functional perturbations (fine-tuned from member 0 with the CRPS). Datasets:
+Methods: deep ensemble (5 members), MC dropout, PROBE (on ensemble member 0), learned
+functional perturbations (fine-tuned from member 0 with the CRPS), LLPR (a Bayesian last layer
+of member 0, one pass over its training data) and a shallow ensemble (8 last layers on member
+0's backbone, fine-tuned with the Gaussian NLL for half the budget). Datasets:
 
 - ``3bpa``: train_300K split train / calibration / in-domain test (seeded), out of domain on
   ``ood_mixedT_not_in_train_300K.xyz``;
@@ -13,7 +15,9 @@ functional perturbations (fine-tuned from member 0 with the CRPS). Datasets:
   sizes N, in-domain test at the training temperature, out of domain at a hotter one.
 
 Every model of a dataset gets the same wall-clock budget (``--minutes``); costs are reported as
-ratios to one plain model (training wall clock; inference seconds per structure). Outputs:
+ratios to one plain model: training wall clock; inference seconds per structure in batches of
+16 (``inference cost``) and one structure at a time as in MD (``MD cost``: the first 20 test
+structures, each timed 3 times, the median, plain model timed alternately). Outputs:
 ``OUT/uq.json`` (every metric of every row) and ``OUT/uq.md`` (the table). Finished models
 and evaluations are reused on a rerun.
 
@@ -41,7 +45,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-METHODS = ("ensemble", "mc-dropout", "probe", "perturb")
+METHODS = ("ensemble", "mc-dropout", "probe", "perturb", "llpr", "shallow-ensemble")
 PERTURB_LR = 1e-2  # learning rate of the perturbation layers (backbone: 1e-4)
 
 
@@ -180,9 +184,11 @@ def run_dataset(
     from trustpot.uq.base import UQModel
     from trustpot.uq.collect import collect
     from trustpot.uq.ensemble import DeepEnsemble
+    from trustpot.uq.lastlayer import fit_llpr
     from trustpot.uq.perturb import fit_perturbation
     from trustpot.uq.probe import fit_probe
     from trustpot.uq.report import headline, uq_metrics
+    from trustpot.uq.shallow import fit_shallow_ensemble
 
     torch.set_num_threads(threads)
     mode = MODES[mode_name]
@@ -271,6 +277,27 @@ def run_dataset(
             ),
         )
         F.finish(pert, out / "perturb", cal, "calibration", {"method": "perturb"}, log=log)
+    if not ckpts["llpr"].is_file():
+        llpr = timed(
+            "llpr", lambda: fit_llpr(load_potential(base_path), sets["train"], cal, log=log)
+        )
+        F.finish(llpr, out / "llpr", cal, "calibration", {"method": "llpr"}, log=log)
+    if not ckpts["shallow-ensemble"].is_file():
+        train = sets["train"]
+        n_val = max(1, len(train) // 10)
+        shallow = timed(
+            "shallow-ensemble",
+            lambda: fit_shallow_ensemble(
+                load_potential(base_path),
+                train[n_val:],
+                train[:n_val],
+                max_minutes=minutes / 2,
+                epochs=mode.epochs,
+                seed=seed,
+                log=log,
+            ),
+        )
+        F.finish(shallow, out / "shallow-ensemble", cal, "calibration", {}, log=log)
 
     if recalibrate:  # refit the recalibration of the trained wrappers, evaluate them afresh
         for method in ("ensemble", "mc-dropout", "perturb"):
@@ -287,6 +314,8 @@ def run_dataset(
         "mc-dropout": costs["mc-dropout"] / one_model_s,
         "probe": (one_model_s + costs["probe"]) / one_model_s,
         "perturb": (one_model_s + costs["perturb"]) / one_model_s,
+        "llpr": (one_model_s + costs["llpr"]) / one_model_s,
+        "shallow-ensemble": (one_model_s + costs["shallow-ensemble"]) / one_model_s,
     }
     rows = []
     for test_name in [k for k in manifest["subsets"] if k.startswith("test")]:
@@ -315,7 +344,41 @@ def run_dataset(
             result_path.write_text(json.dumps(row, indent=1))
             rows.append(row)
             log(f"{method} on {test_name}: Spearman {row['spearman']:.3f} AUROC {row['auroc']:.3f}")
+    md_path = out / "md_cost.json"
+    md_cost = json.loads(md_path.read_text()) if md_path.is_file() else {}
+    first_test = next(k for k in manifest["subsets"] if k.startswith("test"))
+    for method in METHODS:
+        if method not in md_cost:
+            model = Predictor(load_model(ckpts[method], UQModel))
+            md_cost[method] = one_by_one_cost(model, plain, sets[first_test][:20])
+            md_path.write_text(json.dumps(md_cost, indent=1))
+    for row in rows:
+        row["md_cost"] = md_cost[row["method"]]
     return rows
+
+
+def one_by_one_cost(model: Any, plain: Any, structures: list[Any], repeats: int = 3) -> float:
+    """Median over ``structures`` of (seconds of ``model``) / (seconds of ``plain``) for one
+    structure at a time, each timed ``repeats`` times alternately (the best of each); the
+    model is asked for its uncertainty (``forces_std`` and/or ``reliability``) as MD with a
+    trust policy asks."""
+    from trustpot import keys as K
+
+    have = model.supported_outputs()
+    wanted = {"model": [K.ENERGY, K.FORCES, *sorted(have & {K.FORCES_STD, K.RELIABILITY})]}
+    wanted["plain"] = [K.ENERGY, K.FORCES]
+    ratios = []
+    for s in structures:
+        model.predict_structures([s], wanted["model"], source="timing")  # warm caches
+        plain.predict_structures([s], wanted["plain"], source="timing")
+        best = {"model": math.inf, "plain": math.inf}
+        for _ in range(repeats):
+            for key, predictor in (("model", model), ("plain", plain)):
+                t0 = time.perf_counter()
+                predictor.predict_structures([s], wanted[key], source="timing")
+                best[key] = min(best[key], time.perf_counter() - t0)
+        ratios.append(best["model"] / best["plain"])
+    return float(np.median(ratios))
 
 
 # -- table ----------------------------------------------------------------------------------
@@ -326,8 +389,8 @@ def _fmt(x: float, digits: int = 3) -> str:
 def table(rows: list[dict]) -> str:
     head = (
         "| dataset | test | method | Spearman | AUROC | AURC (oracle / random) | CRPS | NLL | "
-        "miscal. area | force MAE | train cost | inference cost |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "miscal. area | force MAE | train cost | inference cost | MD cost |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = []
     for r in rows:
@@ -336,7 +399,8 @@ def table(rows: list[dict]) -> str:
             f"{_fmt(r['auroc'])} | {_fmt(r['aurc'])} ({_fmt(r['aurc_oracle'])} / "
             f"{_fmt(r['aurc_random'])}) | {_fmt(r['crps'])} | {_fmt(r['nll'])} | "
             f"{_fmt(r['miscalibration_area'])} | {_fmt(r['forces_mae'])} | "
-            f"{r['train_cost']:.2f}x | {r['inference_cost']:.2f}x |"
+            f"{r['train_cost']:.2f}x | {r['inference_cost']:.2f}x | "
+            f"{r.get('md_cost', math.nan):.2f}x |"
         )
     return head + "\n".join(body) + "\n"
 

@@ -22,16 +22,16 @@ def test_uq_benchmark_quick_nbody(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "uq.json").read_text())
     rows = result["rows"]
-    methods = {"ensemble", "mc-dropout", "probe", "perturb"}
+    methods = {"ensemble", "mc-dropout", "probe", "perturb", "llpr", "shallow-ensemble"}
     for test in ("test_id", "test_ood"):
         got = {r["method"] for r in rows if r["test"] == test}
         assert got == methods
     for r in rows:
         assert -1 <= r["spearman"] <= 1 and 0 <= r["auroc"] <= 1
-        assert r["train_cost"] > 0 and r["inference_cost"] > 0
+        assert r["train_cost"] > 0 and r["inference_cost"] > 0 and r["md_cost"] > 0
         assert math.isnan(r["crps"]) == (r["method"] == "probe")
     table = (out / "uq.md").read_text()
-    assert table.count("| nbody-30 |") == 8
+    assert table.count("| nbody-30 |") == 12
     # a rerun reuses every model and evaluation
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "training" not in again.stdout
