@@ -64,7 +64,9 @@ def test_gaussian_nll_of_samples():
 
 
 @pytest.mark.parametrize("loss", ["nll", "crps"])
-def test_fit_with_either_loss_round_trips_and_freezes_on_request(loss, tmp_path: Path, base, ethanol_structures):
+def test_fit_with_either_loss_round_trips_and_freezes_on_request(
+    loss, tmp_path: Path, base, ethanol_structures
+):
     kwargs = dict(n_heads=3, loss=loss, epochs=3, batch_size=4, progress=False, log=lambda _: None)
     model = fit_shallow_ensemble(base, ethanol_structures[:12], ethanol_structures[12:16], **kwargs)
     report = model.fit_report

@@ -19,7 +19,8 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from trustpot import keys as K
-from trustpot.data.graph import collate, structure_to_graph, to_device
+from trustpot.data.graph import PairSource, collate, structure_to_graph, to_device
+from trustpot.data.neighbors import VerletNeighbors
 from trustpot.data.reader import atoms_to_structure
 from trustpot.data.structures import Structure, check_species
 from trustpot.io.checkpoint import load_model
@@ -93,11 +94,14 @@ class Predictor:
         structures: Sequence[Structure],
         outputs: Iterable[str] = (K.ENERGY, K.FORCES),
         source: str = "input",
+        pairs: PairSource | None = None,
     ) -> list[dict[str, np.ndarray]]:
         """Per-structure results as NumPy arrays in eV, Å units.
 
         Args:
             structures: what to evaluate.
+            pairs: where the neighbour pairs come from (default: a fresh list each; the ASE
+                calculator passes its :class:`~trustpot.data.neighbors.VerletNeighbors`).
             outputs: subset of :meth:`supported_outputs` (``energy``, ``forces``, ``stress``,
                 ``virial``, ``energies`` and, for wrappers, ``energy_std``, ``forces_std``,
                 ``reliability``, ``atom_importance``, samples).
@@ -114,7 +118,7 @@ class Predictor:
         results: list[dict[str, np.ndarray]] = []
         for start in range(0, len(structures), self.batch_size):
             chunk = structures[start : start + self.batch_size]
-            g = collate([structure_to_graph(s, specs, self.model.dtype) for s in chunk])
+            g = collate([structure_to_graph(s, specs, self.model.dtype, pairs) for s in chunk])
             g = to_device(g, self.device)
             pred = self.model(g, wanted, create_graph=False)
             results.extend(split_batch(pred, g, self.model.output_specs()))
@@ -151,10 +155,14 @@ class TrustpotCalculator(Calculator):
     """ASE calculator of a trustpot potential.
 
     ``stress`` is returned for periodic cells only (asking for it on a molecule raises
-    ``PropertyNotImplementedError``, as ASE expects).
+    ``PropertyNotImplementedError``, as ASE expects). Neighbour lists are Verlet lists with a
+    ``skin`` (:class:`~trustpot.data.neighbors.VerletNeighbors`): built within cutoff + skin,
+    reused while no atom has moved more than skin / 2 and the cell is unchanged, filtered to
+    the cutoff on every call, so the results equal a fresh list's.
 
     Args:
         predictor: what evaluates the model.
+        skin: Verlet skin, Å (0: a fresh list on every call).
     """
 
     #: per instance: exactly what its predictor returns
@@ -166,14 +174,17 @@ class TrustpotCalculator(Calculator):
         "stress",
     ]
 
-    def __init__(self, predictor: Predictor, **kwargs: Any) -> None:
+    def __init__(self, predictor: Predictor, skin: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # ase is untyped
         self.predictor = predictor
         self.implemented_properties = predictor.implemented_properties()
+        self.neighbors = VerletNeighbors(skin)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> TrustpotCalculator:
-        return cls(Predictor.from_checkpoint(path, device))
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "cpu", skin: float = 1.0
+    ) -> TrustpotCalculator:
+        return cls(Predictor.from_checkpoint(path, device), skin)
 
     def calculate(
         self,
@@ -191,7 +202,8 @@ class TrustpotCalculator(Calculator):
         outputs = set(CALCULATOR_OUTPUTS) & self.predictor.supported_outputs()
         if "stress" in properties:
             outputs.add(K.STRESS)
-        (res,) = self.predictor.predict([self.atoms], outputs)
+        structure = atoms_to_structure(self.atoms)
+        (res,) = self.predictor.predict_structures([structure], outputs, pairs=self.neighbors)
         self.results = {
             "energy": float(res[K.ENERGY]),
             "free_energy": float(res[K.ENERGY]),

@@ -157,6 +157,7 @@ def run_md(
             "frames": float(frames),
             "warnings": float(monitor.counts["warn"]),
             "harvested": float(monitor.counts["harvest"]),
+            "neighbor_list_builds": float(calculator.neighbors.builds),
         }
         if monitor_reliability:
             stats["min_reliability"] = min(reliabilities) if reliabilities else float("nan")

@@ -109,6 +109,10 @@ class MDRunOptions:
     thermostat: str = option("langevin", "langevin (NVT) or nve", choices=("langevin", "nve"))
     interval: int = option(10, "write every N steps")
     seed: int = option(0, "seed of the initial velocities and the thermostat")
+    skin: float = option(
+        1.0, "Verlet skin of the neighbour lists, Å: rebuilt only when an atom has moved "
+        "half of it (0: a fresh list every step)",
+    )  # fmt: skip
     warn: tuple[str, ...] = option(
         (), "log a line when the rule holds (checked on written frames; repeatable)",
         action="append", metavar="RULE",
@@ -191,7 +195,9 @@ def _md(req: MDRequest) -> int:
     from trustpot.monitor import TrustHalt
 
     opts = req.options
-    calc = TrustpotCalculator.from_checkpoint(opts.checkpoint)
+    if not opts.skin >= 0:
+        raise ConfigError(f"--skin must be >= 0 Å, got {opts.skin}")
+    calc = TrustpotCalculator.from_checkpoint(opts.checkpoint, skin=opts.skin)
     (start,) = read_structures(opts.structure, require=(), index=0)
     check_species([start], calc.predictor.species, opts.structure)
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,16 +13,31 @@ from trustpot.data.neighbors import NeighborListSpec, neighbor_pairs
 from trustpot.data.structures import Structure
 
 Graph = dict[str, Tensor]
+#: ``pairs(positions [n, 3], cell [3, 3], pbc [3], cutoff) -> (i, j, shifts)`` as
+#: :func:`~trustpot.data.neighbors.neighbor_pairs` returns them (a
+#: :class:`~trustpot.data.neighbors.VerletNeighbors` reuses lists between MD steps).
+PairSource = Callable[[np.ndarray, np.ndarray, np.ndarray, float], tuple[np.ndarray, ...]]
+
+
+def _fresh_pairs(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+) -> tuple[np.ndarray, ...]:
+    return neighbor_pairs(positions, cell, pbc, cutoff)[:3]
 
 
 def structure_to_graph(
-    s: Structure, specs: Sequence[NeighborListSpec], dtype: torch.dtype = torch.float32
+    s: Structure,
+    specs: Sequence[NeighborListSpec],
+    dtype: torch.dtype = torch.float32,
+    pairs: PairSource | None = None,
 ) -> Graph:
     """One structure as a graph with one neighbour list per spec.
 
     Labels that are absent become zeros with a zero weight, so that batches of partly
-    labelled data stay rectangular and the losses skip them.
+    labelled data stay rectangular and the losses skip them. ``pairs`` finds the neighbour
+    pairs (default: a fresh vesin list per cutoff).
     """
+    find = pairs or _fresh_pairs
     n = s.n_atoms
     g: Graph = {
         K.POSITIONS: torch.as_tensor(s.positions, dtype=dtype),
@@ -42,7 +57,7 @@ def structure_to_graph(
     done: dict[float, tuple[Tensor, Tensor]] = {}
     for spec in specs:
         if spec.cutoff not in done:
-            i, j, shifts, _ = neighbor_pairs(s.positions, s.cell, s.pbc, spec.cutoff)
+            i, j, shifts = find(s.positions, s.cell, s.pbc, spec.cutoff)
             done[spec.cutoff] = (
                 torch.from_numpy(np.stack([i, j])),
                 torch.as_tensor(shifts, dtype=dtype),
