@@ -12,7 +12,10 @@ of member 0, one pass over its training data) and a shallow ensemble (8 last lay
 - ``zeolites``: frames of the 8 training topologies (train / calibration / in-domain test),
   out of domain the held-out topologies PTY and UOE;
 - ``nbody-N``: charged 5-particle N-body system (trustpot's exact engine) at three training
-  sizes N, in-domain test at the training temperature, out of domain at a hotter one.
+  sizes N, in-domain test at the training temperature, out of domain at a hotter one;
+- ``nbody-sizes``: systems of 5 to 10 charged particles for training, calibration and the
+  in-domain test, 15 to 20 particles out of domain (size extrapolation, the N-body test of the
+  seed's authors), all at 1000 K.
 
 Every model of a dataset gets the same wall-clock budget (``--minutes``); costs are reported as
 ratios to one plain model: training wall clock; inference seconds per structure in batches of
@@ -143,6 +146,23 @@ def prepare(name: str, mode: Mode, out: Path, seed: int) -> dict[str, Any]:
             topo = read(f, "::10")
             ood.extend(topo[i] for i in _pick(len(topo), mode.n_ood // 2, rng))
         add("test_ood", ood)
+    elif name == "nbody-sizes":  # size extrapolation, as the seed's authors built it
+        from trustpot.engines.nbody import generate_nbody
+
+        backbone = "egnn"
+        raw = out / "raw"
+        sizes_id, sizes_ood = list(range(5, 11)), list(range(15, 21))
+        per_size = math.ceil(n_id / len(sizes_id))
+        generate_nbody(sizes_id, per_size, raw / "id.xyz", (1000.0,), seed, progress=False)
+        per_ood = math.ceil(mode.n_ood / len(sizes_ood))
+        generate_nbody(sizes_ood, per_ood, raw / "big.xyz", (1000.0,), seed + 1, progress=False)
+        pool = read(raw / "id.xyz", ":")
+        idx = list(range(len(pool)))
+        rng.shuffle(idx)
+        add("train", [pool[i] for i in idx[: mode.n_train]])
+        add("calibration", [pool[i] for i in idx[mode.n_train : mode.n_train + mode.n_cal]])
+        add("test_id", [pool[i] for i in idx[mode.n_train + mode.n_cal : n_id]])
+        add("test_ood", read(raw / "big.xyz", ":"))
     elif name.startswith("nbody-"):
         from trustpot.engines.nbody import generate_nbody
 
@@ -433,6 +453,7 @@ def main() -> int:
         "ethanol",
         "zeolites",
         *[f"nbody-{n}" for n in mode.nbody_sizes],
+        "nbody-sizes",
     ]
     missing = [n for n in names if not n.startswith("nbody") and not SHARED.exists()]
     if missing:
