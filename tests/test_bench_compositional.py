@@ -130,6 +130,17 @@ def test_quick_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert m["training"]["minutes"] == pytest.approx(0.03)
     routing = task["models"]["deepset-moe:top_k=2"]["routing"]["test_ood"]
     assert sum(routing["load"]) == pytest.approx(1.0)
+    # reference energies are the free atoms' (the default --reference-energies isolated)
+    from ase.io import read
+
+    from trustpot.io.checkpoint import load_potential
+
+    free = {
+        int(a.numbers[0]): a.get_potential_energy() for a in read(data / "isolated_atoms.xyz", ":")
+    }
+    meta = load_potential(out / "duplication" / "schnet" / "best.ckpt").meta
+    assert meta.reference_energies == pytest.approx(free)
+    assert "free atoms' GFN2-xTB energies" in (out / "report.md").read_text()
     assert 0.0 <= routing["normalised_mi"] <= 1.0
     assert set(routing["label_values"]) == {0, 1}  # scaffold and carboxylic acid atoms
     assert "routing" not in task["models"]["schnet"]

@@ -81,6 +81,7 @@ TEXT_VALUES: dict[str, tuple[str, str]] = {
     "short_backbone": ("schnet", "egnn"),
     "long_backbone": ("schnet", "egnn"),
     "smiles": ("CCO", "CC"),
+    "elements": ("H", "O"),
     "task": ("all", "duplication"),
     "rest": ("none", "valid"),
     "warn": ("force-std>0.2", "reliability<0.5"),

@@ -137,3 +137,25 @@ def test_molecules_resume_after_sigkill(tmp_path: Path) -> None:
     assert f"{partial} resumed" in done.stdout
     ids = [a.info["frame_id"] for a in read(out, ":")]
     assert ids == [f"CCO@300K#{k}" for k in range(12)]
+
+
+def test_isolated_atoms_in_their_ground_state_spin(tmp_path: Path) -> None:
+    from ase import Atoms
+
+    from trustpot.engines.xtb import ground_state_unpaired, isolated_atoms, label_file
+    from trustpot.errors import ConfigError
+
+    spins = {z: ground_state_unpaired(z) for z in (1, 2, 6, 7, 8, 9, 14, 16, 17, 35, 53)}
+    assert spins == {1: 1, 2: 0, 6: 2, 7: 3, 8: 2, 9: 1, 14: 2, 16: 2, 17: 1, 35: 1, 53: 1}
+    with pytest.raises(ConfigError, match="d- or f-block"):
+        ground_state_unpaired(26)
+    summary = isolated_atoms([8, 1, 1], tmp_path / "e0.xyz", progress=False)
+    assert (summary.written, summary.failed) == (2, 0)
+    frames = read(tmp_path / "e0.xyz", ":")
+    assert [int(a.numbers[0]) for a in frames] == [1, 8]
+    assert [a.info["uhf"] for a in frames] == [1, 2]
+    # the spin reaches the engine: the O triplet differs from the label without spin
+    write(tmp_path / "o.xyz", Atoms("O", positions=[[0, 0, 0]]), format="extxyz")
+    label_file(tmp_path / "o.xyz", tmp_path / "o-singlet.xyz", workers=0, progress=False)
+    singlet = read(tmp_path / "o-singlet.xyz").get_potential_energy()
+    assert abs(frames[1].get_potential_energy() - singlet) > 1e-3

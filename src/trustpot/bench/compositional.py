@@ -148,6 +148,9 @@ class BenchOptions:
         threads: torch threads (and xTB OpenMP threads are left to the environment).
         workers: xTB worker processes (0: in this process).
         epochs: epoch cap per model (the wall-clock budget is the usual limit).
+        reference_energies: ``isolated`` (the free atoms' GFN2-xTB energies, written to
+            ``OUT/<task>/data/isolated_atoms.xyz``) or ``fit`` (least squares on the training
+            energies, which leaves per-molecule offsets on compositions training never had).
     """
 
     tasks: list[str]
@@ -158,6 +161,7 @@ class BenchOptions:
     threads: int = 1
     workers: int = 1
     epochs: int = 100000
+    reference_energies: str = "isolated"
 
     def check(self) -> tuple[BenchMode, list[ModelSpec]]:
         if self.mode not in MODES:
@@ -174,6 +178,10 @@ class BenchOptions:
             raise ConfigError(f"--minutes must be > 0, got {minutes}")
         if self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if self.reference_energies not in ("isolated", "fit"):
+            raise ConfigError(
+                f"--reference-energies must be isolated or fit, got {self.reference_energies}"
+            )
         return MODES[self.mode], specs
 
 
@@ -188,7 +196,13 @@ def _logger(path: Path) -> Log:
 
 
 def _train(
-    spec: ModelSpec, mode: BenchMode, opts: BenchOptions, manifest: Path, run_dir: Path, log: Log
+    spec: ModelSpec,
+    mode: BenchMode,
+    opts: BenchOptions,
+    manifest: Path,
+    run_dir: Path,
+    log: Log,
+    isolated: Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or reuse) one model: a step under the one reuse rule
     (:func:`trustpot.train.reuse.run_step`) in ``run_dir``; returns its result record."""
@@ -202,7 +216,11 @@ def _train(
         None,
         [f"model.hypers.{k}={json.dumps(v)}" for k, v in hypers.items()],
         {
-            "data": {"train": f"{manifest}:train", "valid_fraction": 0.1},
+            "data": {
+                "train": f"{manifest}:train",
+                "valid_fraction": 0.1,
+                "isolated_atoms": str(isolated) if isolated is not None else "",
+            },
             "model": {"name": spec.name},
             "train": {
                 "max_minutes": minutes,
@@ -405,6 +423,15 @@ def run_task(
             )
     sets = {k: read_data(f"{manifest}:{k}") for k in SUBSETS}
     log(f"{task}: frames { ({k: len(v) for k, v in sets.items()}) }")
+    isolated = None
+    if opts.reference_energies == "isolated":
+        from trustpot.engines.xtb import isolated_atoms
+
+        isolated = folder / "data" / "isolated_atoms.xyz"
+        numbers = {int(z) for subset in sets.values() for s in subset for z in s.numbers}
+        summary = isolated_atoms(sorted(numbers), isolated, workers=0, progress=False)
+        if summary.failed:
+            raise ConfigError(f"{task}: an isolated atom failed to label ({isolated})")
     labels = _fragment_labels(manifest)
     info = json.loads(manifest.read_text())
     result: dict[str, Any] = {
@@ -418,7 +445,7 @@ def run_task(
     }
     for spec in specs:
         run_dir = folder / spec.folder
-        record = _train(spec, mode, opts, manifest, run_dir, log)
+        record = _train(spec, mode, opts, manifest, run_dir, log, isolated)
         eval_path = run_dir / "eval.json"
         if eval_path.is_file():
             evaluation = json.loads(eval_path.read_text())

@@ -322,11 +322,18 @@ def write_report(summary: dict[str, Any], out: str | Path) -> Path:
             lines += [f"![{f}]({f})" for f in figures.get(name, []) if f.endswith("routing.png")]
             lines.append("")
         lines += _offset_lines(t)
+    isolated = summary["options"].get("reference_energies", "fit") == "isolated"
+    reference = (
+        "Reference energies per element are the free atoms' GFN2-xTB energies (ground-state "
+        "spin), so the model learns atomisation energies; offsets left are the model's. "
+        if isolated
+        else "Reference energies per element are fitted by least squares to the training energies. "
+    )
     lines += [
         "## How to read the numbers",
         "",
-        "- *Energy offsets.* Reference energies per element are fitted by least squares to the "
-        "training energies. A molecule that training never had (two COOH instead of one, a "
+        f"- *Energy offsets.* {reference}A molecule that training never had (two COOH instead "
+        "of one, a "
         "nitrile) can carry an energy error that is the same for all its conformers: forces, "
         "MD and conformational energy differences do not see it. The OOD energy error is split "
         "into that per-molecule constant (*offset*, its MAE over structures) and the *rest* "

@@ -18,6 +18,7 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         threads=args.threads,
         workers=args.workers,
+        reference_energies=args.reference_energies,
     )
     return {"out": args.out, "options": opts}
 
@@ -71,4 +72,11 @@ def add_bench_commands(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--workers", type=int, default=1, help="xTB worker processes (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, splits and training (0)")
+    p.add_argument(
+        "--reference-energies",
+        choices=("isolated", "fit"),
+        default="isolated",
+        help="per-element reference energies: isolated (the free atoms with GFN2-xTB, in "
+        "their ground-state spin; default) or fit (least squares on the training energies)",
+    )
     p.set_defaults(resolve=_resolve, run=_compositional, out_dir=lambda a: a.out)

@@ -1,4 +1,6 @@
-"""``trustpot data molecules | label | compositional | nacl-water | nbody``: reference-engine data.
+"""``trustpot data molecules | label | isolated-atoms | compositional | nacl-water | nbody``.
+
+Reference-engine data.
 
 Each command is a thin layer over a function of :mod:`trustpot.engines`. Output is extended XYZ,
 appended as frames finish; rerunning the same command resumes. Exit code 0 when every frame is
@@ -73,6 +75,23 @@ def _molecules(args: argparse.Namespace) -> dict[str, Any]:
 def _label(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         source=args.file,
+        out=args.out,
+        method=args.method,
+        workers=_workers(args),
+        progress=not args.quiet,
+    )
+
+
+def _isolated(args: argparse.Namespace) -> dict[str, Any]:
+    from ase.data import atomic_numbers
+
+    from trustpot.errors import ConfigError
+
+    unknown = [e for e in args.elements if atomic_numbers.get(e, 0) == 0]
+    if unknown:
+        raise ConfigError(f"--elements: unknown element symbol(s) {unknown}")
+    return dict(
+        numbers=[atomic_numbers[e] for e in args.elements],
         out=args.out,
         method=args.method,
         workers=_workers(args),
@@ -237,6 +256,20 @@ def add_engine_commands(data_sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--method", default="GFN2-xTB", help="xTB method (default GFN2-xTB)")
     _common(p, frames=False)
     p.set_defaults(resolve=_label, run=_run("trustpot.engines.xtb", "label_file"), out_dir=_out_dir)
+
+    p = data_sub.add_parser(
+        "isolated-atoms",
+        help="xTB energies of free atoms in their ground-state spin, for --isolated-atoms",
+        description="One single-atom frame per element, labelled with xTB in the free atom's "
+        "ground-state spin (Hund's rules; main-group elements): the reference energies "
+        "'trustpot train --isolated-atoms FILE' reads.",
+    )
+    p.add_argument("--elements", nargs="+", required=True, help="element symbols, e.g. H C O")
+    p.add_argument("--method", default="GFN2-xTB", help="xTB method (default GFN2-xTB)")
+    _common(p, frames=False)
+    p.set_defaults(
+        resolve=_isolated, run=_run("trustpot.engines.xtb", "isolated_atoms"), out_dir=_out_dir
+    )
 
     from trustpot.engines.compositional import TASKS
 

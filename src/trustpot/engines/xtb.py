@@ -520,3 +520,67 @@ def label_file(
         tasks.append(Task(f"frames{start}-{start + len(chunk) - 1}", ids, payload))
     params = {"engine": "xtb-label", "method": method, "source_sha256": file_sha256(source)}
     return run_tasks(tasks, _label_task, out, params, workers, desc="xTB label", progress=progress)
+
+
+def ground_state_unpaired(z: int) -> int:
+    """Unpaired electrons of the free atom's ground state (Hund's rules), main-group elements.
+
+    Raises:
+        ConfigError: a transition metal, lanthanide or actinide (the ground state of the free
+            atom is not fixed by the group alone; give the file yourself).
+    """
+    from ase.data import chemical_symbols
+
+    shells = [2, 8, 8, 18, 18, 32]  # elements per period
+    period_start, period = 0, 0
+    while z > period_start + shells[period]:
+        period_start += shells[period]
+        period += 1
+    position = z - period_start  # 1-based within the period
+    width = shells[period]
+    if width == 2:
+        return position % 2
+    if width == 8:
+        group = position
+    else:  # periods with d (and f) blocks: only the s and p blocks are main-group
+        tail = width - position  # 0 for the noble gas
+        if position <= 2:
+            group = position
+        elif tail < 6:
+            group = 8 - tail
+        else:
+            raise ConfigError(
+                f"no fixed ground-state spin for {chemical_symbols[z]} (a d- or f-block "
+                "element): label its isolated atom yourself and pass the file"
+            )
+    return {1: 1, 2: 0, 3: 1, 4: 2, 5: 3, 6: 2, 7: 1, 8: 0}[group]
+
+
+def isolated_atoms(
+    numbers: Sequence[int],
+    out: str | Path,
+    method: str = "GFN2-xTB",
+    workers: Workers = 0,
+    progress: bool = True,
+) -> RunSummary:
+    """Energies of the free atoms of ``numbers`` with xTB, each in its ground-state spin
+    (:func:`ground_state_unpaired`), one single-atom frame per element in ``out``: the
+    reference energies ``trustpot train --isolated-atoms`` reads.
+
+    Raises:
+        ConfigError: an element without a fixed ground-state spin, missing extra.
+    """
+    from ase import Atoms
+    from ase.io import write
+
+    elements = sorted({int(z) for z in numbers})
+    frames = []
+    for z in elements:
+        atom = Atoms(numbers=[z], positions=[[0.0, 0.0, 0.0]])
+        atom.info.update(uhf=ground_state_unpaired(z), config_type="IsolatedAtom")
+        frames.append(atom)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = out.with_name(out.stem + ".atoms.xyz")
+    write(source, frames, format="extxyz")
+    return label_file(source, out, method, workers, per_task=len(frames), progress=progress)
