@@ -245,6 +245,11 @@ def trustpot_worker(settings: Settings) -> dict[str, Any]:
                 return TrustpotCalculator(Predictor(model.eval(), "cpu", batch_size=1))
 
             record(out, name, ds, frames, settings, model, step, batches, calc)
+        if ds is settings.datasets[0]:  # what uncertainty costs (benchmarks/uq_cost.py)
+            sys.path.insert(0, str(REPO / "benchmarks"))
+            from uq_cost import measure
+
+            out["uq_cost"] = {ds.name: measure(structures, CUTOFF, min(20, len(structures)))}
     out["loadavg_at_end"] = _loadavg()
     return out
 
@@ -521,6 +526,11 @@ def markdown(report: dict[str, Any]) -> str:
                 label = f"MACE {spec.hidden_irreps}"
                 lines.append(_row(label, mc, spec.name, task, ds["name"], [""] * n))
             lines.append("")
+    if "uq_cost" in tp:
+        from uq_cost import markdown as cost_table
+
+        lines += ["## Inference cost of the reliability methods (x one plain PaiNN)", ""]
+        lines += [cost_table(tp["uq_cost"])]
     return "\n".join(lines)
 
 

@@ -2,8 +2,10 @@
 
 Methods: deep ensemble (5 members), MC dropout, PROBE (on ensemble member 0), learned
 functional perturbations (fine-tuned from member 0 with the CRPS), LLPR (a Bayesian last layer
-of member 0, one pass over its training data) and a shallow ensemble (8 last layers on member
-0's backbone, fine-tuned with the Gaussian NLL for half the budget). Datasets:
+of member 0, one pass over its training data; ``llpr`` draws 8 last layers for the force std,
+``llpr-local`` uses each atom's energy-contribution std at one model's cost) and a shallow
+ensemble (8 last layers on member 0's backbone, fine-tuned with the Gaussian NLL for half the
+budget). Datasets:
 
 - ``3bpa``: train_300K split train / calibration / in-domain test (seeded), out of domain on
   ``ood_mixedT_not_in_train_300K.xyz``;
@@ -48,7 +50,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-METHODS = ("ensemble", "mc-dropout", "probe", "perturb", "llpr", "shallow-ensemble")
+METHODS = (
+    "ensemble",
+    "mc-dropout",
+    "probe",
+    "perturb",
+    "llpr",
+    "llpr-local",
+    "shallow-ensemble",
+)
 PERTURB_LR = 1e-2  # learning rate of the perturbation layers (backbone: 1e-4)
 
 
@@ -302,6 +312,14 @@ def run_dataset(
             "llpr", lambda: fit_llpr(load_potential(base_path), sets["train"], cal, log=log)
         )
         F.finish(llpr, out / "llpr", cal, "calibration", {"method": "llpr"}, log=log)
+    if not ckpts["llpr-local"].is_file():
+        local = timed(
+            "llpr-local",
+            lambda: fit_llpr(
+                load_potential(base_path), sets["train"], cal, force_std="local", log=log
+            ),
+        )
+        F.finish(local, out / "llpr-local", cal, "calibration", {}, log=log)
     if not ckpts["shallow-ensemble"].is_file():
         train = sets["train"]
         n_val = max(1, len(train) // 10)
@@ -335,6 +353,7 @@ def run_dataset(
         "probe": (one_model_s + costs["probe"]) / one_model_s,
         "perturb": (one_model_s + costs["perturb"]) / one_model_s,
         "llpr": (one_model_s + costs["llpr"]) / one_model_s,
+        "llpr-local": (one_model_s + costs["llpr-local"]) / one_model_s,
         "shallow-ensemble": (one_model_s + costs["shallow-ensemble"]) / one_model_s,
     }
     rows = []

@@ -10,6 +10,7 @@ flag of another mode, naming it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,10 @@ BASES: dict[tuple[str, ...], list[list[str]]] = {
     ("uq", "fit", "mc-dropout"): [["--train", "t.xyz"], ["--from", "a.ckpt"]],
     ("uq", "fit", "probe"): [["--from", "a.ckpt", "--calibration", "c.xyz"]],
     ("uq", "fit", "perturb"): [["--from", "a.ckpt", "--train", "t.xyz"]],
-    ("uq", "fit", "llpr"): [["--from", "a.ckpt", "--train", "t.xyz"]],
+    ("uq", "fit", "llpr"): [
+        ["--from", "a.ckpt", "--train", "t.xyz"],
+        ["--from", "a.ckpt", "--train", "t.xyz", "--calibration", "c.xyz"],
+    ],
     ("uq", "fit", "shallow-ensemble"): [["--from", "a.ckpt", "--train", "t.xyz"]],
     ("data", "split"): [
         ["--rule", "random", "--sizes", "train=3"],
@@ -166,6 +170,23 @@ def _resolve(argv: list[str]) -> Any:
     return args.resolve(args)
 
 
+def _current(resolved: Any, dest: str) -> Any:
+    """The value of option ``dest`` in resolved options (a dataclass, or one inside a dict or
+    a tuple), else None."""
+    if isinstance(resolved, dict):
+        items = list(resolved.values())
+    elif isinstance(resolved, tuple):
+        items = list(resolved)
+    elif dataclasses.is_dataclass(resolved):
+        items = [getattr(resolved, f.name) for f in dataclasses.fields(resolved)]
+    else:
+        items = []
+    for item in [resolved, *items]:
+        if dataclasses.is_dataclass(item) and hasattr(item, dest):
+            return getattr(item, dest)
+    return None
+
+
 def _cases() -> Iterator[Any]:
     for path, parser in LEAVES.items():
         for action in _flags(parser):
@@ -184,8 +205,9 @@ def test_every_flag_changes_the_options(path: tuple[str, ...], flag: str, tmp_pa
     for extra in BASES.get(path, [[]]) + REQUIRES.get(path, []):
         base = [*_base_argv(path, parser, tmp_path), *extra]
         before = _resolve(base)
-        if action.choices and action.option_strings:
-            tries = [[str(c)] for c in action.choices]
+        if action.choices and action.option_strings:  # every choice but the one in force
+            current = _current(before, action.dest)
+            tries = [[str(c)] for c in action.choices if c != current or current is None]
         else:
             tries = [_values(action, True, tmp_path)]
         outcomes = []

@@ -22,7 +22,15 @@ def test_uq_benchmark_quick_nbody(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "uq.json").read_text())
     rows = result["rows"]
-    methods = {"ensemble", "mc-dropout", "probe", "perturb", "llpr", "shallow-ensemble"}
+    methods = {
+        "ensemble",
+        "mc-dropout",
+        "probe",
+        "perturb",
+        "llpr",
+        "llpr-local",
+        "shallow-ensemble",
+    }
     for test in ("test_id", "test_ood"):
         got = {r["method"] for r in rows if r["test"] == test}
         assert got == methods
@@ -31,7 +39,7 @@ def test_uq_benchmark_quick_nbody(tmp_path):
         assert r["train_cost"] > 0 and r["inference_cost"] > 0 and r["md_cost"] > 0
         assert math.isnan(r["crps"]) == (r["method"] == "probe")
     table = (out / "uq.md").read_text()
-    assert table.count("| nbody-30 |") == 12
+    assert table.count("| nbody-30 |") == 14
     # a rerun reuses every model and evaluation
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "training" not in again.stdout

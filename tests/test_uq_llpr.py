@@ -75,6 +75,30 @@ def test_regularizer_is_chosen_on_calibration_energies(base, ethanol_structures)
         fit_llpr(base, ethanol_structures[:12], regularizer=0.0)
 
 
+def test_local_force_std_is_the_atoms_energy_std_at_one_models_cost(base, ethanol_structures):
+    with pytest.raises(ConfigError, match="needs --calibration"):
+        fit_llpr(base, ethanol_structures[:12], force_std="local")
+    local = fit_llpr(
+        base, ethanol_structures[:12], ethanol_structures[12:20], force_std="local", log=print
+    )
+    assert K.FORCES_SAMPLES not in local.supported_outputs()
+    g = _batch(base, ethanol_structures[20:22])
+    out = local.predict(g, frozenset({K.ENERGY, K.FORCES, K.ENERGY_STD, K.FORCES_STD}))
+    plain = base(g, {K.ENERGY, K.FORCES}, create_graph=False)
+    torch.testing.assert_close(out[K.FORCES], plain[K.FORCES])
+    below, _ = last_layer(base)
+    with torch.no_grad():
+        f = below(base.backbone(g)["node"]).double() * base.energy_scale.double()
+    expected = torch.einsum("ah,hk,ak->a", f, local.covariance, f).sqrt()
+    torch.testing.assert_close(out[K.FORCES_STD], expected)
+    # the energy std is the same exact posterior std in both modes
+    samples = LLPR(base, local.covariance, n_samples=4)
+    both = samples.predict(g, frozenset({K.ENERGY, K.FORCES, K.ENERGY_STD, K.FORCES_STD}))
+    torch.testing.assert_close(out[K.ENERGY_STD], both[K.ENERGY_STD])
+    with pytest.raises(ConfigError, match="--force-std must be"):
+        LLPR(base, local.covariance, force_std="exact")
+
+
 def test_round_trip_and_refusals(tmp_path: Path, base, ethanol_structures):
     llpr = fit_llpr(base, ethanol_structures[:12], n_samples=3, seed=7, log=lambda _: None)
     save_model(llpr, tmp_path / "llpr.ckpt")

@@ -221,6 +221,7 @@ def _fit_llpr(opts: LLPROptions, calibration: Sequence[Structure] | None, log: L
         n_samples=opts.n_samples,
         seed=opts.seed,
         batch_size=opts.batch_size,
+        force_std=opts.force_std,
         log=log,
     )
 

@@ -12,10 +12,16 @@ stacked in ``Phi`` [N, H]:
   ``sigma^2`` the mean squared energy residual on the training data (eV^2) and ``lambda`` a
   regulariser (relative to the mean eigenvalue of ``Phi^T Phi``);
 - energy std of a structure: ``sqrt(phi^T Sigma phi)`` (eV), exact, at the cost of one model;
-- force std: M last layers ``w + dw_m`` with ``dw_m ~ N(0, Sigma)`` drawn once (seeded) and
-  stored; the M force fields come from one backbone pass and one vectorised backward pass
-  (:func:`trustpot.models.potential.compute_outputs` with a sample axis). The predicted energy
-  and forces are the trained model's own (``w``), not the samples' mean.
+- force std, ``force_std="samples"``: M last layers ``w + dw_m`` with ``dw_m ~ N(0, Sigma)``
+  drawn once (seeded) and stored; the M force fields come from one backbone pass and one
+  vectorised backward pass (:func:`trustpot.models.potential.compute_outputs` with a sample
+  axis), which still costs M backward passes of compute;
+- force std, ``force_std="local"``: the std of each atom's energy contribution,
+  ``scale * sqrt(f_i^T Sigma f_i)`` (eV; the local prediction rigidity of Chong et al. 2023),
+  as a per-atom score that the recalibration on held-out forces turns into eV/Å (so this mode
+  needs calibration data): no extra backward pass, about one model's cost, no samples.
+
+The predicted energy and forces are the trained model's own (``w``), not the samples' mean.
 
 ``lambda`` is chosen on the calibration data when given (the value of a grid that minimises
 the Gaussian NLL of the calibration energies with the best global scale), else
@@ -48,6 +54,8 @@ from trustpot.uq.ensemble import SAMPLE_OUTPUTS
 
 #: ``lambda`` without calibration data, relative to the mean eigenvalue of ``Phi^T Phi``.
 DEFAULT_REGULARIZER = 1e-4
+#: how the force std is made (see the module docstring).
+FORCE_STD = ("samples", "local")
 #: the grid ``lambda`` is chosen from on calibration data.
 REGULARIZER_GRID = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -119,8 +127,9 @@ class LLPR(UQModel):
         base: the trained potential (its head must be an :class:`EnergyHead`).
         covariance: [H, H] posterior covariance ``Sigma`` of the last layer's weights, eV^2
             per unit feature.
-        n_samples: M, last layers drawn for the force std.
+        n_samples: M, last layers drawn for the force std (``force_std="samples"``).
         seed: seed of the drawn last layers.
+        force_std: ``samples`` or ``local`` (see the module docstring).
     """
 
     base: Potential
@@ -131,9 +140,17 @@ class LLPR(UQModel):
     deltas: Tensor
 
     def __init__(
-        self, base: Potential, covariance: Tensor, n_samples: int = 8, seed: int = 0
+        self,
+        base: Potential,
+        covariance: Tensor,
+        n_samples: int = 8,
+        seed: int = 0,
+        force_std: str = "samples",
     ) -> None:
         super().__init__(base)
+        if force_std not in FORCE_STD:
+            raise ConfigError(f"--force-std must be samples or local, got '{force_std}'")
+        self.force_std = force_std
         _, last = last_layer(base)
         h = last.in_features
         if tuple(covariance.shape) != (h, h):
@@ -151,7 +168,37 @@ class LLPR(UQModel):
         z = torch.randn((h, self.n_samples), generator=gen, dtype=torch.float64)
         self.register_buffer("deltas", chol @ z)  # [H, M]
 
+    def supported_outputs(self) -> frozenset[str]:
+        """Samples only with ``force_std="samples"``."""
+        out = super().supported_outputs()
+        if self.force_std == "local":
+            out -= {K.ENERGY_SAMPLES, K.FORCES_SAMPLES}
+        return out
+
+    def _predict_local(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
+        """One model's pass; per-atom energy-contribution std as the force-std score."""
+        base = self.base
+        below, _ = last_layer(base)
+        seen: dict[str, Tensor] = {}
+
+        def node_energies(graph: Graph) -> tuple[Tensor, Embedding]:
+            energies, emb = base.node_energies(graph)
+            seen["node"] = emb["node"]
+            return energies, emb
+
+        wanted = frozenset(outputs & {K.STRESS, K.VIRIAL, K.NODE_ENERGY}) | {K.ENERGY, K.FORCES}
+        out = {k: v.detach() for k, v in compute_outputs(node_energies, g, wanted, False).items()}
+        with torch.no_grad():
+            f = below(seen["node"]).double() * base.energy_scale.double()  # [n_atoms, H]
+            var = torch.einsum("ah,hk,ak->a", f, self.covariance, f)
+            out[K.FORCES_STD] = var.clamp_min(0.0).sqrt()
+            phi = scatter_sum(f, g[K.BATCH], int(g[K.N_ATOMS].shape[0]))
+            out[K.ENERGY_STD] = torch.einsum("gh,hk,gk->g", phi, self.covariance, phi).sqrt()
+        return out
+
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
+        if self.force_std == "local":
+            return self._predict_local(g, outputs)
         base = self.base
         below, last = last_layer(base)
         dtype = base.dtype
@@ -186,6 +233,7 @@ class LLPR(UQModel):
             "extra": {
                 "n_samples": self.n_samples,
                 "seed": self.seed,
+                "force_std": self.force_std,
                 "covariance": self.covariance.tolist(),
                 "recalibration": self.recalibration.to_dict(),
                 "fit_report": dict(self.fit_report),
@@ -200,7 +248,13 @@ class LLPR(UQModel):
             cov = torch.tensor(extra["covariance"], dtype=torch.float64)
             if not bool(torch.isfinite(cov).all()):
                 raise ValueError("the covariance is not finite")
-            model = cls(base, cov, int(extra.get("n_samples", 8)), int(extra.get("seed", 0)))
+            model = cls(
+                base,
+                cov,
+                int(extra.get("n_samples", 8)),
+                int(extra.get("seed", 0)),
+                str(extra.get("force_std", "samples")),
+            )
         except (KeyError, ConfigError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path}: malformed LLPR wrapper: {err}") from None
         model.recalibration = Recalibration.from_dict(extra.get("recalibration", {}))
@@ -217,6 +271,7 @@ def fit_llpr(
     n_samples: int = 8,
     seed: int = 0,
     batch_size: int = 32,
+    force_std: str = "samples",
     log: Callable[[str], None] = print,
 ) -> LLPR:
     """Fit LLPR around ``base`` from the structures it trained on (one pass, no training).
@@ -229,11 +284,17 @@ def fit_llpr(
             chosen on ``calibration`` from :data:`REGULARIZER_GRID`, else
             :data:`DEFAULT_REGULARIZER`.
         n_samples: last layers drawn for the force std.
+        force_std: ``samples`` or ``local`` (needs ``calibration`` to give it force units).
 
     Raises:
         ConfigError: no training energies, a head LLPR cannot use, bad options.
     """
     last_layer(base)
+    if force_std == "local" and not calibration:
+        raise ConfigError(
+            "LLPR --force-std local needs --calibration: the per-atom energy std becomes a "
+            "force std (eV/Å) only through the recalibration on held-out forces"
+        )
     if regularizer is not None and not regularizer > 0:
         raise ConfigError(f"--regularizer must be > 0, got {regularizer}")
     t0 = time.perf_counter()
@@ -255,11 +316,12 @@ def fit_llpr(
                 scores[f"{rel:g}"] = _energy_nll(c_pred[ok] - c_ref[ok], var)
             chosen = float(min(scores, key=lambda k: scores[k]))
     covariance = sigma2 * _inverse(gram, chosen)
-    model = LLPR(base, torch.from_numpy(covariance), n_samples, seed).eval()
+    model = LLPR(base, torch.from_numpy(covariance), n_samples, seed, force_std).eval()
     model.fit_report = {
         "n_train": int(labelled.sum()),
         "features": int(phi.shape[1]),
         "regularizer": chosen,
+        "force_std": force_std,
         "train_energy_rmse": math.sqrt(sigma2),
         "seconds": time.perf_counter() - t0,
     }

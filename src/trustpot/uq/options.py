@@ -276,6 +276,13 @@ class LLPROptions(Calibration):
         "on --calibration energies from 1e-8..1e-1, else 1e-4)",
     )
     n_samples: int = option(8, "last layers drawn from the posterior for the force std")
+    force_std: str = option(
+        "samples",
+        "samples (the spread of --n-samples drawn last layers' forces: M backward passes) or "
+        "local (each atom's energy-contribution std, scaled to eV/Å by the recalibration: "
+        "one model's cost; needs --calibration)",
+        choices=("samples", "local"),
+    )
     batch_size: int = option(32, "structures per pass")
     seed: int = option(0, "seed of the drawn last layers")
 
@@ -289,6 +296,13 @@ class LLPROptions(Calibration):
             raise ConfigError(f"--regularizer must be > 0, got {self.regularizer}")
         if self.n_samples < 2:
             raise ConfigError(f"--n-samples must be at least 2, got {self.n_samples}")
+        if self.force_std == "local":
+            if self.n_samples != 8:
+                raise ConfigError(
+                    "uq fit llpr: --n-samples would be ignored with --force-std local"
+                )
+            if not self.calibration:
+                raise ConfigError("uq fit llpr: --force-std local needs --calibration")
         _positive(self, ("batch_size",))
 
 
