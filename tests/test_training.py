@@ -250,3 +250,31 @@ def test_warm_start_begins_from_the_checkpoint(ethanol_file: Path, tmp_path: Pat
     for bad in ("model.name=schnet", "model.hypers.n_features=16", "model.head_dropout=0.1"):
         with pytest.raises(ConfigError, match=r"model\.init_from"):
             warm_start(config(ethanol_file, f"model.init_from={best}", bad))
+
+
+def test_second_stage_moves_weight_to_energies_late(ethanol_file: Path, tmp_path: Path) -> None:
+    """Epochs in the last half train with the second stage's weights (a larger loss, as the
+    energy weight rises 100x), the first half exactly as without it; validation keeps the
+    first weights, so its loss stays comparable across the switch."""
+    from trustpot.train.losses import LossWeights
+    from trustpot.train.objectives import ForceFieldLoss
+
+    loss = ForceFieldLoss(LossWeights(1.0, 10.0, 0.0), stage_two=(0.25, 100.0, 5.0))
+    sums = {"energy": torch.tensor(2.0), "forces": torch.tensor(3.0)}
+    counts = {"energy": torch.tensor(1.0), "forces": torch.tensor(1.0)}
+    loss.at_progress(0.5)
+    assert float(loss.combine(sums, counts)) == pytest.approx(2.0 + 30.0)
+    loss.at_progress(0.8)
+    assert float(loss.combine(sums, counts)) == pytest.approx(200.0 + 15.0)
+    assert loss.weights == {"energy": 1.0, "forces": 10.0}  # what validation weighs with
+
+    common = ("train.epochs=6", "model.name=schnet", "train.ema_decay=0")
+    run_training(config(ethanol_file, *common), tmp_path / "one")
+    staged = ("train.stage_two_fraction=0.5", "train.stage_two_energy_weight=100")
+    run_training(config(ethanol_file, *common, *staged), tmp_path / "two")
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    for a, b in zip(one[:3], two[:3], strict=True):
+        assert a["train_loss"] == b["train_loss"]
+    assert float(two[3]["train_loss"]) > float(one[3]["train_loss"])
+    with pytest.raises(ConfigError, match="stage_two_fraction must be in"):
+        config(ethanol_file, "train.stage_two_fraction=1.5")

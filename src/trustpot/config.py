@@ -96,6 +96,10 @@ class TrainConfig:
         energy_weight: weight of the per-atom energy MSE (in units of the force scale).
         forces_weight: weight of the force-component MSE.
         stress_weight: weight of the stress MSE (used only where stress labels exist).
+        stage_two_fraction: share of the budget at its end trained with the second stage's
+            weights (MACE's second stage; 0: none).
+        stage_two_energy_weight: energy weight of the second stage.
+        stage_two_forces_weight: force weight of the second stage.
         loss: ``mse`` or ``huber``.
         huber_delta: Huber threshold in units of the force scale.
         seed: seed of initialisation, shuffling and splits.
@@ -120,6 +124,9 @@ class TrainConfig:
     energy_weight: float = 1.0
     forces_weight: float = 10.0
     stress_weight: float = 1.0
+    stage_two_fraction: float = 0.0
+    stage_two_energy_weight: float = 100.0
+    stage_two_forces_weight: float = 10.0
     loss: str = "mse"
     huber_delta: float = 0.1
     seed: int = 0
@@ -145,6 +152,17 @@ class RunConfig:
             raise ConfigError(f"train.loss must be 'mse' or 'huber', got '{t.loss}'")
         if t.batch_size < 1 or t.epochs < 1 or t.lr <= 0:
             raise ConfigError("train.batch_size, train.epochs and train.lr must be positive")
+        if not 0.0 <= t.stage_two_fraction < 1.0:
+            raise ConfigError(
+                f"train.stage_two_fraction must be in [0, 1), got {t.stage_two_fraction}"
+            )
+        if t.stage_two_fraction > 0 and (
+            min(t.energy_weight, t.forces_weight) <= 0
+            or min(t.stage_two_energy_weight, t.stage_two_forces_weight) <= 0
+        ):
+            raise ConfigError(
+                "train.stage_two_fraction needs positive energy and force weights in both stages"
+            )
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
         if not 0.0 < self.data.valid_fraction < 1.0 and not self.data.valid:

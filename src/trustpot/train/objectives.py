@@ -47,6 +47,9 @@ class ObjectiveLoss:
         """Called on every rank before each batch (``None`` on a rank with no share of it);
         may run collective reductions that all ranks must join."""
 
+    def at_progress(self, progress: float) -> None:
+        """Called before each training epoch with the budget's progress in [0, 1]."""
+
     def sums(self, model: nn.Module, batch: Any, training: bool) -> tuple[Sums, Sums]:
         """Per-term error sums and counts of ``batch`` (keys a subset of :attr:`weights`)."""
         raise NotImplementedError
@@ -83,16 +86,44 @@ class ForceFieldLoss(ObjectiveLoss):
     """Energy / force / stress loss of a potential (``mse`` or ``huber``, see
     :func:`trustpot.train.losses.loss_sums`), in units of the force scale ``scale`` (eV/Å;
     default the model's ``energy_scale``). Validation adds MAE / RMSE columns of per-atom
-    energies (eV/atom) and force components (eV/Å)."""
+    energies (eV/atom) and force components (eV/Å).
 
-    def __init__(self, weights: LossWeights, scale: float | None = None) -> None:
+    ``stage_two`` = ``(fraction, energy_weight, forces_weight)``: over the last ``fraction``
+    of the budget, training weighs energies and forces with these instead (MACE's second
+    stage, which moves weight to energies late in training); validation keeps the first
+    weights, so the best epoch is chosen by one yardstick throughout.
+    """
+
+    def __init__(
+        self,
+        weights: LossWeights,
+        scale: float | None = None,
+        stage_two: tuple[float, float, float] | None = None,
+    ) -> None:
         self.loss_weights = weights
         self.scale = scale
         terms = {"energy": weights.energy, "forces": weights.forces, "stress": weights.stress}
         self.weights = {k: float(v) for k, v in terms.items() if v > 0}
+        self.stage_two = stage_two
+        self.train_weights = dict(self.weights)
+        if stage_two is not None and not {"energy", "forces"} <= set(self.weights):
+            raise ValueError("a second stage needs positive energy and force weights")
         self.metric_keys = ("e_abs", "e_sq", "e_n", "f_abs", "f_sq", "f_n")
         self._has_stress = False
         self.last_pred: dict[str, Tensor] | None = None
+
+    def at_progress(self, progress: float) -> None:
+        self.train_weights = dict(self.weights)
+        if self.stage_two is not None and progress >= 1.0 - self.stage_two[0]:
+            self.train_weights.update(energy=self.stage_two[1], forces=self.stage_two[2])
+
+    def combine(self, sums: Mapping[str, Tensor], counts: Mapping[str, Tensor]) -> Tensor:
+        """Training loss with the weights of the current stage."""
+        first, self.weights = self.weights, self.train_weights
+        try:
+            return super().combine(sums, counts)
+        finally:
+            self.weights = first
 
     def prepare(self, batch: Any | None, dist: DistInfo) -> None:
         local = batch is not None and bool((batch[K.STRESS_WEIGHT] > 0).any())
@@ -297,7 +328,9 @@ class Objective:
         dataset: key of the training and validation datasets it uses.
         weights: weights of its energy, force and stress terms (force-field objectives).
         weight: weight of the whole objective in the total loss.
-        loss: the loss kind; ``None`` means :class:`ForceFieldLoss` with ``weights``.
+        loss: the loss kind; ``None`` means :class:`ForceFieldLoss` with ``weights`` (and
+            ``stage_two``).
+        stage_two: ``(fraction, energy_weight, forces_weight)`` of :class:`ForceFieldLoss`.
     """
 
     name: str
@@ -305,10 +338,12 @@ class Objective:
     weights: LossWeights = field(default_factory=LossWeights)
     weight: float = 1.0
     loss: ObjectiveLoss | None = None
+    stage_two: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.loss is None:
-            object.__setattr__(self, "loss", ForceFieldLoss(self.weights))
+            loss = ForceFieldLoss(self.weights, stage_two=self.stage_two)
+            object.__setattr__(self, "loss", loss)
 
     @property
     def kind(self) -> ObjectiveLoss:

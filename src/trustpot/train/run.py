@@ -196,9 +196,12 @@ def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> Train
         model = model.to(torch.device(t.device))
     except (RuntimeError, AssertionError) as err:
         raise ConfigError(f"train.device '{t.device}' is not usable here: {err}") from None
+    stage_two = None
+    if t.stage_two_fraction > 0:
+        stage_two = (t.stage_two_fraction, t.stage_two_energy_weight, t.stage_two_forces_weight)
     trainer = Trainer(
         model,
-        [Objective("main", "main", weights)],
+        [Objective("main", "main", weights, stage_two=stage_two)],
         t,
         info,
         run_config=config_to_dict(cfg),

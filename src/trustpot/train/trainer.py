@@ -400,6 +400,8 @@ class Trainer:
         self.train_mode(self.model)
         torch.manual_seed(_seed_for(self.cfg.seed + 17, self.epoch))
         self._set_lr(self.schedule.rate(self.epoch, self._progress()))
+        for obj in self.objectives:
+            obj.kind.at_progress(self._progress())
         first, *others = self.objectives
         other_iters = [self._cycle(train[o.dataset], self.epoch) for o in others]
         loss_sum, n_steps = 0.0, 0
