@@ -24,11 +24,12 @@ recall of the fired frames, and for the probability rule the mean predicted P(|e
 all atoms beside the observed fraction (is the probability statement calibrated?).
 
 With ``--foundation NAME`` (``chgnet``, ``sevennet-0``) the methods are the pretrained adapter
-wrapped instead: an ensemble of ``NAME`` fine-tunes (``trustpot finetune --from NAME`` with
-seeds s, s+1, ...; the hot path is driven by the first), PROBE on the untouched adapter
-(zero-shot: its predictions are the pretrained model's) and perturbations fine-tuned from the
-untouched adapter (P-CHGNet, P-SevenNet; lr 1e-3, the backbone fine-tuned too). MC dropout does
-not apply (the adapters have no head dropout).
+wrapped instead, as in ``benchmarks/foundation.py``: an ensemble of ``NAME`` fine-tunes
+(``trustpot finetune --from NAME`` with seeds s, s+1, ...; the first, fine-tune 0, drives the
+hot path), PROBE on fine-tune 0, perturbations fine-tuned from fine-tune 0 (P-CHGNet,
+P-SevenNet; lr 1e-3) and zero-shot PROBE on the untouched adapter (its predictions are the
+pretrained model's, energies on the pretrained model's zero). MC dropout does not apply (the
+adapters have no head dropout).
 
     python benchmarks/policy.py --quick --out /tmp/policy-quick       # seconds, for CI
     python benchmarks/policy.py --out benchmarks/results/policy        # about 15 minutes
@@ -74,7 +75,7 @@ from trustpot.uq.probe import fit_probe
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ensemble", "mc-dropout", "probe", "perturb")
 #: the methods on a pretrained adapter (no head dropout: no MC dropout)
-ADAPTER_METHODS = ("ensemble", "probe", "perturb")
+ADAPTER_METHODS = ("ensemble", "probe", "perturb", "zero-shot-probe")
 FINETUNE_LR = 1e-4  # a pretrained network, fully fine-tuned (as benchmarks/foundation.py)
 ADAPTER_PERTURB_LR = 1e-3  # 1e-2 diverged on CHGNet (benchmarks/foundation.py)
 
@@ -356,17 +357,19 @@ def fit_adapter_models(
     if not Path(ckpts["ensemble"]).is_file():
         ens = DeepEnsemble([load_model(p) for p in members])
         F.finish(ens, out / "ensemble", cal_s, "calibration", {"method": "ensemble"}, log=log)
-    if not Path(ckpts["probe"]).is_file():
-        probe = fit_probe(
-            load_model(name), cal_s, max_minutes=mode.minutes, epochs=min(200, mode.epochs),
-            seed=seed, log=log, source="calibration",
-        )  # fmt: skip
-        F.finish(probe, out / "probe", None, "", {"method": "probe", "base": name}, log=log)
+    for method, base in (("probe", members[0]), ("zero-shot-probe", name)):
+        if not Path(ckpts[method]).is_file():
+            probe = fit_probe(
+                load_model(base), cal_s, max_minutes=mode.minutes, epochs=min(200, mode.epochs),
+                seed=seed, log=log, source="calibration",
+            )  # fmt: skip
+            F.finish(probe, out / method, None, "", {"method": method, "base": base}, log=log)
     if not Path(ckpts["perturb"]).is_file():
         n_val = max(1, len(train_s) // 10)
         pert = fit_perturbation(
-            load_model(name), train_s[n_val:], train_s[:n_val], max_minutes=mode.minutes / 2,
-            epochs=mode.epochs, lr=ADAPTER_PERTURB_LR, seed=seed, progress=False, log=log,
+            load_model(members[0]), train_s[n_val:], train_s[:n_val],
+            max_minutes=mode.minutes / 2, epochs=mode.epochs, lr=ADAPTER_PERTURB_LR, seed=seed,
+            progress=False, log=log,
         )  # fmt: skip
         F.finish(pert, out / "perturb", cal_s, "calibration", {"method": "perturb"}, log=log)
     return {**ckpts, "base": members[0]}
@@ -655,9 +658,11 @@ def main() -> int:
         f"every {mode.stride} steps ({broke}); git {commit}; {settings['wall_s'] / 60:.1f} min."
         + (
             f" Methods: {args.foundation} wrapped: an ensemble of {mode.members} fine-tunes (lr "
-            f"{FINETUNE_LR}, {mode.minutes:g} min each; the first drives the hot path), PROBE on "
-            f"the untouched {args.foundation} (zero-shot) and perturbations fine-tuned from it "
-            f"(lr {ADAPTER_PERTURB_LR}, {mode.minutes / 2:g} min)."
+            f"{FINETUNE_LR}, {mode.minutes:g} min each; fine-tune 0 drives the hot path), PROBE "
+            f"on fine-tune 0, perturbations fine-tuned from fine-tune 0 (lr "
+            f"{ADAPTER_PERTURB_LR}, {mode.minutes / 2:g} min) and zero-shot PROBE on the "
+            f"untouched {args.foundation}, whose energies keep the pretrained model's zero (its "
+            "energy error is mostly that offset)."
             if args.foundation
             else ""
         )

@@ -40,8 +40,8 @@ def test_policy_benchmark_quick(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_policy_benchmark_quick_on_a_wrapped_adapter(tmp_path: Path) -> None:
-    """``--foundation chgnet``: an ensemble of CHGNet fine-tunes, PROBE on the untouched adapter
-    and perturbations from it, through the same rules and paths."""
+    """``--foundation chgnet``: an ensemble of CHGNet fine-tunes, PROBE and perturbations on
+    the first, zero-shot PROBE on the untouched adapter, through the same rules and paths."""
     pytest.importorskip("chgnet", reason="the CHGNet adapter needs 'pip install trustpot[chgnet]'")
     out = tmp_path / "policy"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "policy.py"), "--quick", "--out", str(out)]
@@ -60,6 +60,7 @@ def test_policy_benchmark_quick_on_a_wrapped_adapter(tmp_path: Path) -> None:
             ("perturb", "force-error>0.5@0.5"),
             ("perturb", "force-error>0.5@0.95"),
             ("perturb", "reliability<0.5"),
+            ("zero-shot-probe", "reliability<0.5"),
         }
     table = (out / "policy.md").read_text()
     assert "Methods: chgnet wrapped" in table and "| mc-dropout |" not in table
