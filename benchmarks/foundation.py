@@ -26,7 +26,7 @@ Metrics are those of ``benchmarks/uq.py`` (:func:`trustpot.uq.collect.collect`,
 finished steps are reused on a rerun, an interrupted training resumes. Outputs:
 ``OUT/foundation.json`` and ``OUT/foundation.md``.
 
-    python benchmarks/foundation.py --quick --out /tmp/foundation-quick      # < 90 s, CI
+    python benchmarks/foundation.py --quick --out /tmp/foundation-quick      # < 60 s, CI
     python benchmarks/foundation.py --out benchmarks/results/foundation      # full (hours)
 """
 
@@ -92,7 +92,7 @@ class Mode:
     """Sizes and budgets of one mode.
 
     ``n_ood`` is per out-of-domain topology; ``read_stop`` limits the MD frames parsed per file
-    (``None``: whole files, minutes of parsing); every ``stride``-th frame is a candidate.
+    (``None``: whole files); every ``stride``-th frame is a candidate.
     """
 
     minutes: float  # per trained model (fine-tune or from scratch)
@@ -106,22 +106,24 @@ class Mode:
     stride: int = 10
     read_stop: int | None = None
     hypers: dict[str, Any] = field(default_factory=dict)
+    maps: bool = True  # t-SNE maps in the fine-tuning reports (seconds per member)
+    perturb_samples: tuple[int, int] = (4, 8)  # perturbations per structure: training, predicting
 
 
 MODES = {
     # every model is stopped by the wall-clock budget (the epoch caps are never reached);
     # 10 calibration frames: fit_probe's minimum (trustpot.uq.probe.MIN_STRUCTURES)
-    "quick": Mode(0.05, 100000, 12, 10, 4, 4, 2, 20, 10, 300, {"n_features": 16, "n_layers": 2}),
+    "quick": Mode(0.025, 100000, 12, 10, 4, 4, 2, 20, 10, 300, {"n_features": 16, "n_layers": 2},
+                  maps=False, perturb_samples=(2, 3)),
     "full": Mode(5.0, 100000, 300, 100, 100, 100, 3, 200),
-}
+}  # fmt: skip
 
 
 # -- steps ----------------------------------------------------------------------------------
 def prepare(mode: Mode, out: Path, seed: int, log: Log) -> dict[str, Any]:
     """Write ``out/data.xyz`` and ``out/split.json``: ``train``, ``calibration``, ``test_id``
     (training topologies) and ``test_ood`` (PTY and UOE, ``n_ood`` frames each)."""
-    from ase.io import read
-
+    from trustpot.data.reader import read_atoms
     from trustpot.data.splits import write_manifest
 
     sizes = {k: getattr(mode, k) for k in ("n_train", "n_cal", "n_test", "n_ood", "stride")}
@@ -135,7 +137,7 @@ def prepare(mode: Mode, out: Path, seed: int, log: Log) -> dict[str, Any]:
         per_topo = math.ceil(n_id / len(train_files))
         pool: list[Any] = []
         for f in train_files:
-            topo = read(f, index)
+            topo = read_atoms(f, index)
             pool.extend(topo[i] for i in UQB._pick(len(topo), per_topo, rng))
         order = rng.permutation(len(pool))[:n_id]
         bounds = np.cumsum([0, mode.n_train, mode.n_cal, mode.n_test])
@@ -146,7 +148,7 @@ def prepare(mode: Mode, out: Path, seed: int, log: Log) -> dict[str, Any]:
             frames.extend(pool[i] for i in order[lo:hi])
         ood: list[Any] = []
         for code in ("PTY", "UOE"):
-            topo = read(ZEOLITES / f"test_topology_{code}.xyz.gz", index)
+            topo = read_atoms(ZEOLITES / f"test_topology_{code}.xyz.gz", index)
             ood.extend(topo[i] for i in UQB._pick(len(topo), mode.n_ood, rng))
         subsets["test_ood"] = list(range(len(frames), len(frames) + len(ood)))
         frames.extend(ood)
@@ -208,6 +210,7 @@ def _finetune_options(s: Settings, spec: str, seed: int) -> Any:
         max_minutes=s.minutes,
         seed=seed,
         threads=s.threads,
+        no_maps=not s.mode.maps,
     )
 
 
@@ -231,7 +234,9 @@ def train_members(s: Settings, backbone: str, spec: str, log: Log) -> list[dict[
 
         else:
             opts = _finetune_options(s, spec, s.seed + k)
-            config = {k2: v for k2, v in dataclasses.asdict(opts).items() if k2 != "threads"}
+            config = dataclasses.asdict(opts)
+            for name in ("threads", "no_maps"):  # no effect on the model
+                config.pop(name)
 
             def work(where: Path, resuming: bool, what: Any = opts) -> dict[str, Any]:
                 run = where / "run"
@@ -303,6 +308,8 @@ def fit_methods(
             epochs=s.mode.epochs,
             lr=perturb_lr,
             seed=s.seed,
+            n_samples_train=s.mode.perturb_samples[0],
+            n_samples=s.mode.perturb_samples[1],
             log=log,
             progress=False,
         )
@@ -311,6 +318,8 @@ def fit_methods(
 
     perturb_config = {**common, "base": base_ckpt, "minutes": s.minutes,
                       "epochs": s.mode.epochs, "lr": perturb_lr}  # fmt: skip
+    if s.mode.perturb_samples != (4, 8):  # the defaults: earlier runs' steps stay reusable
+        perturb_config["samples"] = list(s.mode.perturb_samples)
     steps["perturb"] = (perturb_config, perturb)
     if backbone == "foundation":
         zero = {"base": s.foundation, "epochs": s.mode.probe_epochs, "minutes": s.minutes}
@@ -505,7 +514,8 @@ def report(
         f"UOE). Budget per trained model: {s.minutes} min (at most {m.epochs} epochs); "
         f"{s.foundation} fine-tuned (strategy full, lr {FINETUNE_LR}) and PaiNN from scratch; "
         f"ensembles of {s.members}; PROBE at most {m.probe_epochs} epochs; perturbations "
-        f"(fine-tuned from member 0 with the CRPS) one model's budget, perturbation lr "
+        f"(fine-tuned from member 0 with the CRPS, {m.perturb_samples[0]} samples per "
+        f"structure, {m.perturb_samples[1]} per prediction) one model's budget, perturbation lr "
         f"{UQB.PERTURB_LR} on PaiNN and {FOUNDATION_PERTURB_LR} on {s.foundation}; "
         f"{s.threads} thread(s), seed {s.seed}, git {header['git']}, wall "
         f"{header['wall_s']:.0f} s.\n",

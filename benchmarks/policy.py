@@ -23,8 +23,17 @@ path, method and rule: the first frame the rule fires at, the first bad frame, p
 recall of the fired frames, and for the probability rule the mean predicted P(|error| > T) of
 all atoms beside the observed fraction (is the probability statement calibrated?).
 
+With ``--foundation NAME`` (``chgnet``, ``sevennet-0``) the methods are the pretrained adapter
+wrapped instead, as in ``benchmarks/foundation.py``: an ensemble of ``NAME`` fine-tunes
+(``trustpot finetune --from NAME`` with seeds s, s+1, ...; the first, fine-tune 0, drives the
+hot path), PROBE on fine-tune 0, perturbations fine-tuned from fine-tune 0 (P-CHGNet,
+P-SevenNet; lr 1e-3) and zero-shot PROBE on the untouched adapter (its predictions are the
+pretrained model's, energies on the pretrained model's zero). MC dropout does not apply (the
+adapters have no head dropout).
+
     python benchmarks/policy.py --quick --out /tmp/policy-quick       # seconds, for CI
     python benchmarks/policy.py --out benchmarks/results/policy        # about 15 minutes
+    python benchmarks/policy.py --foundation chgnet --out benchmarks/results/policy/chgnet
 
 Writes ``OUT/policy.json`` (settings, every row, per-frame series) and ``OUT/policy.md``.
 Trained models are reused on a rerun (the one reuse rule of ``trustpot.train.reuse``).
@@ -65,6 +74,10 @@ from trustpot.uq.probe import fit_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ensemble", "mc-dropout", "probe", "perturb")
+#: the methods on a pretrained adapter (no head dropout: no MC dropout)
+ADAPTER_METHODS = ("ensemble", "probe", "perturb", "zero-shot-probe")
+FINETUNE_LR = 1e-4  # a pretrained network, fully fine-tuned (as benchmarks/foundation.py)
+ADAPTER_PERTURB_LR = 1e-3  # 1e-2 diverged on CHGNet (benchmarks/foundation.py)
 
 
 @dataclass
@@ -307,6 +320,61 @@ def fit_models(
     return {**ckpts, "base": members[0]}
 
 
+def fit_adapter_models(
+    name: str, mode: Mode, out: Path, train: list[Atoms], cal: list[Atoms], seed: int,
+    threads: int,
+) -> dict[str, Path | str]:  # fmt: skip
+    """The ``--foundation`` methods (module docstring), trained or reused; ``uq.ckpt`` per
+    method and ``base``, the first fine-tune (the hot path's driver)."""
+    from trustpot.finetune import FinetuneOptions, run_finetune
+    from trustpot.train.reuse import run_step
+
+    log_path = out / "log.txt"
+
+    def log(message: str) -> None:
+        with open(log_path, "a") as handle:
+            handle.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
+
+    write(out / "train.xyz", train)
+    cal_s = [atoms_to_structure(a) for a in cal]
+    train_s = [atoms_to_structure(a) for a in train]
+    members = []
+    for k in range(mode.members):
+        opts = FinetuneOptions(
+            base=name, train=str(out / "train.xyz"), valid_fraction=0.1, lr=FINETUNE_LR,
+            epochs=mode.epochs, max_minutes=mode.minutes, seed=seed + k, threads=threads,
+            no_maps=True,
+        )  # fmt: skip
+        config = {key: v for key, v in dataclasses.asdict(opts).items() if key != "threads"}
+
+        def work(where: Path, resuming: bool, o: Any = opts) -> dict[str, Any]:
+            run_finetune(o, where / "run", resume=resuming and (where / "run/last.ckpt").is_file())
+            return {"ckpt": str(where / "run" / "best.ckpt")}
+
+        log(f"{name} fine-tune {k + 1}/{mode.members} (seed {seed + k})")
+        members.append(run_step(out / "ensemble" / f"member_{k}", config, work, log)["ckpt"])
+    ckpts: dict[str, Path | str] = {m: out / m / "uq.ckpt" for m in ADAPTER_METHODS}
+    if not Path(ckpts["ensemble"]).is_file():
+        ens = DeepEnsemble([load_model(p) for p in members])
+        F.finish(ens, out / "ensemble", cal_s, "calibration", {"method": "ensemble"}, log=log)
+    for method, base in (("probe", members[0]), ("zero-shot-probe", name)):
+        if not Path(ckpts[method]).is_file():
+            probe = fit_probe(
+                load_model(base), cal_s, max_minutes=mode.minutes, epochs=min(200, mode.epochs),
+                seed=seed, log=log, source="calibration",
+            )  # fmt: skip
+            F.finish(probe, out / method, None, "", {"method": method, "base": base}, log=log)
+    if not Path(ckpts["perturb"]).is_file():
+        n_val = max(1, len(train_s) // 10)
+        pert = fit_perturbation(
+            load_model(members[0]), train_s[n_val:], train_s[:n_val],
+            max_minutes=mode.minutes / 2, epochs=mode.epochs, lr=ADAPTER_PERTURB_LR, seed=seed,
+            progress=False, log=log,
+        )  # fmt: skip
+        F.finish(pert, out / "perturb", cal_s, "calibration", {"method": "perturb"}, log=log)
+    return {**ckpts, "base": members[0]}
+
+
 # -- evaluation ------------------------------------------------------------------------------
 def reference(atoms: Atoms) -> tuple[float, np.ndarray]:
     """The label (eV, [n_atoms, 3] eV/Å): from a read file's calculator or from info/arrays."""
@@ -388,7 +456,9 @@ def _at(coords: list[float], k: int | None, unit: str) -> str:
     return "never" if k is None else f"frame {k} ({coords[k]:.4g}{unit})"
 
 
-def plot(series: dict[str, Any], args: argparse.Namespace, out: Path) -> list[str]:
+def plot(
+    series: dict[str, Any], args: argparse.Namespace, out: Path, methods: tuple[str, ...]
+) -> list[str]:
     """One PNG per path: the true largest force error, the std methods' largest calibrated std
     against the std where ``force-error>T@P`` fires, and every reliability against R."""
     import matplotlib
@@ -402,7 +472,7 @@ def plot(series: dict[str, Any], args: argparse.Namespace, out: Path) -> list[st
     labels = {"stretch": "r(C-O), Å", "torsion": "methyl torsion, degrees", "hot": "MD step"}
     for path, xlabel in labels.items():
         fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
-        for k, method in enumerate(METHODS):
+        for k, method in enumerate(methods):
             s = series[f"{path}/{method}"]
             x, style = s["coords"], {"marker": ".", "label": method, "color": f"C{k}"}
             axes[0].plot(x, s["max_force_error"], **style)
@@ -483,12 +553,23 @@ def main() -> int:
         help="labelled in-domain ethanol frames instead of sampling them "
         "(e.g. a quickstart's data_300K.xyz; at least the mode's frames)",
     )
+    p.add_argument(
+        "--foundation",
+        choices=("chgnet", "sevennet-0"),
+        help="wrap this pretrained adapter instead of training PaiNN models (module docstring)",
+    )
+    p.add_argument("--minutes", type=float, help="budget per trained model (mode default)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="xTB labelling processes")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     mode_name = "quick" if args.quick else "full"
     mode = dataclasses.replace(MODES[mode_name], engine=args.engine or MODES[mode_name].engine)
+    if args.minutes is not None:
+        if args.minutes <= 0:
+            p.error(f"--minutes must be positive, got {args.minutes}")
+        mode = dataclasses.replace(mode, minutes=args.minutes)
+    methods = ADAPTER_METHODS if args.foundation else METHODS
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -501,8 +582,14 @@ def main() -> int:
     order = np.random.default_rng(args.seed).permutation(len(data))
     split = np.split(order[:need], [mode.n_train, mode.n_train + mode.n_cal])
     train, cal, test = ([data[i] for i in idx] for idx in split)
-    ckpts = fit_models(mode, out, train, cal, args.seed, args.threads)
-    hot = hot_path(ckpts["base"], cal[0], mode, args.hot_temperature, args.compress, args.seed)
+    ckpts: dict[str, Any] = (
+        fit_adapter_models(args.foundation, mode, out, train, cal, args.seed, args.threads)
+        if args.foundation
+        else fit_models(mode, out, train, cal, args.seed, args.threads)
+    )
+    hot = hot_path(
+        Path(ckpts["base"]), cal[0], mode, args.hot_temperature, args.compress, args.seed
+    )
     paths: dict[str, tuple[list[Atoms], list[float]]] = {
         "stretch": stretch_path(cal[0], mode.scan_points),
         "torsion": torsion_path(cal[0], mode.scan_points),
@@ -516,7 +603,7 @@ def main() -> int:
             f"hot_{args.hot_temperature:g}K_{args.compress:g}" if name == "hot" else name
         )
         truth = test if name == "test_id" else label(frames, mode.engine, folder, args.workers)
-        for method in METHODS:
+        for method in methods:
             model = load_model(ckpts[method], UQModel)
             policies = rules_for(model, args.error, args.probability, args.reliability)
             found, s = evaluate(model, frames, truth, policies, args.error)
@@ -543,6 +630,7 @@ def main() -> int:
         "reliability": args.reliability,
         "hot_temperature": args.hot_temperature,
         "compress": args.compress,
+        "foundation": args.foundation,
         "hot_came_apart_at_step": hot[2],
         "data": data_path.name,  # no machine path in a committed result
         "data_sha256": file_sha256(data_path),
@@ -568,9 +656,20 @@ def main() -> int:
         f"`reliability<{args.reliability}`; "
         f"hot path: {args.hot_temperature:g} K from a start compressed to {args.compress}, "
         f"every {mode.stride} steps ({broke}); git {commit}; {settings['wall_s'] / 60:.1f} min."
-        "\n\n" + table(rows)
+        + (
+            f" Methods: {args.foundation} wrapped: an ensemble of {mode.members} fine-tunes (lr "
+            f"{FINETUNE_LR}, {mode.minutes:g} min each; fine-tune 0 drives the hot path), PROBE "
+            f"on fine-tune 0, perturbations fine-tuned from fine-tune 0 (lr "
+            f"{ADAPTER_PERTURB_LR}, {mode.minutes / 2:g} min) and zero-shot PROBE on the "
+            f"untouched {args.foundation}, whose energies keep the pretrained model's zero (its "
+            "energy error is mostly that offset)."
+            if args.foundation
+            else ""
+        )
+        + "\n\n"
+        + table(rows)
     )
-    figures = plot(series, args, out)
+    figures = plot(series, args, out, methods)
     text += "\n" + "\n".join(f"![{name}]({name})" for name in figures) + "\n"
     (out / "policy.md").write_text(text)
     print(text)

@@ -102,6 +102,7 @@ def prepare(name: str, mode: Mode, out: Path, seed: int) -> dict[str, Any]:
     """Write ``out/data.xyz`` and ``out/split.json`` (train, calibration, test sets)."""
     from ase.io import read
 
+    from trustpot.data.reader import read_atoms
     from trustpot.data.splits import write_manifest
 
     split_path = out / "split.json"
@@ -142,9 +143,9 @@ def prepare(name: str, mode: Mode, out: Path, seed: int) -> dict[str, Any]:
         folder = SHARED / "sio2_zeolites"
         per_topo = math.ceil(n_id / 8)
         pool = []
-        # every 10th MD frame (decorrelated, and parsing whole files takes minutes)
+        # every 10th MD frame (decorrelated)
         for f in sorted(folder.glob("train_topology_*.xyz.gz")):
-            topo = read(f, "::10")
+            topo = read_atoms(f, "::10")
             pool.extend(topo[i] for i in _pick(len(topo), per_topo, rng))
         idx = list(range(len(pool)))
         rng.shuffle(idx)
@@ -153,7 +154,7 @@ def prepare(name: str, mode: Mode, out: Path, seed: int) -> dict[str, Any]:
         add("test_id", [pool[i] for i in idx[mode.n_train + mode.n_cal : n_id]])
         ood = []
         for f in sorted(folder.glob("test_topology_*.xyz.gz")):
-            topo = read(f, "::10")
+            topo = read_atoms(f, "::10")
             ood.extend(topo[i] for i in _pick(len(topo), mode.n_ood // 2, rng))
         add("test_ood", ood)
     elif name == "nbody-sizes":  # size extrapolation, as the seed's authors built it

@@ -45,6 +45,33 @@ def test_gzip_and_cache_give_same_structures(ethanol_file: Path, tmp_path: Path)
         assert a.info == c.info
 
 
+def test_compressed_files_are_read_from_memory(ethanol_file: Path, tmp_path: Path) -> None:
+    """``read_atoms`` on .gz/.bz2/.xz gives the frames (and slices) of the plain file; a damaged
+    archive is a DataError naming the file."""
+    import bz2
+    import lzma
+
+    from ase.io import read
+
+    from trustpot.data.reader import read_atoms
+
+    data = ethanol_file.read_bytes()
+    plain = read(ethanol_file, "::2")
+    for suffix, compress in ((".gz", gzip.compress), (".bz2", bz2.compress),
+                             (".xz", lzma.compress)):  # fmt: skip
+        path = tmp_path / f"eth.xyz{suffix}"
+        path.write_bytes(compress(data))
+        got = read_atoms(path, "::2")
+        assert len(got) == len(plain) > 1
+        for a, b in zip(plain, got):
+            assert np.array_equal(a.positions, b.positions)
+            assert np.array_equal(a.get_forces(), b.get_forces())
+    broken = tmp_path / "cut.xyz.gz"
+    broken.write_bytes(gzip.compress(data)[:-20])
+    with pytest.raises(DataError, match=r"cut\.xyz\.gz.*cannot decompress"):
+        read_structures(broken, use_cache=False)
+
+
 def test_units_are_converted(tmp_path: Path) -> None:
     frames = labelled_molecules(2)
     path = write_frames(tmp_path / "f.xyz", frames)

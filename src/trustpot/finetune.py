@@ -179,6 +179,7 @@ class FinetuneOptions:
         "--target 0 unless given) and of the mft replay objective (default 10)",
     )  # fmt: skip
     seed: int = option(0, "seed of the split and shuffling")
+    no_maps: bool = option(False, "leave the t-SNE maps out of the report (they take seconds)")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
     device: str = option("cpu", "torch device (cpu, cuda, cuda:1...)")
 
@@ -365,8 +366,9 @@ def run_finetune(opts: FinetuneOptions, out: str | Path, resume: bool = False) -
 
     Writes ``config.resolved.yaml``, ``split.json``, ``log.txt``, ``finetune.json``,
     ``metrics.csv``, ``best.ckpt`` (kind ``finetuned``), ``last.ckpt`` and the report
-    (``report.json``, ``report.md``, ``tsne_*.png``). With ``resume``, continues the run in
-    ``out`` (same options required) from its ``last.ckpt``, and writes the report again.
+    (``report.json``, ``report.md``, ``tsne_*.png`` unless ``--no-maps``). With ``resume``,
+    continues the run in ``out`` (same options required) from its ``last.ckpt``, and writes
+    the report again.
 
     Raises:
         ConfigError: ``out`` holds a run and ``resume`` is false (or the reverse), other
@@ -572,7 +574,8 @@ def write_report(
     Downstream error on ``valid`` (in domain) and ``test`` (``--test-ood``), with the start
     taken at step 0 (``before`` plus the offsets of ``finetune.json``); forgetting and drift on
     ``replay`` (``--replay``; else ``valid``, against pseudo-labels), forgetting against the
-    replay frames' labels when ``replay_labels`` is ``given``; t-SNE maps. Writes
+    replay frames' labels when ``replay_labels`` is ``given``; t-SNE maps (unless
+    ``--no-maps``). Writes
     ``out/report.json``, ``out/report.md`` and the PNGs; the verdict line goes to the log.
     """
     after = load_model(out / "best.ckpt")
@@ -589,7 +592,8 @@ def write_report(
         before, after, frames, source, emb, replay_labels == "given" and bool(replay), downstream
     )
     report["from"], report["strategy"] = opts.base, opts.strategy
-    report["maps"] = tsne_maps(emb, out, seed=opts.seed)
+    skipped = {"skipped": "not requested (--no-maps)"}
+    report["maps"] = skipped if opts.no_maps else tsne_maps(emb, out, seed=opts.seed)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(report_markdown(report))
     log(f"report: {report['verdict']}")

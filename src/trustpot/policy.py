@@ -300,9 +300,15 @@ class TrustPolicy:
                     "forces_std": "a std method (ensemble, mc-dropout, perturb)",
                     "reliability": "PROBE, or a std method recalibrated with --calibration",
                 }[q.needs]
+                wrap = (
+                    "; wrap the model first: trustpot uq fit METHOD --from MODEL (a checkpoint "
+                    "or a pretrained name such as chgnet)"
+                    if not extra
+                    else ""
+                )
                 raise ConfigError(
                     f"{rule.label}: a model of kind {kind} gives no {q.needs} (it gives "
-                    f"{gives}); {rule.quantity} needs {hint}"
+                    f"{gives}); {rule.quantity} needs {hint}{wrap}"
                 )
             if q.calibrated and not calibrated:
                 raise ConfigError(

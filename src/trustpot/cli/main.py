@@ -218,11 +218,12 @@ def _md(req: MDRequest) -> int:
     except TrustHalt as halt:
         print(json.dumps(halt.stats, indent=1))
         frames = int(halt.stats.get("frames", 0))
-        print(
-            f"trustpot: halted at {halt.event.message()}; trajectory kept: {opts.out} "
-            f"({frames} frames)",
-            file=sys.stderr,
+        kept = (
+            f"trajectory kept: {opts.out} ({frames} frames)"
+            if frames
+            else f"no frame written to {opts.out} (the start frame itself halted)"
         )
+        print(f"trustpot: halted at {halt.event.message()}; {kept}", file=sys.stderr)
         return 3
     print(json.dumps(stats, indent=1))
     return 0

@@ -13,9 +13,13 @@ names to ``arrays``, the others to ``info``).
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.io import iread
+from ase.io.formats import filetype
 
 from trustpot.data.structures import Structure, check_structure
 from trustpot.errors import DataError
@@ -131,9 +136,43 @@ def atoms_to_structure(atoms: Atoms, keys: KeyMap = KeyMap()) -> Structure:
     )
 
 
+#: compressed files ASE reads, by suffix, and how to open them as text
+_DECOMPRESS: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _source(path: Path) -> tuple[Any, str | None]:
+    """What ``ase.io`` parses ``path`` from, and the format to tell it.
+
+    A compressed file is decompressed into memory first: ASE's extended XYZ reader indexes the
+    frames, then seeks back to each, and every backward seek in a gzip stream decompresses
+    from the start (a 1600-frame zeolite file took 36 s to read whole, 0.2 s from memory).
+    """
+    opener = _DECOMPRESS.get(path.suffix)
+    if opener is None:
+        return str(path), None
+    with opener(path, "rt") as handle:
+        text = handle.read()
+    return io.StringIO(text), filetype(str(path), read=False)
+
+
+def read_atoms(path: str | Path, index: str | int = ":") -> list[Atoms]:
+    """``ase.io.read(path, index)`` as a list, fast on compressed files (see :func:`_source`).
+
+    Args:
+        path: any file ``ase.io.read`` understands (``.gz``, ``.bz2``, ``.xz`` too).
+        index: ASE frame selection (``":"``, ``"::10"``, ``3``).
+    """
+    source, fmt = _source(Path(path))
+    return list(iread(source, index=index, format=fmt))
+
+
 def _iterate_frames(path: Path, index: str | int) -> Iterator[tuple[int, Atoms]]:
     frame = -1
-    iterator = iread(str(path), index=index)
+    try:
+        source, fmt = _source(path)
+    except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError) as err:  # a damaged archive
+        raise DataError(str(path), f"cannot decompress: {type(err).__name__}: {err}") from err
+    iterator = iread(source, index=index, format=fmt)
     while True:
         try:
             atoms = next(iterator)
