@@ -128,7 +128,16 @@ def test_force_error_needs_a_recalibrated_std(ethanol_structures: Any) -> None:
     TrustMonitor(TrustPolicy.from_specs(halt=["force-std>0.2"]), atoms)  # the raw std: allowed
 
 
-@pytest.mark.parametrize("kind", ["uq-ensemble", "uq-mc-dropout", "uq-perturb", "uq-probe"])
+WRAPPERS = sorted(p.stem for p in FIXTURES.glob("uq-*.ckpt"))  # one stored file per kind
+
+
+def test_the_fixtures_cover_every_wrapper_kind() -> None:
+    from trustpot.registry import names
+
+    assert {f"uq-{n}" for n in names("uq")} == set(WRAPPERS)
+
+
+@pytest.mark.parametrize("kind", WRAPPERS)
 def test_every_wrapper_kind_evaluates_its_rules(kind: str) -> None:
     atoms = _atoms(kind)
     rules = ["reliability<1"] + ([] if kind == "uq-probe" else ["force-std>1e-9"])
