@@ -43,7 +43,7 @@ lowers the error by itself; the control table repeats everything with the error 
 potential of every run (member 0, the kind of model random selection trains).
 
     python benchmarks/active.py --quick --out /tmp/active-quick     # seconds (CI)
-    python benchmarks/active.py --out benchmarks/results/active     # about an hour, one thread
+    python benchmarks/active.py --out benchmarks/results/active     # 43 min on one shared core
 
 Writes ``OUT/active.json`` (settings, every run's per-round curve, the tables),
 ``OUT/active.md`` and ``OUT/active_curve.png``; paths in them are relative to ``OUT``.
