@@ -325,3 +325,13 @@ def test_the_monitor_works_with_an_optimizer() -> None:
     opt.attach(TrustMonitor(TrustPolicy.from_specs(halt=["force-std>1e-6"]), atoms, opt))
     with pytest.raises(TrustHalt, match=r"^step 0: atom \d+ \("):
         opt.run(fmax=1e-6, steps=5)
+
+
+def test_md_statistics_print_as_valid_json() -> None:
+    """A run halted at its first step has no reliability yet: null, not NaN (invalid JSON)."""
+    import json
+
+    from trustpot.cli.main import _finite_or_null
+
+    text = json.dumps(_finite_or_null({"min_reliability": float("nan"), "steps": 0.0}))
+    assert json.loads(text) == {"min_reliability": None, "steps": 0.0}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import traceback
 import typing
@@ -185,6 +186,11 @@ def _resolve_md(args: argparse.Namespace) -> MDRequest:
     return MDRequest(opts, policy, harvest_file)
 
 
+def _finite_or_null(stats: dict[str, float]) -> dict[str, float | None]:
+    """MD statistics as valid JSON: a value with no meaning yet (NaN) becomes null."""
+    return {k: v if math.isfinite(v) else None for k, v in stats.items()}
+
+
 def _md(req: MDRequest) -> int:
     import json
 
@@ -216,7 +222,7 @@ def _md(req: MDRequest) -> int:
             harvest_file=req.harvest_file,
         )
     except TrustHalt as halt:
-        print(json.dumps(halt.stats, indent=1))
+        print(json.dumps(_finite_or_null(halt.stats), indent=1))
         frames = int(halt.stats.get("frames", 0))
         kept = (
             f"trajectory kept: {opts.out} ({frames} frames)"
@@ -225,7 +231,7 @@ def _md(req: MDRequest) -> int:
         )
         print(f"trustpot: halted at {halt.event.message()}; {kept}", file=sys.stderr)
         return 3
-    print(json.dumps(stats, indent=1))
+    print(json.dumps(_finite_or_null(stats), indent=1))
     return 0
 
 
