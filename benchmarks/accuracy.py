@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-MODELS = ("schnet", "painn", "egnn")
+MODELS = ("schnet", "painn", "egnn", "ace")
 
 
 def prepare_3bpa(out: Path, seed: int = 0) -> Path:
