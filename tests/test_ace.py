@@ -33,7 +33,13 @@ from trustpot.models.ace_blocks import (
 )
 from trustpot.models.base import make_hypers
 from trustpot.models.potential import Potential
-from trustpot.testing import random_rotation
+from trustpot.testing import (
+    check_batch_equals_single,
+    check_forces_finite_difference,
+    check_invariances,
+    check_stress_finite_difference,
+    random_rotation,
+)
 from trustpot.uq.ensemble import MCDropout
 from trustpot.uq.probe import ProbeHypers, fit_probe
 
@@ -174,6 +180,25 @@ def test_correlation_3_differs_from_1_and_contains_it(ethanol_structures: list[S
     torch.testing.assert_close(evaluate(three, s)[K.ENERGY], evaluate(one, s)[K.ENERGY])
 
 
+@pytest.mark.parametrize(
+    "hypers",
+    [{"correlation": 3}, {"correlation": 3, "l_max": 2, "sh_lmax": 3, "n_features": 4}],
+    ids=["correlation3", "lmax2-sh3"],
+)
+def test_contracts_of_other_shapes(
+    hypers: dict[str, int], ethanol_structures: list[Structure], bulk_structures: list[Structure]
+) -> None:
+    """The shared contract checks (run on the default shape in ``test_backbones.py``) on
+    correlation 3 and on l = 2 features with l = 3 spherical harmonics."""
+    model = tiny(ethanol_structures, **hypers)
+    check_invariances(model, ethanol_structures[0])
+    check_forces_finite_difference(model, ethanol_structures[1])
+    check_batch_equals_single(model, ethanol_structures[:3])
+    periodic = tiny(bulk_structures, **hypers)
+    check_invariances(periodic, bulk_structures[0])
+    check_stress_finite_difference(periodic, bulk_structures[0])
+
+
 def test_reflection_invariant(ethanol_structures: list[Structure]) -> None:
     model = tiny(ethanol_structures)
     s = ethanol_structures[3]
@@ -187,7 +212,7 @@ def test_reflection_invariant(ethanol_structures: list[Structure]) -> None:
 # -- hypers, sizes, checkpoints ------------------------------------------------------------------
 def test_sizes_resolve_and_explicit_values_win() -> None:
     small = AceHypers()
-    assert (small.n_features, small.l_max, small.sh_lmax, small.correlation) == (32, 1, 2, 3)
+    assert (small.n_features, small.l_max, small.sh_lmax, small.correlation) == (32, 1, 2, 2)
     medium = make_hypers(AceHypers, {"size": "medium", "n_features": "16"})
     assert isinstance(medium, AceHypers)
     assert (medium.n_features, medium.sh_lmax, medium.n_layers) == (16, 3, 2)

@@ -28,15 +28,18 @@ Sizes (``size`` hyper; any hyper set explicitly wins over the size's value):
 ======  ========  =====  =======  ===========  ======  =====  ============
 size    channels  l_max  sh_lmax  correlation  layers  n_rbf  radial_width
 ======  ========  =====  =======  ===========  ======  =====  ============
-small   32        1      2        3            2       8      64
+small   32        1      2        2            2       8      64
 medium  64        1      3        3            2       8      64
 large   128       2      3        3            2       8      64
 ======  ========  =====  =======  ===========  ======  =====  ============
 
-``small`` is MACE-small's width (32 x 0e + 32 x 1o, correlation 3, 2 interactions) with
-spherical harmonics to ``l = 2`` instead of 3 (``A`` has 9 components per channel instead
-of 16, so the degree-3 products are 165 monomials instead of 816: several times cheaper on a
-CPU, measured in ``docs/backbones.md``); ``medium`` and ``large`` use ``l = 3``.
+``small`` (the default) has MACE-small's width (32 x 0e + 32 x 1o, 2 interactions) with
+correlation 2 and spherical harmonics to ``l = 2``: on one CPU thread it trains about as fast
+as PaiNN, and at an equal 10-minute budget it was more accurate than the same width with
+correlation 3 (which trains 2-2.5x slower) on ethanol and 3BPA, in and out of domain
+(``docs/backbones.md``). MACE-small's shape is ``-o model.hypers.correlation=3`` (with
+``sh_lmax=3`` for MACE's spherical harmonics, 4x slower again). ``medium`` and ``large`` are
+for longer budgets or a GPU; their accuracy has not been measured here.
 
 Kernels are dense matrix products over one feature layout (:mod:`trustpot.models.ace_blocks`),
 so a float64 model gives the same numbers as the mathematics to rounding, and no loop runs
@@ -69,7 +72,7 @@ SIZES: Final[dict[str, dict[str, int]]] = {
         "n_features": 32,
         "l_max": 1,
         "sh_lmax": 2,
-        "correlation": 3,
+        "correlation": 2,
         "n_layers": 2,
         "n_rbf": 8,
         "radial_width": 64,
