@@ -215,8 +215,9 @@ def test_sizes_resolve_and_explicit_values_win() -> None:
     assert (small.n_features, small.l_max, small.sh_lmax, small.correlation) == (32, 1, 2, 2)
     medium = make_hypers(AceHypers, {"size": "medium", "n_features": "16"})
     assert isinstance(medium, AceHypers)
-    assert (medium.n_features, medium.sh_lmax, medium.n_layers) == (16, 3, 2)
-    assert make_hypers(AceHypers, {"size": "large"}).l_max == 2
+    assert (medium.n_features, medium.sh_lmax, medium.correlation) == (16, 2, 3)
+    large = make_hypers(AceHypers, {"size": "large"})
+    assert isinstance(large, AceHypers) and (large.l_max, large.sh_lmax) == (2, 3)
     for bad in ({"size": "huge"}, {"l_max": 3}, {"correlation": 4}, {"l_max": 2, "sh_lmax": 1}):
         with pytest.raises(ConfigError):
             make_hypers(AceHypers, bad)

@@ -29,17 +29,17 @@ Sizes (``size`` hyper; any hyper set explicitly wins over the size's value):
 size    channels  l_max  sh_lmax  correlation  layers  n_rbf  radial_width
 ======  ========  =====  =======  ===========  ======  =====  ============
 small   32        1      2        2            2       8      64
-medium  64        1      3        3            2       8      64
+medium  64        1      2        3            2       8      64
 large   128       2      3        3            2       8      64
 ======  ========  =====  =======  ===========  ======  =====  ============
 
 ``small`` (the default) has MACE-small's width (32 x 0e + 32 x 1o, 2 interactions) with
-correlation 2 and spherical harmonics to ``l = 2``: on one CPU thread it trains about as fast
-as PaiNN, and at an equal 10-minute budget it was more accurate than the same width with
-correlation 3 (which trains 2-2.5x slower) on ethanol and 3BPA, in and out of domain
-(``docs/backbones.md``). MACE-small's shape is ``-o model.hypers.correlation=3`` (with
-``sh_lmax=3`` for MACE's spherical harmonics, 4x slower again). ``medium`` and ``large`` are
-for longer budgets or a GPU; their accuracy has not been measured here.
+correlation 2 and spherical harmonics to ``l = 2``. On one CPU thread it takes 1.3x PaiNN's time
+per epoch. At an equal 10-minute budget it was more accurate, in and out of domain, on ethanol
+and 3BPA than the same width with correlation 3, which trains about 2x slower
+(``docs/backbones.md``). MACE-small's shape is ``-o model.hypers.correlation=3``; add
+``sh_lmax=3`` for MACE's spherical harmonics, which costs another 3.6x. ``medium`` and ``large``
+are for longer budgets or a GPU, and their accuracy has not been measured here.
 
 Kernels are dense matrix products over one feature layout (:mod:`trustpot.models.ace_blocks`),
 so a float64 model gives the same numbers as the mathematics to rounding, and no loop runs
@@ -80,7 +80,7 @@ SIZES: Final[dict[str, dict[str, int]]] = {
     "medium": {
         "n_features": 64,
         "l_max": 1,
-        "sh_lmax": 3,
+        "sh_lmax": 2,
         "correlation": 3,
         "n_layers": 2,
         "n_rbf": 8,
