@@ -231,7 +231,7 @@ class SymmetricProduct(nn.Module):
 
     ``B[n, (l,m), c] = sum_{nu,p} W[z_n, p, c] sum_mono U_{nu,l}[mono, m, p] prod(A[n, mono, c])``.
     The monomials of degree ``nu`` are built from those of degree ``nu - 1`` (one product each)
-    and all degrees are projected by one matrix product; ``U`` comes from
+    and each degree is projected by one matrix product; ``U`` comes from
     :func:`symmetric_basis`. With ``A`` a sum over neighbours, degree ``nu`` makes
     ``(nu + 1)``-body features.
 
