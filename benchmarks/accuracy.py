@@ -26,7 +26,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-MODELS = ("schnet", "painn", "egnn")
+MODELS = ("schnet", "painn", "egnn", "ace")
+
+
+def model_spec(text: str) -> tuple[str, list[str]]:
+    """``"ace:correlation=2,n_features=64"`` -> ``("ace", ["-o", "model.hypers.correlation=2",
+    ...])``: a backbone with hyper-parameters set, for variants of one backbone side by side."""
+    name, _, hypers = text.partition(":")
+    if name not in MODELS:
+        raise SystemExit(f"unknown model '{name}' in '{text}'; known: {', '.join(MODELS)}")
+    overrides: list[str] = []
+    for item in filter(None, hypers.split(",")):
+        if "=" not in item:
+            raise SystemExit(f"'{item}' in '{text}' must look like key=value")
+        overrides += ["-o", f"model.hypers.{item}"]
+    return name, overrides
 
 
 def prepare_3bpa(out: Path, seed: int = 0) -> Path:
@@ -69,7 +83,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget per run")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        help=f"backbones ({', '.join(MODELS)}), each optionally with hypers: ace:correlation=2",
+    )
     parser.add_argument(
         "--datasets", nargs="+", default=["ethanol", "3bpa"], choices=["ethanol", "3bpa"]
     )
@@ -83,6 +102,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy")
     args = parser.parse_args()
+    for spec in args.models:
+        model_spec(spec)
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} not found: the shared datasets must sit beside the checkout")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -120,8 +141,10 @@ def main() -> None:
     def one(dataset: str, model: str) -> None:
         train, tests = tasks[dataset]
         name = f"{dataset}/{model}"
-        run_dir = args.out / dataset / model
-        log = args.out / f"{dataset}_{model}.log"
+        backbone, hypers = model_spec(model)
+        folder = model.replace(":", "_").replace(",", "_")  # no ':' (split syntax) in paths
+        run_dir = args.out / dataset / folder
+        log = args.out / f"{dataset}_{folder}.log"
         start = time.time()
         print(f"{name}: training for {args.minutes} min", flush=True)
         resume = ["--resume"] if (run_dir / "last.ckpt").exists() else []
@@ -132,7 +155,7 @@ def main() -> None:
                 "--train",
                 train,
                 "--model",
-                model,
+                backbone,
                 "--max-minutes",
                 str(args.minutes),
                 "--seed",
@@ -141,6 +164,7 @@ def main() -> None:
                 str(run_dir),
                 "-o",
                 f"train.threads={args.threads}",
+                *hypers,
                 *resume,
             ],
             log,
@@ -179,7 +203,7 @@ def write_table(results: dict, path: Path, echo: bool = True) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in sorted(results["runs"].items()):
-        dataset, model = name.split("/")
+        dataset, model = name.split("/", 1)
         for test_name, m in entry.items():
             if not isinstance(m, dict):
                 continue

@@ -75,7 +75,7 @@ def main() -> None:
         "cpu_threads": torch.get_num_threads(),
     }
     models: dict[str, Any] = {}
-    for backbone in ("schnet", "painn", "egnn", "deepset-moe"):
+    for backbone in ("schnet", "painn", "egnn", "deepset-moe", "ace"):
         models[backbone] = build_potential(backbone, {}, structures, dtype="float64")
     models["scale-mixture (Ewald)"] = build_scale_mixture(structures, dtype="float64")
     models["perturbed painn"] = PerturbedPotential(models["painn"], n_samples=4)

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 MACE_VENV = REPO / "benchmarks" / ".mace-venv"
 TORCH_PIN = "torch==2.13.0"
 NOT_MEASURED = "not measured (run with --install-mace)"
-TRUSTPOT_MODELS = ("painn", "schnet", "egnn")
+TRUSTPOT_MODELS = ("painn", "schnet", "egnn", "ace")
 CUTOFF = 5.0
 
 

@@ -22,7 +22,7 @@ from trustpot.testing import (
     check_stress_finite_difference,
 )
 
-BACKBONES = ["schnet", "painn", "egnn"]
+BACKBONES = ["schnet", "painn", "egnn", "ace"]
 TINY = {"n_features": 8, "n_layers": 2, "cutoff": 4.0}
 
 

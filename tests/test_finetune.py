@@ -51,7 +51,7 @@ def check_partition(model: Model) -> list[str]:
     return [name for name, _ in groups]
 
 
-@pytest.mark.parametrize("backbone", ["schnet", "painn", "egnn", "deepset-moe"])
+@pytest.mark.parametrize("backbone", ["schnet", "painn", "egnn", "deepset-moe", "ace"])
 def test_potential_layer_groups(backbone: str, ethanol_structures: list[Structure]) -> None:
     hypers = {"cutoff": 4.0, "n_features": 8, "n_layers": 3}
     model = build_potential(backbone, hypers, ethanol_structures[:4])

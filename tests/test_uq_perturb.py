@@ -59,7 +59,7 @@ def moved(s: Structure, positions: np.ndarray, order: np.ndarray | None = None) 
     return Structure(numbers.copy(), np.array(pos), s.cell.copy(), s.pbc.copy())
 
 
-@pytest.mark.parametrize("name", ["egnn", "schnet", "painn"])
+@pytest.mark.parametrize("name", ["egnn", "schnet", "painn", "ace"])
 def test_zero_init_is_the_base_then_samples_differ(
     name: str, ethanol_structures: list[Structure]
 ) -> None:
@@ -113,7 +113,7 @@ def test_each_sample_is_conservative(ethanol_structures: list[Structure]) -> Non
     assert not np.allclose(forces[:, 0], forces[:, 1]), "samples should be distinct functions"
 
 
-@pytest.mark.parametrize("name", ["egnn", "schnet", "painn"])
+@pytest.mark.parametrize("name", ["egnn", "schnet", "painn", "ace"])
 def test_samples_invariant_and_equivariant(name: str, ethanol_structures: list[Structure]) -> None:
     s = ethanol_structures[2]
     model = randomise(PerturbedPotential(tiny_base(name, ethanol_structures), n_samples=4))

@@ -58,7 +58,7 @@ class ModelConfig:
     """Which model.
 
     Attributes:
-        name: backbone (``schnet``, ``painn``, ``egnn``).
+        name: backbone (``schnet``, ``painn``, ``egnn``, ``ace``, ``deepset-moe``).
         dtype: ``float32`` or ``float64``.
         hypers: backbone hyper-parameters (see ``trustpot config show``).
         head_dropout: dropout in the energy head (needed by MC dropout).

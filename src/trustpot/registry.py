@@ -44,6 +44,7 @@ _BUILTIN: Final[dict[str, dict[str, str]]] = {
         "schnet": "trustpot.models.schnet:SchNet",
         "painn": "trustpot.models.painn:PaiNN",
         "egnn": "trustpot.models.egnn:EGNN",
+        "ace": "trustpot.models.ace:Ace",
         "deepset-moe": "trustpot.models.deepset_moe:DeepSetMoE",
     },
     "model": {
