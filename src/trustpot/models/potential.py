@@ -203,9 +203,15 @@ class Potential(Model):
         float64, so total energies of large molecules keep their precision in float32 models.
         """
         emb = self.backbone(g)
-        raw = self.head(g, emb)
+        return self.energies_from_raw(self.head(g, emb), g), emb
+
+    def energies_from_raw(self, raw: Tensor, g: Graph) -> Tensor:
+        """Per-atom energies in eV (float64) from the head's dimensionless output ``raw``:
+        [n_atoms], or [n_atoms, M] for M samples of the head (the same scale, shift and
+        reference energies for every sample)."""
         learned = raw * self.energy_scale.to(raw.dtype) + self.energy_shift.to(raw.dtype)
-        return learned.double() + self.reference_energies[g[K.ATOMIC_NUMBERS]], emb
+        e0 = self.reference_energies[g[K.ATOMIC_NUMBERS]]
+        return learned.double() + (e0.unsqueeze(1) if raw.dim() == 2 else e0)
 
     def forward(
         self, g: Graph, outputs: Iterable[str] = DEFAULT_OUTPUTS, create_graph: bool | None = None

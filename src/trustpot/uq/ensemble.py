@@ -189,26 +189,34 @@ class MCDropout(UQModel):
             if isinstance(m, nn.Dropout):
                 m.train(on)
 
+    def _dropout_layers(self) -> list[nn.Dropout]:
+        return [m for m in self.base.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+
+    def _keep(self, local: Tensor, sample: int, index: int, width: int, p: float) -> Tensor:
+        """[n_atoms, width] bool keep-mask of sample ``sample`` on dropout layer ``index``: a
+        fixed function of (eval_seed, sample, layer, the atom's index ``local`` within its
+        structure)."""
+        seed = (int(self.eval_seed or 0) * 1_000_003 + sample * 7919 + index) % (2**62)
+        gen = torch.Generator().manual_seed(seed)
+        n_local = int(local.max()) + 1 if local.numel() else 0
+        table = torch.rand((n_local, width), generator=gen, dtype=torch.float64)
+        return table[local] >= p
+
     def _seeded_masks(self, g: Graph, sample: int) -> list[RemovableHandle]:
         """Hooks that apply sample ``sample``'s fixed masks on every (eval-mode) dropout layer.
 
         The mask of an atom depends on its index within its structure, never on the batch.
         """
         local = _local_index(g)
-        n_local = int(local.max()) + 1 if local.numel() else 0
         handles = []
-        layers = [m for m in self.base.modules() if isinstance(m, nn.Dropout) and m.p > 0]
-        for index, layer in enumerate(layers):
-            seed = (int(self.eval_seed or 0) * 1_000_003 + sample * 7919 + index) % (2**62)
+        for index, layer in enumerate(self._dropout_layers()):
             p = float(layer.p)
 
             def hook(
-                mod: nn.Module, args: tuple[Tensor, ...], out: Tensor, s: int = seed, p: float = p
+                mod: nn.Module, args: tuple[Tensor, ...], out: Tensor, i: int = index, p: float = p
             ) -> Tensor:
-                gen = torch.Generator().manual_seed(s)
-                table = torch.rand((n_local, out.shape[-1]), generator=gen, dtype=torch.float64)
-                keep = (table[local] >= p).to(out.device, out.dtype)
-                return out * keep / (1.0 - p)
+                keep = self._keep(local, sample, i, out.shape[-1], p)
+                return out * keep.to(out.device, out.dtype) / (1.0 - p)
 
             handles.append(layer.register_forward_hook(hook))
         return handles
@@ -218,7 +226,7 @@ class MCDropout(UQModel):
         one backbone pass (:meth:`_predict_shared`)."""
         head = getattr(self.base.head, "mlp", None)
         inside = {id(m) for m in head.modules()} if isinstance(head, nn.Sequential) else set()
-        layers = [m for m in self.base.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        layers = self._dropout_layers()
         return isinstance(self.base.head, EnergyHead) and all(id(m) in inside for m in layers)
 
     def _masks(self, g: Graph, layer: nn.Dropout, index: int, width: int, x: Tensor) -> Tensor:
@@ -229,13 +237,7 @@ class MCDropout(UQModel):
             keep = torch.rand((self.n_samples, x.shape[-2], width), device=x.device) >= p
             return keep.to(x.dtype) / (1.0 - p)
         local = _local_index(g)
-        n_local = int(local.max()) + 1 if local.numel() else 0
-        masks = []
-        for k in range(self.n_samples):
-            seed = (int(self.eval_seed or 0) * 1_000_003 + k * 7919 + index) % (2**62)
-            gen = torch.Generator().manual_seed(seed)
-            table = torch.rand((n_local, width), generator=gen, dtype=torch.float64)
-            masks.append(table[local] >= p)
+        masks = [self._keep(local, k, index, width, p) for k in range(self.n_samples)]
         return torch.stack(masks).to(x.device, x.dtype) / (1.0 - p)
 
     def _predict_shared(self, g: Graph, wanted: frozenset[str]) -> dict[str, Tensor]:
@@ -256,9 +258,7 @@ class MCDropout(UQModel):
                 elif not isinstance(module, nn.Dropout):
                     x = module(x)
             raw = x.squeeze(-1).transpose(0, 1)  # [n_atoms, M]
-            learned = raw * base.energy_scale.to(raw.dtype) + base.energy_shift.to(raw.dtype)
-            e0 = base.reference_energies[graph[K.ATOMIC_NUMBERS]]
-            return learned.double() + e0.unsqueeze(1), emb
+            return base.energies_from_raw(raw, graph), emb
 
         return compute_outputs(node_energies, g, wanted, create_graph=False)
 

@@ -80,13 +80,21 @@ def last_layer(base: Potential, what: str = "LLPR") -> tuple[nn.Sequential, nn.L
     return below, last
 
 
+def _scaled(base: Potential, f: Tensor) -> Tensor:
+    """[n_atoms, H] float64 ``scale * f_i``: each atom's share of its structure feature."""
+    return f.detach().double() * base.energy_scale.double()
+
+
+def _summed(f_scaled: Tensor, g: Graph) -> Tensor:
+    """[n_graphs, H] ``phi``: the scaled atom features summed per structure."""
+    return scatter_sum(f_scaled, g[K.BATCH], int(g[K.N_ATOMS].shape[0]))
+
+
 def structure_features(base: Potential, g: Graph) -> Tensor:
     """[n_graphs, H] float64 ``phi = scale * sum_i f_i`` of each structure (no gradients)."""
     below, _ = last_layer(base)
     with torch.no_grad():
-        f = below(base.backbone(g)["node"])
-        n = int(g[K.N_ATOMS].shape[0])
-        return scatter_sum(f.double(), g[K.BATCH], n) * base.energy_scale.double()
+        return _summed(_scaled(base, below(base.backbone(g)["node"])), g)
 
 
 def _features_and_energies(
@@ -175,6 +183,11 @@ class LLPR(UQModel):
             out -= {K.ENERGY_SAMPLES, K.FORCES_SAMPLES}
         return out
 
+    def _energy_std(self, f_scaled: Tensor, g: Graph) -> Tensor:
+        """[n_graphs] exact ``sqrt(phi^T Sigma phi)``, eV."""
+        phi = _summed(f_scaled, g)
+        return torch.einsum("gh,hk,gk->g", phi, self.covariance, phi).sqrt()
+
     def _predict_local(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
         """One model's pass; per-atom energy-contribution std as the force-std score."""
         base = self.base
@@ -189,11 +202,10 @@ class LLPR(UQModel):
         wanted = frozenset(outputs & {K.STRESS, K.VIRIAL, K.NODE_ENERGY}) | {K.ENERGY, K.FORCES}
         out = {k: v.detach() for k, v in compute_outputs(node_energies, g, wanted, False).items()}
         with torch.no_grad():
-            f = below(seen["node"]).double() * base.energy_scale.double()  # [n_atoms, H]
+            f = _scaled(base, below(seen["node"]))  # [n_atoms, H]
             var = torch.einsum("ah,hk,ak->a", f, self.covariance, f)
             out[K.FORCES_STD] = var.clamp_min(0.0).sqrt()
-            phi = scatter_sum(f, g[K.BATCH], int(g[K.N_ATOMS].shape[0]))
-            out[K.ENERGY_STD] = torch.einsum("gh,hk,gk->g", phi, self.covariance, phi).sqrt()
+            out[K.ENERGY_STD] = self._energy_std(f, g)
         return out
 
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
@@ -202,23 +214,22 @@ class LLPR(UQModel):
         base = self.base
         below, last = last_layer(base)
         dtype = base.dtype
+        seen: dict[str, Tensor] = {}
 
         def node_energies(graph: Graph) -> tuple[Tensor, Embedding]:
             emb = base.backbone(graph)
             f = below(emb["node"])  # [n_atoms, H]
+            seen["f"] = f
             w = last.weight.T.to(dtype)  # [H, 1]
             weights = torch.cat([w, w + self.deltas.to(dtype)], dim=1)  # [H, 1 + M]
             raw = f @ weights + (last.bias.to(dtype) if last.bias is not None else 0.0)
-            learned = raw * base.energy_scale.to(dtype) + base.energy_shift.to(dtype)
-            e0 = base.reference_energies[graph[K.ATOMIC_NUMBERS]]
-            return learned.double() + e0.unsqueeze(1), emb
+            return base.energies_from_raw(raw, graph), emb
 
         wanted = frozenset(outputs & {K.STRESS, K.VIRIAL, K.NODE_ENERGY}) | {K.ENERGY, K.FORCES}
         out = {k: v.detach() for k, v in compute_outputs(node_energies, g, wanted, False).items()}
         energies, forces = out[K.ENERGY][:, 1:], out[K.FORCES][:, 1:]
         result = {k: v[:, 0] for k, v in out.items()}  # the trained model's own prediction
-        phi = structure_features(base, g)
-        result[K.ENERGY_STD] = torch.einsum("gh,hk,gk->g", phi, self.covariance, phi).sqrt()
+        result[K.ENERGY_STD] = self._energy_std(_scaled(base, seen["f"]), g)
         result[K.FORCES_STD] = forces.var(dim=1, unbiased=True).mean(dim=-1).sqrt()
         if K.ENERGY_SAMPLES in outputs:
             result[K.ENERGY_SAMPLES] = energies

@@ -105,9 +105,7 @@ class ShallowEnsemble(UQModel):
         below, _ = last_layer(base, "a shallow ensemble")
         emb = base.backbone(graph)
         raw = self.heads(below(emb["node"]))  # [n_atoms, M]
-        learned = raw * base.energy_scale.to(raw.dtype) + base.energy_shift.to(raw.dtype)
-        e0 = base.reference_energies[graph[K.ATOMIC_NUMBERS]]
-        return learned.double() + e0.unsqueeze(1), emb
+        return base.energies_from_raw(raw, graph), emb
 
     def sample(self, g: Graph, create_graph: bool) -> tuple[Tensor, Tensor]:
         """Every head's ``energy`` [n_graphs, M] (eV) and ``forces`` [n_atoms, M, 3] (eV/Å)."""
