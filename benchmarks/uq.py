@@ -221,6 +221,9 @@ def run_dataset(
     from trustpot.uq.report import headline, uq_metrics
     from trustpot.uq.shallow import fit_shallow_ensemble
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import uq_cost  # the one-at-a-time timing (benchmarks/uq_cost.py)
+
     torch.set_num_threads(threads)
     mode = MODES[mode_name]
     out = Path(out_root) / name
@@ -390,35 +393,11 @@ def run_dataset(
     for method in METHODS:
         if method not in md_cost:
             model = Predictor(load_model(ckpts[method], UQModel))
-            md_cost[method] = one_by_one_cost(model, plain, sets[first_test][:20])
+            md_cost[method] = uq_cost.md_cost(model, plain, sets[first_test][:20])
             md_path.write_text(json.dumps(md_cost, indent=1))
     for row in rows:
         row["md_cost"] = md_cost[row["method"]]
     return rows
-
-
-def one_by_one_cost(model: Any, plain: Any, structures: list[Any], repeats: int = 3) -> float:
-    """Median over ``structures`` of (seconds of ``model``) / (seconds of ``plain``) for one
-    structure at a time, each timed ``repeats`` times alternately (the best of each); the
-    model is asked for its uncertainty (``forces_std`` and/or ``reliability``) as MD with a
-    trust policy asks."""
-    from trustpot import keys as K
-
-    have = model.supported_outputs()
-    wanted = {"model": [K.ENERGY, K.FORCES, *sorted(have & {K.FORCES_STD, K.RELIABILITY})]}
-    wanted["plain"] = [K.ENERGY, K.FORCES]
-    ratios = []
-    for s in structures:
-        model.predict_structures([s], wanted["model"], source="timing")  # warm caches
-        plain.predict_structures([s], wanted["plain"], source="timing")
-        best = {"model": math.inf, "plain": math.inf}
-        for _ in range(repeats):
-            for key, predictor in (("model", model), ("plain", plain)):
-                t0 = time.perf_counter()
-                predictor.predict_structures([s], wanted[key], source="timing")
-                best[key] = min(best[key], time.perf_counter() - t0)
-        ratios.append(best["model"] / best["plain"])
-    return float(np.median(ratios))
 
 
 # -- table ----------------------------------------------------------------------------------

@@ -82,35 +82,42 @@ def _seconds(predictor: Any, structures: Sequence[Any], outputs: list[str]) -> f
     return time.perf_counter() - t0
 
 
+def md_cost(model: Any, plain: Any, structures: Sequence[Any], repeats: int = 3) -> float:
+    """Median over ``structures`` of (seconds of ``model``) / (seconds of ``plain``), two
+    :class:`~trustpot.calculator.Predictor`, one structure per call as MD runs, each timed
+    ``repeats`` times alternately (the best of each, after a warm-up); the model is asked for
+    its uncertainty (``forces_std`` and/or ``reliability``) as MD with a trust policy asks."""
+    m_out, p_out = _outputs(model), _outputs(plain)
+    ratios = []
+    for s in structures:
+        _seconds(model, [s], m_out)  # warm-up for this size
+        _seconds(plain, [s], p_out)
+        best = {"m": math.inf, "p": math.inf}
+        for _ in range(repeats):
+            best["m"] = min(best["m"], _seconds(model, [s], m_out))
+            best["p"] = min(best["p"], _seconds(plain, [s], p_out))
+        ratios.append(best["m"] / best["p"])
+    return statistics.median(ratios)
+
+
 def measure(structures: Sequence[Any], cutoff: float, md_frames: int = 20) -> dict[str, Any]:
     """Cost ratios of every method (see the module docstring) on ``structures``."""
     from trustpot.calculator import Predictor
 
     models = build_wrappers(structures, cutoff)
     predictors = {k: Predictor(m, batch_size=16) for k, m in models.items()}
-    outputs = {k: _outputs(m) for k, m in models.items()}
     rows: dict[str, Any] = {}
     plain = predictors["plain"]
     for method in METHODS:
         model = predictors[method]
-        ratios = []
-        for s in structures[:md_frames]:
-            _seconds(model, [s], outputs[method])  # warm-up for this size
-            _seconds(plain, [s], outputs["plain"])
-            best = {"m": math.inf, "p": math.inf}
-            for _ in range(3):
-                best["m"] = min(best["m"], _seconds(model, [s], outputs[method]))
-                best["p"] = min(best["p"], _seconds(plain, [s], outputs["plain"]))
-            ratios.append(best["m"] / best["p"])
         batch = {"m": math.inf, "p": math.inf}
         for _ in range(3):
-            batch["m"] = min(batch["m"], _seconds(model, structures, outputs[method]))
-            batch["p"] = min(batch["p"], _seconds(plain, structures, outputs["plain"]))
+            batch["m"] = min(batch["m"], _seconds(model, structures, _outputs(model)))
+            batch["p"] = min(batch["p"], _seconds(plain, structures, _outputs(plain)))
         rows[method] = {
-            "md": statistics.median(ratios),
+            "md": md_cost(model, plain, structures[:md_frames]),
             "batch": batch["m"] / batch["p"],
-            "plain_md_ms": 1e3 * best["p"],
-            "outputs": outputs[method],
+            "outputs": _outputs(model),
         }
     return {"frames": len(structures), "md_frames": min(md_frames, len(structures)), "rows": rows}
 
