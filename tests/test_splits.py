@@ -9,7 +9,13 @@ import pytest
 
 from trustpot.cli.main import main
 from trustpot.data.reader import read_structures
-from trustpot.data.splits import make_split, read_manifest_subset, write_manifest
+from trustpot.data.splits import (
+    data_sha256,
+    make_split,
+    read_data,
+    read_manifest_subset,
+    write_manifest,
+)
 from trustpot.errors import ConfigError, DataError
 
 
@@ -42,6 +48,23 @@ def test_manifest_refuses_modified_file(ethanol_file: Path, tmp_path: Path) -> N
     data.write_text(data.read_text().replace("config_type=odd", "config_type=ODD", 1))
     with pytest.raises(DataError, match="changed since the split was made"):
         read_manifest_subset(f"{tmp_path / 'split.json'}:test")
+
+
+def test_several_specs_joined_by_commas(ethanol_file: Path, tmp_path: Path) -> None:
+    structures = read_structures(ethanol_file)
+    subsets = make_split(structures, "random", sizes={"train": 5, "test": 3})
+    manifest = tmp_path / "split.json"
+    write_manifest(ethanol_file, subsets, "random", 0, {}, manifest)
+    both = read_data(f"{manifest}:test,{ethanol_file}")
+    assert len(both) == 3 + len(structures)
+    assert [s.energy for s in both[:3]] == [structures[i].energy for i in subsets["test"]]
+    assert data_sha256(f"{manifest}:test,{ethanol_file}")[0] is None
+    assert len(str(data_sha256(f"{manifest}:test,{ethanol_file}")[1])) == 64
+    with pytest.raises(ConfigError, match="empty entry"):
+        read_data(f"{ethanol_file},,{ethanol_file}")
+    comma_named = tmp_path / "a,b.xyz"  # an existing path is never split
+    comma_named.write_bytes(ethanol_file.read_bytes())
+    assert len(read_data(str(comma_named))) == len(structures)
 
 
 def test_cli_split_then_train_and_eval(ethanol_file: Path, tmp_path: Path) -> None:

@@ -26,11 +26,17 @@ def add_training_flags(p: argparse.ArgumentParser, with_config: bool = True) -> 
     """Data, model and training flags plus ``-o KEY=VALUE`` overrides."""
     if with_config:
         p.add_argument("config", nargs="?", help="YAML config (sections data, model, train)")
-    p.add_argument("--train", help="training data file (any ASE format) or split.json:SUBSET")
-    p.add_argument("--valid", help="validation data file or split.json:SUBSET")
+    p.add_argument(
+        "--train",
+        help="training data file (any ASE format) or split.json:SUBSET; several joined by "
+        "commas: a.xyz,b.xyz.gz,split.json:train",
+    )
+    p.add_argument("--valid", help="validation data file or split.json:SUBSET (commas: several)")
     p.add_argument("--valid-fraction", type=float, help="share of --train held out (default 0.05)")
     p.add_argument("--isolated-atoms", help="file of isolated-atom energies (else least squares)")
-    p.add_argument("--model", help="backbone: schnet, painn, egnn or deepset-moe (default painn)")
+    p.add_argument(
+        "--model", help="backbone: schnet, painn, egnn, ace or deepset-moe (default painn)"
+    )
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--max-minutes", type=float, help="wall-clock budget in minutes")
     p.add_argument("--epochs", type=int, help="maximum epochs")

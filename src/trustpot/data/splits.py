@@ -317,10 +317,35 @@ def read_manifest_subset(
     return [structures[int(i)] for i in indices]
 
 
+def data_parts(spec: str) -> list[str]:
+    """The parts of a data spec: ``"a.xyz,split.json:train"`` -> ``["a.xyz", "split.json:train"]``.
+
+    A spec naming one existing path is never split (a file name may contain a comma).
+
+    Raises:
+        ConfigError: on an empty part (``"a.xyz,,b.xyz"``).
+    """
+    if "," not in spec or Path(spec).exists():
+        return [spec]
+    parts = [part.strip() for part in spec.split(",")]
+    if not all(parts):
+        raise ConfigError(f"data spec '{spec}' has an empty entry between commas")
+    return parts
+
+
+def data_sha256(spec: str) -> list[str | None]:
+    """SHA-256 of each data file of ``spec`` (None for a manifest part: it records its own)."""
+    return [None if is_manifest_spec(p) else file_sha256(p) for p in data_parts(spec)]
+
+
 def read_data(
     spec: str, keys: KeyMap = DEFAULT_KEYS, require: Sequence[str] = ("energy", "forces")
 ) -> list[Structure]:
-    """A data file or a manifest subset (``split.json:train``)."""
+    """A data file, a manifest subset (``split.json:train``), or several of either joined by
+    commas (``a.xyz,b.xyz.gz,split.json:train``: their frames in that order)."""
+    parts = data_parts(spec)
+    if len(parts) > 1:
+        return [s for part in parts for s in read_data(part, keys, require)]
     if is_manifest_spec(spec):
         return read_manifest_subset(spec, keys, require)
     return read_structures(spec, keys, require)

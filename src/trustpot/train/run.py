@@ -17,8 +17,8 @@ import torch
 
 from trustpot.config import ModelConfig, RunConfig, config_to_dict, dump_config
 from trustpot.data.dataset import GraphDataset
-from trustpot.data.reader import KeyMap, file_sha256, read_structures
-from trustpot.data.splits import is_manifest_spec, read_data
+from trustpot.data.reader import KeyMap, read_structures
+from trustpot.data.splits import data_sha256, read_data
 from trustpot.data.stats import isolated_atom_energies
 from trustpot.data.structures import Structure, check_species
 from trustpot.errors import ConfigError
@@ -170,9 +170,7 @@ def run_training(cfg: RunConfig, out: str | Path, resume: bool = False) -> Train
             json.dumps(
                 {
                     "train_file": str(cfg.data.train),
-                    "train_sha256": None
-                    if is_manifest_spec(cfg.data.train)
-                    else file_sha256(cfg.data.train),
+                    "train_sha256": data_sha256(cfg.data.train),
                     "seed": cfg.train.seed,
                     "train_indices": train_idx,
                     "valid_indices": val_idx,
