@@ -59,6 +59,7 @@ from ase import Atoms
 from ase.io import read, write
 
 from trustpot import keys as K
+from trustpot.bench.paths import bond_stretch, torsion_scan
 from trustpot.calculator import CALCULATOR_OUTPUTS, Predictor, TrustpotCalculator
 from trustpot.config import load_config
 from trustpot.data.reader import atoms_to_structure, file_sha256
@@ -163,36 +164,18 @@ def _bonded(atoms: Atoms, i: int, z: int) -> int:
 
 
 def stretch_path(start: Atoms, n: int, extra: float = 1.2) -> tuple[list[Atoms], list[float]]:
-    """The C-O bond pulled by 0..``extra`` Å (O and its H move together); coordinate: r(C-O)."""
+    """The C-O bond pulled by 0..``extra`` Å (O and its H move together, the smaller side of
+    the bond); coordinate: r(C-O)."""
     o = int(np.flatnonzero(start.numbers == 8)[0])
-    c, h = _bonded(start, o, 6), _bonded(start, o, 1)
-    axis = start.positions[o] - start.positions[c]
-    r0 = float(np.linalg.norm(axis))
-    frames, coords = [], []
-    for d in np.linspace(0.0, extra, n):
-        a = Atoms(numbers=start.numbers, positions=start.positions.copy())
-        a.positions[[o, h]] += d * axis / r0
-        frames.append(a)
-        coords.append(r0 + float(d))
-    return frames, coords
+    return bond_stretch(start, (_bonded(start, o, 6), o), n, extra)
 
 
 def torsion_path(start: Atoms, n: int) -> tuple[list[Atoms], list[float]]:
-    """The methyl group rotated about the C-C bond by 0..360 degrees; coordinate: degrees."""
+    """The methyl group (the smaller side of the C-C bond) rotated about the C-C bond by
+    0..360 degrees; coordinate: degrees."""
     o = int(np.flatnonzero(start.numbers == 8)[0])
     c1 = _bonded(start, o, 6)
-    c2 = _bonded(start, c1, 6)
-    d = np.linalg.norm(start.positions - start.positions[c2], axis=1)
-    methyl = [c2, *[int(i) for i in np.flatnonzero((start.numbers == 1) & (d < 1.3))]]
-    frames, coords = [], []
-    for angle in np.linspace(0.0, 360.0, n + 1)[:-1]:
-        a = Atoms(numbers=start.numbers, positions=start.positions.copy())
-        a.rotate(angle, start.positions[c2] - start.positions[c1], center=start.positions[c1])
-        b = Atoms(numbers=start.numbers, positions=start.positions.copy())
-        b.positions[methyl] = a.positions[methyl]
-        frames.append(b)
-        coords.append(float(angle))
-    return frames, coords
+    return torsion_scan(start, (c1, _bonded(start, c1, 6)), n)
 
 
 class _Broken(Exception):
