@@ -54,7 +54,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy_report import curve_rows, plot_curves, score_run, write_report  # noqa: E402
+from accuracy_report import curve_rows, plot_curves, plot_probes, score_run, write_report  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 MACE_PYTHON = ROOT / "benchmarks" / ".mace-venv" / "bin" / "python"
@@ -249,7 +249,8 @@ def frame_sets(spec: str) -> list[list[Any]]:
 def portable(value: Any, out: Path) -> Any:
     """``value`` with this machine's paths replaced: ``OUT/...`` and ``../shared/...``."""
     text = json.dumps(value)
-    for path, name in ((out.resolve(), "OUT"), (out, "OUT"), (ROOT.parent.resolve(), "..")):
+    shared = ROOT.parent.resolve() / "shared"
+    for path, name in ((shared, "../shared"), (out.resolve(), "OUT"), (out, "OUT")):
         text = text.replace(str(path), name)
     return json.loads(text)
 
@@ -458,6 +459,8 @@ def main() -> None:
                 job.result()
     for t in tasks.values():
         plot_curves(results, t.name, args.out / f"curves_{t.name}.png")
+        if t.probes:
+            plot_probes(results, t.name, Path(t.probes), args.out / f"probes_{t.name}.png")
     (args.out / "accuracy.json").write_text(json.dumps(results, indent=1))
     print(write_report(results, args.out / "accuracy.md"))
 

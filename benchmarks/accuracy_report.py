@@ -163,7 +163,7 @@ def probe_rows(results: Mapping[str, Any]) -> list[str]:
                 f"| {phase} | {task} | {model} | {name} | {e['n_points']} | "
                 f"{_fmt(e['relative_rmse'])} | {_fmt(e['relative_max_error'])} | "
                 f"{e['reference_barrier']:.3f} | {e['predicted_barrier']:.3f} | "
-                f"{_fmt(e['forces_mae'])} |"
+                f"{_fmt(e['force_mae'])} |"
             )
     return lines
 
@@ -219,6 +219,20 @@ def write_report(results: Mapping[str, Any], path: Path) -> str:
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def plot_probes(results: Mapping[str, Any], task: str, probes: Path, path: Path) -> None:
+    """Reference and predicted relative energies along every probe path (budget runs)."""
+    from trustpot.bench.paths import plot_paths, read_paths
+
+    paths = read_paths(probes)
+    predictions = {
+        key.split("/", 2)[2]: [np.array(run["probes"][p.name]["predicted"]) for p in paths]
+        for key, run in sorted(results["runs"].items())
+        if key.startswith(f"budget/{task}/") and run.get("probes")
+    }
+    if predictions:
+        plot_paths(paths, predictions, path)
 
 
 def plot_curves(results: Mapping[str, Any], task: str, path: Path) -> None:
