@@ -69,7 +69,11 @@ class MaceSpec:
         return " + ".join(f"{self.channels}x{parity[lv]}" for lv in range(self.max_L + 1))
 
 
-MACE_CONFIGS = (MaceSpec("mace-128x1o", 128, 1), MaceSpec("mace-64x0e", 64, 0))
+MACE_CONFIGS = (
+    MaceSpec("mace-128x1o", 128, 1),
+    MaceSpec("mace-64x0e", 64, 0),
+    MaceSpec("mace-small", 32, 1),  # MACE-small of benchmarks/accuracy.py (32x0e + 32x1o)
+)
 
 
 @dataclass(frozen=True)
