@@ -397,9 +397,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
         },
         "sizes": asdict(sz),
-        "tasks": {
-            n: {k: v for k, v in asdict(t).items() if k != "sizes"} for n, t in tasks.items()
-        },
+        "tasks": {name: portable(asdict(task), args.out) for name, task in tasks.items()},
         "runs": {},
     }
 
