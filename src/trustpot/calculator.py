@@ -16,10 +16,22 @@ from typing import Any
 import numpy as np
 import torch
 from ase import Atoms
-from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.calculators.calculator import (
+    Calculator,
+    PropertyNotImplementedError,
+    all_changes,
+    compare_atoms,
+)
 
 from trustpot import keys as K
-from trustpot.data.graph import PairSource, collate, structure_to_graph, to_device
+from trustpot.data.graph import (
+    Graph,
+    PairSource,
+    collate,
+    edge_tensors,
+    structure_to_graph,
+    to_device,
+)
 from trustpot.data.neighbors import VerletNeighbors
 from trustpot.data.reader import atoms_to_structure
 from trustpot.data.structures import Structure, check_species
@@ -113,16 +125,21 @@ class Predictor:
             ``forces_std`` [n_atoms], ``reliability`` scalar, ``atom_importance`` [n_atoms].
         """
         check_species(list(structures), self.species, source)
-        wanted = frozenset(outputs)
         specs = self.model.neighbor_lists()
         results: list[dict[str, np.ndarray]] = []
         for start in range(0, len(structures), self.batch_size):
             chunk = structures[start : start + self.batch_size]
             g = collate([structure_to_graph(s, specs, self.model.dtype, pairs) for s in chunk])
-            g = to_device(g, self.device)
-            pred = self.model(g, wanted, create_graph=False)
-            results.extend(split_batch(pred, g, self.model.output_specs()))
+            results.extend(self.predict_graph(to_device(g, self.device), outputs))
         return results
+
+    def predict_graph(
+        self, g: Graph, outputs: Iterable[str] = (K.ENERGY, K.FORCES)
+    ) -> list[dict[str, np.ndarray]]:
+        """:meth:`predict_structures` of a batch already on :attr:`device` (a graph from
+        :func:`~trustpot.data.graph.collate`); one dict per structure, as it returns."""
+        pred = self.model(g, frozenset(outputs), create_graph=False)
+        return split_batch(pred, g, self.model.output_specs())
 
     def predict(
         self, atoms: Sequence[Atoms], outputs: Iterable[str] = (K.ENERGY, K.FORCES)
@@ -160,6 +177,13 @@ class TrustpotCalculator(Calculator):
     reused while no atom has moved more than skin / 2 and the cell is unchanged, filtered to
     the cutoff on every call, so the results equal a fresh list's.
 
+    Between MD steps only positions change: the graph tensors that depend on the atomic
+    numbers, cell and periodicity alone are built once and reused while those stay equal
+    (positions and edges are new on every call), so each call's input equals the one
+    :meth:`Predictor.predict_structures` builds. ASE's change check is answered without
+    ``numpy.isclose`` when nothing but the positions can have changed (:func:`system_changes`),
+    with the same answer as ASE's.
+
     Args:
         predictor: what evaluates the model.
         skin: Verlet skin, Å (0: a fresh list on every call).
@@ -179,6 +203,8 @@ class TrustpotCalculator(Calculator):
         self.predictor = predictor
         self.implemented_properties = predictor.implemented_properties()
         self.neighbors = VerletNeighbors(skin)
+        #: (key of numbers, cell and pbc; the graph built for them), see :meth:`graph`
+        self._static: tuple[tuple[bytes, ...], Graph] | None = None
 
     @classmethod
     def from_checkpoint(
@@ -202,8 +228,7 @@ class TrustpotCalculator(Calculator):
         outputs = set(CALCULATOR_OUTPUTS) & self.predictor.supported_outputs()
         if "stress" in properties:
             outputs.add(K.STRESS)
-        structure = atoms_to_structure(self.atoms)
-        (res,) = self.predictor.predict_structures([structure], outputs, pairs=self.neighbors)
+        (res,) = self.predictor.predict_graph(self.graph(self.atoms), outputs)
         self.results = {
             "energy": float(res[K.ENERGY]),
             "free_energy": float(res[K.ENERGY]),
@@ -221,3 +246,67 @@ class TrustpotCalculator(Calculator):
             self.results["stress"] = np.array(
                 [s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]]
             )
+
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        """ASE's list of system changes since the last calculation (:func:`system_changes`)."""
+        if self.atoms is None or self.ignored_changes:
+            changes: list[str] = super().check_state(atoms, tol)  # type: ignore[no-untyped-call]
+            return changes
+        return system_changes(self.atoms, atoms, tol)
+
+    def graph(self, atoms: Atoms) -> Graph:
+        """The model's input for ``atoms`` (a batch of one, on the predictor's device), equal
+        to ``collate([structure_to_graph(...)])`` with this calculator's Verlet lists.
+
+        Tensors that depend only on the atomic numbers, cell and periodicity (numbers, cell,
+        ``batch``, empty labels...) are reused while those are unchanged; positions [n_atoms,
+        3] (model dtype) and edges are new on every call.
+        """
+        model = self.predictor.model
+        specs = model.neighbor_lists()
+        cell = np.asarray(atoms.cell.array, dtype=np.float64)
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        numbers = np.asarray(atoms.numbers, dtype=np.int64)
+        key = (numbers.tobytes(), cell.tobytes(), pbc.tobytes())
+        if self._static is None or self._static[0] != key:
+            structure = atoms_to_structure(atoms)
+            check_species([structure], self.predictor.species, "atoms")
+            g = collate([structure_to_graph(structure, specs, model.dtype, self.neighbors)])
+            g = to_device(g, self.predictor.device)
+            self._static = (key, g)
+            return dict(g)
+        positions = np.asarray(atoms.positions, dtype=np.float64)
+        g = dict(self._static[1])
+        g[K.POSITIONS] = torch.as_tensor(positions, dtype=model.dtype)
+        g.update(edge_tensors(self.neighbors, positions, cell, pbc, specs, model.dtype))
+        return to_device(g, self.predictor.device) if self.predictor.device != "cpu" else g
+
+
+#: what ASE's change check compares besides the cell and periodicity
+_ARRAYS_CHECKED = ("positions", "numbers", "initial_charges", "initial_magmoms")
+
+
+def system_changes(old: Atoms, new: Atoms, tol: float = 1e-15) -> list[str]:
+    """ASE's ``compare_atoms(old, new, tol)`` without its per-array ``numpy.isclose`` in the
+    case an MD step produces: everything but the positions exactly equal, positions finite.
+
+    Then the answer is ``["positions"]`` when any coordinate moved by more than ``tol`` Å
+    (ASE's ``allclose(rtol=0, atol=tol)``), else ``[]``. Any other case (a changed cell,
+    periodicity, composition, charges or magnetic moments, a differing set of arrays,
+    non-finite positions) is ASE's own comparison.
+    """
+    same = (
+        np.array_equal(old.cell.array, new.cell.array)
+        and np.array_equal(old.pbc, new.pbc)
+        and old.arrays.keys() & set(_ARRAYS_CHECKED) == new.arrays.keys() & set(_ARRAYS_CHECKED)
+        and all(
+            np.array_equal(old.arrays[k], new.arrays[k])
+            for k in _ARRAYS_CHECKED[1:]
+            if k in old.arrays
+        )
+    )
+    a, b = old.arrays["positions"], new.arrays["positions"]
+    if same and a.shape == b.shape and np.isfinite(a).all() and np.isfinite(b).all():
+        return ["positions"] if bool((np.abs(a - b) > tol).any()) else []
+    changes: list[str] = compare_atoms(old, new, tol=tol)  # type: ignore[no-untyped-call]
+    return changes
