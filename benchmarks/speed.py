@@ -100,6 +100,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
             DatasetSpec("water", "water/train_data_0-2.xyz", 16, 2),
         )
         epochs, warmup, steps = 1, 10, 50
+    repeats = 1 if args.quick else 3
     return Settings(
         datasets=datasets,
         epochs=args.epochs if args.epochs is not None else epochs,
@@ -107,6 +108,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         md_steps=args.md_steps if args.md_steps is not None else steps,
         threads=args.threads,
         data_root=args.data_root,
+        md_repeats=repeats,
     )
 
 
@@ -147,7 +149,7 @@ def trustpot_worker(settings: Settings) -> dict[str, Any]:
                 opt.zero_grad(set_to_none=True)
                 pred = model(batch, outputs, create_graph=True)
                 sums, counts = loss_sums(pred, batch, weights, scale)
-                combine(sums, counts, weights).backward()
+                torch.autograd.backward(combine(sums, counts, weights))
                 opt.step()
 
             def calc(model: Any = model) -> Any:
@@ -328,7 +330,7 @@ def run_worker(kind: str, python: Path | str, args: argparse.Namespace) -> dict[
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
             sys.stderr.write("\n".join(tail) + "\n")
             return {"status": f"failed (exit {proc.returncode}): " + (tail[-1] if tail else "")}
-        result = json.loads(json_out.read_text())
+        result: dict[str, Any] = json.loads(json_out.read_text())
         result["status"] = "measured"
         result["wall_seconds"] = time.perf_counter() - t0
         return result
@@ -421,8 +423,8 @@ def markdown(report: dict[str, Any]) -> str:
                 title = f"Training time per epoch: {ds['name']} ({ds['frames']} frame(s), "
                 title += f"batch {ds['batch_size']})"
             else:
-                title = f"MD, ASE velocity Verlet 0.5 fs: {ds['name']} ({st['md_steps']} steps "
-                title += f"after {st['md_warmup']})"
+                title = f"MD, ASE velocity Verlet 0.5 fs: {ds['name']} (median of "
+                title += f"{st['md_repeats']} x {st['md_steps']} steps after {st['md_warmup']})"
             heads = " | ".join(f"ratio vs {p.key}" for p in PEERS)
             lines += [f"## {title}", "", f"| model | params | time | {heads} |"]
             lines.append("|---" * (3 + len(PEERS)) + "|")

@@ -308,5 +308,5 @@ def system_changes(old: Atoms, new: Atoms, tol: float = 1e-15) -> list[str]:
     a, b = old.arrays["positions"], new.arrays["positions"]
     if same and a.shape == b.shape and np.isfinite(a).all() and np.isfinite(b).all():
         return ["positions"] if bool((np.abs(a - b) > tol).any()) else []
-    changes: list[str] = compare_atoms(old, new, tol=tol)  # type: ignore[no-untyped-call]
+    changes: list[str] = compare_atoms(old, new, tol=tol)
     return changes
