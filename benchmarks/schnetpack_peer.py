@@ -50,6 +50,8 @@ SCHNETPACK_PIN = "schnetpack==2.2.0"
 NOT_MEASURED = "not measured (run with --install-schnetpack)"
 #: trustpot's default PaiNN hyper-parameters (``PaiNNHypers``), mirrored here
 PAINN_FEATURES, PAINN_LAYERS, PAINN_RBF = 64, 3, 20
+#: untrained force RMS / label force RMS that the peer is scaled to (see :func:`build_painn`)
+FORCE_RMS_FRACTION = 0.1
 #: the rows this worker writes: SchNetPack's default (tutorial) list, and its skin list
 MODELS = ("schnetpack-painn", "schnetpack-painn-skin")
 
@@ -88,17 +90,22 @@ def install_schnetpack() -> None:
         raise SystemExit(f"schnetpack venv ended up with torch {version}, expected {TORCH_PIN}")
 
 
-def build_painn(zs: Sequence[int]) -> Any:
-    """SchNetPack's PaiNN potential at trustpot's default PaiNN size (float32, eval mode).
+def build_painn(frames: Sequence[Any]) -> Any:
+    """SchNetPack's PaiNN potential at trustpot's default PaiNN size (float32).
 
-    Args:
-        zs: atomic numbers present (unused by SchNetPack's embedding, which covers Z < 100;
-            kept so that every peer builder has the same inputs).
+    The energy head's last layer is rescaled so that the untrained model's force RMS on
+    ``frames`` is :data:`FORCE_RMS_FRACTION` of the labels', about what trustpot's untrained
+    PaiNN gives (0.13 of 1.24 eV/Å on ethanol). With SchNetPack's raw initialisation the
+    forces are larger than the labels' and MD heats up to thousands of K within the timed
+    25 fs (even at the labels' RMS: random forces only heat), so its skin list would be rebuilt
+    far more often than trustpot's, or than in real MD near 300 K.
     """
+    import numpy as np
     import schnetpack as spk
     import schnetpack.transform as trn
+    import torch
+    from schnetpack.interfaces import AtomsConverter
 
-    del zs
     painn = spk.representation.PaiNN(
         n_atom_basis=PAINN_FEATURES,
         n_interactions=PAINN_LAYERS,
@@ -114,7 +121,16 @@ def build_painn(zs: Sequence[int]) -> Any:
         ],
         postprocessors=[trn.CastTo64(), trn.AddOffsets("energy", add_mean=True)],
     )
-    return model.float()
+    model = model.float().eval()
+    convert = AtomsConverter(neighbor_list=trn.ASENeighborList(cutoff=CUTOFF))
+    got = np.concatenate([model(convert(a))["forces"].detach().numpy() for a in frames])
+    want = np.concatenate([a.get_forces() for a in frames])
+    last = model.output_modules[0].outnet[-1]
+    with torch.no_grad():
+        factor = FORCE_RMS_FRACTION * float(np.sqrt(np.mean(want**2) / np.mean(got**2)))
+        last.weight.mul_(factor)
+        last.bias.mul_(factor)
+    return model
 
 
 def _batches(frames: Sequence[Any], size: int) -> list[tuple[dict[str, Any], Any, Any]]:
@@ -154,7 +170,7 @@ def schnetpack_worker(settings: Settings) -> dict[str, Any]:
     for ds in settings.datasets:
         frames = read_frames(settings, ds)
         torch.manual_seed(settings.seed)
-        model = build_painn(sorted({int(z) for a in frames for z in a.numbers}))
+        model = build_painn(frames)
         batches = _batches(frames, ds.batch_size)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, amsgrad=True)
         model.train()
