@@ -58,6 +58,9 @@ from speed_common import (
 MACE_VENV = REPO / "benchmarks" / ".mace-venv"
 NOT_MEASURED = "not measured (run with --install-mace)"
 TRUSTPOT_MODELS = ("painn", "schnet", "egnn", "ace")
+#: PaiNN through ``TrustpotCalculator(compile=True)``: MD only, full mode only (compiling takes
+#: 5-45 s per system, too long for the CI's ``--quick``)
+COMPILED = "painn-compiled"
 WORKERS = ("trustpot", "mace", "schnetpack")
 
 
@@ -101,6 +104,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         )
         epochs, warmup, steps = 1, 10, 50
     repeats = 1 if args.quick else 3
+    compiled = not args.quick
     return Settings(
         datasets=datasets,
         epochs=args.epochs if args.epochs is not None else epochs,
@@ -109,6 +113,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         threads=args.threads,
         data_root=args.data_root,
         md_repeats=repeats,
+        compiled=compiled,
     )
 
 
@@ -156,6 +161,20 @@ def trustpot_worker(settings: Settings) -> dict[str, Any]:
                 return TrustpotCalculator(Predictor(model.eval(), "cpu", batch_size=1))
 
             record(out, name, ds, frames, settings, model, step, batches, calc)
+            if name == "painn" and settings.compiled:
+                compiled = COMPILED
+
+                def calc_compiled(
+                    model: Any = model, ds: str = ds.name, at: Any = frames[0]
+                ) -> Any:
+                    # the first call compiles (excluded from the timing, kept in the report)
+                    c = TrustpotCalculator(Predictor(model.eval()), compile=True)
+                    t0 = time.perf_counter()
+                    c.calculate(at.copy(), ["energy", "forces"])
+                    out.setdefault("compile_seconds", {})[ds] = time.perf_counter() - t0
+                    return c
+
+                record(out, compiled, ds, frames, settings, model, None, [], calc_compiled)
         if ds.name == "3bpa":  # what uncertainty costs (benchmarks/uq_cost.py)
             sys.path.insert(0, str(REPO / "benchmarks"))
             from uq_cost import measure
@@ -394,7 +413,8 @@ def compute_ratios(
                     if side.get("status") != "measured":
                         cell[peer.key] = side.get("status", "not measured")
                     else:
-                        cell[peer.key] = got["seconds"] / row[task][ds]["seconds"] if got else None
+                        mine = row[task].get(ds)
+                        cell[peer.key] = got["seconds"] / mine["seconds"] if got and mine else None
     return ratios
 
 
@@ -413,6 +433,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"- MACE side: {_versions(sides['mace'])}; 1-min load average {_load(sides['mace'])}",
         f"- SchNetPack side: {_versions(sides['schnetpack'])}; "
         f"1-min load average {_load(sides['schnetpack'])}",
+        *(
+            [
+                f"- {COMPILED}: TrustpotCalculator(compile=True), first call (compiling, not "
+                "timed) " + ", ".join(f"{k} {v:.1f} s" for k, v in tp["compile_seconds"].items())
+            ]
+            if "compile_seconds" in tp
+            else []
+        ),
         "- ratio = peer seconds / trustpot seconds (> 1: trustpot faster; for MD the same as "
         "trustpot steps/s / peer steps/s)",
         "",
@@ -428,7 +456,10 @@ def markdown(report: dict[str, Any]) -> str:
             heads = " | ".join(f"ratio vs {p.key}" for p in PEERS)
             lines += [f"## {title}", "", f"| model | params | time | {heads} |"]
             lines.append("|---" * (3 + len(PEERS)) + "|")
-            for name in TRUSTPOT_MODELS:
+            for name in [
+                *TRUSTPOT_MODELS,
+                *([COMPILED] if COMPILED in tp.get("models", {}) else []),
+            ]:
                 got = report["ratios"].get(task, {}).get(ds["name"], {}).get(name, {})
                 cells = [_ratio_cell(r) for r in got.values()] or [""] * len(PEERS)
                 lines.append(_row(f"trustpot {name}", tp, name, task, ds["name"], cells))

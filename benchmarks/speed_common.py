@@ -42,6 +42,8 @@ class Settings:
     data_root: str
     seed: int = 0
     md_repeats: int = 1
+    #: also time trustpot's PaiNN with ``TrustpotCalculator(compile=True)`` in MD
+    compiled: bool = False
 
 
 def set_threads(n: int) -> dict[str, int]:

@@ -17,6 +17,7 @@ from trustpot.calculator import Predictor, TrustpotCalculator, system_changes
 from trustpot.data.neighbors import VerletNeighbors, neighbor_pairs
 from trustpot.data.reader import atoms_to_structure
 from trustpot.models.build import build_potential
+from trustpot.uq.ensemble import DeepEnsemble
 
 
 def _same(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> None:
@@ -150,3 +151,33 @@ def test_fast_change_check_answers_as_ase() -> None:
             assert sorted(system_changes(old, cur, 1e-15)) == sorted(want), name
     assert system_changes(base, cases["moved"]) == ["positions"]
     assert system_changes(base, cases["same"]) == []
+
+
+@pytest.mark.slow
+def test_compiled_md_calculator_agrees_with_the_plain_path_to_float_rounding() -> None:
+    """``compile=True`` (torch.compile of a plain potential's energies, dynamic shapes): along
+    an NVE run whose edge count changes, forces within 1e-5 eV/Å of a fresh eager evaluation in
+    float32, and the model itself is left as it was (still trainable, its state unchanged)."""
+    frames = labelled_molecules(4)
+    structures = [atoms_to_structure(a) for a in frames]
+    model = build_potential("painn", {"n_features": 16, "n_layers": 2, "cutoff": 3.0},
+                            structures, dtype="float32", seed=1)  # fmt: skip
+    keys = set(model.state_dict())
+    plain = Predictor(model, batch_size=1)
+    atoms = frames[0].copy()
+    MaxwellBoltzmannDistribution(atoms, temperature_K=800, rng=np.random.default_rng(2))
+    atoms.calc = TrustpotCalculator(Predictor(model, batch_size=1), skin=0.5, compile=True)
+    dyn = VelocityVerlet(atoms, 1.0 * units.fs)
+    edges: set[int] = set()
+
+    def compare() -> None:
+        (ref,) = plain.predict_structures([atoms_to_structure(atoms)])
+        np.testing.assert_allclose(atoms.get_forces(), ref["forces"], rtol=0, atol=1e-5)
+        assert abs(atoms.get_potential_energy() - float(ref["energy"])) < 1e-4
+        edges.add(int(atoms.calc.graph(atoms)["edge_index:main"].shape[1]))
+
+    dyn.attach(compare, interval=1)
+    dyn.run(20)
+    assert len(edges) > 1 and set(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="needs a plain potential"):
+        TrustpotCalculator(Predictor(DeepEnsemble([model, model])), compile=True)

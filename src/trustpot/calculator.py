@@ -37,6 +37,7 @@ from trustpot.data.reader import atoms_to_structure
 from trustpot.data.structures import Structure, check_species
 from trustpot.io.checkpoint import load_model
 from trustpot.models.contract import Model
+from trustpot.models.potential import Potential, compute_outputs
 
 #: ASE names of the properties a model output gives, in the order they are listed.
 ASE_PROPERTIES: dict[str, list[str]] = {
@@ -187,6 +188,13 @@ class TrustpotCalculator(Calculator):
     Args:
         predictor: what evaluates the model.
         skin: Verlet skin, Å (0: a fresh list on every call).
+        compile: evaluate a plain potential's per-atom energies through ``torch.compile``
+            (dynamic shapes; the model itself is not changed, so training it still works).
+            Faster per step on small molecules (1.25x per MD step for PaiNN on ethanol, one
+            CPU thread) but the first call compiles (about 5 s with inductor's on-disk cache,
+            45 s without, on a 2-core machine) and results equal the eager ones only to float
+            rounding (fused kernels reorder operations: about 1e-7 relative in float32), not
+            to the last bit. Off by default; only for long runs.
     """
 
     #: per instance: exactly what its predictor returns
@@ -198,13 +206,24 @@ class TrustpotCalculator(Calculator):
         "stress",
     ]
 
-    def __init__(self, predictor: Predictor, skin: float = 1.0, **kwargs: Any) -> None:
+    def __init__(
+        self, predictor: Predictor, skin: float = 1.0, compile: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # ase is untyped
         self.predictor = predictor
         self.implemented_properties = predictor.implemented_properties()
         self.neighbors = VerletNeighbors(skin)
         #: (key of numbers, cell and pbc; the graph built for them), see :meth:`graph`
         self._static: tuple[tuple[bytes, ...], Graph] | None = None
+        #: the compiled ``node_energies`` of a plain potential (``compile=True``), else None
+        self._compiled: Any = None
+        if compile:
+            model = predictor.model
+            if not isinstance(model, Potential):
+                raise ValueError(
+                    f"compile=True needs a plain potential, got a '{type(model).__name__}'"
+                )
+            self._compiled = torch.compile(model.node_energies, dynamic=True)
 
     @classmethod
     def from_checkpoint(
@@ -228,7 +247,13 @@ class TrustpotCalculator(Calculator):
         outputs = set(CALCULATOR_OUTPUTS) & self.predictor.supported_outputs()
         if "stress" in properties:
             outputs.add(K.STRESS)
-        (res,) = self.predictor.predict_graph(self.graph(self.atoms), outputs)
+        g = self.graph(self.atoms)
+        if self._compiled is None:
+            (res,) = self.predictor.predict_graph(g, outputs)
+        else:
+            model = self.predictor.model
+            pred = compute_outputs(self._compiled, g, model.check_outputs(outputs), False)
+            (res,) = split_batch(pred, g, model.output_specs())
         self.results = {
             "energy": float(res[K.ENERGY]),
             "free_energy": float(res[K.ENERGY]),

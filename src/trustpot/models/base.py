@@ -202,14 +202,15 @@ def edge_vectors(g: Graph, name: str) -> tuple[Tensor, Tensor, Tensor]:
 
     On the CPU the cell term is left out when every shift is zero (molecules): adding zeros
     changes no value and no derivative, and it saves two gathers and an einsum per call (and
-    their backward) in MD. On other devices it is always added (the test would synchronise).
+    their backward) in MD. On other devices, and under ``torch.compile`` (one graph, no
+    break), it is always added (the test would synchronise).
     """
     index = g[K.edge_index_key(name)]
     shifts = g[K.edge_shift_key(name)]
     pos = g[K.POSITIONS]
     i, j = index[0], index[1]
     vectors = torch.index_select(pos, 0, j) - torch.index_select(pos, 0, i)
-    if shifts.device.type != "cpu" or bool(shifts.any()):
+    if torch.compiler.is_compiling() or shifts.device.type != "cpu" or bool(shifts.any()):
         cell = g[K.CELL][g[K.BATCH][i]]
         vectors = vectors + torch.einsum("ek,ekl->el", shifts.to(pos.dtype), cell)
     lengths = torch.sqrt((vectors * vectors).sum(-1) + torch.finfo(pos.dtype).tiny)
