@@ -1,23 +1,26 @@
-"""Speed of trustpot's potentials against MACE (mace-torch), measured in one run on one machine.
+"""Speed of trustpot's potentials against MACE (mace-torch) and SchNetPack's PaiNN, measured in
+one run on one machine.
 
-Two things are timed for each model, on the 27-atom 3BPA molecule and the 192-atom periodic
-water box:
+Two things are timed for each model, on the 9-atom rMD17 ethanol molecule, the 27-atom 3BPA
+molecule and the 192-atom periodic water box:
 
 * **training**: seconds per epoch of forward + forces by autograd (graph kept) + backward +
   AdamW (amsgrad) step over the whole training subset, after one warm-up epoch. Batches
-  (neighbour lists included) are built once before timing, for both codes.
+  (neighbour lists included) are built once before timing, for every code.
 * **MD**: seconds per step of ASE velocity Verlet (0.5 fs) through each code's ASE calculator
   on the first frame, after warm-up steps. Here each step includes the calculator's own
   neighbour list and tensor conversion, as in real use.
 
 Each code runs in its own subprocess with ``--threads`` torch threads (2 by default):
 trustpot with this interpreter, MACE with the Python of ``benchmarks/.mace-venv`` (created by
-``--install-mace``). Without that environment, MACE's rows say "not measured"; nothing is
-ever estimated. Ratios are MACE seconds / trustpot seconds, so > 1 means trustpot is faster.
+``--install-mace``), SchNetPack with that of ``benchmarks/.schnetpack-venv`` (created by
+``--install-schnetpack``; the peer is described in ``schnetpack_peer.py``). Without an
+environment, its code's rows say "not measured"; nothing is ever estimated. Ratios are peer
+seconds / trustpot seconds, so > 1 means trustpot is faster.
 
 Usage (from the repository root)::
 
-    python benchmarks/speed.py --install-mace --out benchmarks/results/speed
+    python benchmarks/speed.py --install-mace --install-schnetpack --out benchmarks/results/speed
     python benchmarks/speed.py --quick --out /tmp/speed-quick
 """
 
@@ -27,32 +30,38 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from schnetpack_peer import MODELS as SCHNETPACK_MODELS
+from schnetpack_peer import NOT_MEASURED as SPK_NOT_MEASURED
+from schnetpack_peer import install_schnetpack, schnetpack_python
+from speed_common import (
+    CUTOFF,
+    REPO,
+    TORCH_PIN,
+    DatasetSpec,
+    Settings,
+    common_versions,
+    loadavg,
+    read_frames,
+    record,
+    set_threads,
+)
+
 MACE_VENV = REPO / "benchmarks" / ".mace-venv"
-TORCH_PIN = "torch==2.13.0"
 NOT_MEASURED = "not measured (run with --install-mace)"
 TRUSTPOT_MODELS = ("painn", "schnet", "egnn", "ace")
-CUTOFF = 5.0
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A benchmark system: file under the data root, frames used, training batch size."""
-
-    name: str
-    path: str
-    frames: int
-    batch_size: int
+#: PaiNN through ``TrustpotCalculator(compile=True)``: MD only, full mode only (compiling takes
+#: 5-45 s per system, too long for the CI's ``--quick``)
+COMPILED = "painn-compiled"
+WORKERS = ("trustpot", "mace", "schnetpack")
 
 
 @dataclass(frozen=True)
@@ -76,24 +85,12 @@ MACE_CONFIGS = (
 )
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything a worker needs to time the same thing as its peer."""
-
-    datasets: tuple[DatasetSpec, ...]
-    epochs: int
-    md_warmup: int
-    md_steps: int
-    threads: int
-    data_root: str
-    seed: int = 0
-
-
 def make_settings(args: argparse.Namespace) -> Settings:
     """Full or ``--quick`` settings; explicit flags override either."""
     if args.quick:
         # a smoke test: MACE's default size needs ~10 s per water step on 2 busy cores
         datasets = (
+            DatasetSpec("ethanol", "ethanol/train.xyz", 2, 2),
             DatasetSpec("3bpa", "3bpa/train_300K.xyz", 2, 2),
             DatasetSpec("water", "water/train_data_0-2.xyz", 1, 1),
         )
@@ -101,10 +98,13 @@ def make_settings(args: argparse.Namespace) -> Settings:
     else:
         # sized so that the whole run (MACE's default size dominates) takes about 15 minutes
         datasets = (
+            DatasetSpec("ethanol", "ethanol/train.xyz", 160, 8),
             DatasetSpec("3bpa", "3bpa/train_300K.xyz", 160, 8),
             DatasetSpec("water", "water/train_data_0-2.xyz", 16, 2),
         )
         epochs, warmup, steps = 1, 10, 50
+    repeats = 1 if args.quick else 3
+    compiled = not args.quick
     return Settings(
         datasets=datasets,
         epochs=args.epochs if args.epochs is not None else epochs,
@@ -112,97 +112,9 @@ def make_settings(args: argparse.Namespace) -> Settings:
         md_steps=args.md_steps if args.md_steps is not None else steps,
         threads=args.threads,
         data_root=args.data_root,
+        md_repeats=repeats,
+        compiled=compiled,
     )
-
-
-# ---------------------------------------------------------------------------------------
-# helpers shared by both workers (they import only torch, numpy and ASE)
-# ---------------------------------------------------------------------------------------
-def set_threads(n: int) -> dict[str, int]:
-    """Use ``n`` intra-op threads; returns what torch reports."""
-    import torch
-
-    torch.set_num_threads(n)
-    return {
-        "num_threads": torch.get_num_threads(),
-        "num_interop_threads": torch.get_num_interop_threads(),
-    }
-
-
-def read_frames(settings: Settings, ds: DatasetSpec) -> list[Any]:
-    """The first ``ds.frames`` frames of the dataset as ASE ``Atoms`` (labels attached)."""
-    from ase.io import read
-
-    # relative to the repository root; an absolute --data-root replaces it
-    frames = read(str(REPO / settings.data_root / ds.path), index=f":{ds.frames}")
-    return frames if isinstance(frames, list) else [frames]
-
-
-def time_epochs(step: Callable[[Any], None], batches: Sequence[Any], epochs: int) -> dict[str, Any]:
-    """One warm-up epoch, then ``epochs`` timed epochs of ``step`` over ``batches``."""
-    t0 = time.perf_counter()
-    for b in batches:
-        step(b)
-    warmup = time.perf_counter() - t0
-    times: list[float] = []
-    for _ in range(epochs):
-        t0 = time.perf_counter()
-        for b in batches:
-            step(b)
-        times.append(time.perf_counter() - t0)
-    return {
-        "seconds": statistics.median(times),
-        "epoch_seconds": times,
-        "warmup_epoch_seconds": warmup,
-        "steps_per_epoch": len(batches),
-    }
-
-
-def time_md(atoms: Any, calc: Any, warmup: int, steps: int, seed: int) -> dict[str, Any]:
-    """Seconds per velocity-Verlet step (0.5 fs, 300 K start) after ``warmup`` steps."""
-    import numpy as np
-    from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
-    from ase.md.verlet import VelocityVerlet
-
-    atoms = atoms.copy()
-    atoms.calc = calc
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300.0, rng=np.random.default_rng(seed))
-    Stationary(atoms)
-    dyn = VelocityVerlet(atoms, 0.5 * units.fs)
-    dyn.run(warmup)
-    t0 = time.perf_counter()
-    dyn.run(steps)
-    elapsed = time.perf_counter() - t0
-    return {
-        "seconds": elapsed / steps,
-        "steps_per_second": steps / elapsed,
-        "total_seconds": elapsed,
-        "steps": steps,
-        "warmup_steps": warmup,
-        "final_temperature_K": float(atoms.get_temperature()),
-    }
-
-
-def record(
-    out: dict[str, Any],
-    key: str,
-    ds: DatasetSpec,
-    frames: Sequence[Any],
-    settings: Settings,
-    model: Any,
-    step: Callable[[Any], None],
-    batches: Sequence[Any],
-    make_calc: Callable[[], Any],
-) -> None:
-    """Time training (``step`` over ``batches``) and MD (``make_calc()``) of one model."""
-    row = out["models"].setdefault(key, {"train": {}, "md": {}})
-    row["n_params"] = int(sum(p.numel() for p in model.parameters()))
-    row["train"][ds.name] = train = time_epochs(step, batches, settings.epochs)
-    md = time_md(frames[0], make_calc(), settings.md_warmup, settings.md_steps, settings.seed)
-    row["md"][ds.name] = md
-    msg = f"{train['seconds']:.3f} s/epoch, {md['steps_per_second']:.2f} MD steps/s"
-    print(f"[{out['code']}] {key} {ds.name}: {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,8 +133,8 @@ def trustpot_worker(settings: Settings) -> dict[str, Any]:
 
     out: dict[str, Any] = {"code": "trustpot", "models": {}}
     out["threads"] = set_threads(settings.threads)
-    out["versions"] = {"trustpot": trustpot.__version__, **_common_versions()}
-    out["loadavg_at_start"] = _loadavg()
+    out["versions"] = {"trustpot": trustpot.__version__, **common_versions()}
+    out["loadavg_at_start"] = loadavg()
     weights = LossWeights()
     outputs = required_outputs(weights, has_stress=False)
     for ds in settings.datasets:
@@ -242,19 +154,33 @@ def trustpot_worker(settings: Settings) -> dict[str, Any]:
                 opt.zero_grad(set_to_none=True)
                 pred = model(batch, outputs, create_graph=True)
                 sums, counts = loss_sums(pred, batch, weights, scale)
-                combine(sums, counts, weights).backward()
+                torch.autograd.backward(combine(sums, counts, weights))
                 opt.step()
 
             def calc(model: Any = model) -> Any:
                 return TrustpotCalculator(Predictor(model.eval(), "cpu", batch_size=1))
 
             record(out, name, ds, frames, settings, model, step, batches, calc)
-        if ds is settings.datasets[0]:  # what uncertainty costs (benchmarks/uq_cost.py)
+            if name == "painn" and settings.compiled:
+                compiled = COMPILED
+
+                def calc_compiled(
+                    model: Any = model, ds: str = ds.name, at: Any = frames[0]
+                ) -> Any:
+                    # the first call compiles (excluded from the timing, kept in the report)
+                    c = TrustpotCalculator(Predictor(model.eval()), compile=True)
+                    t0 = time.perf_counter()
+                    c.calculate(at.copy(), ["energy", "forces"])
+                    out.setdefault("compile_seconds", {})[ds] = time.perf_counter() - t0
+                    return c
+
+                record(out, compiled, ds, frames, settings, model, None, [], calc_compiled)
+        if ds.name == "3bpa":  # what uncertainty costs (benchmarks/uq_cost.py)
             sys.path.insert(0, str(REPO / "benchmarks"))
             from uq_cost import measure
 
             out["uq_cost"] = {ds.name: measure(structures, CUTOFF, min(20, len(structures)))}
-    out["loadavg_at_end"] = _loadavg()
+    out["loadavg_at_end"] = loadavg()
     return out
 
 
@@ -345,9 +271,9 @@ def mace_worker(settings: Settings) -> dict[str, Any]:
 
     out: dict[str, Any] = {"code": "mace", "models": {}}
     out["threads"] = set_threads(settings.threads)
-    out["versions"] = {"mace-torch": mace.__version__, **_common_versions()}
+    out["versions"] = {"mace-torch": mace.__version__, **common_versions()}
     out["versions"]["e3nn"] = e3nn.__version__
-    out["loadavg_at_start"] = _loadavg()
+    out["loadavg_at_start"] = loadavg()
     for ds in settings.datasets:
         frames = read_frames(settings, ds)
         for spec in MACE_CONFIGS:
@@ -377,26 +303,8 @@ def mace_worker(settings: Settings) -> dict[str, Any]:
                     )
 
             record(out, spec.name, ds, frames, settings, model, step, batches, calc)
-    out["loadavg_at_end"] = _loadavg()
+    out["loadavg_at_end"] = loadavg()
     return out
-
-
-def _loadavg() -> list[float] | None:
-    """1, 5 and 15 minute load averages (other work on the machine skews timings)."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def _common_versions() -> dict[str, str]:
-    import ase
-    import numpy
-    import torch
-
-    return {
-        "torch": torch.__version__,
-        "ase": ase.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,7 +349,7 @@ def run_worker(kind: str, python: Path | str, args: argparse.Namespace) -> dict[
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
             sys.stderr.write("\n".join(tail) + "\n")
             return {"status": f"failed (exit {proc.returncode}): " + (tail[-1] if tail else "")}
-        result = json.loads(json_out.read_text())
+        result: dict[str, Any] = json.loads(json_out.read_text())
         result["status"] = "measured"
         result["wall_seconds"] = time.perf_counter() - t0
         return result
@@ -450,7 +358,7 @@ def run_worker(kind: str, python: Path | str, args: argparse.Namespace) -> dict[
 def cpu_info() -> dict[str, Any]:
     """What the machine is: platform, CPU model, core count, load."""
     info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor()}
-    info |= {"cpu_count": os.cpu_count(), "loadavg_at_start": _loadavg()}
+    info |= {"cpu_count": os.cpu_count(), "loadavg_at_start": loadavg()}
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     models = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
@@ -470,10 +378,28 @@ def git_commit() -> str:
         return "unknown"
 
 
+@dataclass(frozen=True)
+class Peer:
+    """A peer model: the report side (``mace``, ``schnetpack``) and its key there."""
+
+    side: str
+    key: str
+    label: str
+
+
+PEERS = (
+    Peer("schnetpack", SCHNETPACK_MODELS[0], "SchNetPack PaiNN (ASE list)"),
+    Peer("schnetpack", SCHNETPACK_MODELS[1], "SchNetPack PaiNN (skin list)"),
+    *(Peer("mace", s.name, f"MACE {s.hidden_irreps}") for s in MACE_CONFIGS),
+)
+#: a peer row that has no timing of this task (the skin-list row is MD only)
+NOT_TIMED = "n/a (MD only)"
+
+
 def compute_ratios(
-    tp: dict[str, Any], mc: dict[str, Any], datasets: Sequence[str]
+    tp: dict[str, Any], sides: dict[str, dict[str, Any]], datasets: Sequence[str]
 ) -> dict[str, Any]:
-    """ratio[task][dataset][trustpot model][mace config] = MACE s / trustpot s."""
+    """ratio[task][dataset][trustpot model][peer key] = peer s / trustpot s, or why not."""
     ratios: dict[str, Any] = {}
     if tp.get("status") != "measured":
         return ratios
@@ -481,54 +407,65 @@ def compute_ratios(
         for ds in datasets:
             for name, row in tp["models"].items():
                 cell = ratios.setdefault(task, {}).setdefault(ds, {}).setdefault(name, {})
-                for spec in MACE_CONFIGS:
-                    peer = mc.get("models", {}).get(spec.name, {}).get(task, {}).get(ds)
-                    cell[spec.name] = (
-                        peer["seconds"] / row[task][ds]["seconds"]
-                        if mc.get("status") == "measured" and peer
-                        else mc.get("status", NOT_MEASURED)
-                    )
+                for peer in PEERS:
+                    side = sides[peer.side]
+                    got = side.get("models", {}).get(peer.key, {}).get(task, {}).get(ds)
+                    if side.get("status") != "measured":
+                        cell[peer.key] = side.get("status", "not measured")
+                    else:
+                        mine = row[task].get(ds)
+                        cell[peer.key] = got["seconds"] / mine["seconds"] if got and mine else None
     return ratios
 
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables, one per task and dataset."""
-    meta, tp, mc = report["meta"], report["trustpot"], report["mace"]
+    meta, tp = report["meta"], report["trustpot"]
     cpu, st = meta["cpu"], meta["settings"]
+    sides = {name: report[name] for name in ("mace", "schnetpack")}
     lines = [
-        "# trustpot vs MACE speed",
+        "# trustpot vs MACE and SchNetPack speed",
         "",
         f"- mode: {'quick' if meta['quick'] else 'full'}; torch threads: {st['threads']}; "
         f"float32; cutoff {CUTOFF} Å; git {meta['git_commit']}",
         f"- CPU: {cpu['cpu_model']}, os.cpu_count()={cpu['cpu_count']}, {cpu['platform']}",
         f"- trustpot side: {_versions(tp)}; 1-min load average {_load(tp)}",
-        f"- MACE side: {_versions(mc)}; 1-min load average {_load(mc)}",
-        "- ratio = MACE seconds / trustpot seconds (> 1: trustpot faster)",
+        f"- MACE side: {_versions(sides['mace'])}; 1-min load average {_load(sides['mace'])}",
+        f"- SchNetPack side: {_versions(sides['schnetpack'])}; "
+        f"1-min load average {_load(sides['schnetpack'])}",
+        *(
+            [
+                f"- {COMPILED}: TrustpotCalculator(compile=True), first call (compiling, not "
+                "timed) " + ", ".join(f"{k} {v:.1f} s" for k, v in tp["compile_seconds"].items())
+            ]
+            if "compile_seconds" in tp
+            else []
+        ),
+        "- ratio = peer seconds / trustpot seconds (> 1: trustpot faster; for MD the same as "
+        "trustpot steps/s / peer steps/s)",
         "",
     ]
-    n = len(MACE_CONFIGS)
     for task in ("train", "md"):
         for ds in st["datasets"]:
             if task == "train":
                 title = f"Training time per epoch: {ds['name']} ({ds['frames']} frame(s), "
                 title += f"batch {ds['batch_size']})"
             else:
-                title = f"MD, ASE velocity Verlet 0.5 fs: {ds['name']} ({st['md_steps']} steps "
-                title += f"after {st['md_warmup']})"
-            ratio_heads = " | ".join(f"ratio vs {s.name}" for s in MACE_CONFIGS)
-            lines += [f"## {title}", "", f"| model | params | time | {ratio_heads} |"]
-            lines.append("|---" * (3 + n) + "|")
-            for name in TRUSTPOT_MODELS:
+                title = f"MD, ASE velocity Verlet 0.5 fs: {ds['name']} (median of "
+                title += f"{st['md_repeats']} x {st['md_steps']} steps after {st['md_warmup']})"
+            heads = " | ".join(f"ratio vs {p.key}" for p in PEERS)
+            lines += [f"## {title}", "", f"| model | params | time | {heads} |"]
+            lines.append("|---" * (3 + len(PEERS)) + "|")
+            for name in [
+                *TRUSTPOT_MODELS,
+                *([COMPILED] if COMPILED in tp.get("models", {}) else []),
+            ]:
                 got = report["ratios"].get(task, {}).get(ds["name"], {}).get(name, {})
-                cells = [
-                    f"{r:.2f}" if isinstance(r, float) else "not measured" for r in got.values()
-                ]
-                lines.append(
-                    _row(f"trustpot {name}", tp, name, task, ds["name"], cells or [""] * n)
-                )
-            for spec in MACE_CONFIGS:
-                label = f"MACE {spec.hidden_irreps}"
-                lines.append(_row(label, mc, spec.name, task, ds["name"], [""] * n))
+                cells = [_ratio_cell(r) for r in got.values()] or [""] * len(PEERS)
+                lines.append(_row(f"trustpot {name}", tp, name, task, ds["name"], cells))
+            for peer in PEERS:
+                extra = [""] * len(PEERS)
+                lines.append(_row(peer.label, sides[peer.side], peer.key, task, ds["name"], extra))
             lines.append("")
     if "uq_cost" in tp:
         from uq_cost import markdown as cost_table
@@ -538,14 +475,26 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ratio_cell(r: float | str | None) -> str:
+    if isinstance(r, float):
+        return f"{r:.2f}"
+    return NOT_TIMED if r is None else "not measured"
+
+
 def _row(label: str, side: dict[str, Any], key: str, task: str, ds: str, extra: list[str]) -> str:
     """One table row: label, parameters, time (or why it was not measured), ratios."""
     row = side.get("models", {}).get(key)
     if side.get("status") != "measured" or not row:
         cells = ["", str(side.get("status", NOT_MEASURED))]
+    elif ds not in row.get(task, {}):
+        cells = [f"{row['n_params']:,}", NOT_TIMED]
     else:
-        seconds = row[task][ds]["seconds"]
-        t = f"{seconds:.3f} s/epoch" if task == "train" else f"{1000 * seconds:.1f} ms/step"
+        timing = row[task][ds]
+        seconds = timing["seconds"]
+        if task == "train":
+            t = f"{seconds:.3f} s/epoch"
+        else:
+            t = f"{1000 * seconds:.2f} ms/step ({timing['steps_per_second']:.0f} steps/s)"
         cells = [f"{row['n_params']:,}", t]
     return "| " + " | ".join([label, *cells, *extra]) + " |"
 
@@ -570,15 +519,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"create {MACE_VENV.relative_to(REPO)} with {TORCH_PIN} and mace-torch first",
     )
-    p.add_argument("--threads", type=int, default=2, help="torch threads for both codes")
+    p.add_argument(
+        "--install-schnetpack",
+        action="store_true",
+        help="create benchmarks/.schnetpack-venv with torch and schnetpack 2.2.0 first",
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch threads for every code")
     p.add_argument("--epochs", type=int, help="timed epochs after the warm-up epoch")
     p.add_argument("--md-steps", type=int, help="timed MD steps")
     p.add_argument("--md-warmup", type=int, help="MD warm-up steps")
     p.add_argument(
         "--data-root", default="../shared/data", help="data folder (relative to the repo root)"
     )
-    p.add_argument("--skip-mace", action="store_true", help="time trustpot only")
-    p.add_argument("--worker", choices=("trustpot", "mace"), help=argparse.SUPPRESS)
+    p.add_argument("--skip-mace", action="store_true", help="do not time MACE")
+    p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     p.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -587,14 +541,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = make_settings(args)
     if args.worker is not None:
-        fn = trustpot_worker if args.worker == "trustpot" else mace_worker
-        result = fn(settings)
+        if args.worker == "schnetpack":
+            from schnetpack_peer import schnetpack_worker
+
+            result = schnetpack_worker(settings)
+        else:
+            result = (trustpot_worker if args.worker == "trustpot" else mace_worker)(settings)
         args.json_out.write_text(json.dumps(result, indent=2))
         return 0
     if args.out is None:
         raise SystemExit("--out DIR is required")
     if args.install_mace:
         install_mace()
+    if args.install_schnetpack:
+        install_schnetpack()
     t0 = time.perf_counter()
     cpu = cpu_info()
     tp = run_worker("trustpot", sys.executable, args)
@@ -604,7 +564,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         mc = run_worker("mace", mace_python(), args)
     else:
         mc = {"status": NOT_MEASURED}
-    cpu["loadavg_at_end"] = _loadavg()
+    spk: dict[str, Any] = {"status": SPK_NOT_MEASURED}
+    if schnetpack_python().exists():
+        spk = run_worker("schnetpack", schnetpack_python(), args)
+    cpu["loadavg_at_end"] = loadavg()
     names = [d.name for d in settings.datasets]
     report = {
         "meta": {
@@ -616,12 +579,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dtype": "float32",
             "trustpot_models": list(TRUSTPOT_MODELS),
             "mace_configs": [asdict(s) | {"hidden_irreps": s.hidden_irreps} for s in MACE_CONFIGS],
-            "ratio_definition": "MACE seconds / trustpot seconds (> 1: trustpot faster)",
+            "peers": [asdict(p) for p in PEERS],
+            "ratio_definition": "peer seconds / trustpot seconds (> 1: trustpot faster)",
             "wall_seconds": time.perf_counter() - t0,
         },
         "trustpot": tp,
         "mace": mc,
-        "ratios": compute_ratios(tp, mc, names),
+        "schnetpack": spk,
+        "ratios": compute_ratios(tp, {"mace": mc, "schnetpack": spk}, names),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.json").write_text(json.dumps(report, indent=2))

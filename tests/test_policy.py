@@ -227,17 +227,17 @@ def test_non_finite_forces_halt_before_the_frame_is_written(tmp_path: Path) -> N
     atoms = _atoms("potential")
     calc = atoms.calc
     atoms.calc = None
-    predict = calc.predictor.predict_structures
+    predict = calc.predictor.predict_graph  # what the calculator calls once per step
     calls = {"n": 0}
 
-    def broken(items: Any, outputs: Any, **kwargs: Any) -> Any:
+    def broken(g: Any, outputs: Any) -> Any:
         calls["n"] += 1
-        (res,) = predict(items, outputs, **kwargs)
+        (res,) = predict(g, outputs)
         if calls["n"] > 8:
             res["forces"][2] = np.nan
         return [res]
 
-    calc.predictor.predict_structures = broken
+    calc.predictor.predict_graph = broken
     with pytest.raises(TrustHalt, match=r"atom 2 \(O\): non-finite forces \[non-finite check\]"):
         run_md(calc, atoms, 20, 300, tmp_path / "md.xyz", interval=1, thermostat="nve")
     frames = read(tmp_path / "md.xyz", ":")

@@ -54,10 +54,36 @@ def structure_to_graph(
         ).unsqueeze(0),
         K.STRESS_WEIGHT: torch.tensor([0.0 if s.stress is None else 1.0], dtype=dtype),
     }
+    g.update(edge_tensors(find, s.positions, s.cell, s.pbc, specs, dtype))
+    return g
+
+
+def edge_tensors(
+    pairs: PairSource,
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    specs: Sequence[NeighborListSpec],
+    dtype: torch.dtype = torch.float32,
+) -> Graph:
+    """The edges of one structure, one neighbour list per spec (specs sharing a cutoff share
+    one list).
+
+    Args:
+        pairs: where the pairs come from (``pairs(positions, cell, pbc, cutoff)``).
+        positions: [n_atoms, 3] Å; cell: [3, 3] Å; pbc: [3] bool.
+        specs: the model's neighbour lists.
+        dtype: dtype of the shifts.
+
+    Returns:
+        ``edge_index:<name>`` [2, n_edges] int64 (rows i, j) and ``edge_shift:<name>``
+        [n_edges, 3] (integer image shifts, in ``dtype``) for each spec.
+    """
+    g: Graph = {}
     done: dict[float, tuple[Tensor, Tensor]] = {}
     for spec in specs:
         if spec.cutoff not in done:
-            i, j, shifts = find(s.positions, s.cell, s.pbc, spec.cutoff)
+            i, j, shifts = pairs(positions, cell, pbc, spec.cutoff)
             done[spec.cutoff] = (
                 torch.from_numpy(np.stack([i, j])),
                 torch.as_tensor(shifts, dtype=dtype),
