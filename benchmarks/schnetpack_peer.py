@@ -38,11 +38,13 @@ from speed_common import (
     REPO,
     TORCH_PIN,
     Settings,
+    check_torch_pin,
     common_versions,
     loadavg,
     read_frames,
     record,
     set_threads,
+    venv_with_torch,
 )
 
 SCHNETPACK_VENV = REPO / "benchmarks" / ".schnetpack-venv"
@@ -72,10 +74,7 @@ def install_schnetpack() -> None:
     repeated so that none of them can replace torch. No extra package index is used.
     """
     py = schnetpack_python()
-    if not py.exists():
-        subprocess.run(["python3", "-m", "venv", str(SCHNETPACK_VENV)], check=True)
-    pip = [str(py), "-m", "pip", "install"]
-    subprocess.run([*pip, TORCH_PIN], check=True)
+    pip = venv_with_torch(SCHNETPACK_VENV)
     subprocess.run([*pip, "--no-deps", "--ignore-requires-python", SCHNETPACK_PIN], check=True)
     reqs = (
         "import importlib.metadata as m; "
@@ -84,10 +83,7 @@ def install_schnetpack() -> None:
     )
     got = subprocess.run([str(py), "-c", reqs], check=True, capture_output=True, text=True)
     subprocess.run([*pip, *got.stdout.split(), TORCH_PIN], check=True)
-    check = [str(py), "-c", "import schnetpack, torch; print(torch.__version__)"]
-    version = subprocess.run(check, check=True, capture_output=True, text=True).stdout.strip()
-    if not version.startswith(TORCH_PIN.split("==")[1]):
-        raise SystemExit(f"schnetpack venv ended up with torch {version}, expected {TORCH_PIN}")
+    check_torch_pin(SCHNETPACK_VENV, "schnetpack, torch")
 
 
 def build_painn(frames: Sequence[Any]) -> Any:

@@ -48,11 +48,13 @@ from speed_common import (
     TORCH_PIN,
     DatasetSpec,
     Settings,
+    check_torch_pin,
     common_versions,
     loadavg,
     read_frames,
     record,
     set_threads,
+    venv_with_torch,
 )
 
 MACE_VENV = REPO / "benchmarks" / ".mace-venv"
@@ -316,17 +318,10 @@ def mace_python() -> Path:
 
 def install_mace() -> None:
     """Create ``benchmarks/.mace-venv`` with the CPU torch pin and mace-torch."""
-    py = mace_python()
-    if not py.exists():
-        subprocess.run(["python3", "-m", "venv", str(MACE_VENV)], check=True)
-    pip = [str(py), "-m", "pip", "install"]
-    subprocess.run([*pip, TORCH_PIN], check=True)
+    pip = venv_with_torch(MACE_VENV)
     # the pin again in the same command, so mace-torch's requirements cannot swap torch
     subprocess.run([*pip, "mace-torch", TORCH_PIN], check=True)
-    check = [str(py), "-c", "import torch; print(torch.__version__)"]
-    got = subprocess.run(check, check=True, capture_output=True, text=True).stdout.strip()
-    if not got.startswith(TORCH_PIN.split("==")[1]):
-        raise SystemExit(f"mace venv ended up with torch {got}, expected {TORCH_PIN}")
+    check_torch_pin(MACE_VENV)
 
 
 def run_worker(kind: str, python: Path | str, args: argparse.Namespace) -> dict[str, Any]:

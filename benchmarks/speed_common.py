@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -183,3 +184,22 @@ def common_versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }
+
+
+def venv_with_torch(venv: Path) -> list[str]:
+    """Create ``venv`` if missing and install the CPU torch pin into it, alone (an unpinned
+    torch would pull a CUDA build of several GB); returns its ``pip install`` command."""
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
+    pip = [str(py), "-m", "pip", "install"]
+    subprocess.run([*pip, TORCH_PIN], check=True)
+    return pip
+
+
+def check_torch_pin(venv: Path, imports: str = "torch") -> None:
+    """Exit unless ``import {imports}`` works in ``venv`` with torch at :data:`TORCH_PIN`."""
+    check = [str(venv / "bin" / "python"), "-c", f"import {imports}; print(torch.__version__)"]
+    got = subprocess.run(check, check=True, capture_output=True, text=True).stdout.strip()
+    if not got.startswith(TORCH_PIN.split("==")[1]):
+        raise SystemExit(f"{venv.name} ended up with torch {got}, expected {TORCH_PIN}")
