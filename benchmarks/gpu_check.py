@@ -1,21 +1,35 @@
-"""GPU check: every model family agrees between CPU and CUDA, and trains and evaluates on CUDA.
+"""GPU check: every model family agrees between CPU and CUDA, and training, MD and uncertainty
+are timed on CUDA against the same machine's CPU cores, in one process.
 
 Not part of CI (CI has no GPU). Run on a machine with CUDA, from the repository root::
 
-    python benchmarks/gpu_check.py --data DIR_WITH_ETHANOL --out OUT
+    python benchmarks/gpu_check.py --data-root ../shared/data --out OUT
 
-``DIR_WITH_ETHANOL`` holds ``train.xyz`` of ``../shared/data/ethanol`` and, optionally,
-``water.xyz`` (periodic water boxes, e.g. ``../shared/data/water/valid_data_3.xyz``).
-Writes ``OUT/gpu_check.json``: per model the largest CPU/CUDA difference of energies (eV) and
-forces (eV/Å) in float64 on 32 frames, and the time of one forward+backward pass of a 32-frame
-batch on each device (same process, same machine).
+``--data-root`` holds ``ethanol/train.xyz``, ``3bpa/train_300K.xyz`` and, optionally,
+``water/valid_data_3.xyz`` (the layout of ``../shared/data``). Sections (``--sections``, all by
+default), each written to ``OUT/gpu_check.json`` as soon as it ends:
+
+* ``agreement``: per model family the largest CPU/CUDA difference of energies (eV) and forces
+  (eV/Å) in float64 on 32 ethanol frames (and water boxes with Ewald and PME), and the time of
+  one forward + forces pass of the 32-frame batch on each device.
+* ``train``: seconds per epoch of ``trustpot train`` (PaiNN, default hypers, validation
+  included) on ethanol and 3BPA, on the CPU cores (``--cpu-threads``) and on CUDA, at each
+  ``--batch-sizes``.
+* ``float64``: the same runs in float64 on both devices, whose losses must agree.
+* ``md``: MD steps per second through the ASE calculator: CPU (1 thread), CUDA, CUDA compiled.
+* ``uq``: what each uncertainty method costs against one model on CUDA (``uq_cost.measure``).
+* ``sync``: where a CUDA training step still waits for the device (sync debug mode).
+* ``profile``: one CUDA training step under the profiler (host and device time, launches).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,27 +74,19 @@ def compare(
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="cuda", help="the device compared with the CPU")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    structures = read_structures(Path(args.data) / "train.xyz")[:32]
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-        "torch": torch.__version__,
-        "cpu_threads": torch.get_num_threads(),
-    }
+SECTIONS = ("agreement", "train", "float64", "md", "uq", "sync", "profile")
+
+
+def agreement(root: Path, device: str) -> dict[str, Any]:
+    """Float64 CPU/CUDA differences and pass times of every model family."""
+    structures = read_structures(root / "ethanol" / "train.xyz")[:32]
     models: dict[str, Any] = {}
     for backbone in ("schnet", "painn", "egnn", "deepset-moe", "ace"):
         models[backbone] = build_potential(backbone, {}, structures, dtype="float64")
     models["scale-mixture (Ewald)"] = build_scale_mixture(structures, dtype="float64")
     models["perturbed painn"] = PerturbedPotential(models["painn"], n_samples=4)
     cases = [(name, model, structures) for name, model in models.items()]
-    water_file = Path(args.data) / "water.xyz"
+    water_file = root / "water" / "valid_data_3.xyz"
     if water_file.is_file():  # periodic: 192-atom water boxes, Ewald and PME long-range branches
         water = read_structures(water_file)[:4]
         cases.append(("painn water", build_potential("painn", {}, water, "float64"), water))
@@ -92,12 +98,166 @@ def main() -> None:
     rows = {}
     for name, model, frames in cases:
         try:
-            rows[name] = compare(name, model, frames, torch.float64, args.device)
+            rows[name] = compare(name, model, frames, torch.float64, device)
         except Exception as err:  # report every failure, keep checking the others
             rows[name] = {"error": f"{type(err).__name__}: {err}"}
             print(name, "FAILED", rows[name]["error"], flush=True)
-    report["models"] = rows
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    return rows
+
+
+TRAIN_FILES = {"ethanol": "ethanol/train.xyz", "3bpa": "3bpa/train_300K.xyz"}
+
+
+def train_section(
+    root: Path, device: str, batch_sizes: list[int], cpu_threads: int, frames: int
+) -> dict[str, Any]:
+    """Epoch seconds of ``trustpot train`` on the CPU cores and on ``device``."""
+    from gpu_timing import train_epochs
+
+    rows: dict[str, Any] = {}
+    for name, rel in TRAIN_FILES.items():
+        for bs in batch_sizes:
+            pair = {}
+            for dev in ("cpu", device):
+                threads = cpu_threads if dev == "cpu" else 0
+                pair[dev] = train_epochs(
+                    root / rel, dev, batch_size=bs, max_train=frames, threads=threads
+                )
+            cpu_s, dev_s = pair["cpu"]["seconds"], pair[device]["seconds"]
+            rows[f"{name} batch {bs}"] = {**pair, "speedup": cpu_s / dev_s}
+            print(f"train {name} batch {bs}: cpu {cpu_s:.3f} s/epoch, {device} {dev_s:.3f} "
+                  f"s/epoch, {cpu_s / dev_s:.2f}x", flush=True)  # fmt: skip
+    return rows
+
+
+def float64_section(root: Path, device: str, cpu_threads: int) -> dict[str, Any]:
+    """Two float64 epochs on each device from the same start: losses and MAEs must agree."""
+    from gpu_timing import train_epochs
+
+    rows: dict[str, Any] = {}
+    for name, rel in TRAIN_FILES.items():
+        runs = {
+            dev: train_epochs(root / rel, dev, dtype="float64", epochs=2, max_train=100,
+                              threads=cpu_threads if dev == "cpu" else 0)
+            for dev in ("cpu", device)
+        }  # fmt: skip
+        a, b = runs["cpu"], runs[device]
+        rel_loss = max(abs(x - y) / abs(x) for x, y in zip(a["train_loss"], b["train_loss"]))
+        rel_mae = max(abs(x - y) / abs(x) for x, y in zip(a["val_forces_mae"], b["val_forces_mae"]))
+        rows[name] = {**runs, "max_rel_diff_train_loss": rel_loss,
+                      "max_rel_diff_val_forces_mae": rel_mae}  # fmt: skip
+        print(f"float64 {name}: loss rel diff {rel_loss:.2e}, MAE rel diff {rel_mae:.2e}")
+    return rows
+
+
+def md_section(root: Path, device: str) -> dict[str, Any]:
+    """MD steps/s of an (untrained) PaiNN on the first frame of ethanol and 3BPA."""
+    from ase.io import read
+    from gpu_timing import md_rate
+
+    rows: dict[str, Any] = {}
+    for name, rel in TRAIN_FILES.items():
+        atoms = read(str(root / rel), index=0)
+        structures = read_structures(root / rel)[:50]
+        model = build_potential("painn", {}, structures, dtype="float32")
+        row: dict[str, Any] = {}
+        torch.set_num_threads(1)
+        row["cpu 1 thread"] = md_rate(atoms, model, "cpu")
+        torch.set_num_threads(CPU_THREADS)
+        row[device] = md_rate(atoms, model, device)
+        row[f"{device} compiled"] = md_rate(atoms, model, device, compile=True)
+        rows[name] = row
+        rates = ", ".join(f"{k} {v['steps_per_second']:.0f} steps/s" for k, v in row.items())
+        print(f"md {name}: {rates}", flush=True)
+    return rows
+
+
+def uq_section(root: Path, device: str) -> dict[str, Any]:
+    """Uncertainty cost ratios on ``device`` (3BPA, 20 frames)."""
+    from uq_cost import measure
+
+    structures = read_structures(root / TRAIN_FILES["3bpa"])[:20]
+    return measure(structures, 5.0, 20, device=device)
+
+
+def _batches(root: Path, device: str, size: int, n: int) -> tuple[Any, list[Any]]:
+    from trustpot.data.dataset import GraphDataset
+
+    structures = read_structures(root / TRAIN_FILES["3bpa"])[: size * n]
+    model = build_potential("painn", {}, structures, dtype="float32").to(device)
+    data = GraphDataset(structures, model.neighbor_lists(), model.dtype).to(device)
+    return model, [b for b, _ in data.batches(size)]
+
+
+def sync_section(root: Path, device: str) -> list[str]:
+    from gpu_timing import sync_points
+
+    model, batches = _batches(root, device, 4, 6)
+    return sync_points(model, batches)
+
+
+def profile_section(root: Path, device: str) -> dict[str, Any]:
+    from gpu_timing import step_profile
+
+    rows = {}
+    for size in (4, 32):
+        model, batches = _batches(root, device, size, 1)
+        rows[f"3bpa batch {size}"] = step_profile(model, batches[0])
+        print(rows[f"3bpa batch {size}"]["table"], flush=True)
+    return rows
+
+
+CPU_THREADS = 0
+
+
+def main() -> None:
+    global CPU_THREADS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cuda", help="the device compared with the CPU")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
+    ap.add_argument("--batch-sizes", default="4,32", help="training batch sizes")
+    ap.add_argument("--frames", type=int, default=500, help="training frames per dataset")
+    ap.add_argument("--cpu-threads", type=int, default=0, help="0: every core")
+    args = ap.parse_args()
+    sections = [x for x in args.sections.split(",") if x]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        ap.error(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)
+    CPU_THREADS = torch.get_num_threads()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
+        "torch": torch.__version__,
+        "cpu_threads": CPU_THREADS,
+        "seconds": {},
+    }
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    root, dev = args.data_root, args.device
+    run: dict[str, Callable[[], Any]] = {
+        "agreement": lambda: agreement(root, dev),
+        "train": lambda: train_section(root, dev, batch_sizes, CPU_THREADS, args.frames),
+        "float64": lambda: float64_section(root, dev, CPU_THREADS),
+        "md": lambda: md_section(root, dev),
+        "uq": lambda: uq_section(root, dev),
+        "sync": lambda: sync_section(root, dev),
+        "profile": lambda: profile_section(root, dev),
+    }
+    for name in sections:
+        t0 = time.perf_counter()
+        try:
+            report[name] = run[name]()
+        except Exception as err:  # one broken section must not lose the others
+            report[name] = {"error": f"{type(err).__name__}: {err}",
+                            "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
+            print(name, "FAILED", report[name]["traceback"], flush=True)
+        report["seconds"][name] = time.perf_counter() - t0
+        torch.set_num_threads(CPU_THREADS)
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

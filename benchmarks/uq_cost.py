@@ -100,12 +100,15 @@ def md_cost(model: Any, plain: Any, structures: Sequence[Any], repeats: int = 3)
     return statistics.median(ratios)
 
 
-def measure(structures: Sequence[Any], cutoff: float, md_frames: int = 20) -> dict[str, Any]:
-    """Cost ratios of every method (see the module docstring) on ``structures``."""
+def measure(
+    structures: Sequence[Any], cutoff: float, md_frames: int = 20, device: str = "cpu"
+) -> dict[str, Any]:
+    """Cost ratios of every method (see the module docstring) on ``structures``, every model
+    on ``device``."""
     from trustpot.calculator import Predictor
 
     models = build_wrappers(structures, cutoff)
-    predictors = {k: Predictor(m, batch_size=16) for k, m in models.items()}
+    predictors = {k: Predictor(m, device, batch_size=16) for k, m in models.items()}
     rows: dict[str, Any] = {}
     plain = predictors["plain"]
     for method in METHODS:
@@ -119,7 +122,12 @@ def measure(structures: Sequence[Any], cutoff: float, md_frames: int = 20) -> di
             "batch": batch["m"] / batch["p"],
             "outputs": _outputs(model),
         }
-    return {"frames": len(structures), "md_frames": min(md_frames, len(structures)), "rows": rows}
+    return {
+        "frames": len(structures),
+        "md_frames": min(md_frames, len(structures)),
+        "device": device,
+        "rows": rows,
+    }
 
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:

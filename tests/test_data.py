@@ -206,3 +206,35 @@ def test_reference_energies_least_squares() -> None:
 def test_force_rms(ethanol_structures: list) -> None:
     expected = np.sqrt(np.mean(np.concatenate([s.forces.ravel() for s in ethanol_structures]) ** 2))
     assert force_rms(ethanol_structures) == pytest.approx(expected)
+
+
+def test_collate_with_host_counts_and_a_dataset_kept_on_a_device(ethanol_structures: list) -> None:
+    """Batches collated from graphs kept on a device (here the shape-only ``meta`` device)
+    need no value from it: atom counts come from the host."""
+    import torch
+
+    from trustpot.data.dataset import GraphDataset
+    from trustpot.data.graph import collate
+    from trustpot.data.neighbors import NeighborListSpec
+
+    specs = [NeighborListSpec("main", 4.0)]
+    data = GraphDataset(ethanol_structures[:6], specs)
+    graphs = [data.graph(k) for k in range(3)]
+    plain, counted = collate(graphs), collate(graphs, [s.n_atoms for s in data.structures[:3]])
+    assert plain.keys() == counted.keys()
+    assert all(torch.equal(plain[k], counted[k]) for k in plain)
+    with pytest.raises(ValueError, match="2 atom counts for 3 graphs"):
+        collate(graphs, [9, 9])
+    assert data.to("cpu") is data
+    on_meta = data.to("meta")
+    assert on_meta.to("cpu") is data and on_meta.to("meta") is on_meta
+    batches = [b for b, _ in on_meta.batches(4)]
+    reference = [b for b, _ in data.batches(4)]
+    for b, ref in zip(batches, reference):
+        assert b is not None and ref is not None
+        assert all(v.device.type == "meta" for v in b.values())
+        assert {k: v.shape for k, v in b.items()} == {k: v.shape for k, v in ref.items()}
+    sub = on_meta.subset([0, 2])
+    assert sub.device.type == "meta" and sub.to("cpu").structures == [
+        data.structures[i] for i in (0, 2)
+    ]

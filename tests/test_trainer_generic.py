@@ -16,7 +16,7 @@ from trustpot.errors import ConfigError
 from trustpot.train.datasets import ItemDataset
 from trustpot.train.objectives import BCELoss, CallableLoss
 from trustpot.train.run_folder import state_payload
-from trustpot.train.trainer import Objective, ParamGroup, Trainer
+from trustpot.train.trainer import Objective, ParamGroup, Trainer, TrainingError
 
 
 def _data(n: int = 24, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -156,3 +156,27 @@ def test_perturbation_fit_resumes_and_reuses_its_run_dir(
         assert torch.equal(v, again.state_dict()[k]), k
     with pytest.raises(ConfigError, match="epochs differ"):
         fit_perturbation(base, train, valid, log=lambda _: None, run_dir=run, **{**kw, "epochs": 4})
+
+
+def test_non_finite_loss_is_caught_when_checked_once_per_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an accelerator the step losses are read once per epoch: a NaN is still an error
+    that names the epoch and its steps."""
+    x, y = _data()
+    y[3] = float("nan")
+    trainer = _trainer(TrainConfig(epochs=2, batch_size=5, ema_decay=0.0))
+    monkeypatch.setattr(trainer, "_host_checks", lambda: False)
+    with pytest.raises(TrainingError, match=r"epoch 0, steps 0-4"):
+        trainer.fit({"main": _dataset(x, y)}, {}, tmp_path)
+    trainer = _trainer(TrainConfig(epochs=2, batch_size=5, ema_decay=0.0))
+    with pytest.raises(TrainingError, match=r"epoch 0, step \d+;"):  # per step on the CPU
+        trainer.fit({"main": _dataset(x, y)}, {}, tmp_path / "cpu")
+
+
+def test_train_step_returns_the_loss_as_a_tensor(tmp_path: Path) -> None:
+    x, y = _data()
+    trainer = _trainer(TrainConfig(epochs=1, batch_size=5, ema_decay=0.9))
+    loss = trainer.train_step([(x[:5], y[:5])])
+    assert isinstance(loss, Tensor) and loss.dim() == 0 and trainer.step == 1
+    assert float(loss) > 0

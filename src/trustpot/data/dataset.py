@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from trustpot.data.graph import Graph, collate, structure_to_graph
+from trustpot.data.graph import Graph, collate, structure_to_graph, to_device
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.data.structures import Structure
 from trustpot.errors import DataError
@@ -69,19 +69,38 @@ class GraphDataset:
                 raise ValueError(f"{name}: {len(values)} values of '{key}' for "
                                  f"{len(self.structures)} structures")  # fmt: skip
         self._graphs: list[Graph | None] = [None] * len(self.structures)
+        self.device = torch.device("cpu")
+        self._host: GraphDataset | None = None  # the host dataset of a copy on a device
 
     def __len__(self) -> int:
         return len(self.structures)
 
     def graph(self, index: int) -> Graph:
-        """Graph of structure ``index`` (built on first use, then cached)."""
+        """Graph of structure ``index`` on :attr:`device` (built on first use, then cached)."""
         g = self._graphs[index]
         if g is None:
-            g = structure_to_graph(self.structures[index], self.specs, self.dtype)
-            for key, values in self.labels.items():
-                g[key] = torch.as_tensor(values[index], dtype=self.dtype)
+            if self._host is not None:
+                g = to_device(self._host.graph(index), self.device)
+            else:
+                g = structure_to_graph(self.structures[index], self.specs, self.dtype)
+                for key, values in self.labels.items():
+                    g[key] = torch.as_tensor(values[index], dtype=self.dtype)
             self._graphs[index] = g
         return g
+
+    def to(self, device: torch.device | str) -> GraphDataset:
+        """This dataset with its graphs kept on ``device`` (each copied once, on first use),
+        so that batches are collated there and training never waits for a host-to-device
+        copy; ``self`` when it is already there."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        host = self._host if self._host is not None else self
+        if device.type == "cpu":
+            return host
+        out = GraphDataset(host.structures, host.specs, host.dtype, host.name, host.labels)
+        out.device, out._host = device, host
+        return out
 
     def subset(self, indices: Sequence[int], name: str | None = None) -> GraphDataset:
         """A dataset of some of the structures, sharing already-built graphs."""
@@ -91,6 +110,8 @@ class GraphDataset:
             labels,
         )  # fmt: skip
         out._graphs = [self._graphs[i] for i in indices]
+        if self._host is not None:
+            out.device, out._host = self.device, self._host.subset(indices, name)
         return out
 
     def batches(
@@ -111,8 +132,11 @@ class GraphDataset:
         for mine, n_global in batch_slices(
             len(self), batch_size, shuffle, seed, rank, world_size, drop_last
         ):
-            batch = collate([self.graph(k) for k in mine]) if mine else None
-            yield batch, n_global
+            if not mine:
+                yield None, n_global
+                continue
+            counts = [self.structures[k].n_atoms for k in mine]
+            yield collate([self.graph(k) for k in mine], counts), n_global
 
     def species(self) -> list[int]:
         """Sorted atomic numbers present."""

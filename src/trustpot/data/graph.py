@@ -92,25 +92,38 @@ def edge_tensors(
     return g
 
 
-def collate(graphs: Sequence[Graph]) -> Graph:
-    """Concatenate graphs into one batch; edge indices are offset, ``batch`` is added."""
+def collate(graphs: Sequence[Graph], n_atoms: Sequence[int] | None = None) -> Graph:
+    """Concatenate graphs into one batch; edge indices are offset, ``batch`` is added.
+
+    Args:
+        graphs: the graphs, all on one device.
+        n_atoms: their atom counts, known on the host; given, collating graphs that live on
+            an accelerator never waits for it (no device-to-host copy).
+    """
     if not graphs:
         raise ValueError("cannot collate an empty list of graphs")
+    counts = [int(g[K.N_ATOMS][0]) for g in graphs] if n_atoms is None else list(n_atoms)
+    if len(counts) != len(graphs):
+        raise ValueError(f"{len(counts)} atom counts for {len(graphs)} graphs")
+    offsets = [0]
+    for n in counts[:-1]:
+        offsets.append(offsets[-1] + n)
     out: Graph = {}
-    n_atoms = torch.cat([g[K.N_ATOMS] for g in graphs])
-    offsets = torch.cumsum(n_atoms, 0) - n_atoms
     for key in graphs[0]:
         if key.startswith(K.EDGE_INDEX_PREFIX):
-            out[key] = torch.cat([g[key] + off for g, off in zip(graphs, offsets.tolist())], 1)
+            out[key] = torch.cat([g[key] + off for g, off in zip(graphs, offsets)], 1)
         else:
             out[key] = torch.cat([g[key] for g in graphs], 0)
-    out[K.BATCH] = torch.repeat_interleave(torch.arange(len(graphs)), n_atoms)
+    device = graphs[0][K.N_ATOMS].device
+    out[K.BATCH] = torch.repeat_interleave(
+        torch.arange(len(graphs), device=device), out[K.N_ATOMS], output_size=sum(counts)
+    )
     return out
 
 
-def to_device(g: Graph, device: torch.device | str) -> Graph:
-    """Move every tensor of ``g`` to ``device``."""
-    return {k: v.to(device) for k, v in g.items()}
+def to_device(g: Graph, device: torch.device | str, non_blocking: bool = False) -> Graph:
+    """Move every tensor of ``g`` to ``device`` (``non_blocking`` for pinned host tensors)."""
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in g.items()}
 
 
 def n_graphs(g: Graph) -> int:

@@ -165,7 +165,12 @@ class Backbone(nn.Module, ABC):
     def type_index(self, g: Graph) -> Tensor:
         """[n_atoms] index of each atom in ``species``; raises on unknown elements."""
         index = self.type_table[g[K.ATOMIC_NUMBERS]]
-        if bool((index < 0).any()):
+        if index.device.type != "cpu" or torch.compiler.is_compiling():
+            # checked without waiting for the device (or breaking a compiled graph)
+            torch._assert_async(
+                (index >= 0).all(), f"an element unknown to this model (knows {self.species})"
+            )
+        elif bool((index < 0).any()):
             unknown = sorted({int(z) for z in g[K.ATOMIC_NUMBERS][index < 0]})
             raise ValueError(f"element(s) {unknown} unknown to this model (knows {self.species})")
         return index

@@ -158,7 +158,12 @@ class Model(nn.Module, ABC):
         known = torch.tensor(self.species, dtype=torch.long, device=table.device)
         table[known] = torch.arange(len(self.species), device=table.device)
         index = table[g[K.ATOMIC_NUMBERS]]
-        if bool((index < 0).any()):
+        if index.device.type != "cpu" or torch.compiler.is_compiling():
+            # checked without waiting for the device (or breaking a compiled graph)
+            torch._assert_async(
+                (index >= 0).all(), f"an element unknown to this model (knows {self.species})"
+            )
+        elif bool((index < 0).any()):
             unknown = sorted({int(z) for z in g[K.ATOMIC_NUMBERS][index < 0]})
             raise ConfigError(f"element(s) {unknown} unknown to this model (knows {self.species})")
         return index

@@ -18,7 +18,11 @@ T = TypeVar("T")
 
 
 class TrainerDataset(Protocol):
-    """What :class:`trustpot.train.trainer.Trainer` needs from a dataset."""
+    """What :class:`trustpot.train.trainer.Trainer` needs from a dataset.
+
+    A dataset may also have ``to(device)`` returning the same data kept on ``device`` (as
+    :meth:`trustpot.data.dataset.GraphDataset.to` does); the trainer then collates batches
+    there instead of copying each one from the host."""
 
     def __len__(self) -> int: ...
 

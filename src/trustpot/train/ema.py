@@ -24,11 +24,17 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        floats: list[Tensor] = []
+        values: list[Tensor] = []
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+                floats.append(self.shadow[k])
+                values.append(v.detach())
             else:
                 self.shadow[k].copy_(v)
+        if floats:  # one fused pass over all tensors (few kernel launches on a GPU)
+            torch._foreach_mul_(floats, d)
+            torch._foreach_add_(floats, values, alpha=1 - d)
 
     def state_dict(self) -> dict[str, object]:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}

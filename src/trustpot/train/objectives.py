@@ -111,6 +111,15 @@ class ForceFieldLoss(ObjectiveLoss):
         self.metric_keys = ("e_abs", "e_sq", "e_n", "f_abs", "f_sq", "f_n")
         self._has_stress = False
         self.last_pred: dict[str, Tensor] | None = None
+        self._scales: dict[int, float] = {}
+
+    def _model_scale(self, model: nn.Module) -> float:
+        """The model's ``energy_scale`` (a buffer, fixed during training), read from the
+        device once per model rather than at every step."""
+        key = id(model)
+        if key not in self._scales:
+            self._scales[key] = float(model.energy_scale)  # type: ignore[arg-type]
+        return self._scales[key]
 
     def at_progress(self, progress: float) -> None:
         self.train_weights = dict(self.weights)
@@ -126,6 +135,11 @@ class ForceFieldLoss(ObjectiveLoss):
             self.weights = first
 
     def prepare(self, batch: Any | None, dist: DistInfo) -> None:
+        """Whether any structure of the global batch has a stress label (only asked, and so
+        only waited for on an accelerator, when the stress weight is positive)."""
+        if self.loss_weights.stress <= 0 and not dist.active:
+            self._has_stress = False
+            return
         local = batch is not None and bool((batch[K.STRESS_WEIGHT] > 0).any())
         flag = all_reduce_sum(torch.tensor([float(local)]), dist)
         self._has_stress = bool(flag.item() > 0)
@@ -135,7 +149,7 @@ class ForceFieldLoss(ObjectiveLoss):
         if not training:
             outputs = outputs | {K.FORCES}  # the MAE / RMSE columns need forces
         pred = model(batch, outputs, create_graph=training)
-        scale = self.scale if self.scale is not None else float(model.energy_scale)  # type: ignore[arg-type]
+        scale = self.scale if self.scale is not None else self._model_scale(model)
         self.last_pred = pred
         return loss_sums(pred, batch, self.loss_weights, scale)
 

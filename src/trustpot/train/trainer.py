@@ -154,6 +154,7 @@ class Trainer:
         self.progress = progress
         self.desc = desc
         self.param_groups = self._resolve_groups(param_groups)
+        self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": list(g.params), "lr": self._peak(g), "weight_decay": self._wd(g)}
@@ -163,6 +164,8 @@ class Trainer:
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
             amsgrad=amsgrad,
+            # on CUDA one fused kernel updates every tensor (the same arithmetic as the loop)
+            fused=True if self.device.type == "cuda" else None,
         )
         self.peaks = [self._peak(g) for g in self.param_groups if not g.frozen]
         self.schedule = Schedule(
@@ -180,7 +183,6 @@ class Trainer:
         self.user_state: dict[str, Any] = {}  # hooks keep what must survive a resume here
         self._best_state: dict[str, Tensor] | None = None
         self._best_dirty = False
-        self.device = next(model.parameters()).device
 
     # -- parameter groups -------------------------------------------------------------------
     def _peak(self, group: ParamGroup) -> float:
@@ -319,6 +321,13 @@ class Trainer:
             world_size=self.dist.world_size,
         )
 
+    def _on_device(self, ds: TrainerDataset) -> TrainerDataset:
+        """``ds`` with its data kept on the training device, when it can (``ds.to(device)``,
+        e.g. :meth:`~trustpot.data.dataset.GraphDataset.to`); else batches are copied there
+        step by step."""
+        to = getattr(ds, "to", None)
+        return to(self.device) if callable(to) else ds
+
     def _cycle(self, ds: TrainerDataset, epoch: int) -> Iterator[tuple[Any | None, int]]:
         round_ = 0
         while True:
@@ -328,8 +337,13 @@ class Trainer:
     def _reduce_counts(
         self, loss: ObjectiveLoss, counts: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        """Global counts of every term (zeros for terms this rank did not compute)."""
+        """Global counts of every term (zeros for terms this rank did not compute).
+
+        In a single process the counts stay where they are (no device-to-host copy)."""
         names = list(loss.weights)
+        if not self.dist.active:
+            zero = torch.zeros((), dtype=torch.float32, device=self.device)
+            return {n: counts[n].detach().float() if n in counts else zero for n in names}
         local = torch.stack(
             [
                 counts[n].detach().double() if n in counts else torch.zeros((), dtype=torch.float64)
@@ -368,11 +382,27 @@ class Trainer:
         self.elapsed = float(all_reduce_max(torch.tensor([self.elapsed]), self.dist).item())
         return self._out_of_time()
 
-    def train_step(self, batches: Sequence[Any | None]) -> float:
+    def _check_finite(self, value: float, steps: str) -> None:
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"{self.desc}: loss became {value} at epoch {self.epoch}, {steps}; "
+                "lower the learning rate(s) or check the data (trustpot data stats)"
+            )
+
+    def _host_checks(self) -> bool:
+        """Whether each step's loss is read on the host (and checked) as it is taken: on the
+        CPU, or across processes (their reductions pass through the host anyway). On a single
+        accelerator the losses stay there and are checked once per epoch, so that no step
+        waits for the device."""
+        return self.device.type == "cpu" or self.dist.active
+
+    def train_step(self, batches: Sequence[Any | None]) -> Tensor:
         """One optimiser step on one batch per objective (in ``self.objectives`` order).
 
-        Returns the loss summed over processes. A rank may pass ``None`` for an objective
-        whose slice of the global batch is empty.
+        A rank may pass ``None`` for an objective whose slice of the global batch is empty.
+        Returns the loss summed over processes, 0-d: on the training device in a single
+        process, where it is not read (so not waited for) unless the loss is checked on the
+        host (:meth:`_host_checks`).
         """
         self.optimizer.zero_grad(set_to_none=True)
         loss = sum(
@@ -381,22 +411,25 @@ class Trainer:
         )
         torch.autograd.backward(loss)
         sync_gradients(self.model, self.dist)
-        global_loss = float(all_reduce_sum(loss.detach().reshape(1).cpu(), self.dist).item())
-        if not math.isfinite(global_loss):
-            raise TrainingError(
-                f"{self.desc}: loss became {global_loss} at epoch {self.epoch}, step {self.step}; "
-                "lower the learning rate(s) or check the data (trustpot data stats)"
-            )
+        if self.dist.active:
+            total = all_reduce_sum(loss.detach().reshape(1).cpu(), self.dist)[0]
+        else:
+            total = loss.detach()
+        if self._host_checks():
+            self._check_finite(float(total), f"step {self.step}")
         if self.cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
-        return global_loss
+        return total
 
     def train_epoch(self, train: Mapping[str, TrainerDataset]) -> float:
-        """One pass over the first objective's data; returns the mean training loss."""
+        """One pass over the first objective's data; returns the mean training loss.
+
+        On a single accelerator the step losses are added up there and read once, at the
+        end of the epoch (a non-finite loss then stops training at the end of that epoch)."""
         self.train_mode(self.model)
         torch.manual_seed(_seed_for(self.cfg.seed + 17, self.epoch))
         self._set_lr(self.schedule.rate(self.epoch, self._progress()))
@@ -404,17 +437,21 @@ class Trainer:
             obj.kind.at_progress(self._progress())
         first, *others = self.objectives
         other_iters = [self._cycle(train[o.dataset], self.epoch) for o in others]
-        loss_sum, n_steps = 0.0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_steps, first_step = 0, self.step
         t0 = time.perf_counter()
         start_elapsed = self.elapsed
         for batch, _ in self._batches(train[first.dataset], self.epoch):
             extra = [next(it)[0] for it in other_iters]
-            loss_sum += self.train_step([batch, *extra])
+            loss_sum += self.train_step([batch, *extra]).to(torch.float64)
             n_steps += 1
             self.elapsed = start_elapsed + time.perf_counter() - t0
             if self._budget_spent():
                 break
-        return loss_sum / max(n_steps, 1)
+        mean = float(loss_sum) / max(n_steps, 1)
+        self.elapsed = start_elapsed + time.perf_counter() - t0  # the device has caught up
+        self._check_finite(mean, f"steps {first_step}-{self.step - 1}")
+        return mean
 
     def validate(self, val: Mapping[str, TrainerDataset]) -> dict[str, float]:
         """Every objective's own loss (and extra metric columns) of the inference weights on
@@ -430,8 +467,9 @@ class Trainer:
                 continue
             loss = obj.kind
             names = list(loss.weights)
-            sums: dict[str, float] = {n: 0.0 for n in names}
-            counts: dict[str, float] = {n: 0.0 for n in names}
+            zero = torch.zeros((), dtype=torch.float64, device=self.device)
+            sums: dict[str, Tensor] = {n: zero for n in names}
+            counts: dict[str, Tensor] = {n: zero for n in names}
             extra: dict[str, Tensor] = {}
             for batch, _ in ds.batches(
                 4 * self.cfg.batch_size, rank=self.dist.rank, world_size=self.dist.world_size
@@ -442,22 +480,21 @@ class Trainer:
                 if batch is None:
                     continue
                 s, c = loss.sums(self.eval_model, batch, False)
-                for n in s:
-                    sums[n] += float(s[n].detach().double())
-                    counts[n] += float(c[n].detach().double())
+                for n in s:  # added up on the device, read once per validation
+                    sums[n] = sums[n] + s[n].detach().double()
+                    counts[n] = counts[n] + c[n].detach().double()
                 pred = getattr(loss, "last_pred", None)
                 for key, value in loss.metric_sums(self.eval_model, batch, pred).items():
                     if key not in loss.metric_keys:
                         raise TrainingError(f"{type(loss).__name__}: metric '{key}' undeclared")
-                    value = value.detach().double().cpu()
+                    value = value.detach().double().to(self.device)
                     extra[key] = extra[key] + value if key in extra else value
             keys = list(loss.metric_keys)
-            local = torch.tensor(
+            local = torch.stack(
                 [sums[n] for n in names]
                 + [counts[n] for n in names]
-                + [float(extra.get(k, 0.0)) for k in keys],
-                dtype=torch.float64,
-            )
+                + [extra.get(k, zero).reshape(()) for k in keys]
+            ).cpu()
             glob = all_reduce_sum(local, self.dist).tolist()
             k = len(names)
             value = sum(
@@ -518,6 +555,8 @@ class Trainer:
         ``last.ckpt`` (atomically) and ``metrics.csv`` in ``run_dir``."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        train = {k: self._on_device(ds) for k, ds in train.items()}
+        val = {k: self._on_device(ds) for k, ds in val.items()}
         main = self.dist.is_main
         metrics = MetricsLog(run_dir / "metrics.csv")
         has_val = any(o.dataset in val for o in self.objectives)

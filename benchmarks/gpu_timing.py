@@ -1,0 +1,161 @@
+"""Timings behind ``benchmarks/gpu_check.py``: the real training loop, MD and uncertainty on a
+device against the same machine's CPU cores, measured in one process.
+
+Every function here runs the code a user runs: :func:`train_epochs` calls
+:func:`trustpot.train.run.run_training` (the ``trustpot train`` driver, validation included in
+each epoch's time), :func:`md_rate` drives ASE velocity Verlet through
+:class:`trustpot.calculator.TrustpotCalculator`. Nothing is estimated: a failure is recorded as
+an error row by the caller.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def train_epochs(
+    train_file: Path,
+    device: str,
+    *,
+    backbone: str = "painn",
+    dtype: str = "float32",
+    batch_size: int = 4,
+    epochs: int = 3,
+    max_train: int = 500,
+    threads: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Seconds per epoch of ``trustpot train`` (default hypers, ``lr`` 1e-2) on ``device``.
+
+    The first epoch builds the neighbour lists (and, on a device, copies the graphs there
+    once), so ``seconds`` is the median of the later epochs. Returns each epoch's seconds,
+    training loss and validation force MAE (eV/Å), which a float64 comparison between devices
+    checks for identity.
+    """
+    from trustpot.config import load_config
+    from trustpot.train.run import run_training
+
+    overrides = [
+        f"data.train={train_file}",
+        f"data.max_train={max_train}",
+        f"model.name={backbone}",
+        f"model.dtype={dtype}",
+        f"train.device={device}",
+        f"train.batch_size={batch_size}",
+        f"train.epochs={epochs}",
+        f"train.threads={threads}",
+        f"train.seed={seed}",
+        "train.checkpoint_every=1000",
+    ]
+    cfg = load_config(None, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = run_training(cfg, Path(tmp) / "run")
+        wall = time.perf_counter() - t0
+        with open(Path(tmp) / "run" / "metrics.csv") as fh:
+            rows = list(csv.DictReader(fh))
+    seconds = [float(r["epoch_s"]) for r in rows]
+    return {
+        "device": device,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "frames": max_train,
+        "threads": torch.get_num_threads(),
+        "epochs": result.epochs,
+        "epoch_seconds": seconds,
+        "seconds": statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0],
+        "train_loss": [float(r["train_loss"]) for r in rows],
+        "val_forces_mae": [float(r["val_forces_mae"]) for r in rows],
+        "wall_seconds": wall,
+    }
+
+
+def md_rate(
+    atoms: Any, model: Any, device: str, *, compile: bool = False, warmup: int = 20,
+    steps: int = 200,
+) -> dict[str, Any]:  # fmt: skip
+    """MD steps per second of ``model`` through the ASE calculator on ``device``."""
+    from speed_common import time_md
+
+    from trustpot.calculator import Predictor, TrustpotCalculator
+
+    calc = TrustpotCalculator(Predictor(model.eval(), device, batch_size=1), compile=compile)
+    t0 = time.perf_counter()
+    calc.calculate(atoms.copy(), ["energy", "forces"])  # compiles when asked (not timed)
+    first = time.perf_counter() - t0
+    row = time_md(atoms, calc, warmup, steps, seed=0, repeats=3)
+    row["first_call_seconds"] = first
+    return row
+
+
+def sync_points(model: Any, batches: Sequence[Any], steps: int = 4) -> list[str]:
+    """Where a training step of the real :class:`~trustpot.train.trainer.Trainer` makes the
+    host wait for the device (CUDA's sync debug mode), as ``file:line: message`` lines."""
+    from trustpot.config import TrainConfig
+    from trustpot.train.losses import LossWeights
+    from trustpot.train.trainer import Objective, Trainer
+
+    cfg = TrainConfig(epochs=1, batch_size=4)
+    trainer = Trainer(model, [Objective("main", "main", LossWeights())], cfg, progress=False)
+    trainer.train_mode(model)
+    trainer.train_step([batches[0]])  # warm-up: allocations, lazy initialisation
+    torch.cuda.synchronize()
+    seen: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for b in batches[1 : steps + 1]:
+                trainer.train_step([b])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        line = f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:120]}"
+        if line not in seen:
+            seen.append(line)
+    return seen
+
+
+def step_profile(model: Any, batch: Any, top: int = 12) -> dict[str, Any]:
+    """One training step under the profiler: host time, device time, kernel launches and
+    the operators that take the most host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from trustpot.config import TrainConfig
+    from trustpot.train.losses import LossWeights
+    from trustpot.train.trainer import Objective, Trainer
+
+    trainer = Trainer(
+        model, [Objective("main", "main", LossWeights())], TrainConfig(epochs=1), progress=False
+    )
+    trainer.train_mode(model)
+    for _ in range(3):
+        trainer.train_step([batch])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        trainer.train_step([batch])
+    torch.cuda.synchronize()
+    step_seconds = (time.perf_counter() - t0) / 10
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.train_step([batch])
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel"))
+    device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+    table = events.table(sort_by="self_cpu_time_total", row_limit=top)
+    return {
+        "step_seconds": step_seconds,
+        "kernel_launches": launches,
+        "device_busy_seconds": device_us / 1e6,
+        "table": table,
+    }
