@@ -33,8 +33,11 @@ def train_epochs(
     max_train: int = 500,
     threads: int = 0,
     seed: int = 0,
+    graphs: str = "auto",
+    lr: float | None = None,
 ) -> dict[str, Any]:
-    """Seconds per epoch of ``trustpot train`` (default hypers, ``lr`` 1e-2) on ``device``.
+    """Seconds per epoch of ``trustpot train`` (default hypers and ``lr`` unless given) on
+    ``device``, with ``train.cuda_graphs`` = ``graphs``.
 
     The first epoch builds the neighbour lists (and, on a device, copies the graphs there
     once), so ``seconds`` is the median of the later epochs. Returns each epoch's seconds,
@@ -55,6 +58,8 @@ def train_epochs(
         f"train.threads={threads}",
         f"train.seed={seed}",
         "train.checkpoint_every=1000",
+        f"train.cuda_graphs={graphs}",
+        *([f"train.lr={lr}"] if lr is not None else []),
     ]
     cfg = load_config(None, overrides)
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,6 +71,7 @@ def train_epochs(
     seconds = [float(r["epoch_s"]) for r in rows]
     return {
         "device": device,
+        "cuda_graphs": graphs,
         "dtype": dtype,
         "batch_size": batch_size,
         "frames": max_train,
@@ -97,7 +103,7 @@ def md_rate(
     return row
 
 
-def sync_points(model: Any, batches: Sequence[Any], steps: int = 4) -> list[str]:
+def sync_points(model: Any, data: Any, batches: Sequence[Any], steps: int = 4) -> list[str]:
     """Where a training step of the real :class:`~trustpot.train.trainer.Trainer` makes the
     host wait for the device (CUDA's sync debug mode), as ``file:line: message`` lines."""
     from trustpot.config import TrainConfig

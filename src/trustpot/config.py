@@ -107,6 +107,10 @@ class TrainConfig:
         threads: torch CPU threads per process (0: torch's default).
         checkpoint_every: write ``last.ckpt`` every this many epochs.
         device: torch device (``cpu``, ``cuda``, ``cuda:1``...).
+        cuda_graphs: record the training step once as a CUDA graph and replay it (batches
+            padded to one shape, ``trustpot.train.cuda_graph``): ``auto`` on a single CUDA
+            device whenever the run allows it (one force-field objective, no stress labels),
+            ``always`` insists (an error says why a run cannot), ``never`` never.
     """
 
     epochs: int = 1000
@@ -134,6 +138,7 @@ class TrainConfig:
     threads: int = 0
     checkpoint_every: int = 1
     device: str = "cpu"
+    cuda_graphs: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +154,14 @@ class RunConfig:
         t = self.train
         if t.schedule not in ("plateau", "cosine"):
             raise ConfigError(f"train.schedule must be 'plateau' or 'cosine', got '{t.schedule}'")
+        if t.cuda_graphs not in ("auto", "always", "never"):
+            raise ConfigError(
+                f"train.cuda_graphs must be auto, always or never, got '{t.cuda_graphs}'"
+            )
+        if t.cuda_graphs == "always" and not t.device.startswith("cuda"):
+            raise ConfigError(
+                f"train.cuda_graphs=always needs a CUDA device; train.device is '{t.device}'"
+            )
         if t.loss not in ("mse", "huber"):
             raise ConfigError(f"train.loss must be 'mse' or 'huber', got '{t.loss}'")
         if t.batch_size < 1 or t.epochs < 1 or t.lr <= 0:

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
+import torch
+from torch import Tensor
+
 from trustpot.data.dataset import batch_slices
 from trustpot.errors import ConfigError
 
@@ -76,3 +79,15 @@ def full_batch(item: Any, name: str = "full batch") -> ItemDataset[Any]:
     """A dataset of one item whose every batch is that item: one optimiser step per epoch
     (full-batch optimisation of a small problem, e.g. a scalar)."""
     return ItemDataset([item], lambda items: items[0], name)
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """``batch`` on ``device``: a graph dict, a tensor, or a tuple / list of tensors (a batch
+    already there is returned as it is, without a copy)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_batch(b, device) for b in batch)
+    return batch

@@ -3,9 +3,37 @@
 from __future__ import annotations
 
 import csv
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
+
+
+def budget_bar(
+    desc: str, max_minutes: float, epochs: int, elapsed: float, epoch: int, enabled: bool
+) -> tqdm:
+    """A progress bar over the budget: seconds of ``max_minutes`` when set, else epochs
+    (``elapsed`` seconds and ``epoch`` already done, e.g. by a resumed run)."""
+    common: dict[str, Any] = dict(
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    )
+    if max_minutes > 0:
+        budget = 60.0 * max_minutes
+        return tqdm(
+            total=round(budget, 1),
+            initial=round(min(elapsed, budget), 1),
+            unit="s",
+            bar_format=(
+                "{l_bar}{bar}| {n:.0f}/{total:.0f} s of budget [{elapsed}<{remaining}{postfix}]"
+            ),
+            **common,
+        )
+    return tqdm(total=epochs, initial=epoch, unit="epoch", **common)
 
 
 class MetricsLog:

@@ -50,6 +50,10 @@ class ObjectiveLoss:
     def at_progress(self, progress: float) -> None:
         """Called before each training epoch with the budget's progress in [0, 1]."""
 
+    def bind_data(self, datasets: Sequence[Any]) -> None:
+        """Called once before training with the training and validation sets this loss
+        reads (what is known about them on the host saves asking the device per batch)."""
+
     def sums(self, model: nn.Module, batch: Any, training: bool) -> tuple[Sums, Sums]:
         """Per-term error sums and counts of ``batch`` (keys a subset of :attr:`weights`)."""
         raise NotImplementedError
@@ -110,6 +114,7 @@ class ForceFieldLoss(ObjectiveLoss):
             raise ValueError("a second stage needs positive energy and force weights")
         self.metric_keys = ("e_abs", "e_sq", "e_n", "f_abs", "f_sq", "f_n")
         self._has_stress = False
+        self._stress_possible = True
         self.last_pred: dict[str, Tensor] | None = None
         self._scales: dict[int, float] = {}
 
@@ -134,10 +139,20 @@ class ForceFieldLoss(ObjectiveLoss):
         finally:
             self.weights = first
 
+    def bind_data(self, datasets: Sequence[Any]) -> None:
+        """Whether any structure of these sets has a stress label (known from the host-side
+        structures where a set has them; assumed possible otherwise)."""
+        self._stress_possible = any(
+            not hasattr(ds, "structures")
+            or any(getattr(s, "stress", None) is not None for s in ds.structures)
+            for ds in datasets
+        )
+
     def prepare(self, batch: Any | None, dist: DistInfo) -> None:
-        """Whether any structure of the global batch has a stress label (only asked, and so
-        only waited for on an accelerator, when the stress weight is positive)."""
-        if self.loss_weights.stress <= 0 and not dist.active:
+        """Whether any structure of the global batch has a stress label. Only asked of the
+        batch (so only waited for on an accelerator) when the stress weight is positive and
+        the data may hold stress labels."""
+        if (self.loss_weights.stress <= 0 or not self._stress_possible) and not dist.active:
             self._has_stress = False
             return
         local = batch is not None and bool((batch[K.STRESS_WEIGHT] > 0).any())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,11 +30,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from trustpot.config import TrainConfig
-from trustpot.data.graph import to_device
 from trustpot.errors import ConfigError, TrustpotError
 from trustpot.io.checkpoint import model_summary, read_checkpoint, save_checkpoint
 from trustpot.models.contract import Model
-from trustpot.train.datasets import TrainerDataset
+from trustpot.train.cuda_graph import GraphedStep, graphed_step_for
+from trustpot.train.datasets import TrainerDataset, move_batch
 from trustpot.train.distributed import (
     DistInfo,
     all_reduce_max,
@@ -44,9 +43,11 @@ from trustpot.train.distributed import (
     sync_gradients,
 )
 from trustpot.train.ema import EMA
-from trustpot.train.metrics_log import MetricsLog
+from trustpot.train.metrics_log import MetricsLog, budget_bar
 from trustpot.train.objectives import Objective, ObjectiveLoss, ParamGroup, TrainResult
 from trustpot.train.schedule import Schedule
+from trustpot.train.trainer_state import restore_state, state_of
+from trustpot.train.validation import validation_totals
 
 # Objective, ParamGroup and TrainResult live in trustpot.train.objectives; they are
 # re-exported here, next to the loop that uses them.
@@ -69,17 +70,6 @@ EpochHook = Callable[["Trainer", dict[str, Any]], "str | None"]
 
 def _seed_for(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
-
-
-def _move(batch: Any, device: torch.device) -> Any:
-    """``batch`` on ``device``: a graph dict, a tensor, or a tuple / list of tensors."""
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return to_device(batch, device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_move(b, device) for b in batch)
-    return batch
 
 
 def _zero_loss(model: nn.Module) -> Tensor:
@@ -155,6 +145,11 @@ class Trainer:
         self.desc = desc
         self.param_groups = self._resolve_groups(param_groups)
         self.device = next(model.parameters()).device
+        # a CUDA graph of the step may be used (decided in fit(), once the data is known)
+        self._graph_wanted = (
+            cfg.cuda_graphs != "never" and self.device.type == "cuda" and not self.dist.active
+        )
+        self._graphed: GraphedStep | None = None
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": list(g.params), "lr": self._peak(g), "weight_decay": self._wd(g)}
@@ -164,8 +159,10 @@ class Trainer:
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
             amsgrad=amsgrad,
-            # on CUDA one fused kernel updates every tensor (the same arithmetic as the loop)
+            # on CUDA one fused kernel updates every tensor (the same arithmetic as the loop);
+            # capturable: the step can be recorded in a CUDA graph (tensor learning rates)
             fused=True if self.device.type == "cuda" else None,
+            capturable=self._graph_wanted,
         )
         self.peaks = [self._peak(g) for g in self.param_groups if not g.frozen]
         self.schedule = Schedule(
@@ -210,10 +207,20 @@ class Trainer:
         return list(groups)
 
     def _set_lr(self, rate: float) -> None:
-        """Every group at ``rate / cfg.lr`` of its own peak."""
+        """Every group at ``rate / cfg.lr`` of its own peak (a tensor filled in place when a
+        CUDA graph may read it)."""
         factor = rate / self.cfg.lr
         for group, peak in zip(self.optimizer.param_groups, self.peaks):
-            group["lr"] = peak * factor
+            if self._graph_wanted:
+                if not isinstance(group["lr"], Tensor):
+                    group["lr"] = torch.tensor(peak * factor, device=self.device)
+                group["lr"].fill_(peak * factor)
+            else:
+                group["lr"] = peak * factor
+
+    def current_lr(self) -> float:
+        """The first group's learning rate."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     # -- state ------------------------------------------------------------------------------
     def inference_state(self) -> dict[str, Tensor]:
@@ -226,44 +233,12 @@ class Trainer:
         return self._best_state
 
     def training_state(self) -> dict[str, Any]:
-        return {
-            "raw_model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": dict(self.schedule.state),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "epoch": self.epoch,
-            "step": self.step,
-            "elapsed": self.elapsed,
-            "best_val": self.best_val,
-            "best_epoch": self.best_epoch,
-            "bad_epochs": self.bad_epochs,
-            "best_metrics": dict(self.best_metrics),
-            "config": self.run_config,
-            "losses": {o.name: o.kind.state_dict() for o in self.objectives},
-            "user": copy.deepcopy(self.user_state),
-        }
+        """Everything a resumed run needs (:func:`trustpot.train.trainer_state.state_of`)."""
+        return state_of(self)
 
     def load_training_state(self, path: Path) -> None:
         """Continue from ``last.ckpt`` written by an earlier (possibly killed) run."""
-        data = read_checkpoint(path)
-        state = data.get("training")
-        if not isinstance(state, dict):
-            raise TrainingError(f"{path}: holds no training state to resume from")
-        self.model.load_state_dict(state["raw_model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.state = dict(state["schedule"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.epoch = int(state["epoch"])
-        self.step = int(state["step"])
-        self.elapsed = float(state["elapsed"])
-        self.best_val = float(state["best_val"])
-        self.best_epoch = int(state["best_epoch"])
-        self.bad_epochs = int(state["bad_epochs"])
-        self.best_metrics = {k: float(v) for k, v in state["best_metrics"].items()}
-        for obj in self.objectives:
-            obj.kind.load_state_dict(state.get("losses", {}).get(obj.name, {}))
-        self.user_state = copy.deepcopy(state.get("user", {}))
+        restore_state(self, path)
 
     def resume(self, run_dir: Path) -> bool:
         """Resume from ``run_dir/last.ckpt`` if there is one; ``False`` when starting afresh.
@@ -356,7 +331,7 @@ class Trainer:
     def _objective_loss(self, obj: Objective, batch: Any | None) -> Tensor:
         loss = obj.kind
         if batch is not None:
-            batch = _move(batch, self.device)
+            batch = move_batch(batch, self.device)
         loss.prepare(batch, self.dist)
         if batch is None:
             # a rank with no structures in this step still joins the reductions with zeros
@@ -420,10 +395,35 @@ class Trainer:
         if self.cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
         self.optimizer.step()
+        self._finish_step()
+        return total
+
+    def _finish_step(self) -> None:
+        """EMA and the step count, after an eager or a graphed step."""
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
-        return total
+
+    def _graph_plan(self, train: Mapping[str, TrainerDataset]) -> str:
+        """Set up the CUDA graph of the step when the run allows it; returns why not (empty
+        when it does). ``train.cuda_graphs=always`` turns a reason into an error."""
+        obj = self.objectives[0]
+        if not self._graph_wanted:
+            reason = "not a single CUDA device" if self.cfg.cuda_graphs != "never" else "never"
+        elif len(self.objectives) > 1:
+            reason = "several objectives"
+        else:
+            self._graphed, reason = graphed_step_for(
+                obj.kind,
+                train[obj.dataset],
+                lambda b: self._objective_loss(obj, b),
+                self.model,
+                self.optimizer,
+                self.cfg,
+            )
+        if reason and self.cfg.cuda_graphs == "always":
+            raise ConfigError(f"train.cuda_graphs=always cannot be used here: {reason}")
+        return reason
 
     def train_epoch(self, train: Mapping[str, TrainerDataset]) -> float:
         """One pass over the first objective's data; returns the mean training loss.
@@ -443,7 +443,11 @@ class Trainer:
         start_elapsed = self.elapsed
         for batch, _ in self._batches(train[first.dataset], self.epoch):
             extra = [next(it)[0] for it in other_iters]
-            loss_sum += self.train_step([batch, *extra]).to(torch.float64)
+            if self._graphed is not None and batch is not None:  # the recorded CUDA graph
+                loss_sum += self._graphed(batch).to(torch.float64)
+                self._finish_step()
+            else:
+                loss_sum += self.train_step([batch, *extra]).to(torch.float64)
             n_steps += 1
             self.elapsed = start_elapsed + time.perf_counter() - t0
             if self._budget_spent():
@@ -466,36 +470,10 @@ class Trainer:
             if ds is None:
                 continue
             loss = obj.kind
-            names = list(loss.weights)
-            zero = torch.zeros((), dtype=torch.float64, device=self.device)
-            sums: dict[str, Tensor] = {n: zero for n in names}
-            counts: dict[str, Tensor] = {n: zero for n in names}
-            extra: dict[str, Tensor] = {}
-            for batch, _ in ds.batches(
-                4 * self.cfg.batch_size, rank=self.dist.rank, world_size=self.dist.world_size
-            ):
-                if batch is not None:
-                    batch = _move(batch, self.device)
-                loss.prepare(batch, self.dist)
-                if batch is None:
-                    continue
-                s, c = loss.sums(self.eval_model, batch, False)
-                for n in s:  # added up on the device, read once per validation
-                    sums[n] = sums[n] + s[n].detach().double()
-                    counts[n] = counts[n] + c[n].detach().double()
-                pred = getattr(loss, "last_pred", None)
-                for key, value in loss.metric_sums(self.eval_model, batch, pred).items():
-                    if key not in loss.metric_keys:
-                        raise TrainingError(f"{type(loss).__name__}: metric '{key}' undeclared")
-                    value = value.detach().double().to(self.device)
-                    extra[key] = extra[key] + value if key in extra else value
-            keys = list(loss.metric_keys)
-            local = torch.stack(
-                [sums[n] for n in names]
-                + [counts[n] for n in names]
-                + [extra.get(k, zero).reshape(()) for k in keys]
-            ).cpu()
-            glob = all_reduce_sum(local, self.dist).tolist()
+            names, keys = list(loss.weights), list(loss.metric_keys)
+            glob = validation_totals(
+                loss, self.eval_model, ds, 4 * self.cfg.batch_size, self.dist, self.device
+            )
             k = len(names)
             value = sum(
                 loss.weights[n] * glob[i] / max(glob[k + i], 1.0) for i, n in enumerate(names)
@@ -525,24 +503,14 @@ class Trainer:
 
     def _bar(self) -> tqdm:
         """Progress by budget: seconds of ``max_minutes`` when set, else epochs."""
-        common = dict(
-            desc=self.desc,
-            disable=not (self.dist.is_main and self.progress),
-            dynamic_ncols=True,
-            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        return budget_bar(
+            self.desc,
+            self.cfg.max_minutes,
+            self.cfg.epochs,
+            self.elapsed,
+            self.epoch,
+            enabled=self.dist.is_main and self.progress,
         )
-        if self.cfg.max_minutes > 0:
-            budget = 60.0 * self.cfg.max_minutes
-            return tqdm(
-                total=round(budget, 1),
-                initial=round(min(self.elapsed, budget), 1),
-                unit="s",
-                bar_format=(
-                    "{l_bar}{bar}| {n:.0f}/{total:.0f} s of budget [{elapsed}<{remaining}{postfix}]"
-                ),
-                **common,
-            )
-        return tqdm(total=self.cfg.epochs, initial=self.epoch, unit="epoch", **common)
 
     def fit(
         self,
@@ -555,9 +523,17 @@ class Trainer:
         ``last.ckpt`` (atomically) and ``metrics.csv`` in ``run_dir``."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
         train = {k: self._on_device(ds) for k, ds in train.items()}
         val = {k: self._on_device(ds) for k, ds in val.items()}
-        main = self.dist.is_main
+        for obj in self.objectives:
+            obj.kind.bind_data([d[obj.dataset] for d in (train, val) if obj.dataset in d])
+        why_not = self._graph_plan(train)
+        if self._graph_wanted and main:
+            log(f"{self.desc}: training step " + (
+                f"recorded as a CUDA graph ({self._graphed.shape.n_atoms} atoms per batch)"
+                if self._graphed is not None else f"not graphed: {why_not}"
+            ))  # fmt: skip
         metrics = MetricsLog(run_dir / "metrics.csv")
         has_val = any(o.dataset in val for o in self.objectives)
         by_time = self.cfg.max_minutes > 0
@@ -593,7 +569,7 @@ class Trainer:
                 "step": self.step,
                 "elapsed_s": round(self.elapsed, 2),
                 "epoch_s": round(time.perf_counter() - t_epoch, 3),
-                "lr": self.optimizer.param_groups[0]["lr"],
+                "lr": self.current_lr(),
                 "train_loss": train_loss,
                 **val_metrics,
             }

@@ -1,0 +1,63 @@
+"""What a :class:`~trustpot.train.trainer.Trainer` saves in ``last.ckpt`` and reads back to
+resume a run bit-identically: raw weights, optimiser, schedule, EMA, counters, best metrics,
+the losses' own state and what hooks kept in ``user_state``."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trustpot.io.checkpoint import read_checkpoint
+
+if TYPE_CHECKING:
+    from trustpot.train.trainer import Trainer
+
+
+def state_of(t: Trainer) -> dict[str, Any]:
+    """The training state of ``t`` (tensors are not copied)."""
+    return {
+        "raw_model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "schedule": dict(t.schedule.state),
+        "ema": t.ema.state_dict() if t.ema is not None else None,
+        "epoch": t.epoch,
+        "step": t.step,
+        "elapsed": t.elapsed,
+        "best_val": t.best_val,
+        "best_epoch": t.best_epoch,
+        "bad_epochs": t.bad_epochs,
+        "best_metrics": dict(t.best_metrics),
+        "config": t.run_config,
+        "losses": {o.name: o.kind.state_dict() for o in t.objectives},
+        "user": copy.deepcopy(t.user_state),
+    }
+
+
+def restore_state(t: Trainer, path: Path) -> None:
+    """Load the training state saved in the checkpoint ``path`` into ``t``.
+
+    Raises:
+        TrainingError: the checkpoint holds no training state.
+    """
+    data = read_checkpoint(path)
+    state = data.get("training")
+    if not isinstance(state, dict):
+        from trustpot.train.trainer import TrainingError
+
+        raise TrainingError(f"{path}: holds no training state to resume from")
+    t.model.load_state_dict(state["raw_model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.schedule.state = dict(state["schedule"])
+    if t.ema is not None and state["ema"] is not None:
+        t.ema.load_state_dict(state["ema"])
+    t.epoch = int(state["epoch"])
+    t.step = int(state["step"])
+    t.elapsed = float(state["elapsed"])
+    t.best_val = float(state["best_val"])
+    t.best_epoch = int(state["best_epoch"])
+    t.bad_epochs = int(state["bad_epochs"])
+    t.best_metrics = {k: float(v) for k, v in state["best_metrics"].items()}
+    for obj in t.objectives:
+        obj.kind.load_state_dict(state.get("losses", {}).get(obj.name, {}))
+    t.user_state = copy.deepcopy(state.get("user", {}))
