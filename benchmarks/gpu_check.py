@@ -122,14 +122,20 @@ def train_section(
                                     threads=cpu_threads),
                 device: train_epochs(root / rel, device, batch_size=bs, max_train=frames,
                                      graphs="never"),
-                f"{device} graph": train_epochs(root / rel, device, batch_size=bs,
-                                                max_train=frames, graphs="always"),
             }  # fmt: skip
+            try:  # a failure to record the graph must not lose the other rows
+                runs[f"{device} graph"] = train_epochs(
+                    root / rel, device, batch_size=bs, max_train=frames, graphs="always"
+                )
+            except Exception as err:
+                runs[f"{device} graph"] = {"error": f"{type(err).__name__}: {err}",
+                                           "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
+                print("graph FAILED", runs[f"{device} graph"]["traceback"], flush=True)
             cpu_s = runs["cpu"]["seconds"]
-            ratios = {k: cpu_s / v["seconds"] for k, v in runs.items() if k != "cpu"}
+            ratios = {k: cpu_s / v["seconds"] for k, v in runs.items() if "seconds" in v}
             rows[f"{name} batch {bs}"] = {**runs, "speedup": ratios}
             print(f"train {name} batch {bs}: " + ", ".join(
-                f"{k} {v['seconds']:.3f} s/epoch" for k, v in runs.items())
+                f"{k} {v['seconds']:.3f} s/epoch" for k, v in runs.items() if "seconds" in v)
                 + " | speed-up " + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items()),
                 flush=True)  # fmt: skip
     return rows

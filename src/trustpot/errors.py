@@ -42,3 +42,8 @@ class DataError(TrustpotError):
 
 class CheckpointError(TrustpotError):
     """A checkpoint is missing, from an incompatible version, tampered with or malformed."""
+
+
+class TrainingError(TrustpotError):
+    """Training cannot go on (e.g. the loss became NaN, or a checkpoint holds no training
+    state to resume from)."""

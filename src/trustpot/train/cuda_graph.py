@@ -194,6 +194,9 @@ class GraphedStep:
         the recording depends on besides the shape (e.g. the loss weights)."""
         self.static = {k: v.clone() for k, v in batch.items()}
         saved = self._saved()
+        quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+        if quiet is not None:  # the warm-up's side stream is meant (PyTorch's own recipe)
+            quiet(False)
         side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

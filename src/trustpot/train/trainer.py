@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from trustpot.config import TrainConfig
-from trustpot.errors import ConfigError, TrustpotError
+from trustpot.errors import ConfigError, TrainingError
 from trustpot.io.checkpoint import model_summary, read_checkpoint, save_checkpoint
 from trustpot.models.contract import Model
 from trustpot.train.cuda_graph import GraphedStep, graphed_step_for
@@ -59,10 +59,6 @@ __all__ = [
     "Trainer",
     "TrainingError",
 ]
-
-
-class TrainingError(TrustpotError):
-    """Training cannot go on (e.g. the loss became NaN)."""
 
 
 EpochHook = Callable[["Trainer", dict[str, Any]], "str | None"]
@@ -212,7 +208,7 @@ class Trainer:
         factor = rate / self.cfg.lr
         for group, peak in zip(self.optimizer.param_groups, self.peaks):
             if self._graph_wanted:
-                if not isinstance(group["lr"], Tensor):
+                if not isinstance(group["lr"], Tensor):  # float32: all fused AdamW takes
                     group["lr"] = torch.tensor(peak * factor, device=self.device)
                 group["lr"].fill_(peak * factor)
             else:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from trustpot.errors import TrainingError
 from trustpot.io.checkpoint import read_checkpoint
 
-if TYPE_CHECKING:
-    from trustpot.train.trainer import Trainer
+# ``t`` below is a trustpot.train.trainer.Trainer (not imported here: the trainer imports this)
+Trainer = Any
 
 
 def state_of(t: Trainer) -> dict[str, Any]:
@@ -43,8 +44,6 @@ def restore_state(t: Trainer, path: Path) -> None:
     data = read_checkpoint(path)
     state = data.get("training")
     if not isinstance(state, dict):
-        from trustpot.train.trainer import TrainingError
-
         raise TrainingError(f"{path}: holds no training state to resume from")
     t.model.load_state_dict(state["raw_model"])
     t.optimizer.load_state_dict(state["optimizer"])
