@@ -405,6 +405,53 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
 
 
+def learning_curves(out: Path, names: list[str]) -> list[dict[str, Any]]:
+    """Every trained model's run: epochs, minutes, best validation loss (and force MAE where
+    the run has it) and how much the best validation loss still fell over the last quarter
+    of the run's minutes (``tail_gain``: small means a plateau), from its ``metrics.csv``."""
+    import csv
+
+    rows = []
+    for name in names:
+        for path in sorted((out / name).glob("**/metrics.csv")):
+            with open(path) as handle:
+                curve = list(csv.DictReader(handle))
+            if len(curve) < 2 or "val_loss" not in curve[0]:
+                continue
+            minutes = [float(r["elapsed_s"]) / 60 for r in curve]
+            best = np.minimum.accumulate([float(r["val_loss"]) for r in curve])
+            before = [b for m, b in zip(minutes, best) if m <= 0.75 * minutes[-1]]
+            mae = [float(r["val_forces_mae"]) for r in curve if r.get("val_forces_mae")]
+            rows.append(
+                {
+                    "dataset": name,
+                    "run": str(path.parent.relative_to(out / name)),
+                    "epochs": len(curve),
+                    "minutes": minutes[-1],
+                    "best_val_loss": float(best[-1]),
+                    "best_val_forces_mae": min(mae) if mae else math.nan,
+                    "tail_gain": float((before[-1] - best[-1]) / before[-1])
+                    if before
+                    else math.nan,
+                }
+            )
+    return rows
+
+
+def curves_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| dataset | run | epochs | minutes | best val loss | best val force MAE (eV/Å) | "
+        "val loss drop over the last quarter |\n|---|---|---|---|---|---|---|\n"
+    )
+    body = [
+        f"| {r['dataset']} | {r['run']} | {r['epochs']} | {r['minutes']:.1f} | "
+        f"{_fmt(r['best_val_loss'])} | {_fmt(r['best_val_forces_mae'])} | "
+        f"{100 * r['tail_gain']:.1f}% |"
+        for r in rows
+    ]
+    return head + "\n".join(body) + "\n"
+
+
 def table(rows: list[dict]) -> str:
     head = (
         "| dataset | test | method | Spearman | AUROC | AURC (oracle / random) | CRPS | NLL | "
@@ -491,7 +538,10 @@ def main() -> int:
         "platform": platform.platform(),
         "wall_s": time.perf_counter() - t0,
     }
-    (out / "uq.json").write_text(json.dumps({"settings": header, "rows": rows}, indent=1))
+    curves = learning_curves(out, names)
+    (out / "uq.json").write_text(
+        json.dumps({"settings": header, "rows": rows, "learning_curves": curves}, indent=1)
+    )
     text = (
         f"# trustpot reliability benchmark ({mode_name})\n\n"
         f"{mode.minutes} min per trained model ({mode.nbody_minutes} min on N-body; "
@@ -500,7 +550,10 @@ def main() -> int:
         "Ranking columns use the per-structure force MAE "
         "(energy error per atom for energy-only sets) against the method's score (force std; "
         "1 - reliability for PROBE); AUROC flags the top 20% errors; CRPS/NLL/miscalibration on "
-        "force components (eV/Å); costs are ratios to one plain model.\n\n" + table(rows)
+        "force components (eV/Å); costs are ratios to one plain model.\n\n"
+        + table(rows)
+        + "\n## Training runs (learning curves in each run's metrics.csv)\n\n"
+        + curves_table(curves)
     )
     (out / "uq.md").write_text(text)
     print(text)

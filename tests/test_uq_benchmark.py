@@ -39,7 +39,20 @@ def test_uq_benchmark_quick_nbody(tmp_path):
         assert r["train_cost"] > 0 and r["inference_cost"] > 0 and r["md_cost"] > 0
         assert math.isnan(r["crps"]) == (r["method"] == "probe")
     table = (out / "uq.md").read_text()
-    assert table.count("| nbody-30 |") == 14
+    assert table.count("| nbody-30 |") >= 14
+    curves = result["learning_curves"]  # the five members and MC dropout at least
+    runs = {c["run"] for c in curves}
+    assert {f"ensemble/member_{k}" for k in range(5)} <= runs
+    assert all(c["epochs"] >= 2 and math.isfinite(c["best_val_loss"]) for c in curves)
+    # two seeds' outputs combine into one table with ranges
+    seeds = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "uq_seeds.py"), str(out), str(out),
+         "--out", str(tmp_path / "seeds")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert seeds.returncode == 0, seeds.stderr[-2000:]
+    combined = (tmp_path / "seeds" / "uq_seeds.md").read_text()
+    assert combined.count("| nbody-30 | test_ood |") == 7 and "[" in combined
     # a rerun reuses every model and evaluation
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "training" not in again.stdout
