@@ -139,3 +139,21 @@ def test_graphed_training_matches_the_eager_loop_on_cuda(
         assert (trainer._graphed is not None) == (mode == "always")
         losses[mode] = rows
     assert losses["always"] == pytest.approx(losses["never"], rel=1e-9)
+
+
+def test_stress_presence_is_known_from_the_host(
+    ethanol_structures: list, bulk_structures: list
+) -> None:
+    """With molecules only, the loss never asks a batch (on a GPU: the device) whether it has
+    stress labels; with stress labels it does."""
+    from trustpot.train.distributed import DistInfo
+
+    loss = ForceFieldLoss(LossWeights(stress=1.0))
+    molecules = GraphDataset(ethanol_structures[:3], [], torch.float64)
+    loss.bind_data([molecules])
+    loss.prepare({}, DistInfo())  # an empty batch: reading it would raise KeyError
+    assert loss._has_stress is False
+    periodic = GraphDataset(bulk_structures[:2], [], torch.float64)
+    loss.bind_data([molecules, periodic])
+    with pytest.raises(KeyError):
+        loss.prepare({}, DistInfo())
