@@ -37,13 +37,14 @@ def curve_rows(metrics_csv: Path) -> list[dict[str, float]]:
     return rows
 
 
-def tail_gain(curve: list[dict[str, float]]) -> float:
-    """Relative drop of the best validation force MAE over the last :data:`PLATEAU_TAIL` of
-    the run's minutes (0.02: 2% better at the end than at 75% of the run; small = plateau)."""
+def tail_gain(curve: list[dict[str, float]], key: str = "val_forces_mae") -> float:
+    """Relative drop of the best ``key`` (validation force MAE by default) over the last
+    :data:`PLATEAU_TAIL` of the run's minutes (0.02: 2% better at the end than at 75% of the
+    run; small = plateau). ``curve``: rows with ``minutes`` and ``key``."""
     if len(curve) < 2:
         return float("nan")
     end = curve[-1]["minutes"]
-    best = np.minimum.accumulate([r["val_forces_mae"] for r in curve])
+    best = np.minimum.accumulate([r[key] for r in curve])
     before = [b for r, b in zip(curve, best) if r["minutes"] <= (1 - PLATEAU_TAIL) * end]
     if not before:
         return float("nan")

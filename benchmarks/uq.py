@@ -411,6 +411,8 @@ def learning_curves(out: Path, names: list[str]) -> list[dict[str, Any]]:
     of the run's minutes (``tail_gain``: small means a plateau), from its ``metrics.csv``."""
     import csv
 
+    from accuracy_report import tail_gain  # the one plateau measure of the benchmarks
+
     rows = []
     for name in names:
         for path in sorted((out / name).glob("**/metrics.csv")):
@@ -418,21 +420,20 @@ def learning_curves(out: Path, names: list[str]) -> list[dict[str, Any]]:
                 curve = list(csv.DictReader(handle))
             if len(curve) < 2 or "val_loss" not in curve[0]:
                 continue
-            minutes = [float(r["elapsed_s"]) / 60 for r in curve]
-            best = np.minimum.accumulate([float(r["val_loss"]) for r in curve])
-            before = [b for m, b in zip(minutes, best) if m <= 0.75 * minutes[-1]]
+            rows_min = [
+                {"minutes": float(r["elapsed_s"]) / 60, "val_loss": float(r["val_loss"])}
+                for r in curve
+            ]
             mae = [float(r["val_forces_mae"]) for r in curve if r.get("val_forces_mae")]
             rows.append(
                 {
                     "dataset": name,
                     "run": str(path.parent.relative_to(out / name)),
                     "epochs": len(curve),
-                    "minutes": minutes[-1],
-                    "best_val_loss": float(best[-1]),
+                    "minutes": rows_min[-1]["minutes"],
+                    "best_val_loss": min(r["val_loss"] for r in rows_min),
                     "best_val_forces_mae": min(mae) if mae else math.nan,
-                    "tail_gain": float((before[-1] - best[-1]) / before[-1])
-                    if before
-                    else math.nan,
+                    "tail_gain": tail_gain(rows_min, "val_loss"),
                 }
             )
     return rows

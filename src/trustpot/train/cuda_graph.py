@@ -36,12 +36,11 @@ from trustpot.config import TrainConfig
 from trustpot.data.graph import Graph
 from trustpot.train.objectives import ForceFieldLoss, ObjectiveLoss
 
-#: per-structure keys with one row per graph; every other non-edge key has one row per atom
+#: per-structure keys with one row per graph (positions, numbers, forces and batch: per atom)
 GRAPH_ROWS = (
     K.CELL, K.PBC, K.N_ATOMS, K.ENERGY, K.ENERGY_WEIGHT, K.FORCES_WEIGHT, K.STRESS,
     K.STRESS_WEIGHT,
 )  # fmt: skip
-ATOM_ROWS = (K.POSITIONS, K.ATOMIC_NUMBERS, K.FORCES, K.BATCH)
 
 
 @dataclass(frozen=True)
@@ -252,7 +251,7 @@ def graphed_step_for(
     structures = getattr(data, "structures", None)
     if structures is None or getattr(data, "labels", None):
         return None, "the training set is not a plain force-field dataset"
-    if kind.loss_weights.stress > 0 and any(s.stress is not None for s in structures):
+    if kind.stress_term_possible:
         return None, "stress labels (the stress term is decided batch by batch)"
     graphs = [data.graph(k) for k in range(len(structures))]
     keys = [k for k in graphs[0] if k.startswith(K.EDGE_INDEX_PREFIX)]
@@ -263,13 +262,9 @@ def graphed_step_for(
         int(structures[0].numbers[0]),
         max(spec.cutoff for spec in data.specs),
     )
-    weights = kind  # the second stage changes its training weights: record again then
+    force_field: ForceFieldLoss = kind  # a second stage changes the weights: record again
     step = GraphedStep(
-        loss_fn,
-        model,
-        optimizer,
-        shape,
-        cfg.clip_grad,
-        lambda: tuple(weights.train_weights.items()),
-    )
+        loss_fn, model, optimizer, shape, cfg.clip_grad,
+        lambda: tuple(force_field.train_weights.items()),
+    )  # fmt: skip
     return step, ""

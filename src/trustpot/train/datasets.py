@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from trustpot.data.dataset import batch_slices
+from trustpot.data.graph import to_device
 from trustpot.errors import ConfigError
 
 T = TypeVar("T")
@@ -87,7 +88,7 @@ def move_batch(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device)
     if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
+        return to_device(batch, device)
     if isinstance(batch, (tuple, list)):
         return type(batch)(move_batch(b, device) for b in batch)
     return batch

@@ -148,11 +148,16 @@ class ForceFieldLoss(ObjectiveLoss):
             for ds in datasets
         )
 
+    @property
+    def stress_term_possible(self) -> bool:
+        """Whether some batch may need the stress term: a positive stress weight and data
+        that may hold stress labels (:meth:`bind_data`)."""
+        return self.loss_weights.stress > 0 and self._stress_possible
+
     def prepare(self, batch: Any | None, dist: DistInfo) -> None:
         """Whether any structure of the global batch has a stress label. Only asked of the
-        batch (so only waited for on an accelerator) when the stress weight is positive and
-        the data may hold stress labels."""
-        if (self.loss_weights.stress <= 0 or not self._stress_possible) and not dist.active:
+        batch (so only waited for on an accelerator) when :attr:`stress_term_possible`."""
+        if not self.stress_term_possible and not dist.active:
             self._has_stress = False
             return
         local = batch is not None and bool((batch[K.STRESS_WEIGHT] > 0).any())

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trustpot.errors import TrustpotError
+from trustpot.errors import TrainingError
 from trustpot.train.datasets import move_batch
 from trustpot.train.distributed import DistInfo, all_reduce_sum
 from trustpot.train.objectives import ObjectiveLoss
@@ -29,7 +29,7 @@ def validation_totals(
         added over every rank.
 
     Raises:
-        TrustpotError: the loss returned a metric it did not declare in ``metric_keys``.
+        TrainingError: the loss returned a metric it did not declare in ``metric_keys``.
     """
     names, keys = list(loss.weights), list(loss.metric_keys)
     zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -49,7 +49,7 @@ def validation_totals(
         pred = getattr(loss, "last_pred", None)
         for key, value in loss.metric_sums(model, batch, pred).items():
             if key not in keys:
-                raise TrustpotError(f"{type(loss).__name__}: metric '{key}' undeclared")
+                raise TrainingError(f"{type(loss).__name__}: metric '{key}' undeclared")
             value = value.detach().double().to(device)
             extra[key] = extra[key] + value if key in extra else value
     local = torch.stack(
