@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-#: share of a run's minutes at its end over which the plateau is judged
-PLATEAU_TAIL = 0.25
+from trustpot.train.plateau import tail_gain
 
 
 def curve_rows(metrics_csv: Path) -> list[dict[str, float]]:
@@ -35,20 +34,6 @@ def curve_rows(metrics_csv: Path) -> list[dict[str, float]]:
                 }
             )
     return rows
-
-
-def tail_gain(curve: list[dict[str, float]], key: str = "val_forces_mae") -> float:
-    """Relative drop of the best ``key`` (validation force MAE by default) over the last
-    :data:`PLATEAU_TAIL` of the run's minutes (0.02: 2% better at the end than at 75% of the
-    run; small = plateau). ``curve``: rows with ``minutes`` and ``key``."""
-    if len(curve) < 2:
-        return float("nan")
-    end = curve[-1]["minutes"]
-    best = np.minimum.accumulate([r[key] for r in curve])
-    before = [b for r, b in zip(curve, best) if r["minutes"] <= (1 - PLATEAU_TAIL) * end]
-    if not before:
-        return float("nan")
-    return float((before[-1] - best[-1]) / before[-1])
 
 
 def _predictions(path: Path) -> list[dict[str, Any]]:

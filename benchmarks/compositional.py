@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["all"])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--minutes", type=float)
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, splits and training")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
@@ -45,6 +46,7 @@ def main() -> None:
         models=args.models,
         mode="quick" if args.quick else "full",
         minutes=minutes,
+        seed=args.seed,
         threads=args.threads,
         workers=args.workers,
     )

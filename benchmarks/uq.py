@@ -409,31 +409,24 @@ def learning_curves(out: Path, names: list[str]) -> list[dict[str, Any]]:
     """Every trained model's run: epochs, minutes, best validation loss (and force MAE where
     the run has it) and how much the best validation loss still fell over the last quarter
     of the run's minutes (``tail_gain``: small means a plateau), from its ``metrics.csv``."""
-    import csv
-
-    from accuracy_report import tail_gain  # the one plateau measure of the benchmarks
+    from trustpot.train.plateau import run_plateau  # the one plateau measure
 
     rows = []
     for name in names:
         for path in sorted((out / name).glob("**/metrics.csv")):
-            with open(path) as handle:
-                curve = list(csv.DictReader(handle))
-            if len(curve) < 2 or "val_loss" not in curve[0]:
+            loss = run_plateau(path, "val_loss")
+            if loss["epochs"] < 2 or math.isnan(loss["best"]):
                 continue
-            rows_min = [
-                {"minutes": float(r["elapsed_s"]) / 60, "val_loss": float(r["val_loss"])}
-                for r in curve
-            ]
-            mae = [float(r["val_forces_mae"]) for r in curve if r.get("val_forces_mae")]
+            mae = run_plateau(path, "val_forces_mae")
             rows.append(
                 {
                     "dataset": name,
                     "run": str(path.parent.relative_to(out / name)),
-                    "epochs": len(curve),
-                    "minutes": rows_min[-1]["minutes"],
-                    "best_val_loss": min(r["val_loss"] for r in rows_min),
-                    "best_val_forces_mae": min(mae) if mae else math.nan,
-                    "tail_gain": tail_gain(rows_min, "val_loss"),
+                    "epochs": loss["epochs"],
+                    "minutes": loss["minutes"],
+                    "best_val_loss": loss["best"],
+                    "best_val_forces_mae": mae["best"],
+                    "tail_gain": loss["tail_gain"],
                 }
             )
     return rows

@@ -39,6 +39,7 @@ import yaml
 
 from trustpot.engines.compositional import SUBSETS, TASKS
 from trustpot.errors import ConfigError
+from trustpot.train.plateau import run_plateau
 
 Log = Callable[[str], None]
 DEFAULT_MODELS = ("schnet", "painn", "egnn", "deepset-moe")
@@ -455,13 +456,15 @@ def run_task(
                 evaluate_model(run_dir / "best.ckpt", sets, labels, mode, opts.seed)
             )
             eval_path.write_text(json.dumps(evaluation))
-        evaluation["training"] = record
-        result["models"][spec.text] = evaluation
+        plateau = run_plateau(run_dir / "metrics.csv", "val_loss")
+        evaluation["training"] = {**record, "val_loss_tail_gain": plateau["tail_gain"]}
+        result["models"][spec.text] = _nan_to_none(evaluation)
         f_id = evaluation["subsets"]["test_id"]["forces_mae"]
         f_ood = evaluation["subsets"]["test_ood"]["forces_mae"]
         log(
             f"  {spec.text}: force MAE ID {f_id:.4f} OOD {f_ood:.4f} eV/Å "
-            f"(ratio {f_ood / f_id:.2f}), {record['epochs']} epochs"
+            f"(ratio {f_ood / f_id:.2f}), {record['epochs']} epochs, validation loss "
+            f"{100 * plateau['tail_gain']:.1f}% lower over the last quarter"
         )
     return result
 

@@ -41,12 +41,17 @@ def _g(value: Any) -> str:
     return f"{value:.3g}"
 
 
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
 def task_table(task: dict[str, Any]) -> list[str]:
     """Markdown rows of the seed's table for one task (plus offset and distance columns)."""
     lines = [
         "| model | F MAE ID | F MAE OOD | **OOD/ID** | cos ID | cos OOD | \\|F\\| MAE ID "
-        "| \\|F\\| MAE OOD | E MAE ID | E MAE OOD | E OOD offset | E OOD rest | kNN ρ | epochs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| \\|F\\| MAE OOD | E MAE ID | E MAE OOD | E OOD offset | E OOD rest | kNN ρ | epochs "
+        "| last-quarter drop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in task["models"].items():
         i, o = m["subsets"]["test_id"], m["subsets"]["test_ood"]
@@ -59,7 +64,8 @@ def task_table(task: dict[str, Any]) -> list[str]:
             f"| {_f(o.get('energy_mae'), 3)} | {_f(off.get('offset_mae'), 3)} "
             f"| {_f(off.get('mae_rest'), 3)} "
             f"| {_f(m['spearman'].get('max_distance_vs_forces_mae'), 2)} "
-            f"| {m.get('training', {}).get('epochs', '–')} |"
+            f"| {m.get('training', {}).get('epochs', '–')} "
+            f"| {_percent(m.get('training', {}).get('val_loss_tail_gain'))} |"
         )
     return lines
 

@@ -1,0 +1,61 @@
+"""Has a run reached its plateau? The one measure every benchmark reports.
+
+``tail_gain``: how much the best validation value still fell over the last quarter of a
+run's minutes (0.02: 2% better at the end than at 75% of the run). Small means more of the
+same schedule would not have changed the comparison; large means the run was cut short and
+a comparison with it is partly a floor effect.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+#: share of a run's minutes at its end over which the plateau is judged
+PLATEAU_TAIL = 0.25
+
+
+def tail_gain(curve: Sequence[dict[str, float]], key: str = "val_forces_mae") -> float:
+    """Relative drop of the best ``key`` over the last :data:`PLATEAU_TAIL` of the run's
+    minutes; NaN for a curve too short to judge.
+
+    Args:
+        curve: rows in time order, each with ``minutes`` and ``key``.
+        key: the validation column (lower is better).
+    """
+    if len(curve) < 2:
+        return math.nan
+    end = curve[-1]["minutes"]
+    best: list[float] = []
+    for row in curve:
+        best.append(row[key] if not best else min(best[-1], row[key]))
+    before = [b for r, b in zip(curve, best) if r["minutes"] <= (1 - PLATEAU_TAIL) * end]
+    if not before or before[-1] == 0:
+        return math.nan
+    return float((before[-1] - best[-1]) / before[-1])
+
+
+def run_plateau(metrics_csv: str | Path, key: str = "val_loss") -> dict[str, Any]:
+    """A trained run's length and plateau from its ``metrics.csv``.
+
+    Returns:
+        ``epochs``, ``minutes`` (wall clock of the last epoch), ``best`` (lowest ``key``) and
+        ``tail_gain`` (see :func:`tail_gain`); NaN values when the file has no ``key`` column
+        or fewer than two epochs.
+    """
+    with open(metrics_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    curve = [
+        {"minutes": float(r["elapsed_s"]) / 60.0, key: float(r[key])}
+        for r in rows
+        if r.get(key) not in (None, "")
+    ]
+    return {
+        "epochs": len(rows),
+        "minutes": curve[-1]["minutes"] if curve else math.nan,
+        "best": min((r[key] for r in curve), default=math.nan),
+        "tail_gain": tail_gain(curve, key),
+    }
