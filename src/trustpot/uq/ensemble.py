@@ -26,6 +26,7 @@ from trustpot.uq.base import (
     sample_statistics,
     wrapper_extra,
 )
+from trustpot.uq.stacked import StackedMembers, stack_problem
 
 SAMPLE_OUTPUTS = frozenset({K.ENERGY_STD, K.FORCES_STD, K.ENERGY_SAMPLES, K.FORCES_SAMPLES})
 
@@ -70,17 +71,22 @@ class DeepEnsemble(UQModel):
     """M independently trained models; the prediction is their mean, the std their spread.
 
     Members may be of any model kind (trustpot potentials, fine-tuned pretrained models...), as
-    long as they share species, dtype and neighbour lists.
+    long as they share species, dtype and neighbour lists. Members of one architecture whose
+    weights sit in linear and embedding layers (PaiNN, SchNet, EGNN potentials) are evaluated
+    together as one stacked network (:mod:`trustpot.uq.stacked`: one forward and one backward
+    pass for all members, the same numbers to float rounding); others one by one.
+    :attr:`evaluation` says which, and why.
 
     Args:
         members: at least two models with the same species, dtype and neighbour lists.
+        stacked: evaluate stackable members together (False: always one by one).
     """
 
     kind: ClassVar[str] = "uq:ensemble"
     method: ClassVar[str] = "ensemble"
     provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
 
-    def __init__(self, members: Sequence[Model]) -> None:
+    def __init__(self, members: Sequence[Model], stacked: bool = True) -> None:
         if len(members) < 2:
             raise ConfigError(f"an ensemble needs at least 2 members, got {len(members)}")
         first = members[0]
@@ -99,13 +105,66 @@ class DeepEnsemble(UQModel):
         super().__init__(first)
         self.others = nn.ModuleList(members[1:])
         self.fit_report: dict[str, Any] = {}
+        self.stacked = bool(stacked)
+        #: how the members are evaluated: "stacked" or "one by one: <why>" (set on first use)
+        self.evaluation = "not evaluated yet"
+        self._stack: tuple[tuple[Any, ...], StackedMembers | None] = ((), None)
+        self._tables: list[tuple[dict[str, Any], str]] = []
 
     @property
     def members(self) -> list[Model]:
         return [self.base, *(m for m in self.others if isinstance(m, Model))]
 
+    def _weights_key(self) -> tuple[Any, ...]:
+        """Changes whenever a member's weights, device or dtype change (storage and version
+        counter of every parameter and buffer, read from the modules' own tables: cheap
+        enough to check on every call)."""
+        tables = self._tables
+        if not tables:
+            tables = [
+                (table, name)
+                for m in self.members
+                for mod in m.modules()
+                for table in (mod._parameters, mod._buffers)
+                for name in table
+            ]
+            self._tables = tables
+        tensors = [table[name] for table, name in tables]
+        live = [t for t in tensors if t is not None]
+        return (
+            tuple(t.data_ptr() for t in live),
+            tuple(t._version for t in live),
+            tuple(t.dtype for t in live[:1]),
+        )
+
+    def _stacked_members(self) -> StackedMembers | None:
+        """The members as one stacked network, rebuilt when their weights change; None when
+        they do not stack (or stacking is off), with the reason in :attr:`evaluation`."""
+        if not self.stacked:
+            self.evaluation = "one by one: stacking turned off"
+            return None
+        if any(m.training for m in self.members):
+            self.evaluation = "one by one: a member is in training mode"
+            return None
+        key = self._weights_key()
+        if key != self._stack[0]:
+            members = self.members
+            problem = stack_problem(members)
+            net = None
+            if problem is None:
+                net = StackedMembers(members)
+                problem = net.check(members, self.base._two_atoms())
+            self._stack = (key, net if problem is None else None)
+            self.evaluation = "stacked" if problem is None else f"one by one: {problem}"
+        return self._stack[1]
+
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
         wanted = _potential_outputs(outputs)
+        net = self._stacked_members()
+        if net is not None:
+            out = net.evaluate(g, wanted)
+            extra = {k: out[k].mean(1) for k in outputs & {K.STRESS, K.VIRIAL, K.NODE_ENERGY}}
+            return samples_output(out[K.ENERGY], out[K.FORCES], outputs, extra)
         samples = [m(g, wanted, create_graph=False) for m in self.members]
         energies = torch.stack([s[K.ENERGY].detach() for s in samples], dim=1)
         forces = torch.stack([s[K.FORCES].detach() for s in samples], dim=1)

@@ -1,0 +1,242 @@
+"""Deep-ensemble members evaluated as one model: stacked weights, one forward, one backward.
+
+M potentials of one architecture (same backbone class, hyper-parameters, species, dtype and
+constants) run as one network on M copies of the batch. Copy ``k`` holds member ``k``'s atoms
+and edges; the copies are laid out member-major, so every per-atom and per-edge tensor of the
+network is ``M`` equal blocks of rows. Every ``nn.Linear`` and ``nn.Embedding`` is replaced by
+its stacked version, which applies member ``k``'s weights to block ``k`` in one batched matrix
+product; everything else in the network (activations, gathers and sums over edges, the radial
+basis) works row by row and needs no change. The forces of every member come from one backward
+pass of the sum of all copies' energies, since copy ``k``'s energy depends only on copy ``k``'s
+positions.
+
+What this buys: on a small molecule a model's evaluation is dominated by the fixed cost of each
+tensor operation, which the stacked network pays once instead of M times. The arithmetic is the
+members' own: results equal the member-by-member loop to float rounding
+(:meth:`StackedMembers.check` verifies it on a probe structure before the first use).
+
+Which ensembles stack (:func:`stack_problem`): trustpot potentials whose only per-member
+weights sit in ``nn.Linear`` / ``nn.Embedding`` layers, plus the per-member energy scale, shift
+and reference energies. PaiNN, SchNet and EGNN qualify; ACE (equivariant products with their own
+weight tensors), DeepSet-MoE (expert weights) and pretrained adapters do not, and are evaluated
+member by member, as the ensemble reports (:attr:`trustpot.uq.ensemble.DeepEnsemble.evaluation`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from trustpot import keys as K
+from trustpot.data.graph import Graph
+from trustpot.models.base import Embedding
+from trustpot.models.contract import Model
+from trustpot.models.potential import Potential, compute_outputs
+
+#: per-member buffers of a potential that the stacked network carries as [M, ...] tensors
+_MEMBER_BUFFERS = ("reference_energies", "energy_scale", "energy_shift")
+
+
+class StackedLinear(nn.Module):
+    """M linear layers as one: rows of block ``k`` of the input use layer ``k``'s weights.
+
+    Args:
+        layers: the members' layers (same shapes, all with or all without bias).
+    """
+
+    def __init__(self, layers: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        self.m = len(layers)
+        self.n_in, self.n_out = layers[0].in_features, layers[0].out_features
+        with torch.no_grad():
+            # [M, in, out]: x @ W^T of each member as one batched product
+            self.weight = torch.stack([lin.weight.detach().t() for lin in layers]).contiguous()
+            self.bias = (
+                torch.stack([lin.bias.detach() for lin in layers]).unsqueeze(1)
+                if layers[0].bias is not None
+                else None
+            )  # [M, 1, out]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [M * R, ..., in] member-major -> [M * R, ..., out]."""
+        rows = x.reshape(self.m, -1, self.n_in)
+        if self.bias is None:
+            y = torch.bmm(rows, self.weight)
+        else:
+            y = torch.baddbmm(self.bias, rows, self.weight)
+        return y.reshape(*x.shape[:-1], self.n_out)
+
+
+class StackedEmbedding(nn.Module):
+    """M embedding tables as one: index ``i`` of block ``k`` reads row ``i`` of table ``k``.
+
+    Args:
+        tables: the members' embeddings (same shapes).
+    """
+
+    def __init__(self, tables: Sequence[nn.Embedding]) -> None:
+        super().__init__()
+        self.m = len(tables)
+        self.n_rows = tables[0].num_embeddings
+        with torch.no_grad():
+            self.weight = torch.cat([t.weight.detach() for t in tables])  # [M * rows, F]
+
+    def forward(self, index: Tensor) -> Tensor:
+        """index: [M * R] member-major -> [M * R, F]."""
+        per_member = index.shape[0] // self.m
+        member = torch.arange(self.m, device=index.device).repeat_interleave(per_member)
+        return torch.index_select(self.weight, 0, index + member * self.n_rows)
+
+
+def _stackable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        name: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, (nn.Linear, nn.Embedding)) and name
+    }
+
+
+def stack_problem(members: Sequence[Model]) -> str | None:
+    """Why these members cannot run as one stacked network, or None when they can."""
+    if not all(type(m) is Potential for m in members):
+        kinds = sorted({m.kind or type(m).__name__ for m in members})
+        return f"members are not all plain trustpot potentials ({', '.join(kinds)})"
+    pots = [m for m in members if isinstance(m, Potential)]
+    first = pots[0]
+    for k, m in enumerate(pots[1:], start=1):
+        if type(m.backbone) is not type(first.backbone) or type(m.head) is not type(first.head):
+            return f"member {k} has another architecture than member 0"
+        if m.backbone.hypers != first.backbone.hypers:
+            return f"member {k} has other hyper-parameters than member 0"
+        if m.meta.avg_neighbors != first.meta.avg_neighbors:
+            return f"member {k} normalises messages by another neighbour count than member 0"
+    if any(m.backbone.modulator is not None for m in pots):
+        return "a member has a modulator attached"
+    layers = _stackable_modules(first)
+    in_layers = {f"{name}.{p}" for name in layers for p, _ in layers[name].named_parameters()}
+    for name, param in first.named_parameters():
+        if name in in_layers:
+            continue
+        for m in pots[1:]:
+            if not torch.equal(m.get_parameter(name), param):
+                return f"parameter '{name}' differs between members and is not in a linear layer"
+    for name, value in first.named_buffers():
+        if name in _MEMBER_BUFFERS:
+            continue
+        for m in pots[1:]:
+            if not torch.equal(m.get_buffer(name), value):
+                return f"buffer '{name}' differs between members"
+    for name, mod in layers.items():
+        for k, m in enumerate(pots[1:], start=1):
+            other = m.get_submodule(name)
+            if type(other) is not type(mod) or any(
+                a.shape != b.shape for a, b in zip(other.parameters(), mod.parameters())
+            ):
+                return f"layer '{name}' of member {k} has another shape than member 0's"
+            if isinstance(mod, nn.Linear) and (mod.bias is None) != (other.bias is None):
+                return f"layer '{name}' of member {k} has another bias than member 0's"
+    return None
+
+
+def replicate(g: Graph, m: int, specs: Sequence[str]) -> Graph:
+    """The batch ``g`` copied ``m`` times, member-major (atoms, edges and structures of copy
+    ``k`` after those of copy ``k - 1``; indices shifted), with the fields a potential reads:
+    positions, numbers, cell, pbc, atom counts, the structure index and the neighbour lists
+    named in ``specs``."""
+    n_atoms = g[K.POSITIONS].shape[0]
+    n_graphs = g[K.N_ATOMS].shape[0]
+    device = g[K.POSITIONS].device
+    out: Graph = {
+        K.POSITIONS: g[K.POSITIONS].repeat(m, 1),
+        K.ATOMIC_NUMBERS: g[K.ATOMIC_NUMBERS].repeat(m),
+        K.CELL: g[K.CELL].repeat(m, 1, 1),
+        K.PBC: g[K.PBC].repeat(m, 1),
+        K.N_ATOMS: g[K.N_ATOMS].repeat(m),
+    }
+    copies = torch.arange(m, device=device)
+    out[K.BATCH] = (g[K.BATCH].unsqueeze(0) + (copies * n_graphs).unsqueeze(1)).reshape(-1)
+    for name in specs:
+        index = g[K.edge_index_key(name)]
+        shifted = index.unsqueeze(1) + (copies * n_atoms).view(1, m, 1)  # [2, M, E]
+        out[K.edge_index_key(name)] = shifted.reshape(2, -1)
+        out[K.edge_shift_key(name)] = g[K.edge_shift_key(name)].repeat(m, 1)
+    return out
+
+
+class StackedMembers(nn.Module):
+    """The members of a deep ensemble as one stacked network (see the module docstring).
+
+    Built from the members' current weights; it does not follow later changes to them
+    (:class:`~trustpot.uq.ensemble.DeepEnsemble` rebuilds it when they change).
+
+    Args:
+        members: potentials for which :func:`stack_problem` is None.
+    """
+
+    reference_energies: Tensor  # [M, 119] eV, float64
+    energy_scale: Tensor  # [M]
+    energy_shift: Tensor  # [M]
+
+    def __init__(self, members: Sequence[Model]) -> None:
+        super().__init__()
+        problem = stack_problem(members)
+        if problem is not None:
+            raise ValueError(f"these members do not stack: {problem}")
+        pots = [m for m in members if isinstance(m, Potential)]
+        self.m = len(pots)
+        self.specs = [s.name for s in pots[0].neighbor_lists()]
+        self.dtype = pots[0].dtype
+        net = copy.deepcopy(pots[0]).eval()
+        for name, mod in _stackable_modules(pots[0]).items():
+            parts = [p.get_submodule(name) for p in pots]
+            stacked: nn.Module = (
+                StackedLinear(parts)  # type: ignore[arg-type]
+                if isinstance(mod, nn.Linear)
+                else StackedEmbedding(parts)  # type: ignore[arg-type]
+            )
+            net.set_submodule(name, stacked)
+        self.net = net
+        with torch.no_grad():
+            for name in _MEMBER_BUFFERS:
+                self.register_buffer(name, torch.stack([p.get_buffer(name) for p in pots]))
+
+    def node_energies(self, g: Graph) -> tuple[Tensor, Embedding]:
+        """[M * n_atoms] per-atom energies (eV, float64) of the replicated batch ``g``, each
+        copy by its member, and the stacked embedding."""
+        emb = self.net.backbone(g)
+        raw = self.net.head(g, emb).reshape(self.m, -1)  # [M, n_atoms]
+        scale = self.energy_scale.to(raw.dtype).unsqueeze(1)
+        learned = raw * scale + self.energy_shift.to(raw.dtype).unsqueeze(1)
+        numbers = g[K.ATOMIC_NUMBERS].reshape(self.m, -1)
+        e0 = torch.gather(self.reference_energies, 1, numbers)
+        return (learned.double() + e0).reshape(-1), emb
+
+    def evaluate(self, g: Graph, wanted: frozenset[str]) -> dict[str, Tensor]:
+        """The members' outputs on the batch ``g``, each with a member axis after its first:
+        ``energy`` [n_graphs, M], ``forces`` [n_atoms, M, 3], ``stress`` / ``virial``
+        [n_graphs, M, 3, 3], ``energies`` [n_atoms, M], as ``wanted`` asks."""
+        out = compute_outputs(
+            self.node_energies, replicate(g, self.m, self.specs), wanted, create_graph=False
+        )
+        return {
+            k: v.detach().reshape(self.m, -1, *v.shape[1:]).movedim(0, 1) for k, v in out.items()
+        }
+
+    def check(self, members: Sequence[Model], probe: Graph) -> str | None:
+        """None when the stacked energies and forces on ``probe`` equal the members' own to
+        float rounding; else what differs."""
+        wanted = frozenset({K.ENERGY, K.FORCES})
+        got = self.evaluate(probe, wanted)
+        tol = 1e-4 if self.dtype == torch.float32 else 1e-9
+        for k, member in enumerate(members):
+            ref = member(probe, wanted, create_graph=False)
+            for key in (K.ENERGY, K.FORCES):
+                a, b = got[key][:, k], ref[key].detach()
+                err = float((a - b).abs().max())
+                scale = max(float(b.abs().max()), 1.0)
+                if not err <= tol * scale:
+                    return f"stacked {key} of member {k} differs from its own by {err:.3g}"
+        return None

@@ -1,0 +1,130 @@
+"""Deep-ensemble members evaluated together as one stacked network (trustpot.uq.stacked)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trustpot import keys as K
+from trustpot.data.graph import collate, structure_to_graph
+from trustpot.models.build import build_potential
+from trustpot.uq.ensemble import DeepEnsemble
+from trustpot.uq.stacked import StackedMembers, replicate, stack_problem
+
+HYPERS = {"n_features": 16, "n_layers": 2, "cutoff": 4.0}
+OUTPUTS = [
+    K.ENERGY,
+    K.FORCES,
+    K.ENERGY_STD,
+    K.FORCES_STD,
+    K.ENERGY_SAMPLES,
+    K.FORCES_SAMPLES,
+    K.NODE_ENERGY,
+]
+
+
+def _members(structures, backbone, n=3, dtype="float64"):
+    members = [
+        build_potential(backbone, HYPERS, structures, dtype, seed=k).eval() for k in range(n)
+    ]
+    for k, m in enumerate(members):  # members differ in scale, shift and E0, as fitted ones do
+        m.energy_scale.fill_(0.5 + 0.3 * k)
+        m.energy_shift.fill_(-0.1 * k)
+        m.reference_energies.add_(0.01 * k)
+    return members
+
+
+def _batch(model, structures):
+    specs = model.neighbor_lists()
+    return collate([structure_to_graph(s, specs, model.dtype) for s in structures])
+
+
+@pytest.mark.parametrize("backbone", ["painn", "schnet", "egnn"])
+def test_stacked_equals_members_one_by_one(ethanol_structures, backbone):
+    members = _members(ethanol_structures, backbone)
+    stacked, loop = DeepEnsemble(members), DeepEnsemble(members, stacked=False)
+    g = _batch(members[0], ethanol_structures[:3])
+    a, b = stacked(g, OUTPUTS), loop(g, OUTPUTS)
+    assert stacked.evaluation == "stacked"
+    assert loop.evaluation == "one by one: stacking turned off"
+    for key in OUTPUTS:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-10, msg=key)
+
+
+def test_stacked_stress_of_periodic_cells(bulk_structures):
+    members = _members(bulk_structures, "painn")
+    stacked, loop = DeepEnsemble(members), DeepEnsemble(members, stacked=False)
+    g = _batch(members[0], bulk_structures[:2])
+    wanted = [K.ENERGY, K.FORCES, K.STRESS, K.FORCES_STD]
+    a, b = stacked(g, wanted), loop(g, wanted)
+    assert stacked.evaluation == "stacked"
+    for key in wanted:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-10, msg=key)
+
+
+def test_replicate_shifts_indices_member_major(ethanol_structures):
+    model = _members(ethanol_structures, "schnet", n=1)[0]
+    g = _batch(model, ethanol_structures[:2])
+    n_atoms, n_graphs = g[K.POSITIONS].shape[0], g[K.N_ATOMS].shape[0]
+    r = replicate(g, 3, ["main"])
+    index, rep = g[K.edge_index_key("main")], r[K.edge_index_key("main")]
+    assert rep.shape == (2, 3 * index.shape[1])
+    assert torch.equal(rep[:, index.shape[1] : 2 * index.shape[1]], index + n_atoms)
+    assert torch.equal(r[K.BATCH][2 * n_atoms :], g[K.BATCH] + 2 * n_graphs)
+    assert torch.equal(r[K.POSITIONS][n_atoms : 2 * n_atoms], g[K.POSITIONS])
+
+
+@pytest.mark.parametrize(
+    ("backbone", "why"),
+    [("ace", "is not in a linear layer"), ("deepset-moe", "is not in a linear layer")],
+)
+def test_unstackable_members_run_one_by_one_and_say_why(ethanol_structures, backbone, why):
+    members = _members(ethanol_structures, backbone, n=2)
+    ens = DeepEnsemble(members)
+    loop = DeepEnsemble(members, stacked=False)
+    g = _batch(members[0], ethanol_structures[:2])
+    a, b = ens(g, [K.ENERGY, K.FORCES_STD]), loop(g, [K.ENERGY, K.FORCES_STD])
+    assert ens.evaluation.startswith("one by one") and why in ens.evaluation
+    torch.testing.assert_close(a[K.FORCES_STD], b[K.FORCES_STD], rtol=0, atol=0)
+
+
+def test_mixed_architectures_and_attached_modulators_do_not_stack(ethanol_structures):
+    painn = _members(ethanol_structures, "painn", n=1)[0]
+    schnet = _members(ethanol_structures, "schnet", n=1)[0]
+    assert "another architecture" in str(stack_problem([painn, schnet]))
+    wide = build_potential("painn", {**HYPERS, "n_features": 8}, ethanol_structures, "float64")
+    assert "hyper-parameters" in str(stack_problem([painn, wide]))
+    with pytest.raises(ValueError, match="do not stack"):
+        StackedMembers([painn, schnet])
+
+
+def test_changed_weights_are_followed(ethanol_structures):
+    members = _members(ethanol_structures, "painn")
+    ens = DeepEnsemble(members)
+    g = _batch(members[0], ethanol_structures[:2])
+    before = ens(g, [K.ENERGY_SAMPLES])[K.ENERGY_SAMPLES]
+    with torch.no_grad():
+        members[1].head.mlp[0].weight.mul_(2.0)  # in place: the stack must be rebuilt
+    after = ens(g, [K.ENERGY_SAMPLES])[K.ENERGY_SAMPLES]
+    own = members[1](g, [K.ENERGY], create_graph=False)[K.ENERGY]
+    assert ens.evaluation == "stacked"
+    assert not torch.allclose(before[:, 1], after[:, 1])
+    torch.testing.assert_close(after[:, 1], own.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(after[:, 0], before[:, 0], rtol=0, atol=0)
+
+
+def test_members_in_training_mode_run_one_by_one(ethanol_structures):
+    members = _members(ethanol_structures, "schnet", n=2)
+    ens = DeepEnsemble(members)
+    members[0].train()
+    ens(_batch(members[0], ethanol_structures[:1]), [K.ENERGY])
+    assert ens.evaluation == "one by one: a member is in training mode"
+
+
+def test_float32_stacked_agrees_to_rounding(ethanol_structures):
+    members = _members(ethanol_structures, "painn", dtype="float32")
+    ens, loop = DeepEnsemble(members), DeepEnsemble(members, stacked=False)
+    g = _batch(members[0], ethanol_structures[:2])
+    a, b = ens(g, [K.FORCES_SAMPLES]), loop(g, [K.FORCES_SAMPLES])
+    assert ens.evaluation == "stacked"
+    torch.testing.assert_close(a[K.FORCES_SAMPLES], b[K.FORCES_SAMPLES], rtol=1e-4, atol=1e-5)
