@@ -1,7 +1,8 @@
 """What uncertainty costs at inference: every reliability method against one plain model.
 
 Each method wraps the same PaiNN (float32, default size, cutoff 5 Å) built on the benchmark
-frames: a deep ensemble of 5, MC dropout (16 masks in the energy head), PROBE, learned
+frames: a deep ensemble of 5 (evaluated as one stacked network, and ``ensemble-one-by-one``:
+the same members one after the other, as before stacking), MC dropout (16 masks in the energy head), PROBE, learned
 perturbations (8 samples), LLPR (8 drawn last layers; ``llpr-local``: each atom's
 energy-contribution std, no samples) and a shallow ensemble (8 heads). The
 weights are untrained: inference cost does not depend on them. Two costs, each the ratio of the
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("ensemble", "mc-dropout", "probe", "perturb", "llpr", "llpr-local", "shallow-ensemble")
+METHODS = ("ensemble", "ensemble-one-by-one", "mc-dropout", "probe", "perturb", "llpr", "llpr-local", "shallow-ensemble")
 
 
 def build_wrappers(structures: Sequence[Any], cutoff: float, seed: int = 0) -> dict[str, Any]:
@@ -53,13 +54,15 @@ def build_wrappers(structures: Sequence[Any], cutoff: float, seed: int = 0) -> d
         ).eval()
 
     plain = painn(0)
+    members = [painn(k) for k in range(5)]
     perturbed = PerturbedPotential(painn(0), n_samples=8)
     for p in perturbed.modulator.parameters():  # non-zero, so the samples differ
         p.data.normal_(0.0, 0.05)
     h = last_layer(plain)[1].in_features
     return {
         "plain": plain,
-        "ensemble": DeepEnsemble([painn(k) for k in range(5)]),
+        "ensemble": DeepEnsemble(members),
+        "ensemble-one-by-one": DeepEnsemble(members, stacked=False),
         "mc-dropout": MCDropout(painn(0, dropout=0.1), n_samples=16),
         "probe": Probe(painn(0), ProbeHypers(), 0.1, 1.0),
         "perturb": perturbed,
