@@ -2,9 +2,9 @@
 
 Each method wraps the same PaiNN (float32, default size, cutoff 5 Å) built on the benchmark
 frames: a deep ensemble of 5 (evaluated as one stacked network, and ``ensemble-one-by-one``:
-the same members one after the other, as before stacking), MC dropout (16 masks in the energy head), PROBE, learned
-perturbations (8 samples), LLPR (8 drawn last layers; ``llpr-local``: each atom's
-energy-contribution std, no samples) and a shallow ensemble (8 heads). The
+the same members one after the other, as before stacking), MC dropout (16 masks in the energy
+head), PROBE, learned perturbations (8 samples), LLPR (8 drawn last layers; ``llpr-local``:
+each atom's energy-contribution std, no samples) and a shallow ensemble (8 heads). The
 weights are untrained: inference cost does not depend on them. Two costs, each the ratio of the
 method's seconds to the plain model's, timed alternately in this process:
 
@@ -33,7 +33,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("ensemble", "ensemble-one-by-one", "mc-dropout", "probe", "perturb", "llpr", "llpr-local", "shallow-ensemble")
+METHODS = (
+    "ensemble",
+    "ensemble-one-by-one",
+    "mc-dropout",
+    "probe",
+    "perturb",
+    "llpr",
+    "llpr-local",
+    "shallow-ensemble",
+)
 
 
 def build_wrappers(structures: Sequence[Any], cutoff: float, seed: int = 0) -> dict[str, Any]:

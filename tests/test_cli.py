@@ -91,6 +91,35 @@ def test_train_eval_md(
     assert np.all(np.isfinite(frames[-1].positions))
 
 
+@pytest.mark.integration
+def test_md_compile_flag_compiles_the_potential(
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``trustpot md --compile`` evaluates through torch.compile (recorded here: the compiled
+    function is the potential's ``node_energies``); without the flag nothing is compiled."""
+    import torch
+
+    data, run = trained
+    compiled: list[str] = []
+    real = torch.compile
+
+    def recording(fn, **kw):  # type: ignore[no-untyped-def]
+        compiled.append(fn.__name__)
+        return real(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    argv = ["md", str(run / "best.ckpt"), str(data), "--steps", "4", "--temperature", "300",
+            "--interval", "2"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "a.xyz")]) == 0
+    assert compiled == []
+    assert main([*argv, "--out", str(tmp_path / "b.xyz"), "--compile"]) == 0
+    assert compiled == ["node_energies"]
+    a, b = read(tmp_path / "a.xyz", ":"), read(tmp_path / "b.xyz", ":")
+    assert len(a) == len(b) == 3  # steps 0, 2 and 4
+    assert not np.allclose(a[0].positions, a[-1].positions)
+    np.testing.assert_allclose(a[-1].positions, b[-1].positions, rtol=0, atol=1e-5)
+
+
 def test_config_show(capsys: pytest.CaptureFixture) -> None:
     assert main(["config", "show"]) == 0
     out = capsys.readouterr().out

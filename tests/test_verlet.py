@@ -16,8 +16,9 @@ from conftest import labelled_bulk, labelled_molecules
 from trustpot.calculator import Predictor, TrustpotCalculator, system_changes
 from trustpot.data.neighbors import VerletNeighbors, neighbor_pairs
 from trustpot.data.reader import atoms_to_structure
+from trustpot.errors import ConfigError
 from trustpot.models.build import build_potential
-from trustpot.uq.ensemble import DeepEnsemble
+from trustpot.uq.ensemble import DeepEnsemble, MCDropout
 
 
 def _same(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> None:
@@ -179,5 +180,37 @@ def test_compiled_md_calculator_agrees_with_the_plain_path_to_float_rounding() -
     dyn.attach(compare, interval=1)
     dyn.run(20)
     assert len(edges) > 1 and set(model.state_dict()) == keys
-    with pytest.raises(ValueError, match="needs a plain potential"):
-        TrustpotCalculator(Predictor(DeepEnsemble([model, model])), compile=True)
+    dropped = build_potential("painn", {"n_features": 8, "n_layers": 1, "cutoff": 3.0},
+                              structures, dtype="float32", head_dropout=0.1)  # fmt: skip
+    with pytest.raises(ConfigError, match="compile needs a plain potential or a deep ensemble"):
+        TrustpotCalculator(Predictor(MCDropout(dropped, n_samples=2)), compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_stacked_ensemble_md_agrees_with_the_eager_ensemble() -> None:
+    """``compile=True`` on a deep ensemble compiles its stacked network: along an NVE run,
+    forces and force std within float rounding of the eager ensemble, evaluated one by one."""
+    frames = labelled_molecules(4)
+    structures = [atoms_to_structure(a) for a in frames]
+    hypers = {"n_features": 16, "n_layers": 2, "cutoff": 3.0}
+    members = [
+        build_potential("painn", hypers, structures, dtype="float32", seed=k) for k in range(3)
+    ]
+    ensemble = DeepEnsemble(members)
+    eager = Predictor(DeepEnsemble(members, stacked=False), batch_size=1)
+    atoms = frames[0].copy()
+    MaxwellBoltzmannDistribution(atoms, temperature_K=800, rng=np.random.default_rng(2))
+    atoms.calc = TrustpotCalculator(Predictor(ensemble, batch_size=1), skin=0.5, compile=True)
+    dyn = VelocityVerlet(atoms, 1.0 * units.fs)
+
+    def compare() -> None:
+        (ref,) = eager.predict_structures([atoms_to_structure(atoms)], ["forces", "forces_std"])
+        np.testing.assert_allclose(atoms.get_forces(), ref["forces"], rtol=0, atol=1e-5)
+        got = atoms.calc.results["forces_std"]
+        np.testing.assert_allclose(got, ref["forces_std"], rtol=0, atol=1e-5)
+
+    dyn.attach(compare, interval=1)
+    dyn.run(10)
+    assert ensemble.evaluation == "stacked, compiled"
+    with pytest.raises(ConfigError, match="only a stacked ensemble compiles"):
+        TrustpotCalculator(Predictor(DeepEnsemble(members, stacked=False)), compile=True)

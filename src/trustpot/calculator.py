@@ -35,6 +35,7 @@ from trustpot.data.graph import (
 from trustpot.data.neighbors import VerletNeighbors
 from trustpot.data.reader import atoms_to_structure
 from trustpot.data.structures import Structure, check_species
+from trustpot.errors import ConfigError
 from trustpot.io.checkpoint import load_model
 from trustpot.models.contract import Model
 from trustpot.models.potential import Potential, compute_outputs
@@ -194,7 +195,8 @@ class TrustpotCalculator(Calculator):
             CPU thread) but the first call compiles (about 5 s with inductor's on-disk cache,
             45 s without, on a 2-core machine) and results equal the eager ones only to float
             rounding (fused kernels reorder operations: about 1e-7 relative in float32), not
-            to the last bit. Off by default; only for long runs.
+            to the last bit. Off by default; only for long runs. A deep ensemble whose members
+            stack (:mod:`trustpot.uq.stacked`) compiles its stacked network instead.
     """
 
     #: per instance: exactly what its predictor returns
@@ -218,18 +220,24 @@ class TrustpotCalculator(Calculator):
         #: the compiled ``node_energies`` of a plain potential (``compile=True``), else None
         self._compiled: Any = None
         if compile:
+            from trustpot.uq.ensemble import DeepEnsemble  # uq.calibration imports this module
+
             model = predictor.model
-            if not isinstance(model, Potential):
-                raise ValueError(
-                    f"compile=True needs a plain potential, got a '{type(model).__name__}'"
+            if isinstance(model, DeepEnsemble):
+                model.compile_stacked()  # the ensemble compiles its own stacked network
+            elif isinstance(model, Potential):
+                self._compiled = torch.compile(model.node_energies, dynamic=True)
+            else:
+                raise ConfigError(
+                    "compile needs a plain potential or a deep ensemble whose members stack, "
+                    f"got a '{type(model).__name__}'"
                 )
-            self._compiled = torch.compile(model.node_energies, dynamic=True)
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str = "cpu", skin: float = 1.0
+        cls, path: str | Path, device: str = "cpu", skin: float = 1.0, compile: bool = False
     ) -> TrustpotCalculator:
-        return cls(Predictor.from_checkpoint(path, device), skin)
+        return cls(Predictor.from_checkpoint(path, device), skin, compile)
 
     def calculate(
         self,

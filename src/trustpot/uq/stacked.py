@@ -25,7 +25,7 @@ member by member, as the ensemble reports (:attr:`trustpot.uq.ensemble.DeepEnsem
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -202,6 +202,14 @@ class StackedMembers(nn.Module):
         with torch.no_grad():
             for name in _MEMBER_BUFFERS:
                 self.register_buffer(name, torch.stack([p.get_buffer(name) for p in pots]))
+        #: what :meth:`evaluate` differentiates: :meth:`node_energies` or its compiled form
+        self.energy_fn: Callable[[Graph], tuple[Tensor, Embedding]] = self.node_energies
+
+    def compile(self) -> None:
+        """Evaluate :meth:`node_energies` through ``torch.compile`` (dynamic shapes) from now
+        on: fewer, fused operations per call after a one-off compilation; results equal to
+        float rounding, not to the last bit."""
+        self.energy_fn = torch.compile(self.node_energies, dynamic=True)
 
     def node_energies(self, g: Graph) -> tuple[Tensor, Embedding]:
         """[M * n_atoms] per-atom energies (eV, float64) of the replicated batch ``g``, each
@@ -219,7 +227,7 @@ class StackedMembers(nn.Module):
         ``energy`` [n_graphs, M], ``forces`` [n_atoms, M, 3], ``stress`` / ``virial``
         [n_graphs, M, 3, 3], ``energies`` [n_atoms, M], as ``wanted`` asks."""
         out = compute_outputs(
-            self.node_energies, replicate(g, self.m, self.specs), wanted, create_graph=False
+            self.energy_fn, replicate(g, self.m, self.specs), wanted, create_graph=False
         )
         return {
             k: v.detach().reshape(self.m, -1, *v.shape[1:]).movedim(0, 1) for k, v in out.items()
