@@ -63,6 +63,9 @@ TRUSTPOT_MODELS = ("painn", "schnet", "egnn", "ace")
 #: PaiNN through ``TrustpotCalculator(compile=True)``: MD only, full mode only (compiling takes
 #: 5-45 s per system, too long for the CI's ``--quick``)
 COMPILED = "painn-compiled"
+#: MD with uncertainty: a deep ensemble of 5 PaiNN (forces_std every step), stacked (the
+#: default), one member after the other (as before stacking), and stacked + compiled (full mode)
+ENSEMBLES = ("painn-ensemble5", "painn-ensemble5-one-by-one", "painn-ensemble5-compiled")
 WORKERS = ("trustpot", "mace", "schnetpack")
 
 
@@ -177,6 +180,8 @@ def trustpot_worker(settings: Settings) -> dict[str, Any]:
                     return c
 
                 record(out, compiled, ds, frames, settings, model, None, [], calc_compiled)
+            if name == "painn":
+                ensemble_md(out, ds, frames, structures, settings, model)
         if ds.name == "3bpa":  # what uncertainty costs (benchmarks/uq_cost.py)
             sys.path.insert(0, str(REPO / "benchmarks"))
             from uq_cost import measure
@@ -184,6 +189,46 @@ def trustpot_worker(settings: Settings) -> dict[str, Any]:
             out["uq_cost"] = {ds.name: measure(structures, CUTOFF, min(20, len(structures)))}
     out["loadavg_at_end"] = loadavg()
     return out
+
+
+def ensemble_md(
+    out: dict[str, Any],
+    ds: DatasetSpec,
+    frames: Sequence[Any],
+    structures: Sequence[Any],
+    settings: Settings,
+    first: Any,
+) -> None:
+    """MD steps/s of a 5-member PaiNN ensemble (``first`` and 4 more seeds), each step with
+    the ensemble's force std: stacked, one by one and (full mode) stacked and compiled."""
+    from trustpot.calculator import Predictor, TrustpotCalculator
+    from trustpot.models import build_potential
+    from trustpot.uq.ensemble import DeepEnsemble
+
+    members = [first.eval()] + [
+        build_potential(
+            "painn", {"cutoff": CUTOFF}, structures, dtype="float32", seed=settings.seed + k
+        ).eval()
+        for k in range(1, 5)
+    ]
+    for key in ENSEMBLES:
+        if key.endswith("compiled") and not settings.compiled:
+            continue
+        ensemble = DeepEnsemble(members, stacked=not key.endswith("one-by-one"))
+
+        def calc(ensemble: Any = ensemble, key: str = key, at: Any = frames[0]) -> Any:
+            compiled = key.endswith("compiled")
+            c = TrustpotCalculator(Predictor(ensemble, "cpu", batch_size=1), compile=compiled)
+            t0 = time.perf_counter()
+            c.calculate(at.copy(), ["energy", "forces"])  # compiles, when compiled (not timed)
+            if compiled:
+                out.setdefault("compile_seconds", {})[f"{ds.name} ensemble"] = (
+                    time.perf_counter() - t0
+                )
+            return c
+
+        record(out, key, ds, frames, settings, ensemble, None, [], calc)
+        out["models"][key]["evaluation"] = ensemble.evaluation
 
 
 # ---------------------------------------------------------------------------------------
@@ -430,14 +475,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"1-min load average {_load(sides['schnetpack'])}",
         *(
             [
-                f"- {COMPILED}: TrustpotCalculator(compile=True), first call (compiling, not "
-                "timed) " + ", ".join(f"{k} {v:.1f} s" for k, v in tp["compile_seconds"].items())
+                f"- {COMPILED} and painn-ensemble5-compiled: TrustpotCalculator(compile=True), "
+                "first call (compiling, not timed) "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in tp["compile_seconds"].items())
             ]
             if "compile_seconds" in tp
             else []
         ),
         "- ratio = peer seconds / trustpot seconds (> 1: trustpot faster; for MD the same as "
         "trustpot steps/s / peer steps/s)",
+        "- painn-ensemble5: 5 PaiNN members with the force std every step (the peers' rows "
+        "are single models without uncertainty); stacked, one by one, stacked and compiled",
         "",
     ]
     for task in ("train", "md"):
@@ -453,8 +501,10 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append("|---" * (3 + len(PEERS)) + "|")
             for name in [
                 *TRUSTPOT_MODELS,
-                *([COMPILED] if COMPILED in tp.get("models", {}) else []),
+                *(k for k in (COMPILED, *ENSEMBLES) if k in tp.get("models", {})),
             ]:
+                if task == "train" and name in ENSEMBLES:
+                    continue
                 got = report["ratios"].get(task, {}).get(ds["name"], {}).get(name, {})
                 cells = [_ratio_cell(r) for r in got.values()] or [""] * len(PEERS)
                 lines.append(_row(f"trustpot {name}", tp, name, task, ds["name"], cells))

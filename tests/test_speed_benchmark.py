@@ -31,7 +31,8 @@ def test_speed_quick_reports_md_and_uncertainty_costs(tmp_path: Path) -> None:
     assert md["steps_per_second"] > 0
     costs = report["trustpot"]["uq_cost"]["3bpa"]["rows"]
     assert set(costs) == {
-        "ensemble", "mc-dropout", "probe", "perturb", "llpr", "llpr-local", "shallow-ensemble"
+        "ensemble", "ensemble-one-by-one", "mc-dropout", "probe", "perturb", "llpr",
+        "llpr-local", "shallow-ensemble",
     }  # fmt: skip
     assert all(r["md"] > 0 and r["batch"] > 0 for r in costs.values())
     text = (tmp_path / "speed.md").read_text()
@@ -54,6 +55,13 @@ def test_speed_quick_reports_md_and_uncertainty_costs(tmp_path: Path) -> None:
     md_ethanol = text[text.index("## MD, ASE velocity Verlet 0.5 fs: ethanol") :]
     assert "ratio vs schnetpack-painn |" in md_ethanol and "ratio vs mace-small |" in md_ethanol
     assert "| trustpot painn |" in md_ethanol and "| MACE 32x0e + 32x1o |" in md_ethanol
+    # MD with uncertainty: the 5-member ensemble stacked and one by one (compiled: full mode)
+    models = report["trustpot"]["models"]
+    assert models["painn-ensemble5"]["evaluation"] == "stacked"
+    assert models["painn-ensemble5-one-by-one"]["evaluation"].startswith("one by one")
+    assert models["painn-ensemble5"]["md"]["ethanol"]["steps_per_second"] > 0
+    assert "| trustpot painn-ensemble5 |" in md_ethanol
+    assert "painn-ensemble5-compiled" not in models
 
 
 def test_install_schnetpack_flag_installs_before_timing(monkeypatch: pytest.MonkeyPatch) -> None:
