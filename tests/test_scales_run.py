@@ -305,6 +305,9 @@ def test_scales_run_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     for r in rows.values():
         assert r["label"] in report
     assert "399.65" in report and "Final pool" in report and "| Close-contact MAE |" in report
+    # each branch's plateau measure (or why there is none) is stated
+    assert report.count("over the last quarter") + report.count("to judge a plateau") == 2
+    assert all("val_loss_tail_gain" in b for b in result["branches"].values())
     for png in ("mae_vs_distance.png", "pool_trajectory.png", "router_vs_distance.png",
                 "mae_vs_scale.png"):  # fmt: skip
         assert (out / png).stat().st_size > 1000

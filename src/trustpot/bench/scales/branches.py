@@ -15,6 +15,7 @@ loadable model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
@@ -31,6 +32,7 @@ from trustpot.models.base import Embedding
 from trustpot.models.mixture import LONG, SHORT, ScaleMixturePotential, graph_for_list
 from trustpot.models.potential import DEFAULT_OUTPUTS, compute_outputs
 from trustpot.train.losses import LossWeights
+from trustpot.train.plateau import run_plateau
 from trustpot.train.reuse import run_step
 from trustpot.train.trainer import Objective, Trainer, TrainResult
 
@@ -137,7 +139,9 @@ def train_branch(
         cfg: training options (epochs, minutes, learning rate...).
 
     Returns:
-        The summary stored in ``state.json`` (epochs, best epoch, minutes, validation metrics).
+        The summary stored in ``state.json`` (epochs, best epoch, minutes, validation metrics)
+        and ``val_loss_tail_gain``: how much the best validation loss still fell over the last
+        quarter of the run (:func:`trustpot.train.plateau.tail_gain`).
     """
     out = Path(out)
     best = out / "best.ckpt"
@@ -180,6 +184,9 @@ def train_branch(
         }
 
     summary = run_step(out, config, work)
+    # how far from its plateau the branch stopped (the one plateau measure of the benchmarks)
+    gain = run_plateau(out / "metrics.csv", "val_loss")["tail_gain"]
+    summary["val_loss_tail_gain"] = gain if math.isfinite(gain) else None
     copy_branch(load_model(best, ScaleMixturePotential), mixture, which)
     if summary.get("reused"):
         log(f"{which} branch: reusing {best} (trained before: {summary.get('epochs')} epochs)")

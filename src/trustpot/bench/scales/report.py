@@ -23,6 +23,13 @@ import numpy as np
 from trustpot.units import EV_PER_A_IN_KJ_PER_MOL_PER_NM as KJ
 
 
+def _tail(gain: float | None) -> str:
+    """The plateau measure in words (None or NaN: too short a run to judge)."""
+    if gain is None or not math.isfinite(gain):
+        return "too few epochs to judge a plateau"
+    return f"validation loss {100 * gain:.1f}% lower over the last quarter"
+
+
 def _plt() -> Any:
     import matplotlib
 
@@ -345,7 +352,7 @@ def write_report(result: dict[str, Any], out: str | Path) -> Path:
         "Branches: "
         + "; ".join(
             f"{k}: {v.get('epochs')} epochs, {v.get('minutes', float('nan')):.1f} min, stopped by "
-            f"{v.get('stopped_by')}"
+            f"{v.get('stopped_by')}, {_tail(v.get('val_loss_tail_gain'))}"
             for k, v in result["branches"].items()
         )
         + ".",
