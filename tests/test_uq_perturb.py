@@ -10,7 +10,7 @@ import torch
 from conftest import labelled_molecules
 
 from trustpot import keys as K
-from trustpot.data.graph import collate, structure_to_graph
+from trustpot.data.graph import collate, replicate_batch, structure_to_graph
 from trustpot.data.reader import atoms_to_structure
 from trustpot.data.structures import Structure
 from trustpot.errors import CheckpointError, ConfigError
@@ -24,7 +24,6 @@ from trustpot.uq.perturb import (
     crps_scores,
     fair_crps_loss,
     fit_perturbation,
-    replicate_batch,
 )
 
 TINY = {"n_features": 16, "n_layers": 2, "cutoff": 4.0}

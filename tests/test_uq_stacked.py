@@ -9,7 +9,7 @@ from trustpot import keys as K
 from trustpot.data.graph import collate, structure_to_graph
 from trustpot.models.build import build_potential
 from trustpot.uq.ensemble import DeepEnsemble
-from trustpot.uq.stacked import StackedMembers, replicate, stack_problem
+from trustpot.uq.stacked import StackedMembers, stack_problem
 
 HYPERS = {"n_features": 16, "n_layers": 2, "cutoff": 4.0}
 OUTPUTS = [
@@ -60,18 +60,6 @@ def test_stacked_stress_of_periodic_cells(bulk_structures):
     assert stacked.evaluation == "stacked"
     for key in wanted:
         torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-10, msg=key)
-
-
-def test_replicate_shifts_indices_member_major(ethanol_structures):
-    model = _members(ethanol_structures, "schnet", n=1)[0]
-    g = _batch(model, ethanol_structures[:2])
-    n_atoms, n_graphs = g[K.POSITIONS].shape[0], g[K.N_ATOMS].shape[0]
-    r = replicate(g, 3, ["main"])
-    index, rep = g[K.edge_index_key("main")], r[K.edge_index_key("main")]
-    assert rep.shape == (2, 3 * index.shape[1])
-    assert torch.equal(rep[:, index.shape[1] : 2 * index.shape[1]], index + n_atoms)
-    assert torch.equal(r[K.BATCH][2 * n_atoms :], g[K.BATCH] + 2 * n_graphs)
-    assert torch.equal(r[K.POSITIONS][n_atoms : 2 * n_atoms], g[K.POSITIONS])
 
 
 @pytest.mark.parametrize(

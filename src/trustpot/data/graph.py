@@ -11,6 +11,7 @@ from torch import Tensor
 from trustpot import keys as K
 from trustpot.data.neighbors import NeighborListSpec, neighbor_pairs
 from trustpot.data.structures import Structure
+from trustpot.errors import ConfigError
 
 Graph = dict[str, Tensor]
 #: ``pairs(positions [n, 3], cell [3, 3], pbc [3], cutoff) -> (i, j, shifts)`` as
@@ -129,3 +130,32 @@ def to_device(g: Graph, device: torch.device | str, non_blocking: bool = False) 
 def n_graphs(g: Graph) -> int:
     """Number of structures in a batch."""
     return int(g[K.N_ATOMS].shape[0])
+
+
+def replicate_batch(g: Graph, m: int) -> Graph:
+    """``m`` copies of the batch ``g`` as one batch, sample-major.
+
+    Structure ``b`` of copy ``s`` becomes structure ``s * n_graphs + b``, atom ``a`` of copy
+    ``s`` becomes atom ``s * n_atoms + a``: the result equals ``collate`` of the structures of
+    ``g`` listed ``m`` times in a row. Edge indices are offset, ``batch`` is renumbered and every
+    other field (node, edge or graph level) is tiled along its first dimension.
+    """
+    if m < 1:
+        raise ConfigError(f"cannot replicate a batch {m} times")
+    n_atoms = int(g[K.POSITIONS].shape[0])
+    n_graphs = int(g[K.N_ATOMS].shape[0])
+    batch = g.get(K.BATCH)
+    if batch is None:
+        batch = torch.zeros(n_atoms, dtype=torch.long, device=g[K.POSITIONS].device)
+    out: Graph = {}
+    for key, value in g.items():
+        if key.startswith(K.EDGE_INDEX_PREFIX):
+            offsets = torch.arange(m, device=value.device) * n_atoms
+            out[key] = (value.unsqueeze(0) + offsets.view(m, 1, 1)).permute(1, 0, 2).reshape(2, -1)
+        elif key != K.BATCH and value.dim() > 0:
+            out[key] = value.repeat(m, *([1] * (value.dim() - 1)))
+        elif key != K.BATCH:
+            out[key] = value
+    offsets = torch.arange(m, device=batch.device) * n_graphs
+    out[K.BATCH] = (batch.unsqueeze(0) + offsets.view(m, 1)).reshape(-1)
+    return out

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from trustpot import keys as K
 from trustpot.data.dataset import GraphDataset
-from trustpot.data.graph import Graph, to_device
+from trustpot.data.graph import Graph, replicate_batch, to_device
 from trustpot.data.stats import force_rms
 from trustpot.data.structures import Structure, check_species
 from trustpot.errors import CheckpointError, ConfigError
@@ -120,35 +120,6 @@ def attached(model: Model, modulator: PerturbationModulator) -> Iterator[None]:
         yield
     finally:
         model.set_modulator(previous)
-
-
-def replicate_batch(g: Graph, m: int) -> Graph:
-    """``m`` copies of the batch ``g`` as one batch, sample-major.
-
-    Structure ``b`` of copy ``s`` becomes structure ``s * n_graphs + b``, atom ``a`` of copy
-    ``s`` becomes atom ``s * n_atoms + a``: the result equals ``collate`` of the structures of
-    ``g`` listed ``m`` times in a row. Edge indices are offset, ``batch`` is renumbered and every
-    other field (node, edge or graph level) is tiled along its first dimension.
-    """
-    if m < 1:
-        raise ConfigError(f"cannot replicate a batch {m} times")
-    n_atoms = int(g[K.POSITIONS].shape[0])
-    n_graphs = int(g[K.N_ATOMS].shape[0])
-    batch = g.get(K.BATCH)
-    if batch is None:
-        batch = torch.zeros(n_atoms, dtype=torch.long, device=g[K.POSITIONS].device)
-    out: Graph = {}
-    for key, value in g.items():
-        if key.startswith(K.EDGE_INDEX_PREFIX):
-            offsets = torch.arange(m, device=value.device) * n_atoms
-            out[key] = (value.unsqueeze(0) + offsets.view(m, 1, 1)).permute(1, 0, 2).reshape(2, -1)
-        elif key != K.BATCH and value.dim() > 0:
-            out[key] = value.repeat(m, *([1] * (value.dim() - 1)))
-        elif key != K.BATCH:
-            out[key] = value
-    offsets = torch.arange(m, device=batch.device) * n_graphs
-    out[K.BATCH] = (batch.unsqueeze(0) + offsets.view(m, 1)).reshape(-1)
-    return out
 
 
 def fair_crps_loss(samples: Tensor, target: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from trustpot import keys as K
-from trustpot.data.graph import Graph
+from trustpot.data.graph import Graph, replicate_batch
 from trustpot.models.base import Embedding
 from trustpot.models.contract import Model
 from trustpot.models.potential import Potential, compute_outputs
@@ -141,31 +141,6 @@ def stack_problem(members: Sequence[Model]) -> str | None:
     return None
 
 
-def replicate(g: Graph, m: int, specs: Sequence[str]) -> Graph:
-    """The batch ``g`` copied ``m`` times, member-major (atoms, edges and structures of copy
-    ``k`` after those of copy ``k - 1``; indices shifted), with the fields a potential reads:
-    positions, numbers, cell, pbc, atom counts, the structure index and the neighbour lists
-    named in ``specs``."""
-    n_atoms = g[K.POSITIONS].shape[0]
-    n_graphs = g[K.N_ATOMS].shape[0]
-    device = g[K.POSITIONS].device
-    out: Graph = {
-        K.POSITIONS: g[K.POSITIONS].repeat(m, 1),
-        K.ATOMIC_NUMBERS: g[K.ATOMIC_NUMBERS].repeat(m),
-        K.CELL: g[K.CELL].repeat(m, 1, 1),
-        K.PBC: g[K.PBC].repeat(m, 1),
-        K.N_ATOMS: g[K.N_ATOMS].repeat(m),
-    }
-    copies = torch.arange(m, device=device)
-    out[K.BATCH] = (g[K.BATCH].unsqueeze(0) + (copies * n_graphs).unsqueeze(1)).reshape(-1)
-    for name in specs:
-        index = g[K.edge_index_key(name)]
-        shifted = index.unsqueeze(1) + (copies * n_atoms).view(1, m, 1)  # [2, M, E]
-        out[K.edge_index_key(name)] = shifted.reshape(2, -1)
-        out[K.edge_shift_key(name)] = g[K.edge_shift_key(name)].repeat(m, 1)
-    return out
-
-
 class StackedMembers(nn.Module):
     """The members of a deep ensemble as one stacked network (see the module docstring).
 
@@ -187,7 +162,6 @@ class StackedMembers(nn.Module):
             raise ValueError(f"these members do not stack: {problem}")
         pots = [m for m in members if isinstance(m, Potential)]
         self.m = len(pots)
-        self.specs = [s.name for s in pots[0].neighbor_lists()]
         self.dtype = pots[0].dtype
         net = copy.deepcopy(pots[0]).eval()
         for name, mod in _stackable_modules(pots[0]).items():
@@ -227,7 +201,7 @@ class StackedMembers(nn.Module):
         ``energy`` [n_graphs, M], ``forces`` [n_atoms, M, 3], ``stress`` / ``virial``
         [n_graphs, M, 3, 3], ``energies`` [n_atoms, M], as ``wanted`` asks."""
         out = compute_outputs(
-            self.energy_fn, replicate(g, self.m, self.specs), wanted, create_graph=False
+            self.energy_fn, replicate_batch(g, self.m), wanted, create_graph=False
         )
         return {
             k: v.detach().reshape(self.m, -1, *v.shape[1:]).movedim(0, 1) for k, v in out.items()
