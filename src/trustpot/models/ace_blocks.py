@@ -77,8 +77,7 @@ class IrrepsLinear(nn.Module):
     def forward(self, x: Tensor, onehot: Tensor | None = None) -> Tensor:
         """x: [n, (lmax_in+1)^2, c_in], onehot: [n, n_types] (per element)
         -> [n, (lmax_out+1)^2, c_out]."""
-        parts = [x[:, block(ell), :] @ self.weight[ell] for ell in range(self.shared + 1)]
-        y = torch.cat(parts, dim=1)
+        y = self.mix(x)  # [n, D_shared, width]
         if self.n_types:
             assert onehot is not None
             y = y.view(x.shape[0], -1, self.n_types, self.c_out)
@@ -87,6 +86,12 @@ class IrrepsLinear(nn.Module):
         if missing:
             y = torch.cat([y, x.new_zeros((x.shape[0], missing, self.c_out))], dim=1)
         return y
+
+    def mix(self, x: Tensor) -> Tensor:
+        """x: [n, (lmax_in+1)^2, c_in] -> [n, (shared+1)^2, width]: each ``l`` block times its
+        weight (a stacked ensemble overrides this, :mod:`trustpot.uq.stacked`)."""
+        parts = [x[:, block(ell), :] @ self.weight[ell] for ell in range(self.shared + 1)]
+        return torch.cat(parts, dim=1)
 
 
 def edge_paths(lmax_h: int, lmax_y: int, lmax_a: int) -> list[tuple[int, int, int]]:
@@ -325,12 +330,12 @@ class SymmetricProduct(nn.Module):
         types = onehot.shape[1]
         k, d_out = self.collect.shape
         monomials = self.monomials(a.permute(1, 2, 0))  # [M_degree, c, n] each
-        weight = self.weight.index_select(1, self.gather)  # [T, K, c]
+        weight = self.path_weights()  # [T, K, c]
         projections = [
             self.get_buffer(f"projection_{g + 1}").to(a.dtype) for g in range(len(monomials))
         ]
         collect = self.collect.to(a.dtype)
-        if types * d_out < k:
+        if types * d_out < k and self.foldable:
             # U[c, mono, (t, d)] = sum_k P[mono, k] W[t, k, c] C[k, d]
             folded = weight.permute(1, 2, 0)[..., None] * collect[:, None, None, :]
             folded = folded.reshape(k, c * types * d_out)  # [K, (c, t, d)]
@@ -343,6 +348,19 @@ class SymmetricProduct(nn.Module):
         q = a.new_zeros(())
         for m, p in zip(monomials, projections):
             q = q + p.T @ m.reshape(m.shape[0], c * n)  # [K, (c, n)]
-        w = (onehot @ weight.reshape(types, k * c)).view(n, k, c).permute(1, 2, 0)  # [K, c, n]
+        w = self.atom_weights(onehot, weight).view(n, k, c).permute(1, 2, 0)  # [K, c, n]
         b = collect.T @ (q.view(k, c, n) * w).reshape(k, c * n)  # [D_out, (c, n)]
         return b.view(d_out, c, n).permute(2, 0, 1)
+
+    #: whether the weights may be folded into the projection (one weight set for all atoms)
+    foldable = True
+
+    def path_weights(self) -> Tensor:
+        """[T, K, c]: the weight of every output column (its path's), per element and channel;
+        a stacked ensemble overrides this (:mod:`trustpot.uq.stacked`)."""
+        return self.weight.index_select(1, self.gather)
+
+    def atom_weights(self, onehot: Tensor, weight: Tensor) -> Tensor:
+        """[n, K * c]: each atom's path weights from its element (``onehot`` [n, T], ``weight``
+        [T, K, c]); a stacked ensemble overrides this (:mod:`trustpot.uq.stacked`)."""
+        return onehot @ weight.reshape(weight.shape[0], -1)

@@ -3,10 +3,11 @@
 M potentials of one architecture (same backbone class, hyper-parameters, species, dtype and
 constants) run as one network on M copies of the batch. Copy ``k`` holds member ``k``'s atoms
 and edges; the copies are laid out member-major, so every per-atom and per-edge tensor of the
-network is ``M`` equal blocks of rows. Every ``nn.Linear`` and ``nn.Embedding`` is replaced by
-its stacked version, which applies member ``k``'s weights to block ``k`` in one batched matrix
-product; everything else in the network (activations, gathers and sums over edges, the radial
-basis) works row by row and needs no change. The forces of every member come from one backward
+network is ``M`` equal blocks of rows. Every layer with weights (``nn.Linear``,
+``nn.Embedding``, ACE's equivariant linear layers and products) is replaced by its stacked
+version, which applies member ``k``'s weights to block ``k`` in one batched matrix product;
+everything else in the network (activations, gathers and sums over edges, the radial basis)
+works row by row and needs no change. The forces of every member come from one backward
 pass of the sum of all copies' energies, since copy ``k``'s energy depends only on copy ``k``'s
 positions.
 
@@ -16,10 +17,11 @@ members' own: results equal the member-by-member loop to float rounding
 (:meth:`StackedMembers.check` verifies it on a probe structure before the first use).
 
 Which ensembles stack (:func:`stack_problem`): trustpot potentials whose only per-member
-weights sit in ``nn.Linear`` / ``nn.Embedding`` layers, plus the per-member energy scale, shift
-and reference energies. PaiNN, SchNet and EGNN qualify; ACE (equivariant products with their own
-weight tensors), DeepSet-MoE (expert weights) and pretrained adapters do not, and are evaluated
-member by member, as the ensemble reports (:attr:`trustpot.uq.ensemble.DeepEnsemble.evaluation`).
+weights sit in the layer types of :data:`STACKABLE` (``nn.Linear``, ``nn.Embedding`` and ACE's
+equivariant ``IrrepsLinear`` and ``SymmetricProduct``), plus the per-member energy scale, shift
+and reference energies. PaiNN, SchNet, EGNN and ACE qualify; DeepSet-MoE (expert weight
+tensors) and pretrained adapters do not, and are evaluated member by member, as the ensemble
+reports (:attr:`trustpot.uq.ensemble.DeepEnsemble.evaluation`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 
 from trustpot import keys as K
 from trustpot.data.graph import Graph, replicate_batch
+from trustpot.models.ace_blocks import IrrepsLinear, SymmetricProduct, block
 from trustpot.models.base import Embedding
 from trustpot.models.contract import Model
 from trustpot.models.potential import Potential, compute_outputs
@@ -91,12 +94,68 @@ class StackedEmbedding(nn.Module):
         return torch.index_select(self.weight, 0, index + member * self.n_rows)
 
 
+class StackedIrrepsLinear(IrrepsLinear):
+    """M :class:`~trustpot.models.ace_blocks.IrrepsLinear` layers as one (block ``k`` of the
+    rows uses layer ``k``'s weights). Built by :func:`_stacked_copy`."""
+
+    m: int
+    stacked_weight: Tensor  # [M, shared + 1, c_in, width]
+
+    def mix(self, x: Tensor) -> Tensor:
+        """x: [M * n, D_in, c_in] member-major -> [M * n, D_shared, width]."""
+        rows = x.reshape(self.m, -1, *x.shape[1:])  # [M, n, D_in, c_in]
+        parts = [
+            rows[:, :, block(ell), :] @ self.stacked_weight[:, ell].unsqueeze(1)
+            for ell in range(self.shared + 1)
+        ]
+        y = torch.cat(parts, dim=2)  # [M, n, D_shared, width]
+        return y.reshape(x.shape[0], *y.shape[2:])
+
+
+class StackedSymmetricProduct(SymmetricProduct):
+    """M :class:`~trustpot.models.ace_blocks.SymmetricProduct` layers as one: the monomials
+    and their projection are shared (they hold no weights), each atom's path weights are its
+    member's. Built by :func:`_stacked_copy`."""
+
+    m: int
+    stacked_weight: Tensor  # [M, T, n_paths, c]
+    foldable = False  # one weight set per member, not one for all atoms
+
+    def path_weights(self) -> Tensor:
+        """[M, T, K, c]."""
+        return self.stacked_weight.index_select(2, self.gather)
+
+    def atom_weights(self, onehot: Tensor, weight: Tensor) -> Tensor:
+        """onehot [M * n, T], weight [M, T, K, c] -> [M * n, K * c]."""
+        per_member = onehot.reshape(self.m, -1, onehot.shape[1])  # [M, n, T]
+        w = torch.bmm(per_member, weight.reshape(self.m, weight.shape[1], -1))
+        return w.reshape(onehot.shape[0], -1)
+
+
+def _stacked_copy(layers: Sequence[nn.Module], cls: type[nn.Module]) -> nn.Module:
+    """A copy of ``layers[0]`` turned into ``cls`` (its subclass), with every member's
+    ``weight`` stacked in ``stacked_weight`` [M, ...] instead of its own."""
+    new = copy.deepcopy(layers[0])
+    del new.weight
+    new.__class__ = cls
+    with torch.no_grad():
+        weights = [layer.get_parameter("weight").detach() for layer in layers]
+    object.__setattr__(new, "m", len(layers))
+    object.__setattr__(new, "stacked_weight", torch.stack(weights))
+    return new
+
+
+#: the layer types whose weights differ between members, and how each is stacked
+STACKABLE: dict[type[nn.Module], Callable[[Sequence[nn.Module]], nn.Module]] = {
+    nn.Linear: lambda layers: StackedLinear(layers),  # type: ignore[arg-type]
+    nn.Embedding: lambda layers: StackedEmbedding(layers),  # type: ignore[arg-type]
+    IrrepsLinear: lambda layers: _stacked_copy(layers, StackedIrrepsLinear),
+    SymmetricProduct: lambda layers: _stacked_copy(layers, StackedSymmetricProduct),
+}
+
+
 def _stackable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {
-        name: mod
-        for name, mod in model.named_modules()
-        if isinstance(mod, (nn.Linear, nn.Embedding)) and name
-    }
+    return {name: mod for name, mod in model.named_modules() if type(mod) in STACKABLE and name}
 
 
 def stack_problem(members: Sequence[Model]) -> str | None:
@@ -122,7 +181,7 @@ def stack_problem(members: Sequence[Model]) -> str | None:
             continue
         for m in pots[1:]:
             if not torch.equal(m.get_parameter(name), param):
-                return f"parameter '{name}' differs between members and is not in a linear layer"
+                return f"parameter '{name}' differs between members and is not in a stackable layer"
     for name, value in first.named_buffers():
         if name in _MEMBER_BUFFERS:
             continue
@@ -166,12 +225,7 @@ class StackedMembers(nn.Module):
         net = copy.deepcopy(pots[0]).eval()
         for name, mod in _stackable_modules(pots[0]).items():
             parts = [p.get_submodule(name) for p in pots]
-            stacked: nn.Module = (
-                StackedLinear(parts)  # type: ignore[arg-type]
-                if isinstance(mod, nn.Linear)
-                else StackedEmbedding(parts)  # type: ignore[arg-type]
-            )
-            net.set_submodule(name, stacked)
+            net.set_submodule(name, STACKABLE[type(mod)](parts))
         self.net = net
         with torch.no_grad():
             for name in _MEMBER_BUFFERS:
