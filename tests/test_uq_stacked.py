@@ -123,3 +123,16 @@ def test_float32_stacked_agrees_to_rounding(ethanol_structures):
     a, b = ens(g, [K.FORCES_SAMPLES]), loop(g, [K.FORCES_SAMPLES])
     assert ens.evaluation == "stacked"
     torch.testing.assert_close(a[K.FORCES_SAMPLES], b[K.FORCES_SAMPLES], rtol=1e-4, atol=1e-5)
+
+
+def test_stacked_batches_of_different_sizes(ethanol_structures):
+    from trustpot.data.reader import atoms_to_structure
+
+    small = atoms_to_structure(ethanol_structures[0].to_atoms(with_labels=False)[:6])
+    members = _members(ethanol_structures, "painn")
+    stacked, loop = DeepEnsemble(members), DeepEnsemble(members, stacked=False)
+    g = _batch(members[0], [ethanol_structures[1], small, ethanol_structures[2]])
+    a, b = stacked(g, OUTPUTS), loop(g, OUTPUTS)
+    assert stacked.evaluation == "stacked"
+    for key in OUTPUTS:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-10, msg=key)
