@@ -63,9 +63,16 @@ TRUSTPOT_MODELS = ("painn", "schnet", "egnn", "ace")
 #: PaiNN through ``TrustpotCalculator(compile=True)``: MD only, full mode only (compiling takes
 #: 5-45 s per system, too long for the CI's ``--quick``)
 COMPILED = "painn-compiled"
-#: MD with uncertainty: a deep ensemble of 5 PaiNN (forces_std every step), stacked (the
-#: default), one member after the other (as before stacking), and stacked + compiled (full mode)
-ENSEMBLES = ("painn-ensemble5", "painn-ensemble5-one-by-one", "painn-ensemble5-compiled")
+#: MD with uncertainty: deep ensembles of 5 PaiNN or 5 ACE (forces_std every step), stacked
+#: (the default), one member after the other (as before stacking), and for PaiNN stacked +
+#: compiled (full mode)
+ENSEMBLES = (
+    "painn-ensemble5",
+    "painn-ensemble5-one-by-one",
+    "painn-ensemble5-compiled",
+    "ace-ensemble5",
+    "ace-ensemble5-one-by-one",
+)
 WORKERS = ("trustpot", "mace", "schnetpack")
 
 
@@ -180,8 +187,8 @@ def trustpot_worker(settings: Settings) -> dict[str, Any]:
                     return c
 
                 record(out, compiled, ds, frames, settings, model, None, [], calc_compiled)
-            if name == "painn":
-                ensemble_md(out, ds, frames, structures, settings, model)
+            if name in ("painn", "ace"):
+                ensemble_md(out, name, ds, frames, structures, settings, model)
         if ds.name == "3bpa":  # what uncertainty costs (benchmarks/uq_cost.py)
             sys.path.insert(0, str(REPO / "benchmarks"))
             from uq_cost import measure
@@ -193,26 +200,30 @@ def trustpot_worker(settings: Settings) -> dict[str, Any]:
 
 def ensemble_md(
     out: dict[str, Any],
+    backbone: str,
     ds: DatasetSpec,
     frames: Sequence[Any],
     structures: Sequence[Any],
     settings: Settings,
     first: Any,
 ) -> None:
-    """MD steps/s of a 5-member PaiNN ensemble (``first`` and 4 more seeds), each step with
-    the ensemble's force std: stacked, one by one and (full mode) stacked and compiled."""
+    """MD steps/s of a 5-member ensemble of ``backbone`` (``first`` and 4 more seeds), each
+    step with the ensemble's force std: stacked, one by one and (PaiNN, full mode) stacked and
+    compiled."""
     from trustpot.calculator import Predictor, TrustpotCalculator
     from trustpot.models import build_potential
     from trustpot.uq.ensemble import DeepEnsemble
 
     members = [first.eval()] + [
         build_potential(
-            "painn", {"cutoff": CUTOFF}, structures, dtype="float32", seed=settings.seed + k
+            backbone, {"cutoff": CUTOFF}, structures, dtype="float32", seed=settings.seed + k
         ).eval()
         for k in range(1, 5)
     ]
     for key in ENSEMBLES:
-        if key.endswith("compiled") and not settings.compiled:
+        if not key.startswith(f"{backbone}-") or (
+            key.endswith("compiled") and not settings.compiled
+        ):
             continue
         ensemble = DeepEnsemble(members, stacked=not key.endswith("one-by-one"))
 
@@ -484,8 +495,9 @@ def markdown(report: dict[str, Any]) -> str:
         ),
         "- ratio = peer seconds / trustpot seconds (> 1: trustpot faster; for MD the same as "
         "trustpot steps/s / peer steps/s)",
-        "- painn-ensemble5: 5 PaiNN members with the force std every step (the peers' rows "
-        "are single models without uncertainty); stacked, one by one, stacked and compiled",
+        "- painn-ensemble5, ace-ensemble5: 5 members with the force std every step (the "
+        "peers' rows are single models without uncertainty); stacked, one by one, stacked and "
+        "compiled",
         "",
     ]
     for task in ("train", "md"):

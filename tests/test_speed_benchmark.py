@@ -62,6 +62,7 @@ def test_speed_quick_reports_md_and_uncertainty_costs(tmp_path: Path) -> None:
     assert models["painn-ensemble5"]["md"]["ethanol"]["steps_per_second"] > 0
     assert "| trustpot painn-ensemble5 |" in md_ethanol
     assert "painn-ensemble5-compiled" not in models
+    assert models["ace-ensemble5"]["evaluation"] == "stacked"
 
 
 def test_install_schnetpack_flag_installs_before_timing(monkeypatch: pytest.MonkeyPatch) -> None:
