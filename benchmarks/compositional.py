@@ -37,6 +37,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--minutes", type=float)
     parser.add_argument("--seed", type=int, default=0, help="seed of data, splits and training")
+    parser.add_argument(
+        "--reference-energies",
+        choices=("isolated", "fit"),
+        default="isolated",
+        help="E0 per element: the free atoms' GFN2-xTB energies, or least squares on training",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
@@ -47,6 +53,7 @@ def main() -> None:
         mode="quick" if args.quick else "full",
         minutes=minutes,
         seed=args.seed,
+        reference_energies=args.reference_energies,
         threads=args.threads,
         workers=args.workers,
     )
