@@ -136,3 +136,23 @@ def test_stacked_batches_of_different_sizes(ethanol_structures):
     assert stacked.evaluation == "stacked"
     for key in OUTPUTS:
         torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-10, msg=key)
+
+
+def test_auto_stacks_small_batches_only_on_the_cpu(ethanol_structures):
+    from trustpot.errors import ConfigError
+    from trustpot.uq.ensemble import STACK_ATOMS_CPU
+
+    members = _members(ethanol_structures, "schnet", n=2)
+    small = _batch(members[0], ethanol_structures[:1])
+    n_large = STACK_ATOMS_CPU // (2 * ethanol_structures[0].n_atoms) + 1
+    large = _batch(members[0], ethanol_structures[:n_large])  # above the limit
+    auto, always = DeepEnsemble(members), DeepEnsemble(members, stacked=True)
+    auto(small, [K.ENERGY])
+    assert auto.evaluation == "stacked"
+    a = auto(large, [K.FORCES_SAMPLES])
+    assert auto.evaluation.startswith("one by one") and "stacking limit" in auto.evaluation
+    b = always(large, [K.FORCES_SAMPLES])
+    assert always.evaluation == "stacked"
+    torch.testing.assert_close(a[K.FORCES_SAMPLES], b[K.FORCES_SAMPLES], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ConfigError, match="stacked must be"):
+        DeepEnsemble(members, stacked="yes")

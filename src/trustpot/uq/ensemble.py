@@ -28,6 +28,13 @@ from trustpot.uq.base import (
 )
 from trustpot.uq.stacked import StackedMembers, stack_problem
 
+#: On a CPU, eager stacking pays only for small batches: at most this many atoms times
+#: members. Measured crossover (PaiNN, 5 members, one thread, MD with the force std,
+#: benchmarks/results/speed): 45 (ethanol) stacked 2.5x faster than one by one, 135 (3BPA)
+#: 1.1x faster, 960 (a 192-atom water box) 1.9x slower. Accelerators always stack (their cost
+#: is kernel launches, which stacking divides by M; the limit there is not measured yet).
+STACK_ATOMS_CPU = 160
+
 SAMPLE_OUTPUTS = frozenset({K.ENERGY_STD, K.FORCES_STD, K.ENERGY_SAMPLES, K.FORCES_SAMPLES})
 
 
@@ -72,21 +79,27 @@ class DeepEnsemble(UQModel):
 
     Members may be of any model kind (trustpot potentials, fine-tuned pretrained models...), as
     long as they share species, dtype and neighbour lists. Members of one architecture whose
-    weights sit in linear and embedding layers (PaiNN, SchNet, EGNN potentials) are evaluated
+    weights sit in stackable layers (PaiNN, SchNet, EGNN and ACE potentials) can be evaluated
     together as one stacked network (:mod:`trustpot.uq.stacked`: one forward and one backward
     pass for all members, the same numbers to float rounding); others one by one.
-    :attr:`evaluation` says which, and why.
+    :attr:`evaluation` says which ran last, and why.
 
     Args:
         members: at least two models with the same species, dtype and neighbour lists.
-        stacked: evaluate stackable members together (False: always one by one).
+        stacked: ``"auto"`` (default): stack on accelerators, and on the CPU for batches of at
+            most :data:`STACK_ATOMS_CPU` atoms times members (small molecules, where the fixed
+            cost of each operation dominates; larger batches run faster one by one); a
+            compiled ensemble (:meth:`compile_stacked`) always stacks. ``True``: always
+            stack (when the members stack); ``False``: always one by one.
     """
 
     kind: ClassVar[str] = "uq:ensemble"
     method: ClassVar[str] = "ensemble"
     provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
 
-    def __init__(self, members: Sequence[Model], stacked: bool = True) -> None:
+    def __init__(self, members: Sequence[Model], stacked: bool | str = "auto") -> None:
+        if stacked not in (True, False, "auto"):
+            raise ConfigError(f"stacked must be True, False or 'auto', got {stacked!r}")
         if len(members) < 2:
             raise ConfigError(f"an ensemble needs at least 2 members, got {len(members)}")
         first = members[0]
@@ -105,12 +118,13 @@ class DeepEnsemble(UQModel):
         super().__init__(first)
         self.others = nn.ModuleList(members[1:])
         self.fit_report: dict[str, Any] = {}
-        self.stacked = bool(stacked)
+        self.stacked: bool | str = stacked
         #: evaluate the stacked network through torch.compile (:meth:`compile_stacked`)
         self.compiled = False
         #: how the members are evaluated: "stacked" or "one by one: <why>" (set on first use)
         self.evaluation = "not evaluated yet"
-        self._stack: tuple[tuple[Any, ...], StackedMembers | None] = ((), None)
+        #: (weights key, the stacked network or None, why not)
+        self._stack: tuple[tuple[Any, ...], StackedMembers | None, str] = ((), None, "")
         self._tables: list[tuple[dict[str, Any], str]] = []
 
     @property
@@ -147,21 +161,26 @@ class DeepEnsemble(UQModel):
         Raises:
             ConfigError: the members do not stack, or stacking is off.
         """
-        problem = "stacking is turned off" if not self.stacked else stack_problem(self.members)
+        problem = "stacking is turned off" if self.stacked is False else stack_problem(self.members)
         if problem is not None:
             raise ConfigError(f"only a stacked ensemble compiles, and this one is not: {problem}")
         self.compiled = True
-        self._stack = ((), None)  # rebuilt, compiled, on the next call
+        self._stack = ((), None, "")  # rebuilt, compiled, on the next call
 
-    def _stacked_members(self) -> StackedMembers | None:
-        """The members as one stacked network, rebuilt when their weights change; None when
-        they do not stack (or stacking is off), with the reason in :attr:`evaluation`."""
-        if not self.stacked:
-            self.evaluation = "one by one: stacking turned off"
-            return None
+    def _stacked_members(self, g: Graph) -> tuple[StackedMembers | None, str]:
+        """The members as one stacked network for the batch ``g`` (rebuilt when their weights
+        change), or None and why they run one by one."""
+        if self.stacked is False:
+            return None, "stacking turned off"
         if any(m.training for m in self.members):
-            self.evaluation = "one by one: a member is in training mode"
-            return None
+            return None, "a member is in training mode"
+        atoms = int(g[K.POSITIONS].shape[0]) * len(self.members)
+        on_cpu = g[K.POSITIONS].device.type == "cpu"
+        if self.stacked == "auto" and not self.compiled and on_cpu and atoms > STACK_ATOMS_CPU:
+            return None, (
+                f"{atoms} atoms x members is above the CPU's stacking limit "
+                f"({STACK_ATOMS_CPU}): faster one by one"
+            )
         key = self._weights_key()
         if key != self._stack[0]:
             members = self.members
@@ -172,14 +191,14 @@ class DeepEnsemble(UQModel):
                 problem = net.check(members, self.base._two_atoms())
                 if self.compiled:
                     net.compile()
-            self._stack = (key, net if problem is None else None)
-            how = "stacked, compiled" if self.compiled else "stacked"
-            self.evaluation = how if problem is None else f"one by one: {problem}"
-        return self._stack[1]
+            self._stack = (key, net if problem is None else None, problem or "")
+        return self._stack[1], self._stack[2]
 
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
         wanted = _potential_outputs(outputs)
-        net = self._stacked_members()
+        net, why = self._stacked_members(g)
+        how = "stacked, compiled" if self.compiled else "stacked"
+        self.evaluation = how if net is not None else f"one by one: {why}"
         if net is not None:
             out = net.evaluate(g, wanted)
             extra = {k: out[k].mean(1) for k in outputs & {K.STRESS, K.VIRIAL, K.NODE_ENERGY}}
