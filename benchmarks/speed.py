@@ -63,16 +63,20 @@ TRUSTPOT_MODELS = ("painn", "schnet", "egnn", "ace")
 #: PaiNN through ``TrustpotCalculator(compile=True)``: MD only, full mode only (compiling takes
 #: 5-45 s per system, too long for the CI's ``--quick``)
 COMPILED = "painn-compiled"
-#: MD with uncertainty: deep ensembles of 5 PaiNN or 5 ACE (forces_std every step), stacked
-#: (the default), one member after the other (as before stacking), and for PaiNN stacked +
-#: compiled (full mode)
+#: MD with uncertainty: deep ensembles of 5 PaiNN or 5 ACE (forces_std every step): the
+#: default (``stacked="auto"``: stacked for small systems on a CPU), always stacked, always one
+#: by one (as before stacking), and for PaiNN stacked + compiled (full mode)
 ENSEMBLES = (
     "painn-ensemble5",
+    "painn-ensemble5-stacked",
     "painn-ensemble5-one-by-one",
     "painn-ensemble5-compiled",
     "ace-ensemble5",
+    "ace-ensemble5-stacked",
     "ace-ensemble5-one-by-one",
 )
+#: how each row's ensemble is evaluated (``DeepEnsemble(stacked=...)``)
+STACKING: dict[str, bool | str] = {"": "auto", "stacked": True, "one-by-one": False}
 WORKERS = ("trustpot", "mace", "schnetpack")
 
 
@@ -225,7 +229,8 @@ def ensemble_md(
             key.endswith("compiled") and not settings.compiled
         ):
             continue
-        ensemble = DeepEnsemble(members, stacked=not key.endswith("one-by-one"))
+        variant = key.split("ensemble5")[1].lstrip("-")
+        ensemble = DeepEnsemble(members, stacked=STACKING.get(variant, True))
 
         def calc(ensemble: Any = ensemble, key: str = key, at: Any = frames[0]) -> Any:
             compiled = key.endswith("compiled")
@@ -239,7 +244,7 @@ def ensemble_md(
             return c
 
         record(out, key, ds, frames, settings, ensemble, None, [], calc)
-        out["models"][key]["evaluation"] = ensemble.evaluation
+        out["models"][key].setdefault("evaluation", {})[ds.name] = ensemble.evaluation
 
 
 # ---------------------------------------------------------------------------------------

@@ -57,12 +57,14 @@ def test_speed_quick_reports_md_and_uncertainty_costs(tmp_path: Path) -> None:
     assert "| trustpot painn |" in md_ethanol and "| MACE 32x0e + 32x1o |" in md_ethanol
     # MD with uncertainty: the 5-member ensemble stacked and one by one (compiled: full mode)
     models = report["trustpot"]["models"]
-    assert models["painn-ensemble5"]["evaluation"] == "stacked"
-    assert models["painn-ensemble5-one-by-one"]["evaluation"].startswith("one by one")
+    auto = models["painn-ensemble5"]["evaluation"]
+    assert auto["ethanol"] == "stacked" and "stacking limit" in auto["water"]  # small vs large
+    assert set(models["painn-ensemble5-stacked"]["evaluation"].values()) == {"stacked"}
+    assert models["painn-ensemble5-one-by-one"]["evaluation"]["ethanol"].startswith("one by one")
     assert models["painn-ensemble5"]["md"]["ethanol"]["steps_per_second"] > 0
     assert "| trustpot painn-ensemble5 |" in md_ethanol
     assert "painn-ensemble5-compiled" not in models
-    assert models["ace-ensemble5"]["evaluation"] == "stacked"
+    assert models["ace-ensemble5"]["evaluation"]["ethanol"] == "stacked"
 
 
 def test_install_schnetpack_flag_installs_before_timing(monkeypatch: pytest.MonkeyPatch) -> None:
