@@ -1,8 +1,9 @@
 """What uncertainty costs at inference: every reliability method against one plain model.
 
 Each method wraps the same PaiNN (float32, default size, cutoff 5 Å) built on the benchmark
-frames: a deep ensemble of 5 (evaluated as one stacked network, and ``ensemble-one-by-one``:
-the same members one after the other, as before stacking), MC dropout (16 masks in the energy
+frames: a deep ensemble of 5 (its default evaluation: one stacked network for small batches
+on a CPU, see ``DeepEnsemble``; and ``ensemble-one-by-one``: the same members one after the
+other, as before stacking), MC dropout (16 masks in the energy
 head), PROBE, learned perturbations (8 samples), LLPR (8 drawn last layers; ``llpr-local``:
 each atom's energy-contribution std, no samples) and a shallow ensemble (8 heads). The
 weights are untrained: inference cost does not depend on them. Two costs, each the ratio of the

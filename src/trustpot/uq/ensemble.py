@@ -53,10 +53,13 @@ def samples_output(
     return out
 
 
+#: outputs a sampling wrapper returns as the mean over its samples (besides energy and forces)
+MEAN_OUTPUTS = frozenset({K.STRESS, K.VIRIAL, K.NODE_ENERGY})
+
+
 def _means_of(samples: list[dict[str, Tensor]], outputs: frozenset[str]) -> dict[str, Tensor]:
     """Means over samples of the outputs that are not energy or forces (stress, energies...)."""
-    keys = (outputs & {K.STRESS, K.VIRIAL, K.NODE_ENERGY}) - {K.ENERGY, K.FORCES}
-    return {k: torch.stack([s[k] for s in samples]).mean(0) for k in keys}
+    return {k: torch.stack([s[k] for s in samples]).mean(0) for k in outputs & MEAN_OUTPUTS}
 
 
 def _potential_outputs(outputs: frozenset[str]) -> frozenset[str]:
@@ -134,7 +137,7 @@ class DeepEnsemble(UQModel):
     def _weights_key(self) -> tuple[Any, ...]:
         """Changes whenever a member's weights, device or dtype change (storage and version
         counter of every parameter and buffer, read from the modules' own tables: cheap
-        enough to check on every call)."""
+        enough to check on every call; a move or cast gives new storage)."""
         tables = self._tables
         if not tables:
             tables = [
@@ -146,12 +149,7 @@ class DeepEnsemble(UQModel):
             ]
             self._tables = tables
         tensors = [table[name] for table, name in tables]
-        live = [t for t in tensors if t is not None]
-        return (
-            tuple(t.data_ptr() for t in live),
-            tuple(t._version for t in live),
-            tuple(t.dtype for t in live[:1]),
-        )
+        return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
 
     def compile_stacked(self) -> None:
         """Evaluate the stacked members through ``torch.compile`` from now on (for long MD
@@ -201,7 +199,7 @@ class DeepEnsemble(UQModel):
         self.evaluation = how if net is not None else f"one by one: {why}"
         if net is not None:
             out = net.evaluate(g, wanted)
-            extra = {k: out[k].mean(1) for k in outputs & {K.STRESS, K.VIRIAL, K.NODE_ENERGY}}
+            extra = {k: out[k].mean(1) for k in outputs & MEAN_OUTPUTS}
             return samples_output(out[K.ENERGY], out[K.FORCES], outputs, extra)
         samples = [m(g, wanted, create_graph=False) for m in self.members]
         energies = torch.stack([s[K.ENERGY].detach() for s in samples], dim=1)
@@ -363,7 +361,7 @@ class MCDropout(UQModel):
         wanted = _potential_outputs(outputs)
         if self._shared_backbone():
             out = {k: v.detach() for k, v in self._predict_shared(g, wanted).items()}
-            means = {k: out[k].mean(1) for k in outputs & {K.STRESS, K.VIRIAL, K.NODE_ENERGY}}
+            means = {k: out[k].mean(1) for k in outputs & MEAN_OUTPUTS}
             return samples_output(out[K.ENERGY], out[K.FORCES], outputs, means)
         return self.predict_one_by_one(g, outputs)
 

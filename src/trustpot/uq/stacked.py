@@ -27,6 +27,7 @@ reports (:attr:`trustpot.uq.ensemble.DeepEnsemble.evaluation`).
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -175,19 +176,13 @@ def stack_problem(members: Sequence[Model]) -> str | None:
     if any(m.backbone.modulator is not None for m in pots):
         return "a member has a modulator attached"
     layers = _stackable_modules(first)
-    in_layers = {f"{name}.{p}" for name in layers for p, _ in layers[name].named_parameters()}
-    for name, param in first.named_parameters():
-        if name in in_layers:
-            continue
-        for m in pots[1:]:
-            if not torch.equal(m.get_parameter(name), param):
-                return f"parameter '{name}' differs between members and is not in a stackable layer"
-    for name, value in first.named_buffers():
-        if name in _MEMBER_BUFFERS:
-            continue
-        for m in pots[1:]:
-            if not torch.equal(m.get_buffer(name), value):
-                return f"buffer '{name}' differs between members"
+    own = {f"{name}.{p}" for name in layers for p, _ in layers[name].named_parameters()}
+    own |= set(_MEMBER_BUFFERS)
+    for m in pots[1:]:
+        theirs = dict(itertools.chain(m.named_parameters(), m.named_buffers()))
+        for name, value in itertools.chain(first.named_parameters(), first.named_buffers()):
+            if name not in own and not torch.equal(theirs[name], value):
+                return f"'{name}' differs between members and is not in a stackable layer"
     for name, mod in layers.items():
         for k, m in enumerate(pots[1:], start=1):
             other = m.get_submodule(name)
