@@ -1,12 +1,14 @@
 """Adaptive scale refinement benchmark: ``trustpot scales run`` on both NaCl(aq) testbeds.
 
-Runs, one after the other and with one torch thread each (the budget the README table was made
-with: about 45-55 minutes on one core of the 2-core CI machine):
+Runs, one after the other and with one torch thread each (budgets long enough for the branches'
+cosine schedules to reach a plateau: each branch trains until its minutes run out, the learning
+rate decaying over those minutes; about 60 + 80 minutes on one core of the 2-core CI machine, or
+run the two testbeds side by side with ``--testbeds``):
 
     trustpot scales run --testbed openmm --out OUT/openmm --threads 1 \
-        --epochs 12 --branch-minutes 8 --router-minutes 2.5
+        --epochs 200 --branch-minutes 35 --router-minutes 5
     trustpot scales run --testbed dft --data-dir ../shared/data/nacl_water --out OUT/dft \
-        --threads 1 --epochs 10 --branch-minutes 12 --router-minutes 3
+        --threads 1 --epochs 200 --branch-minutes 45 --router-minutes 6
 
 then writes ``OUT/report.md`` (both tables, with links to each testbed's report) and
 ``OUT/summary.json``. Every finished branch and router is reused on a rerun.
@@ -32,8 +34,8 @@ DFT_DIR = ROOT.parent / "shared" / "data" / "nacl_water"
 
 #: Per testbed: the CLI flags of the full run.
 FULL: dict[str, list[str]] = {
-    "openmm": ["--epochs", "12", "--branch-minutes", "8", "--router-minutes", "2.5"],
-    "dft": ["--epochs", "10", "--branch-minutes", "12", "--router-minutes", "3"],
+    "openmm": ["--epochs", "200", "--branch-minutes", "35", "--router-minutes", "5"],
+    "dft": ["--epochs", "200", "--branch-minutes", "45", "--router-minutes", "6"],
 }
 
 
