@@ -22,8 +22,9 @@ from trustpot.cli.main import main
 from trustpot.data.graph import collate, structure_to_graph
 from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError
+from trustpot.io.checkpoint import checkpoint_digest, load_model, save_model
 from trustpot.models import build_potential
-from trustpot.models.ace import AceHypers
+from trustpot.models.ace import AceHypers, AceInteraction
 from trustpot.models.ace_blocks import (
     EdgeTensorProduct,
     IrrepsLinear,
@@ -232,6 +233,37 @@ def test_checkpoint_holds_weights_not_constants(
     assert not [n for n in names if any(c in n for c in ("projection", "coupling", "collect"))]
     assert model.modulation_shape() == (2, 4)
     assert model.embedding_widths() == [4, 4]
+
+
+def test_first_layer_mixes_a_per_element_and_old_checkpoints_load(
+    ethanol_structures: list[Structure], tmp_path: Path
+) -> None:
+    model = build_potential("ace", TINY, ethanol_structures[:4])
+    first, second = model.backbone.interactions
+    assert first.mix_a.n_types == 3 and second.mix_a.n_types == 0
+    plain = build_potential("ace", {**TINY, "element_mix_a": "false"}, ethanol_structures[:4])
+    assert plain.backbone.interactions[0].mix_a.n_types == 0
+    # a checkpoint written before the field existed: its hypers lack the key
+    path = tmp_path / "old.ckpt"
+    save_model(plain, path)
+    data = torch.load(path, weights_only=True)
+    del data["meta"]["hypers"]["element_mix_a"]
+    data["digest"] = checkpoint_digest({k: v for k, v in data.items() if k != "digest"})
+    torch.save(data, path)
+    old = load_model(path, Potential)
+    assert old.backbone.interactions[0].mix_a.n_types == 0
+    s = ethanol_structures[0]
+    g = collate([structure_to_graph(s, plain.neighbor_lists(), plain.dtype)])
+    torch.testing.assert_close(old.eval()(g)[K.FORCES], plain.eval()(g)[K.FORCES])
+
+
+def test_radial_network_starts_at_unit_scale() -> None:
+    """Variance-preserving init: unit-normal Bessel features give a radial output of about unit
+    second moment (PyTorch's default init gave about 0.03)."""
+    torch.manual_seed(0)
+    layer = AceInteraction(AceHypers(n_features=32), 0, 1, 3, 10.0, first=True)
+    out = layer.radial(torch.randn(4096, layer.radial[0].in_features))
+    assert 0.5 < float(out.pow(2).mean()) < 2.0
 
 
 # -- capabilities on ACE -------------------------------------------------------------------------

@@ -7,7 +7,8 @@ natural parity ``0e + 1o + 2e``; the first layer's input is an element embedding
    ``A_i = (1/N_avg) sum_j R(r_ij) * (Y(r_ij / |r_ij|) (x) W h_j)``: spherical harmonics ``Y``
    up to ``sh_lmax``, a channel-wise tensor product whose per-path, per-channel weights ``R``
    come from an MLP of ``n_rbf`` Bessel functions times a cosine cutoff (value and slope vanish
-   at the cutoff), then channel mixing per ``l``;
+   at the cutoff), then channel mixing per ``l`` (per element of atom ``i`` in the first
+   layer, ``element_mix_a``);
 2. higher body order: every equivariant polynomial of ``A_i`` of degree ``1..correlation``
    within each channel (the symmetric tensor powers of ``A_i``, contracted back to
    ``l <= l_max`` with Clebsch-Gordan coefficients precomputed at construction), weighted per
@@ -41,6 +42,14 @@ and 3BPA than the same width with correlation 3, which trains about 2x slower
 ``sh_lmax=3`` for MACE's spherical harmonics, which costs another 3.6x. ``medium`` and ``large``
 are for longer budgets or a GPU, and their accuracy has not been measured here.
 
+Two choices were measured at equal epochs (30 on 3BPA, two seeds, ``docs/backbones.md``) and
+are the defaults: the radial MLP starts variance-preserving (weights N(0, 1/fan_in), the SiLU's
+second-moment gain after each activation, zero biases), so that ``R`` and with it ``A`` start
+at unit scale rather than PyTorch's default 1/sqrt(3) per layer (which left the geometric part
+of the first layer's features at about 0.5% of the element embedding, and the products of
+``A`` smaller still); and the first layer mixes ``A``'s channels per element, as MACE's first
+interaction does. Checkpoints written before ``element_mix_a`` existed load without it.
+
 Kernels are dense matrix products over one feature layout (:mod:`trustpot.models.ace_blocks`),
 so a float64 model gives the same numbers as the mathematics to rounding, and no loop runs
 over edges, paths or channels.
@@ -49,7 +58,8 @@ over edges, paths or channels.
 from __future__ import annotations
 
 import dataclasses
-from typing import Final
+import math
+from typing import Any, ClassVar, Final
 
 import torch
 from e3nn import o3
@@ -111,7 +121,11 @@ class AceHypers(BackboneHypers):
         correlation: highest degree of the products of ``A`` (1 to 3; body order + 1).
         n_rbf: Bessel functions expanding each distance.
         radial_width: hidden width of the radial MLP (two hidden layers).
+        element_mix_a: the first layer mixes the channels of ``A`` with one weight set per
+            element of the centre atom.
     """
+
+    LEGACY: ClassVar[dict[str, Any]] = {"element_mix_a": False}
 
     size: str = "small"
     n_features: int = -1
@@ -121,6 +135,7 @@ class AceHypers(BackboneHypers):
     correlation: int = -1
     n_rbf: int = -1
     radial_width: int = -1
+    element_mix_a: bool = True
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -143,6 +158,22 @@ class AceHypers(BackboneHypers):
             raise ConfigError("ACE n_rbf and radial_width must be at least 1")
 
 
+#: E[(c SiLU(z))^2] = 1 for z ~ N(0, 1) (e3nn's normalize2mom of SiLU)
+SILU_GAIN: Final = 1.679
+
+
+def unit_variance_init(mlp: nn.Sequential) -> None:
+    """Initialise ``mlp``'s linear layers so that unit-variance inputs give unit-variance
+    outputs: weights N(0, 1/fan_in), times :data:`SILU_GAIN` after an activation, zero biases.
+    """
+    linears = [m for m in mlp if isinstance(m, nn.Linear)]
+    for k, linear in enumerate(linears):
+        gain = 1.0 if k == 0 else SILU_GAIN
+        nn.init.normal_(linear.weight, 0.0, gain / math.sqrt(linear.in_features))
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+
+
 class AceInteraction(nn.Module):
     """One interaction layer: ``h`` [n, (lmax_in+1)^2, F] -> ``h'`` [n, (lmax_out+1)^2, F].
 
@@ -152,10 +183,18 @@ class AceInteraction(nn.Module):
         lmax_out: ``l`` range of the output features.
         n_types: number of elements.
         avg_neighbors: divides the neighbour sum.
+        first: the network's first layer (its ``A`` is mixed per element with
+            ``hypers.element_mix_a``).
     """
 
     def __init__(
-        self, hypers: AceHypers, lmax_in: int, lmax_out: int, n_types: int, avg_neighbors: float
+        self,
+        hypers: AceHypers,
+        lmax_in: int,
+        lmax_out: int,
+        n_types: int,
+        avg_neighbors: float,
+        first: bool = False,
     ) -> None:
         super().__init__()
         f, la = hypers.n_features, hypers.sh_lmax
@@ -166,7 +205,9 @@ class AceInteraction(nn.Module):
         self.tp = EdgeTensorProduct(lmax_in, hypers.sh_lmax, la)
         width = hypers.radial_width
         self.radial = MLP([hypers.n_rbf, width, width, self.tp.n_paths * f], bias_last=False)
-        self.mix_a = IrrepsLinear(la, la, f, f)
+        unit_variance_init(self.radial)
+        by_element = hypers.element_mix_a and first
+        self.mix_a = IrrepsLinear(la, la, f, f, n_types=n_types if by_element else 0)
         self.product = SymmetricProduct(la, lmax_out, hypers.correlation, f, n_types)
         self.mix_b = IrrepsLinear(lmax_out, lmax_out, f, f)
         self.skip = IrrepsLinear(lmax_in, lmax_out, f, f, n_types=n_types)
@@ -181,8 +222,8 @@ class AceInteraction(nn.Module):
         w = self.radial(rbf) * fcut.unsqueeze(-1)  # vanishes with its slope at the cutoff
         w = w.view(rbf.shape[0], self.tp.n_paths, self.n_features)
         messages = self.tp(self.up(h)[j], y, w)  # [e, D_a, F]
-        a = self.mix_a(scatter_sum(messages, i, h.shape[0]) / self.norm)
         onehot = nn.functional.one_hot(types, self.n_types).to(h.dtype)
+        a = self.mix_a(scatter_sum(messages, i, h.shape[0]) / self.norm, onehot)
         b = self.mix_b(self.product(a, onehot))
         out: Tensor = b + self.skip(h, onehot)
         return out
@@ -204,7 +245,9 @@ class Ace(Backbone):
         )
         lmax = [0] + [hypers.l_max] * (hypers.n_layers - 1) + [0]
         self.interactions = nn.ModuleList(
-            AceInteraction(hypers, lmax[k], lmax[k + 1], self.n_types, self.avg_neighbors)
+            AceInteraction(
+                hypers, lmax[k], lmax[k + 1], self.n_types, self.avg_neighbors, first=k == 0
+            )
             for k in range(hypers.n_layers)
         )
 

@@ -91,6 +91,11 @@ class BackboneHypers:
     n_features: int = 64
     n_layers: int = 3
 
+    #: Fields added after checkpoints were written, with the value those checkpoints were
+    #: built with: a stored hypers dict without the field gets it from here
+    #: (:func:`trustpot.models.potential.potential_from_meta`), a new model the field's default.
+    LEGACY: ClassVar[dict[str, Any]] = {}
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values no model can use."""
         if self.cutoff <= 0:

@@ -3,6 +3,7 @@ statistics."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -59,7 +60,7 @@ def meta_from_data(
     shift, _ = residual_energy_stats(structures, e0)
     return ModelMeta(
         backbone=canonical_name("backbone", backbone),
-        hypers={k: getattr(parsed, k) for k in parsed.__dataclass_fields__},
+        hypers={f.name: getattr(parsed, f.name) for f in dataclasses.fields(parsed)},
         species=species,
         reference_energies=e0,
         energy_scale=force_rms(structures),
