@@ -9,31 +9,19 @@ writes and ``benchmarks/mace_peer.py`` copies) goes through
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trustpot.train.plateau import tail_gain
+from trustpot.train.plateau import learning_curve, tail_gain
 
 
 def curve_rows(metrics_csv: Path) -> list[dict[str, float]]:
     """trustpot's ``metrics.csv`` as learning-curve rows (epoch, minutes, validation errors)."""
-    rows = []
-    with open(metrics_csv) as handle:
-        for r in csv.DictReader(handle):
-            rows.append(
-                {
-                    "epoch": int(r["epoch"]) + 1,
-                    "minutes": float(r["elapsed_s"]) / 60.0,
-                    "val_forces_mae": float(r["val_forces_mae"]),
-                    "val_forces_rmse": float(r["val_forces_rmse"]),
-                    "val_energy_mae_per_atom": float(r["val_energy_mae_per_atom"]),
-                }
-            )
-    return rows
+    keys = ("val_forces_mae", "val_forces_rmse", "val_energy_mae_per_atom")
+    return learning_curve(metrics_csv, keys)
 
 
 def _predictions(path: Path) -> list[dict[str, Any]]:

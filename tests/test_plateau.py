@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from trustpot.train.metrics_log import MetricsLog
-from trustpot.train.plateau import run_plateau, tail_gain
+from trustpot.train.plateau import learning_curve, run_plateau, tail_gain
 
 
 def _curve(values: list[float]) -> list[dict[str, float]]:
@@ -39,3 +39,6 @@ def test_run_plateau_reads_metrics_csv(tmp_path: Path) -> None:
     assert math.isclose(out["tail_gain"], 0.5 / 2.0)  # 2.0 at minute 3, 1.5 at minute 4
     missing = run_plateau(tmp_path / "metrics.csv", "val_forces_mae")
     assert missing["epochs"] == 4 and math.isnan(missing["best"])
+    curve = learning_curve(tmp_path / "metrics.csv", ["val_loss"])
+    assert [r["epoch"] for r in curve] == [1, 2, 3, 4] and curve[-1]["minutes"] == 4.0
+    assert learning_curve(tmp_path / "metrics.csv", ["val_forces_mae"]) == []

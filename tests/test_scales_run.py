@@ -308,8 +308,9 @@ def test_scales_run_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     # each branch's plateau measure (or why there is none) is stated
     assert report.count("over the last quarter") + report.count("to judge a plateau") == 2
     assert all("val_loss_tail_gain" in b for b in result["branches"].values())
+    assert "![branch learning curves](branch_curves.png)" in report
     for png in ("mae_vs_distance.png", "pool_trajectory.png", "router_vs_distance.png",
-                "mae_vs_scale.png"):  # fmt: skip
+                "mae_vs_scale.png", "branch_curves.png"):  # fmt: skip
         assert (out / png).stat().st_size > 1000
     # a rerun reuses both branches and the router
     capsys.readouterr()

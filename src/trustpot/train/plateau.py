@@ -38,6 +38,22 @@ def tail_gain(curve: Sequence[dict[str, float]], key: str = "val_forces_mae") ->
     return float((before[-1] - best[-1]) / before[-1])
 
 
+def learning_curve(metrics_csv: str | Path, keys: Sequence[str]) -> list[dict[str, float]]:
+    """The rows of a run's ``metrics.csv`` that have every column of ``keys``, as
+    ``{"epoch": 1-based, "minutes": wall clock at the epoch's end, key: value...}``."""
+    with open(metrics_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [
+        {
+            "epoch": int(r["epoch"]) + 1,
+            "minutes": float(r["elapsed_s"]) / 60.0,
+            **{k: float(r[k]) for k in keys},
+        }
+        for r in rows
+        if all(r.get(k) not in (None, "") for k in keys)
+    ]
+
+
 def run_plateau(metrics_csv: str | Path, key: str = "val_loss") -> dict[str, Any]:
     """A trained run's length and plateau from its ``metrics.csv``.
 
@@ -47,14 +63,10 @@ def run_plateau(metrics_csv: str | Path, key: str = "val_loss") -> dict[str, Any
         or fewer than two epochs.
     """
     with open(metrics_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    curve = [
-        {"minutes": float(r["elapsed_s"]) / 60.0, key: float(r[key])}
-        for r in rows
-        if r.get(key) not in (None, "")
-    ]
+        n_rows = sum(1 for _ in csv.DictReader(handle))
+    curve = learning_curve(metrics_csv, [key])
     return {
-        "epochs": len(rows),
+        "epochs": n_rows,
         "minutes": curve[-1]["minutes"] if curve else math.nan,
         "best": min((r[key] for r in curve), default=math.nan),
         "tail_gain": tail_gain(curve, key),

@@ -8,7 +8,9 @@ Plots (matplotlib, Agg backend):
 - ``pool_trajectory.png``: the pool after every refinement round and its calibration/test loss;
 - ``router_vs_distance.png``: the router's per-ion s against the ion's counter-ion distance, and
   its frame-mean s against the frame distance next to the continuous oracle's per-frame s;
-- ``mae_vs_scale.png``: calibration and test MAE of every fixed scale on a 1/16 grid.
+- ``mae_vs_scale.png``: calibration and test MAE of every fixed scale on a 1/16 grid;
+- ``branch_curves.png``: each branch's calibration force MAE against epoch and minutes (from
+  ``<branch>/metrics.csv`` in the run folder; left out when no branch folder is there).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from trustpot.train.plateau import learning_curve
 from trustpot.units import EV_PER_A_IN_KJ_PER_MOL_PER_NM as KJ
 
 
@@ -157,6 +160,33 @@ def plot_scale_grid(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_branch_curves(out: Path, path: Path) -> bool:
+    """Each branch's calibration force MAE against epoch and wall clock, from
+    ``out/<branch>/metrics.csv``; False (nothing written) when no branch has one."""
+    curves = {
+        name: learning_curve(out / name / "metrics.csv", ["val_forces_mae"])
+        for name in ("short", "long")
+        if (out / name / "metrics.csv").is_file()
+    }
+    if not curves:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, curve in curves.items():
+        mae = [row["val_forces_mae"] for row in curve]
+        axes[0].plot([row["epoch"] for row in curve], mae, marker="o", ms=3, label=name)
+        axes[1].plot([row["minutes"] for row in curve], mae, marker="o", ms=3, label=name)
+    for ax, xlabel in zip(axes, ("epoch", "minutes")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("calibration force MAE (eV/Å)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def table_lines(result: dict[str, Any]) -> list[str]:
     """The seed's table, row by row, with our test numbers (both units) next to the seed's."""
     rows = result["rows"]
@@ -272,6 +302,7 @@ def write_report(result: dict[str, Any], out: str | Path) -> Path:
     plot_pool(result, out / "pool_trajectory.png")
     plot_router(result, out / "router_vs_distance.png")
     plot_scale_grid(result, out / "mae_vs_scale.png")
+    curves = plot_branch_curves(out, out / "branch_curves.png")
     data, router, opts = result["data"], result["router"], result["options"]
     tb = result["testbed"]
     rows = {r["key"]: r for r in result["rows"]}
@@ -356,6 +387,7 @@ def write_report(result: dict[str, Any], out: str | Path) -> Path:
             for k, v in result["branches"].items()
         )
         + ".",
+        *(["", "![branch learning curves](branch_curves.png)"] if curves else []),
     ]
     sources = result.get("by_test_source") or []
     if len(sources) > 1:
