@@ -8,6 +8,7 @@ product agree, sizes resolve as documented, and every capability runs on it: per
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -33,7 +34,7 @@ from trustpot.models.ace_blocks import (
     symmetric_basis,
 )
 from trustpot.models.base import make_hypers
-from trustpot.models.potential import Potential
+from trustpot.models.potential import Potential, potential_from_meta
 from trustpot.testing import (
     check_batch_equals_single,
     check_forces_finite_difference,
@@ -255,6 +256,18 @@ def test_first_layer_mixes_a_per_element_and_old_checkpoints_load(
     s = ethanol_structures[0]
     g = collate([structure_to_graph(s, plain.neighbor_lists(), plain.dtype)])
     torch.testing.assert_close(old.eval()(g)[K.FORCES], plain.eval()(g)[K.FORCES])
+
+
+def test_an_old_deepset_moe_keeps_its_ace_encoder(ethanol_structures: list[Structure]) -> None:
+    """A DeepSet-MoE's stored hypers without ``current_encoder`` (written before ACE gained
+    ``element_mix_a``) rebuild the encoder as it was; new ones get the current encoder."""
+    hypers = {"encoder": "ace", "cutoff": 4.0, "n_features": 8, "n_layers": 2}
+    new = build_potential("deepset-moe", hypers, ethanol_structures[:4])
+    assert new.backbone.encoder.interactions[0].mix_a.n_types == 3
+    stored = dict(new.meta.hypers)
+    del stored["current_encoder"]
+    old = potential_from_meta(dataclasses.replace(new.meta, hypers=stored))
+    assert old.backbone.encoder.interactions[0].mix_a.n_types == 0
 
 
 def test_radial_network_starts_at_unit_scale() -> None:

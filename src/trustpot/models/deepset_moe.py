@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -69,7 +69,12 @@ class DeepSetMoEHypers(BackboneHypers):
         n_latent: width D of phi (0: ``n_features``).
         aggregation: ``sum``, ``mean`` or ``attention``.
         rho_hidden: hidden width of rho (0: ``n_features``).
+        current_encoder: build the encoder with its current defaults; False (checkpoints
+            written before this field) gives fields added to the encoder since then the values
+            those checkpoints were built with (the encoder's ``Hypers.LEGACY``).
     """
+
+    LEGACY: ClassVar[dict[str, Any]] = {"current_encoder": False}
 
     encoder: str = "schnet"
     n_rbf: int = 0
@@ -80,6 +85,7 @@ class DeepSetMoEHypers(BackboneHypers):
     n_latent: int = 0
     aggregation: str = "sum"
     rho_hidden: int = 0
+    current_encoder: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -235,6 +241,8 @@ class DeepSetMoE(Backbone):
         names = {f.name for f in dataclasses.fields(cls.Hypers)}
         if hypers.n_rbf and "n_rbf" in names:
             shared["n_rbf"] = hypers.n_rbf
+        if not hypers.current_encoder:
+            shared = {**cls.Hypers.LEGACY, **shared}
         self.encoder: Backbone = cls(make_hypers(cls.Hypers, shared), species, avg_neighbors)
 
     def neighbor_lists(self) -> list[NeighborListSpec]:
