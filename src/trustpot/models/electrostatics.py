@@ -23,7 +23,7 @@ differentiable operations; only the *number* of k-vectors is a step function of 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import torch
 import torchpme
@@ -38,8 +38,6 @@ from trustpot.units import COULOMB_EV_A
 
 #: Optional graph field: [n_graphs] formal total charge of each structure (e); 0 when absent.
 TOTAL_CHARGE: Final = "total_charge"
-#: Ewald wavelength (in units of the smearing) of checkpoints without ``wavelength_per_smearing``.
-LEGACY_WAVELENGTH_PER_SMEARING: Final[float] = 0.5
 #: Madelung constant of rock salt (per ion pair, nearest-neighbour distance r0).
 MADELUNG_ROCKSALT: Final[float] = 1.747565
 
@@ -58,8 +56,8 @@ class ElectrostaticsConfig:
             (measured on a 160-atom NaCl(aq) DFT box with random charges of 0.5 e: forces within
             1.4e-4 eV/Å and energy within 2e-5 relative of the σ / 2 sum, at a fifth of its cost;
             on 64 disordered unit ions forces within 2e-5 eV/Å; rock salt's Madelung energy to
-            2e-7). Checkpoints written before this field existed
-            were built with σ / 2 and keep it.
+            2e-7). Checkpoints written before this field existed were built with σ / 2 and
+            keep it (``LEGACY``).
         mesh_spacing: PME: mesh spacing (Å); ``None``: σ / 4.
         interpolation_nodes: PME: Lagrange interpolation nodes per axis (3..7).
         charges_hidden: width of the hidden layer of the charge MLP.
@@ -72,6 +70,10 @@ class ElectrostaticsConfig:
     interpolation_nodes: int = 4
     charges_hidden: int = 32
     wavelength_per_smearing: float = 0.75
+
+    #: Fields added after checkpoints were written, with the value those checkpoints were
+    #: built with (the rule of ``BackboneHypers.LEGACY``), applied by :meth:`from_dict`.
+    LEGACY: ClassVar[dict[str, Any]] = {"wavelength_per_smearing": 0.5}
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for unusable settings."""
@@ -91,8 +93,7 @@ class ElectrostaticsConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ElectrostaticsConfig:
-        # checkpoints from before the field: their Ewald sums kept wavelengths down to σ / 2
-        out = cls(**{"wavelength_per_smearing": LEGACY_WAVELENGTH_PER_SMEARING, **d})
+        out = cls(**{**cls.LEGACY, **d})
         out.validate()
         return out
 

@@ -239,9 +239,9 @@ def potential_from_meta(meta: ModelMeta) -> Potential:
     """A freshly initialised potential described by ``meta`` (backbone from the registry).
 
     ``meta.hypers`` is a stored, complete dict (every field, as
-    :func:`trustpot.models.build.meta_from_data` writes
-    it); a field missing from it is one added since it was written and takes the value the
-    file was built with (``Hypers.LEGACY``)."""
+    :func:`trustpot.models.build.meta_from_data` writes it); a field missing from it is one
+    added since it was written and takes the value the file was built with
+    (``Hypers.LEGACY``)."""
     cls = lookup("backbone", meta.backbone)
     hypers = make_hypers(cls.Hypers, {**cls.Hypers.LEGACY, **meta.hypers})
     backbone = cls(hypers, meta.species, meta.avg_neighbors)

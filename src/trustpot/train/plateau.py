@@ -38,11 +38,12 @@ def tail_gain(curve: Sequence[dict[str, float]], key: str = "val_forces_mae") ->
     return float((before[-1] - best[-1]) / before[-1])
 
 
-def learning_curve(metrics_csv: str | Path, keys: Sequence[str]) -> list[dict[str, float]]:
-    """The rows of a run's ``metrics.csv`` that have every column of ``keys``, as
-    ``{"epoch": 1-based, "minutes": wall clock at the epoch's end, key: value...}``."""
+def _read_rows(metrics_csv: str | Path) -> list[dict[str, str]]:
     with open(metrics_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+        return list(csv.DictReader(handle))
+
+
+def _curve(rows: Sequence[dict[str, str]], keys: Sequence[str]) -> list[dict[str, float]]:
     return [
         {
             "epoch": int(r["epoch"]) + 1,
@@ -54,6 +55,12 @@ def learning_curve(metrics_csv: str | Path, keys: Sequence[str]) -> list[dict[st
     ]
 
 
+def learning_curve(metrics_csv: str | Path, keys: Sequence[str]) -> list[dict[str, float]]:
+    """The rows of a run's ``metrics.csv`` that have every column of ``keys``, as
+    ``{"epoch": 1-based, "minutes": wall clock at the epoch's end, key: value...}``."""
+    return _curve(_read_rows(metrics_csv), keys)
+
+
 def run_plateau(metrics_csv: str | Path, key: str = "val_loss") -> dict[str, Any]:
     """A trained run's length and plateau from its ``metrics.csv``.
 
@@ -62,11 +69,10 @@ def run_plateau(metrics_csv: str | Path, key: str = "val_loss") -> dict[str, Any
         ``tail_gain`` (see :func:`tail_gain`); NaN values when the file has no ``key`` column
         or fewer than two epochs.
     """
-    with open(metrics_csv, newline="") as handle:
-        n_rows = sum(1 for _ in csv.DictReader(handle))
-    curve = learning_curve(metrics_csv, [key])
+    rows = _read_rows(metrics_csv)
+    curve = _curve(rows, [key])
     return {
-        "epochs": n_rows,
+        "epochs": len(rows),
         "minutes": curve[-1]["minutes"] if curve else math.nan,
         "best": min((r[key] for r in curve), default=math.nan),
         "tail_gain": tail_gain(curve, key),
