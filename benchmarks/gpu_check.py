@@ -16,6 +16,9 @@ default), each written to ``OUT/gpu_check.json`` as soon as it ends:
   included) on ethanol and 3BPA, on the CPU cores (``--cpu-threads``) and on CUDA, at each
   ``--batch-sizes``.
 * ``float64``: the same runs in float64 on both devices, whose losses must agree.
+* ``cases``: seconds per epoch (CPU cores, CUDA eager, CUDA graph) of the training runs that
+  ``trustpot train`` on molecules does not reach: 32-atom copper cells with stress labels
+  (EMT), and fine-tuning with replay (two objectives: ethanol, and 3BPA forces replayed).
 * ``md``: MD steps per second through the ASE calculator: CPU (1 thread), CUDA, CUDA compiled.
 * ``uq``: what each uncertainty method costs against one model on CUDA (``uq_cost.measure``).
 * ``sync``: where a CUDA training step still waits for the device (sync debug mode).
@@ -74,7 +77,7 @@ def compare(
     return row
 
 
-SECTIONS = ("agreement", "train", "float64", "md", "uq", "sync", "profile")
+SECTIONS = ("agreement", "train", "cases", "float64", "md", "uq", "sync", "profile")
 
 
 def agreement(root: Path, device: str) -> dict[str, Any]:
@@ -138,6 +141,47 @@ def train_section(
                 f"{k} {v['seconds']:.3f} s/epoch" for k, v in runs.items() if "seconds" in v)
                 + " | speed-up " + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items()),
                 flush=True)  # fmt: skip
+    return rows
+
+
+def cases_section(root: Path, device: str, cpu_threads: int, batch_size: int) -> dict[str, Any]:
+    """Stress labels and two objectives: CPU cores, eager CUDA and the CUDA graph."""
+    from gpu_timing import copper_cells, trainer_epochs
+
+    cases = {
+        "copper with stress": (
+            {"main": copper_cells(200)},
+            {"main": (1.0, 10.0, 5.0)},
+        ),
+        "ethanol with 3BPA replay": (
+            {
+                "main": read_structures(root / TRAIN_FILES["ethanol"])[:250],
+                "replay": read_structures(root / TRAIN_FILES["3bpa"])[:250],
+            },
+            {"main": (1.0, 10.0, 0.0), "replay": (0.0, 1.0, 0.0)},
+        ),
+    }
+    rows: dict[str, Any] = {}
+    for name, (sets, weights) in cases.items():
+        runs: dict[str, Any] = {}
+        for label, dev, graphs in (("cpu", "cpu", "never"), (device, device, "never"),
+                                   (f"{device} graph", device, "always")):  # fmt: skip
+            try:
+                runs[label] = trainer_epochs(
+                    sets, weights, dev, graphs=graphs, batch_size=batch_size,
+                    threads=cpu_threads if dev == "cpu" else 0,
+                )  # fmt: skip
+            except Exception as err:  # keep the other rows
+                runs[label] = {"error": f"{type(err).__name__}: {err}",
+                               "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
+                print(name, label, "FAILED", runs[label]["traceback"], flush=True)
+        cpu_s = runs["cpu"].get("seconds")
+        ratios = {k: cpu_s / v["seconds"] for k, v in runs.items() if cpu_s and "seconds" in v}
+        rows[name] = {**runs, "speedup": ratios}
+        print(f"cases {name} batch {batch_size}: " + ", ".join(
+            f"{k} {v['seconds']:.3f} s/epoch" for k, v in runs.items() if "seconds" in v)
+            + " | speed-up " + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items()),
+            flush=True)  # fmt: skip
     return rows
 
 
@@ -266,6 +310,7 @@ def main() -> None:
     run: dict[str, Callable[[], Any]] = {
         "agreement": lambda: agreement(root, dev),
         "train": lambda: train_section(root, dev, batch_sizes, CPU_THREADS, args.frames),
+        "cases": lambda: cases_section(root, dev, CPU_THREADS, batch_sizes[0]),
         "float64": lambda: float64_section(root, dev, CPU_THREADS),
         "md": lambda: md_section(root, dev),
         "uq": lambda: uq_section(root, dev),

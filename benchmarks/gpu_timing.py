@@ -85,6 +85,86 @@ def train_epochs(
     }
 
 
+def copper_cells(n: int, seed: int = 0) -> list[Any]:
+    """``n`` rattled, strained 32-atom fcc copper cells labelled by ASE's EMT (energy, forces
+    and stress): periodic training data with stress labels."""
+    import numpy as np
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from trustpot.data.reader import atoms_to_structure
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+        strain = np.eye(3) + rng.normal(scale=0.01, size=(3, 3))
+        atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        atoms.calc = EMT()
+        atoms.get_forces()  # the calculator's results: energy, forces
+        atoms.get_stress()
+        out.append(atoms_to_structure(atoms))
+    return out
+
+
+def trainer_epochs(
+    sets: dict[str, list[Any]],
+    weights: dict[str, tuple[float, float, float]],
+    device: str,
+    *,
+    graphs: str,
+    batch_size: int = 4,
+    epochs: int = 3,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Seconds per epoch of the :class:`~trustpot.train.trainer.Trainer` (PaiNN, float32) on
+    one objective per entry of ``sets`` (``weights``: its energy, force and stress weights;
+    the first set is also validated), with ``train.cuda_graphs`` = ``graphs``: the cases
+    ``trustpot train`` alone does not reach (stress labels, fine-tuning with replay)."""
+    from trustpot.config import TrainConfig
+    from trustpot.data.dataset import GraphDataset
+    from trustpot.models.build import build_potential
+    from trustpot.train.losses import LossWeights
+    from trustpot.train.objectives import Objective
+    from trustpot.train.trainer import Trainer
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    names = list(sets)
+    everything = [s for name in names for s in sets[name]]
+    model = build_potential("painn", {}, everything, dtype="float32", seed=0).to(device)
+    specs = model.neighbor_lists()
+    train = {name: GraphDataset(sets[name], specs, model.dtype, name) for name in names}
+    first = names[0]
+    n_val = max(len(sets[first]) // 10, 1)
+    val = {first: train[first].subset(range(n_val))}
+    train[first] = train[first].subset(range(n_val, len(sets[first])))
+    objectives = [Objective(name, name, LossWeights(*weights[name])) for name in names]
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, cuda_graphs=graphs, device=device)
+    trainer = Trainer(model, objectives, cfg, progress=False)
+    rows: list[dict[str, Any]] = []
+    trainer.on_epoch = lambda _t, row: rows.append(row)  # type: ignore[assignment,return-value]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer.fit(train, val, Path(tmp) / "run", log=lambda _m: None)
+    seconds = [float(r["epoch_s"]) for r in rows]
+    return {
+        "device": device,
+        "cuda_graphs": graphs,
+        "graphed": trainer._graphed is not None,
+        "batch_size": batch_size,
+        "frames": {name: len(train[name]) for name in names},
+        "threads": torch.get_num_threads(),
+        "epoch_seconds": seconds,
+        "seconds": statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0],
+        "train_loss": [float(r["train_loss"]) for r in rows],
+        "val_forces_mae": [  # the first objective's (its name prefixes it beside others)
+            float(r.get("val_forces_mae", r.get(f"{first}_val_forces_mae", float("nan"))))
+            for r in rows
+        ],
+    }
+
+
 def md_rate(
     atoms: Any, model: Any, device: str, *, compile: bool = False, warmup: int = 20,
     steps: int = 200,

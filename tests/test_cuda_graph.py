@@ -4,32 +4,79 @@ be graphed, and ``train.cuda_graphs`` is honoured. Recording and replay need CUD
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from trustpot import keys as K
 from trustpot.config import TrainConfig, load_config
-from trustpot.data.dataset import GraphDataset
+from trustpot.data.dataset import GraphDataset, batch_slices
+from trustpot.data.graph import collate
 from trustpot.errors import ConfigError
 from trustpot.models.build import build_potential, build_scale_mixture
-from trustpot.train.cuda_graph import graphed_step_for, pad_batch, static_shape
+from trustpot.train.cuda_graph import GraphedStep, graphed_step_for
+from trustpot.train.graph_batches import FlatStore, static_shape
 from trustpot.train.losses import LossWeights
-from trustpot.train.objectives import ForceFieldLoss
+from trustpot.train.objectives import BCELoss, ForceFieldLoss
 from trustpot.train.trainer import Objective, Trainer
 
 
-def _shape(data: GraphDataset, batch_size: int) -> object:
-    graphs = [data.graph(k) for k in range(len(data))]
+def _store(data: GraphDataset, batch_size: int) -> FlatStore:
+    graphs = [data.host_graph(k) for k in range(len(data))]
     keys = [k for k in graphs[0] if k.startswith(K.EDGE_INDEX_PREFIX)]
-    return static_shape(
+    shape = static_shape(
         [s.n_atoms for s in data.structures],
         {key: [g[key].shape[1] for g in graphs] for key in keys},
         batch_size,
         int(data.structures[0].numbers[0]),
         max(spec.cutoff for spec in data.specs),
     )
+    return FlatStore(graphs, shape, torch.device("cpu"))
+
+
+def _padded(store: FlatStore, items: list[int]) -> dict:
+    return store.gather(torch.from_numpy(store.plan(items)))
+
+
+def test_a_gathered_batch_is_the_collated_batch_then_padding(
+    ethanol_structures: list, bulk_structures: list
+) -> None:
+    """Structures of different sizes and edge counts, full and partial batches: the real part
+    of the gathered batch equals ``collate`` exactly; padding atoms and edges touch no real
+    atom, padding graphs have zero weights, and nothing of it lies within a cutoff."""
+    mixed = [ethanol_structures[0], *bulk_structures[:3], *ethanol_structures[1:4]]
+    model = build_potential("painn", {}, mixed, dtype="float64")
+    data = GraphDataset(mixed, model.neighbor_lists(), model.dtype)
+    store = _store(data, 3)
+    shape = store.shape
+    for items, _ in batch_slices(len(data), 3, shuffle=True, seed=4):  # batches of 3, 3 and 1
+        real = collate([data.graph(k) for k in items])
+        got = _padded(store, items)
+        n_atoms, n_graphs = real[K.POSITIONS].shape[0], real[K.N_ATOMS].shape[0]
+        assert got[K.POSITIONS].shape[0] == shape.n_atoms
+        assert got[K.N_ATOMS].shape[0] == shape.n_graphs
+        assert int(got[K.N_ATOMS].sum()) == shape.n_atoms
+        for key, value in real.items():
+            if key.startswith(K.EDGE_INDEX_PREFIX):
+                n_edges = value.shape[1]
+                assert torch.equal(got[key][:, :n_edges], value)
+                assert got[key].shape[1] == shape.n_edges[key]
+                assert bool((got[key][:, n_edges:] >= n_atoms).all())  # padding atoms only
+            elif key.startswith(K.EDGE_SHIFT_PREFIX):
+                assert torch.equal(got[key][: value.shape[0]], value)
+                assert not bool(got[key][value.shape[0] :].any())
+            else:
+                per_atom = key in (K.POSITIONS, K.ATOMIC_NUMBERS, K.FORCES, K.BATCH)
+                rows = n_atoms if per_atom else n_graphs
+                assert torch.equal(got[key][:rows], value), key
+        assert bool((got[K.BATCH][n_atoms:] >= n_graphs).all())
+        for key in (K.ENERGY_WEIGHT, K.FORCES_WEIGHT, K.STRESS_WEIGHT):
+            assert not bool(got[key][n_graphs:].any())
+        pad_x = got[K.POSITIONS][n_atoms:, 0]
+        assert bool((pad_x.diff() >= shape.spacing - 1e-9).all())
 
 
 def _loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[float, list[torch.Tensor]]:
@@ -50,13 +97,10 @@ def test_padding_changes_neither_loss_nor_gradient(backbone: str, ethanol_struct
     else:
         model = build_potential(backbone, {}, structures, dtype="float64", seed=1)
     data = GraphDataset(structures, model.neighbor_lists(), model.dtype)
-    shape = _shape(data, 4)
-    for batch, _ in data.batches(4):  # a full batch of 4 and a partial one of 3
-        assert batch is not None
-        padded = pad_batch(batch, shape)
-        assert padded[K.POSITIONS].shape[0] == shape.n_atoms
-        assert padded[K.N_ATOMS].shape[0] == shape.n_graphs
-        assert int(padded[K.N_ATOMS].sum()) == shape.n_atoms
+    store = _store(data, 4)
+    for items, _ in batch_slices(len(data), 4):  # a full batch of 4 and a partial one of 3
+        batch = collate([data.graph(k) for k in items])
+        padded = _padded(store, items)
         loss, grads = _loss_and_grads(model, batch)
         loss_p, grads_p = _loss_and_grads(model, padded)
         assert loss_p == pytest.approx(loss, rel=1e-12)
@@ -65,14 +109,56 @@ def test_padding_changes_neither_loss_nor_gradient(backbone: str, ethanol_struct
             torch.testing.assert_close(gp, g, rtol=1e-10, atol=1e-12)
 
 
+def _sum(batches: list) -> torch.Tensor:
+    return torch.zeros(())
+
+
+def test_the_stress_term_at_every_batch_changes_neither_loss_nor_gradient(
+    ethanol_structures: list, bulk_structures: list
+) -> None:
+    """The recorded step computes the stress term for every batch (it cannot ask a batch on
+    the device whether it has stress labels): for a batch without stress labels, and for a
+    padded batch with them, loss and gradient are those of the eager step."""
+    from trustpot.train.distributed import DistInfo
+
+    mixed = ethanol_structures[:3] + bulk_structures[:3]
+    model = build_potential("painn", {}, mixed, dtype="float64", seed=2)
+    data = GraphDataset(mixed, model.neighbor_lists(), model.dtype)
+    store = _store(data, 3)
+    weights = LossWeights(energy=1.0, forces=10.0, stress=5.0)
+    results = {}
+    for every in (False, True):
+        loss_kind = ForceFieldLoss(weights)
+        loss_kind.bind_data([data])
+        loss_kind.stress_every_batch = every
+        for name, items in (("molecules", [0, 1, 2]), ("bulk", [3, 4, 5])):
+            g = collate([data.graph(k) for k in items])
+            for padded in (False, True):
+                b = _padded(store, items) if padded else g
+                loss_kind.prepare(b, DistInfo())
+                model.zero_grad(set_to_none=True)
+                sums, counts = loss_kind.sums(model, b, True)
+                loss = loss_kind.combine(sums, counts)
+                loss.backward()
+                grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+                results[every, name, padded] = (float(loss), grads, "stress" in sums)
+    for name in ("molecules", "bulk"):
+        loss, grads, has = results[False, name, False]
+        assert has == (name == "bulk")  # the eager step asks the batch
+        for key in ((True, name, False), (True, name, True), (False, name, True)):
+            loss_k, grads_k, has_k = results[key]
+            assert has_k == (key[0] or name == "bulk")
+            assert loss_k == pytest.approx(loss, rel=1e-12)
+            for g, gk in zip(grads, grads_k):
+                torch.testing.assert_close(gk, g, rtol=1e-10, atol=1e-12)
+
+
 def test_a_batch_that_does_not_fit_is_an_error(ethanol_structures: list) -> None:
     model = build_potential("painn", {}, ethanol_structures[:4], dtype="float64")
     data = GraphDataset(ethanol_structures[:4], model.neighbor_lists(), model.dtype)
-    shape = _shape(data, 2)
-    batch = next(iter(data.batches(4)))[0]
-    assert batch is not None
+    store = _store(data, 2)
     with pytest.raises(ValueError, match="does not fit the static shape"):
-        pad_batch(batch, shape)
+        store.plan([0, 1, 2, 3])
 
 
 def test_the_plan_names_why_a_run_is_not_graphed(
@@ -82,26 +168,32 @@ def test_the_plan_names_why_a_run_is_not_graphed(
     data = GraphDataset(ethanol_structures[:4], model.neighbor_lists(), model.dtype)
     opt = torch.optim.AdamW(model.parameters(), capturable=True)
     cfg = TrainConfig()
-    step, why = graphed_step_for(ForceFieldLoss(LossWeights()), data, lambda b: b, model, opt, cfg)
+    ff = ForceFieldLoss(LossWeights())
+    step, why = graphed_step_for([ff], [data], _sum, model, opt, cfg)
     assert step is not None and why == ""
-    assert step.shape.n_graphs == cfg.batch_size + 1
+    assert step.shapes[0].n_graphs == cfg.batch_size + 1
+    assert not ff.stress_every_batch  # molecules: no stress term is possible
     bulk = build_potential("painn", {}, bulk_structures, dtype="float64")
     periodic = GraphDataset(bulk_structures, bulk.neighbor_lists(), bulk.dtype)
     stressed = ForceFieldLoss(LossWeights(stress=1.0))
-    step, why = graphed_step_for(stressed, periodic, lambda b: b, bulk, opt, cfg)
-    assert step is None and "stress labels" in why
+    stressed.bind_data([periodic])
+    step, why = graphed_step_for([stressed], [periodic], _sum, bulk, opt, cfg)
+    assert step is not None and stressed.stress_every_batch  # the stress term at every step
+    replay = ForceFieldLoss(LossWeights(0.0, 1.0, 0.0))
+    step, why = graphed_step_for([ff, replay], [data, data.subset([0, 1])], _sum, model, opt, cfg)
+    assert step is not None and len(step.shapes) == 2
+    assert step.shapes[1].n_atoms == 2 * ethanol_structures[0].n_atoms + 2  # 2 frames + padding
+    bce = BCELoss(lambda m, b: (torch.zeros(1), torch.zeros(1)))
+    step, why = graphed_step_for([ff, bce], [data, data], _sum, model, opt, cfg)
+    assert step is None and why == "objective 2 of 2: a BCELoss objective"
     labelled = GraphDataset(
         ethanol_structures[:4], model.neighbor_lists(), model.dtype,
         labels={"property:q": [torch.zeros(1).numpy()] * 4},
     )  # fmt: skip
-    step, why = graphed_step_for(
-        ForceFieldLoss(LossWeights()), labelled, lambda b: b, model, opt, cfg
-    )
+    step, why = graphed_step_for([ForceFieldLoss(LossWeights())], [labelled], _sum, model, opt, cfg)
     assert step is None and "plain force-field dataset" in why
     plain = torch.optim.AdamW(model.parameters())
-    step, why = graphed_step_for(
-        ForceFieldLoss(LossWeights()), data, lambda b: b, model, plain, cfg
-    )
+    step, why = graphed_step_for([ForceFieldLoss(LossWeights())], [data], _sum, model, plain, cfg)
     assert step is None and "optimiser cannot be recorded" in why
 
 
@@ -157,3 +249,115 @@ def test_stress_presence_is_known_from_the_host(
     loss.bind_data([molecules, periodic])
     with pytest.raises(KeyError):
         loss.prepare({}, DistInfo())
+
+
+class _EagerReplay:
+    """Stands in for a recorded CUDA graph on the CPU: a replay runs the recorded body."""
+
+    def __init__(self, step: GraphedStep) -> None:
+        self.step = step
+
+    def replay(self) -> None:
+        self.step.optimizer.zero_grad(set_to_none=True)  # a recorded step's fresh gradients
+        self.step.loss = self.step._body()
+
+
+def test_the_planned_gathered_step_trains_as_the_eager_loop(
+    ethanol_structures: list, bulk_structures: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Everything of the graphed path but the recording, on the CPU: each epoch planned as
+    index rows, batches gathered from the flat stores (structures of different sizes, stress
+    labels, a second objective cycling through its own shuffles) train exactly as the eager
+    loop's collated batches do."""
+
+    def capture(self: GraphedStep, key: object = None) -> None:
+        self.graph, self.key = _EagerReplay(self), key  # type: ignore[assignment]
+        self.loss = torch.zeros(())
+
+    monkeypatch.setattr(GraphedStep, "capture", capture)
+    main_set = [*ethanol_structures[:5], *bulk_structures[:4]]
+    runs = {}
+    for graphed in (False, True):
+        model = build_potential("painn", {}, main_set, "float64", seed=3)
+        specs = model.neighbor_lists()
+        train = {
+            "main": GraphDataset(main_set, specs, model.dtype),
+            "replay": GraphDataset(ethanol_structures[5:12], specs, model.dtype),
+        }
+        objectives = [
+            Objective("main", "main", LossWeights(energy=1.0, forces=10.0, stress=5.0)),
+            Objective("replay", "replay", LossWeights(0.0, 1.0, 0.0), weight=0.5),
+        ]
+        cfg = TrainConfig(epochs=3, batch_size=3, lr=1e-3, ema_decay=0.9)
+        trainer = Trainer(model, objectives, cfg, progress=False)
+        for obj in objectives:
+            obj.kind.bind_data([train[obj.dataset]])
+        if graphed:
+            for group in trainer.optimizer.param_groups:  # the check only: CPU AdamW steps
+                group["capturable"] = True
+            trainer._graphed, why = graphed_step_for(
+                [o.kind for o in objectives], [train["main"], train["replay"]],
+                trainer._step_loss, model, trainer.optimizer, cfg,
+            )  # fmt: skip
+            assert trainer._graphed is not None, why
+            for group in trainer.optimizer.param_groups:
+                group["capturable"] = False
+        losses = []
+        for _ in range(3):
+            losses.append(trainer.train_epoch(train))
+            trainer.epoch += 1
+        runs[graphed] = (losses, [p.detach().clone() for p in model.parameters()], trainer.step)
+    assert runs[True][2] == runs[False][2] == 9  # 3 steps (9 structures, batches of 3) x 3
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-10)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _losses_by_mode(
+    build: Callable[[], Any],
+    datasets: Callable[[Any], dict[str, GraphDataset]],
+    objectives: list[tuple[str, str, LossWeights]],
+    tmp_path: Path,
+) -> dict[str, list[float]]:
+    """Training losses per epoch of the eager and the recorded step from the same start."""
+    losses = {}
+    for mode in ("never", "always"):
+        model = build().cuda()
+        cfg = TrainConfig(epochs=3, batch_size=3, lr=1e-3, cuda_graphs=mode)
+        objs = [Objective(name, ds, w) for name, ds, w in objectives]
+        trainer = Trainer(model, objs, cfg, progress=False)
+        rows: list[float] = []
+        trainer.on_epoch = lambda _t, row, rows=rows: rows.append(row["train_loss"])  # type: ignore[misc]
+        trainer.fit(datasets(model), {}, tmp_path / mode)
+        assert (trainer._graphed is not None) == (mode == "always")
+        losses[mode] = rows
+    return losses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="recording a CUDA graph needs CUDA")
+def test_graphed_stress_and_replay_match_the_eager_loop_on_cuda(
+    ethanol_structures: list, bulk_structures: list, tmp_path: Path
+) -> None:
+    """Stress labels (the stress term at every step) and a second objective (replay)."""
+    mixed = ethanol_structures[:4] + bulk_structures[:5]
+
+    def build() -> Any:
+        return build_potential("painn", {}, mixed, "float64", seed=0)
+
+    def one(model: Any) -> dict[str, GraphDataset]:
+        return {"main": GraphDataset(mixed, model.neighbor_lists(), model.dtype)}
+
+    stress = LossWeights(energy=1.0, forces=10.0, stress=5.0)
+    losses = _losses_by_mode(build, one, [("main", "main", stress)], tmp_path / "stress")
+    assert losses["always"] == pytest.approx(losses["never"], rel=1e-9)
+
+    def two(model: Any) -> dict[str, GraphDataset]:
+        return {
+            "main": GraphDataset(bulk_structures[:5], model.neighbor_lists(), model.dtype),
+            "replay": GraphDataset(ethanol_structures[:4], model.neighbor_lists(), model.dtype),
+        }
+
+    replay = LossWeights(0.0, 1.0, 0.0)
+    objectives = [("main", "main", stress), ("replay", "replay", replay)]
+    losses = _losses_by_mode(build, two, objectives, tmp_path / "replay")
+    assert losses["always"] == pytest.approx(losses["never"], rel=1e-9)

@@ -88,6 +88,11 @@ class GraphDataset:
             self._graphs[index] = g
         return g
 
+    def host_graph(self, index: int) -> Graph:
+        """Graph of structure ``index`` on the host (built on first use, then cached), also
+        for a dataset kept on a device."""
+        return self._host.graph(index) if self._host is not None else self.graph(index)
+
     def to(self, device: torch.device | str) -> GraphDataset:
         """This dataset with its graphs kept on ``device`` (each copied once, on first use),
         so that batches are collated there and training never waits for a host-to-device

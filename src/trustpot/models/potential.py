@@ -19,7 +19,7 @@ from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
 from trustpot.models.base import Backbone, Embedding, LayerGroups, Modulator, make_hypers
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
-from trustpot.nn import MLP, scatter_sum
+from trustpot.nn import MLP, cell_volume, scatter_sum
 from trustpot.registry import lookup
 
 SUPPORTED_OUTPUTS = frozenset({K.ENERGY, K.FORCES, K.STRESS, K.VIRIAL, K.NODE_ENERGY})
@@ -296,7 +296,7 @@ def compute_outputs(
                 if K.VIRIAL in wanted:
                     out[K.VIRIAL] = -d_strain
                 if K.STRESS in wanted:
-                    volume = torch.linalg.det(g[K.CELL]).abs().clamp_min(1e-12)
+                    volume = cell_volume(g[K.CELL]).clamp_min(1e-12)
                     periodic = g[K.PBC].any(dim=1)
                     shape = (-1,) + (1,) * (d_strain.dim() - 1)
                     stress = d_strain / volume.view(shape)

@@ -6,7 +6,11 @@ from trustpot.nn.layers import (
     CosineCutoff,
     GaussianBasis,
     ShiftedSoftplus,
+    cell_volume,
     scatter_sum,
 )
 
-__all__ = ["MLP", "BesselBasis", "CosineCutoff", "GaussianBasis", "ShiftedSoftplus", "scatter_sum"]
+__all__ = [
+    "MLP", "BesselBasis", "CosineCutoff", "GaussianBasis", "ShiftedSoftplus", "cell_volume",
+    "scatter_sum",
+]  # fmt: skip

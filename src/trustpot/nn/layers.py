@@ -9,6 +9,16 @@ import torch
 from torch import Tensor, nn
 
 
+def cell_volume(cell: Tensor) -> Tensor:
+    """``|det(cell)|`` [n] Å^3 of cells [n, 3, 3] (rows: lattice vectors), as the triple
+    product ``a . (b x c)``: unlike an LU factorisation its derivatives need no test for a
+    singular cell (a molecule's zero cell), so the same few kernels run for every batch and a
+    CUDA graph can record them."""
+    a, b, c = cell.unbind(-2)
+    volume: Tensor = (a * torch.linalg.cross(b, c, dim=-1)).sum(-1).abs()
+    return volume
+
+
 def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
     """Sum rows of ``src`` [n_items, ...] into ``dim_size`` bins given by ``index`` [n_items]."""
     out = src.new_zeros((dim_size, *src.shape[1:]))

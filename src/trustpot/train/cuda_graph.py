@@ -3,18 +3,22 @@
 A PaiNN training step (forward, forces by autograd with the graph kept, backward, clipping,
 AdamW) is about 1,100 small kernels; on a GPU the host takes several times longer to issue
 them than the GPU takes to run them (``benchmarks/results/gpu_check``). A CUDA graph issues
-the whole step at once. It needs fixed shapes, so every batch is padded to one shape:
+the whole step at once. It needs fixed shapes, so every batch is padded to one static shape
+(:mod:`trustpot.train.graph_batches`): the real graphs first, then padding graphs with zero
+label weights, whose atoms and edges touch no real atom. The loss, its gradient and the
+update are those of the real batch (checked by ``tests/test_cuda_graph.py``). The static shape
+is the most any batch of the training set can need: the ``batch_size`` largest structures'
+atoms plus two, and per neighbour list the ``batch_size`` largest edge counts.
 
-* the real graphs of the batch come first, unchanged;
-* then padding graphs: the first holds the spare atoms (at least two), the others one atom
-  each, so that every batch has ``batch_size + 1`` graphs and the same number of atoms;
-* padding edges join the first two padding atoms, which sit farther apart than any cutoff.
+The recorded step also gathers its batch: each training set lives on the device as one flat
+store, an epoch's batches are planned on the host as integer rows copied there once, and a
+step costs the host one small copy (the step's row) and the replay.
 
-Padding structures carry zero energy, force and stress weights, and every padding atom and
-edge belongs to a padding graph, so the loss, its gradient and the update are those of the
-real batch (checked by ``tests/test_cuda_graph.py``). The static shape is the most any batch
-of the training set can need: the ``batch_size`` largest structures' atoms plus two, and per
-neighbour list the ``batch_size`` largest edge counts.
+A step of several objectives (fine-tuning with replay: the new data and the replayed frames)
+is one graph over one padded batch per objective, each with its own store and shape. Where
+the data hold stress labels the recorded step always computes the stress term (the eager step
+decides batch by batch, which would wait for the device): a structure without a stress label
+has weight zero, so the loss and its gradient are the same.
 
 Before capture the step runs twice on a side stream (lazy initialisation), after which the
 weights and the optimiser state are put back exactly, so the graph's first replay is the run's
@@ -25,141 +29,39 @@ sets up when a graph may be used); EMA and the loss check stay outside the graph
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from trustpot import keys as K
 from trustpot.config import TrainConfig
 from trustpot.data.graph import Graph
+from trustpot.train.graph_batches import FlatStore, plain_force_field_keys, static_shape
 from trustpot.train.objectives import ForceFieldLoss, ObjectiveLoss
-
-#: per-structure keys with one row per graph (positions, numbers, forces and batch: per atom)
-GRAPH_ROWS = (
-    K.CELL, K.PBC, K.N_ATOMS, K.ENERGY, K.ENERGY_WEIGHT, K.FORCES_WEIGHT, K.STRESS,
-    K.STRESS_WEIGHT,
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class StaticShape:
-    """The one shape every padded batch has.
-
-    Attributes:
-        n_graphs: graphs per batch (the batch size plus one padding graph at least).
-        n_atoms: atoms per batch.
-        n_edges: edges per batch for each ``edge_index:<name>`` key.
-        pad_number: atomic number of padding atoms (one the model knows).
-        spacing: Å between consecutive padding atoms (more than any cutoff).
-    """
-
-    n_graphs: int
-    n_atoms: int
-    n_edges: dict[str, int]
-    pad_number: int
-    spacing: float
-
-
-def static_shape(
-    atom_counts: Sequence[int],
-    edge_counts: dict[str, Sequence[int]],
-    batch_size: int,
-    pad_number: int,
-    cutoff: float,
-) -> StaticShape:
-    """The shape that holds any batch of ``batch_size`` of these structures.
-
-    Args:
-        atom_counts: atoms of each structure.
-        edge_counts: per ``edge_index:<name>`` key, edges of each structure.
-        batch_size: structures per batch.
-        pad_number: atomic number given to padding atoms.
-        cutoff: the largest cutoff of the model (Å).
-    """
-    b = min(batch_size, len(atom_counts))
-    largest = sorted(atom_counts, reverse=True)[:b]
-    edges = {key: sum(sorted(c, reverse=True)[:b]) for key, c in edge_counts.items()}
-    return StaticShape(b + 1, sum(largest) + 2, edges, int(pad_number), 2.0 * cutoff + 1.0)
-
-
-def pad_batch(batch: Graph, shape: StaticShape) -> Graph:
-    """``batch`` padded to ``shape`` (no value is read back from the batch's device).
-
-    Raises:
-        ValueError: the batch does not fit (more graphs, atoms or edges than ``shape``).
-    """
-    n_real = batch[K.N_ATOMS].shape[0]
-    atoms = batch[K.POSITIONS].shape[0]
-    n_pad, spare = shape.n_graphs - n_real, shape.n_atoms - atoms
-    if n_pad < 1 or spare < n_pad + 1:
-        raise ValueError(
-            f"a batch of {n_real} structures and {atoms} atoms does not fit the static shape "
-            f"({shape.n_graphs} graphs, {shape.n_atoms} atoms)"
-        )
-    device, dtype = batch[K.POSITIONS].device, batch[K.POSITIONS].dtype
-    ar = torch.arange(spare, device=device)
-    first = spare - n_pad + 1  # atoms of the first padding graph (>= 2)
-    pad: Graph = {
-        K.POSITIONS: torch.zeros((spare, 3), dtype=dtype, device=device),
-        K.ATOMIC_NUMBERS: torch.full((spare,), shape.pad_number, device=device),
-        K.FORCES: torch.zeros((spare, 3), dtype=batch[K.FORCES].dtype, device=device),
-        K.BATCH: n_real + (ar - (first - 1)).clamp_min(0),
-        K.N_ATOMS: torch.cat(
-            [
-                torch.full((1,), first, dtype=torch.long, device=device),
-                torch.ones(n_pad - 1, dtype=torch.long, device=device),
-            ]
-        ),
-    }
-    pad[K.POSITIONS][:, 0] = ar.to(dtype) * shape.spacing
-    for key in GRAPH_ROWS:
-        if key != K.N_ATOMS:
-            ref = batch[key]
-            pad[key] = torch.zeros((n_pad, *ref.shape[1:]), dtype=ref.dtype, device=device)
-    out: Graph = {}
-    for key, value in batch.items():
-        if key.startswith(K.EDGE_INDEX_PREFIX):
-            extra = shape.n_edges[key] - value.shape[1]
-            if extra < 0:
-                raise ValueError(f"a batch has {value.shape[1]} edges in '{key}', the static "
-                                 f"shape {shape.n_edges[key]}")  # fmt: skip
-            ends = torch.stack(  # filled on the device: nothing is copied from the host
-                [torch.full((extra,), atoms, device=device), torch.full((extra,), atoms + 1,
-                 device=device)]
-            )  # fmt: skip
-            out[key] = torch.cat([value, ends.to(value.dtype)], 1)
-        elif key.startswith(K.EDGE_SHIFT_PREFIX):
-            index_key = K.EDGE_INDEX_PREFIX + key[len(K.EDGE_SHIFT_PREFIX) :]
-            extra = shape.n_edges[index_key] - value.shape[0]
-            out[key] = torch.cat([value, value.new_zeros((extra, 3))], 0)
-        elif key in pad:
-            out[key] = torch.cat([value, pad[key]], 0)
-        else:
-            raise ValueError(f"cannot pad the batch field '{key}' (not a force-field field)")
-    return out
 
 
 class GraphedStep:
-    """One training step (loss, backward, clipping, optimiser step) as a CUDA graph.
+    """One training step (gather, loss, backward, clipping, optimiser step) as a CUDA graph.
 
     Args:
-        loss_fn: the step's loss from a (padded) batch; it must not wait for the device.
+        loss_fn: the step's loss from one padded batch per objective; it must not wait for
+            the device.
         model: the trained module.
         optimizer: fused AdamW whose groups hold tensor learning rates.
-        shape: the static batch shape.
+        stores: each objective's training set on the device.
         clip_grad: gradient-norm clipping threshold (0: none).
-        key_fn: what the recording depends on besides the shape (e.g. the loss weights of
+        key_fn: what the recording depends on besides the shapes (e.g. the loss weights of
             the current stage); a new value records the step again.
     """
 
     def __init__(
         self,
-        loss_fn: Callable[[Graph], Tensor],
+        loss_fn: Callable[[list[Graph]], Tensor],
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        shape: StaticShape,
+        stores: Sequence[FlatStore],
         clip_grad: float,
         key_fn: Callable[[], object] = lambda: None,
     ) -> None:
@@ -167,15 +69,47 @@ class GraphedStep:
         self.key_fn = key_fn
         self.model = model
         self.optimizer = optimizer
-        self.shape = shape
+        self.stores = list(stores)
         self.clip_grad = clip_grad
+        device = next(model.parameters()).device
+        #: the recorded step's inputs: one plan row per objective
+        self.rows = [torch.zeros(s.row_length, dtype=torch.long, device=device) for s in stores]
+        self.tables: list[Tensor] = []  # this epoch's plan rows, [n_steps, row_length] each
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static: Graph = {}
         self.loss: Tensor | None = None
         self.key: object = None
 
+    @property
+    def shapes(self) -> list[Any]:
+        """Each objective's static batch shape."""
+        return [store.shape for store in self.stores]
+
+    @property
+    def atoms_per_step(self) -> int:
+        """Atoms of one recorded step, padding included (every objective's batch)."""
+        return sum(store.shape.n_atoms for store in self.stores)
+
+    def start_epoch(self, items: Sequence[Sequence[Sequence[int]]]) -> int:
+        """Plan an epoch: ``items[o][s]`` lists the structures of objective ``o``'s batch at
+        step ``s``. Copies the plan to the device once; returns the number of steps.
+
+        Raises:
+            ValueError: objectives with different step counts, or a batch that does not fit.
+        """
+        if len(items) != len(self.stores):
+            raise ValueError(f"{len(items)} objectives' batches for a step of {len(self.stores)}")
+        steps = {len(batches) for batches in items}
+        if len(steps) != 1:
+            raise ValueError(f"the objectives have different numbers of steps: {sorted(steps)}")
+        device = self.rows[0].device
+        self.tables = [
+            torch.from_numpy(np.stack([store.plan(b) for b in batches])).to(device)
+            for store, batches in zip(self.stores, items)
+        ]
+        return steps.pop()
+
     def _body(self) -> Tensor:
-        loss = self.loss_fn(self.static)
+        loss = self.loss_fn([store.gather(row) for store, row in zip(self.stores, self.rows)])
         torch.autograd.backward(loss)
         if self.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
@@ -188,10 +122,9 @@ class GraphedStep:
             tensors.extend(v for v in state.values() if isinstance(v, Tensor))
         return [(t, t.detach().clone()) for t in tensors]
 
-    def capture(self, batch: Graph, key: object = None) -> None:
-        """Record the step for batches like ``batch`` (already padded); ``key`` names what
-        the recording depends on besides the shape (e.g. the loss weights)."""
-        self.static = {k: v.clone() for k, v in batch.items()}
+    def capture(self, key: object = None) -> None:
+        """Record the step (its inputs, :attr:`rows`, must hold a real step's rows); ``key``
+        names what the recording depends on besides the shapes (e.g. loss weights)."""
         saved = self._saved()
         quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
         if quiet is not None:  # the warm-up's side stream is meant (PyTorch's own recipe)
@@ -217,54 +150,75 @@ class GraphedStep:
             self.loss = self._body()
         self.key = key
 
-    def __call__(self, batch: Graph) -> Tensor:
-        """One step on ``batch`` (padded here); returns the loss (0-d, on the device)."""
-        padded = pad_batch(batch, self.shape)
+    def __call__(self, step: int) -> Tensor:
+        """Step ``step`` of the planned epoch (:meth:`start_epoch`); returns the loss (0-d, on
+        the device)."""
+        for row, table in zip(self.rows, self.tables):
+            row.copy_(table[step], non_blocking=True)
         key = self.key_fn()
         if self.graph is None or key != self.key:
-            self.capture(padded, key)
-        for k, v in padded.items():
-            self.static[k].copy_(v, non_blocking=True)
+            self.capture(key)
         assert self.graph is not None and self.loss is not None
         self.graph.replay()
         return self.loss.clone()
 
 
-def graphed_step_for(
-    kind: ObjectiveLoss,
-    data: Any,
-    loss_fn: Callable[[Graph], Tensor],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-) -> tuple[GraphedStep | None, str]:
-    """The graphed step of a run with one objective ``kind`` on the training set ``data``,
-    or ``None`` and the reason it cannot be graphed.
-
-    A graph needs a force-field loss, a :class:`~trustpot.data.dataset.GraphDataset` without
-    extra labels, and no stress term (whether a batch has stress labels is decided per batch).
-    """
-    if not isinstance(kind, ForceFieldLoss):
-        return None, f"a {type(kind).__name__} objective"
-    if not all(group.get("capturable") for group in optimizer.param_groups):
-        return None, "the optimiser cannot be recorded (e.g. resumed from a run without graphs)"
+def _store_of(data: Any, batch_size: int, device: torch.device) -> FlatStore | str:
+    """``data`` as a flat store on ``device``, or why its batches cannot be padded."""
     structures = getattr(data, "structures", None)
-    if structures is None or getattr(data, "labels", None):
-        return None, "the training set is not a plain force-field dataset"
-    if kind.stress_term_possible:
-        return None, "stress labels (the stress term is decided batch by batch)"
-    graphs = [data.graph(k) for k in range(len(structures))]
+    host_graph = getattr(data, "host_graph", None)
+    if structures is None or host_graph is None:
+        return "the training set is not a plain force-field dataset"
+    graphs = [host_graph(k) for k in range(len(structures))]
+    problem = plain_force_field_keys(graphs[0])
+    if problem:
+        return "the training set is not a plain force-field dataset: " + problem
     keys = [k for k in graphs[0] if k.startswith(K.EDGE_INDEX_PREFIX)]
     shape = static_shape(
         [s.n_atoms for s in structures],
         {key: [g[key].shape[1] for g in graphs] for key in keys},
-        cfg.batch_size,
+        batch_size,
         int(structures[0].numbers[0]),
         max(spec.cutoff for spec in data.specs),
     )
-    force_field: ForceFieldLoss = kind  # a second stage changes the weights: record again
+    return FlatStore(graphs, shape, device)
+
+
+def graphed_step_for(
+    kinds: Sequence[ObjectiveLoss],
+    datasets: Sequence[Any],
+    loss_fn: Callable[[list[Graph]], Tensor],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+) -> tuple[GraphedStep | None, str]:
+    """The graphed step of a run whose objectives have the losses ``kinds`` on the training
+    sets ``datasets`` (one each), or ``None`` and the reason it cannot be graphed.
+
+    A graph needs force-field losses on :class:`~trustpot.data.dataset.GraphDataset` s
+    without extra labels. A loss that may have a stress term computes it at every step from
+    then on (:attr:`ForceFieldLoss.stress_every_batch`).
+    """
+    if len(kinds) != len(datasets) or not kinds:
+        raise ValueError(f"{len(kinds)} objectives and {len(datasets)} training sets")
+    if not all(group.get("capturable") for group in optimizer.param_groups):
+        return None, "the optimiser cannot be recorded (e.g. resumed from a run without graphs)"
+    device = next(model.parameters()).device
+    stores: list[FlatStore] = []
+    for k, (kind, data) in enumerate(zip(kinds, datasets)):
+        which = f"objective {k + 1} of {len(kinds)}: " if len(kinds) > 1 else ""
+        if not isinstance(kind, ForceFieldLoss):
+            return None, f"{which}a {type(kind).__name__} objective"
+        store = _store_of(data, cfg.batch_size, device)
+        if isinstance(store, str):
+            return None, which + store
+        stores.append(store)
+    force_fields = [kind for kind in kinds if isinstance(kind, ForceFieldLoss)]
+    for kind in force_fields:  # no batch is asked whether it has stress labels
+        kind.stress_every_batch = kind.stress_term_possible
     step = GraphedStep(
-        loss_fn, model, optimizer, shape, cfg.clip_grad,
-        lambda: tuple(force_field.train_weights.items()),
+        loss_fn, model, optimizer, stores, cfg.clip_grad,
+        # a second stage changes the weights: record again
+        lambda: tuple(tuple(ff.train_weights.items()) for ff in force_fields),
     )  # fmt: skip
     return step, ""

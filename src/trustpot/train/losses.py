@@ -21,6 +21,7 @@ from torch import Tensor
 
 from trustpot import keys as K
 from trustpot.data.graph import Graph
+from trustpot.nn import cell_volume
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def loss_sums(
 def stress_length2(g: Graph) -> Tensor:
     """[n_graphs] ``(V/N)^(2/3)`` in Å^2: volume per atom to the 2/3 (0 for a cell without
     volume, where no stress label can exist)."""
-    volume = torch.linalg.det(g[K.CELL]).abs()
+    volume = cell_volume(g[K.CELL])
     per_atom = volume / g[K.N_ATOMS].to(volume.dtype)
     length2: Tensor = per_atom.clamp_min(0.0) ** (2.0 / 3.0)
     return length2

@@ -115,6 +115,10 @@ class ForceFieldLoss(ObjectiveLoss):
         self.metric_keys = ("e_abs", "e_sq", "e_n", "f_abs", "f_sq", "f_n")
         self._has_stress = False
         self._stress_possible = True
+        #: compute the stress term for every batch when it is possible at all, instead of
+        #: asking each batch (a recorded CUDA-graph step cannot ask; an unlabelled
+        #: structure's stress weight is zero, so the loss is the same)
+        self.stress_every_batch = False
         self.last_pred: dict[str, Tensor] | None = None
         self._scales: dict[int, float] = {}
 
@@ -156,9 +160,10 @@ class ForceFieldLoss(ObjectiveLoss):
 
     def prepare(self, batch: Any | None, dist: DistInfo) -> None:
         """Whether any structure of the global batch has a stress label. Only asked of the
-        batch (so only waited for on an accelerator) when :attr:`stress_term_possible`."""
-        if not self.stress_term_possible and not dist.active:
-            self._has_stress = False
+        batch (so only waited for on an accelerator) when :attr:`stress_term_possible` and
+        not :attr:`stress_every_batch`."""
+        if self.stress_every_batch or (not self.stress_term_possible and not dist.active):
+            self._has_stress = self.stress_term_possible
             return
         local = batch is not None and bool((batch[K.STRESS_WEIGHT] > 0).any())
         flag = all_reduce_sum(torch.tensor([float(local)]), dist)

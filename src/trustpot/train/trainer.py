@@ -43,6 +43,7 @@ from trustpot.train.distributed import (
     sync_gradients,
 )
 from trustpot.train.ema import EMA
+from trustpot.train.epoch_order import EpochOrder, seed_for
 from trustpot.train.metrics_log import MetricsLog, budget_bar
 from trustpot.train.objectives import Objective, ObjectiveLoss, ParamGroup, TrainResult
 from trustpot.train.schedule import Schedule
@@ -62,10 +63,6 @@ __all__ = [
 
 
 EpochHook = Callable[["Trainer", dict[str, Any]], "str | None"]
-
-
-def _seed_for(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
 
 
 def _zero_loss(model: nn.Module) -> Tensor:
@@ -130,6 +127,7 @@ class Trainer:
         self.objectives = list(objectives)
         self.cfg = cfg
         self.dist = dist or DistInfo()
+        self.order = EpochOrder(cfg, self.dist)
         self.extra_payload = extra_payload
         self.run_config = run_config or {}
         self.payload_fn = payload_fn
@@ -283,15 +281,6 @@ class Trainer:
         save_checkpoint(self._payload(self.inference_state(), True), run_dir / "last.ckpt")
 
     # -- loop ---------------------------------------------------------------------------------
-    def _batches(self, ds: TrainerDataset, epoch: int) -> Iterator[tuple[Any | None, int]]:
-        return ds.batches(
-            self.cfg.batch_size,
-            shuffle=True,
-            seed=_seed_for(self.cfg.seed, epoch),
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
-
     def _on_device(self, ds: TrainerDataset) -> TrainerDataset:
         """``ds`` with its data kept on the training device, when it can (``ds.to(device)``,
         e.g. :meth:`~trustpot.data.dataset.GraphDataset.to`); else batches are copied there
@@ -299,11 +288,25 @@ class Trainer:
         to = getattr(ds, "to", None)
         return to(self.device) if callable(to) else ds
 
-    def _cycle(self, ds: TrainerDataset, epoch: int) -> Iterator[tuple[Any | None, int]]:
-        round_ = 0
-        while True:
-            yield from self._batches(ds, epoch * 1000 + round_)
-            round_ += 1
+    def _steps(self, train: Mapping[str, TrainerDataset]) -> Iterator[Callable[[], Tensor]]:
+        """This epoch's steps: each runs one and returns its loss (on the device)."""
+        graphed = self._graphed
+        if graphed is not None:  # the recorded CUDA graph, batches planned for the epoch
+            plan = self.order.items(self.objectives, train, self.epoch)
+            for k in range(graphed.start_epoch(plan)):
+                yield lambda k=k: self._replay(graphed, k)  # type: ignore[misc]
+            return
+        first, *others = self.objectives
+        order = self.order
+        other_iters = [order.cycle(train[o.dataset], self.epoch, order.batches) for o in others]
+        for batch, _ in order.batches(train[first.dataset], self.epoch):
+            batches = [batch, *(next(it)[0] for it in other_iters)]
+            yield lambda batches=batches: self.train_step(batches)  # type: ignore[misc]
+
+    def _replay(self, graphed: GraphedStep, step: int) -> Tensor:
+        loss = graphed(step)
+        self._finish_step()
+        return loss
 
     def _reduce_counts(
         self, loss: ObjectiveLoss, counts: Mapping[str, Tensor]
@@ -323,6 +326,14 @@ class Trainer:
         ).float()
         total = all_reduce_sum(local.cpu(), self.dist)
         return {n: total[k] for k, n in enumerate(names)}
+
+    def _step_loss(self, batches: Sequence[Any | None]) -> Tensor:
+        """The step's loss: every objective's weighted loss on its batch, added in order
+        (the eager and the recorded step both)."""
+        return sum(
+            (self._objective_loss(obj, b) for obj, b in zip(self.objectives, batches)),
+            start=torch.zeros((), device=self.device),
+        )
 
     def _objective_loss(self, obj: Objective, batch: Any | None) -> Tensor:
         loss = obj.kind
@@ -376,10 +387,7 @@ class Trainer:
         host (:meth:`_host_checks`).
         """
         self.optimizer.zero_grad(set_to_none=True)
-        loss = sum(
-            (self._objective_loss(obj, b) for obj, b in zip(self.objectives, batches)),
-            start=torch.zeros((), device=self.device),
-        )
+        loss = self._step_loss(batches)
         torch.autograd.backward(loss)
         sync_gradients(self.model, self.dist)
         if self.dist.active:
@@ -403,16 +411,13 @@ class Trainer:
     def _graph_plan(self, train: Mapping[str, TrainerDataset]) -> str:
         """Set up the CUDA graph of the step when the run allows it; returns why not (empty
         when it does). ``train.cuda_graphs=always`` turns a reason into an error."""
-        obj = self.objectives[0]
         if not self._graph_wanted:
             reason = "not a single CUDA device" if self.cfg.cuda_graphs != "never" else "never"
-        elif len(self.objectives) > 1:
-            reason = "several objectives"
         else:
             self._graphed, reason = graphed_step_for(
-                obj.kind,
-                train[obj.dataset],
-                lambda b: self._objective_loss(obj, b),
+                [o.kind for o in self.objectives],
+                [train[o.dataset] for o in self.objectives],
+                self._step_loss,
                 self.model,
                 self.optimizer,
                 self.cfg,
@@ -427,23 +432,16 @@ class Trainer:
         On a single accelerator the step losses are added up there and read once, at the
         end of the epoch (a non-finite loss then stops training at the end of that epoch)."""
         self.train_mode(self.model)
-        torch.manual_seed(_seed_for(self.cfg.seed + 17, self.epoch))
+        torch.manual_seed(seed_for(self.cfg.seed + 17, self.epoch))
         self._set_lr(self.schedule.rate(self.epoch, self._progress()))
         for obj in self.objectives:
             obj.kind.at_progress(self._progress())
-        first, *others = self.objectives
-        other_iters = [self._cycle(train[o.dataset], self.epoch) for o in others]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n_steps, first_step = 0, self.step
         t0 = time.perf_counter()
         start_elapsed = self.elapsed
-        for batch, _ in self._batches(train[first.dataset], self.epoch):
-            extra = [next(it)[0] for it in other_iters]
-            if self._graphed is not None and batch is not None:  # the recorded CUDA graph
-                loss_sum += self._graphed(batch).to(torch.float64)
-                self._finish_step()
-            else:
-                loss_sum += self.train_step([batch, *extra]).to(torch.float64)
+        for step in self._steps(train):
+            loss_sum += step().to(torch.float64)
             n_steps += 1
             self.elapsed = start_elapsed + time.perf_counter() - t0
             if self._budget_spent():
@@ -527,7 +525,7 @@ class Trainer:
         why_not = self._graph_plan(train)
         if self._graph_wanted and main:
             log(f"{self.desc}: training step " + (
-                f"recorded as a CUDA graph ({self._graphed.shape.n_atoms} atoms per batch)"
+                f"recorded as a CUDA graph ({self._graphed.atoms_per_step} atoms per step)"
                 if self._graphed is not None else f"not graphed: {why_not}"
             ))  # fmt: skip
         metrics = MetricsLog(run_dir / "metrics.csv")
