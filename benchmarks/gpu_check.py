@@ -19,6 +19,8 @@ default), each written to ``OUT/gpu_check.json`` as soon as it ends:
 * ``cases``: seconds per epoch (CPU cores, CUDA eager, CUDA graph) of the training runs that
   ``trustpot train`` on molecules does not reach: 32-atom copper cells with stress labels
   (EMT), and fine-tuning with replay (two objectives: ethanol, and 3BPA forces replayed).
+* ``replay``: where a recorded step's time goes (replay alone, the trainer's step, its host
+  share, kernels per replay), PaiNN on ethanol and 3BPA at each ``--batch-sizes``.
 * ``md``: MD steps per second through the ASE calculator: CPU (1 thread), CUDA, CUDA compiled.
 * ``uq``: what each uncertainty method costs against one model on CUDA (``uq_cost.measure``).
 * ``sync``: where a CUDA training step still waits for the device (sync debug mode).
@@ -77,7 +79,7 @@ def compare(
     return row
 
 
-SECTIONS = ("agreement", "train", "cases", "float64", "md", "uq", "sync", "profile")
+SECTIONS = ("agreement", "train", "cases", "replay", "float64", "md", "uq", "sync", "profile")
 
 
 def agreement(root: Path, device: str) -> dict[str, Any]:
@@ -112,9 +114,10 @@ TRAIN_FILES = {"ethanol": "ethanol/train.xyz", "3bpa": "3bpa/train_300K.xyz"}
 
 
 def train_section(
-    root: Path, device: str, batch_sizes: list[int], cpu_threads: int, frames: int
-) -> dict[str, Any]:
-    """Epoch seconds of ``trustpot train`` on the CPU cores and on ``device``."""
+    root: Path, device: str, batch_sizes: list[int], cpu_threads: int, frames: int,
+    backbone: str = "painn",
+) -> dict[str, Any]:  # fmt: skip
+    """Epoch seconds of ``trustpot train`` (``backbone``) on the CPU cores and on ``device``."""
     from gpu_timing import train_epochs
 
     rows: dict[str, Any] = {}
@@ -122,13 +125,18 @@ def train_section(
         for bs in batch_sizes:
             runs = {
                 "cpu": train_epochs(root / rel, "cpu", batch_size=bs, max_train=frames,
-                                    threads=cpu_threads),
+                                    threads=cpu_threads, backbone=backbone),
                 device: train_epochs(root / rel, device, batch_size=bs, max_train=frames,
-                                     graphs="never"),
+                                     graphs="never", backbone=backbone),
             }  # fmt: skip
             try:  # a failure to record the graph must not lose the other rows
                 runs[f"{device} graph"] = train_epochs(
-                    root / rel, device, batch_size=bs, max_train=frames, graphs="always"
+                    root / rel,
+                    device,
+                    batch_size=bs,
+                    max_train=frames,
+                    graphs="always",
+                    backbone=backbone,
                 )
             except Exception as err:
                 runs[f"{device} graph"] = {"error": f"{type(err).__name__}: {err}",
@@ -136,8 +144,8 @@ def train_section(
                 print("graph FAILED", runs[f"{device} graph"]["traceback"], flush=True)
             cpu_s = runs["cpu"]["seconds"]
             ratios = {k: cpu_s / v["seconds"] for k, v in runs.items() if "seconds" in v}
-            rows[f"{name} batch {bs}"] = {**runs, "speedup": ratios}
-            print(f"train {name} batch {bs}: " + ", ".join(
+            rows[f"{name} batch {bs}"] = {**runs, "speedup": ratios, "backbone": backbone}
+            print(f"train {backbone} {name} batch {bs}: " + ", ".join(
                 f"{k} {v['seconds']:.3f} s/epoch" for k, v in runs.items() if "seconds" in v)
                 + " | speed-up " + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items()),
                 flush=True)  # fmt: skip
@@ -182,6 +190,21 @@ def cases_section(root: Path, device: str, cpu_threads: int, batch_size: int) ->
             f"{k} {v['seconds']:.3f} s/epoch" for k, v in runs.items() if "seconds" in v)
             + " | speed-up " + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items()),
             flush=True)  # fmt: skip
+    return rows
+
+
+def replay_section(root: Path, device: str, batch_sizes: list[int]) -> dict[str, Any]:
+    """The recorded step's time, taken apart (see ``gpu_timing.replay_parts``)."""
+    from gpu_timing import replay_parts
+
+    rows: dict[str, Any] = {}
+    for name, rel in TRAIN_FILES.items():
+        structures = read_structures(root / rel)[:500]
+        for bs in batch_sizes:
+            rows[f"{name} batch {bs}"] = row = replay_parts(structures, device, bs)
+            print(f"replay {name} batch {bs}: " + json.dumps(
+                {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}),
+                flush=True)  # fmt: skip
     return rows
 
 
@@ -289,6 +312,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="4,32", help="training batch sizes")
     ap.add_argument("--frames", type=int, default=500, help="training frames per dataset")
     ap.add_argument("--cpu-threads", type=int, default=0, help="0: every core")
+    ap.add_argument("--backbone", default="painn", help="the backbone of the train section")
     args = ap.parse_args()
     sections = [x for x in args.sections.split(",") if x]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -309,8 +333,11 @@ def main() -> None:
     root, dev = args.data_root, args.device
     run: dict[str, Callable[[], Any]] = {
         "agreement": lambda: agreement(root, dev),
-        "train": lambda: train_section(root, dev, batch_sizes, CPU_THREADS, args.frames),
+        "train": lambda: train_section(
+            root, dev, batch_sizes, CPU_THREADS, args.frames, args.backbone
+        ),
         "cases": lambda: cases_section(root, dev, CPU_THREADS, batch_sizes[0]),
+        "replay": lambda: replay_section(root, dev, batch_sizes),
         "float64": lambda: float64_section(root, dev, CPU_THREADS),
         "md": lambda: md_section(root, dev),
         "uq": lambda: uq_section(root, dev),

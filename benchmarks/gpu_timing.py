@@ -108,6 +108,43 @@ def copper_cells(n: int, seed: int = 0) -> list[Any]:
     return out
 
 
+def _fitted_trainer(
+    sets: dict[str, list[Any]],
+    weights: dict[str, tuple[float, float, float]],
+    device: str,
+    graphs: str,
+    batch_size: int,
+    epochs: int,
+) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
+    """A PaiNN (float32) trained by the :class:`~trustpot.train.trainer.Trainer` for
+    ``epochs`` on one objective per entry of ``sets`` (the first also validated on a tenth of
+    its frames); returns the trainer, its training sets and the metrics rows."""
+    from trustpot.config import TrainConfig
+    from trustpot.data.dataset import GraphDataset
+    from trustpot.models.build import build_potential
+    from trustpot.train.losses import LossWeights
+    from trustpot.train.objectives import Objective
+    from trustpot.train.trainer import Trainer
+
+    names = list(sets)
+    everything = [s for name in names for s in sets[name]]
+    model = build_potential("painn", {}, everything, dtype="float32", seed=0).to(device)
+    specs = model.neighbor_lists()
+    train = {name: GraphDataset(sets[name], specs, model.dtype, name) for name in names}
+    first = names[0]
+    n_val = max(len(sets[first]) // 10, 1)
+    val = {first: train[first].subset(range(n_val))}
+    train[first] = train[first].subset(range(n_val, len(sets[first])))
+    objectives = [Objective(name, name, LossWeights(*weights[name])) for name in names]
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, cuda_graphs=graphs, device=device)
+    trainer = Trainer(model, objectives, cfg, progress=False)
+    rows: list[dict[str, Any]] = []
+    trainer.on_epoch = lambda _t, row: rows.append(row)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer.fit(train, val, Path(tmp) / "run", log=lambda _m: None)
+    return trainer, {k: trainer._on_device(v) for k, v in train.items()}, rows
+
+
 def trainer_epochs(
     sets: dict[str, list[Any]],
     weights: dict[str, tuple[float, float, float]],
@@ -122,38 +159,17 @@ def trainer_epochs(
     one objective per entry of ``sets`` (``weights``: its energy, force and stress weights;
     the first set is also validated), with ``train.cuda_graphs`` = ``graphs``: the cases
     ``trustpot train`` alone does not reach (stress labels, fine-tuning with replay)."""
-    from trustpot.config import TrainConfig
-    from trustpot.data.dataset import GraphDataset
-    from trustpot.models.build import build_potential
-    from trustpot.train.losses import LossWeights
-    from trustpot.train.objectives import Objective
-    from trustpot.train.trainer import Trainer
-
     if threads > 0:
         torch.set_num_threads(threads)
-    names = list(sets)
-    everything = [s for name in names for s in sets[name]]
-    model = build_potential("painn", {}, everything, dtype="float32", seed=0).to(device)
-    specs = model.neighbor_lists()
-    train = {name: GraphDataset(sets[name], specs, model.dtype, name) for name in names}
-    first = names[0]
-    n_val = max(len(sets[first]) // 10, 1)
-    val = {first: train[first].subset(range(n_val))}
-    train[first] = train[first].subset(range(n_val, len(sets[first])))
-    objectives = [Objective(name, name, LossWeights(*weights[name])) for name in names]
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, cuda_graphs=graphs, device=device)
-    trainer = Trainer(model, objectives, cfg, progress=False)
-    rows: list[dict[str, Any]] = []
-    trainer.on_epoch = lambda _t, row: rows.append(row)  # type: ignore[assignment,return-value]
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer.fit(train, val, Path(tmp) / "run", log=lambda _m: None)
+    trainer, train, rows = _fitted_trainer(sets, weights, device, graphs, batch_size, epochs)
+    first = next(iter(sets))
     seconds = [float(r["epoch_s"]) for r in rows]
     return {
         "device": device,
         "cuda_graphs": graphs,
         "graphed": trainer._graphed is not None,
         "batch_size": batch_size,
-        "frames": {name: len(train[name]) for name in names},
+        "frames": {name: len(ds) for name, ds in train.items()},
         "threads": torch.get_num_threads(),
         "epoch_seconds": seconds,
         "seconds": statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0],
@@ -162,6 +178,53 @@ def trainer_epochs(
             float(r.get("val_forces_mae", r.get(f"{first}_val_forces_mae", float("nan"))))
             for r in rows
         ],
+    }
+
+
+def replay_parts(
+    structures: list[Any], device: str, batch_size: int, steps: int = 200
+) -> dict[str, Any]:
+    """Where the time of a recorded training step goes (PaiNN, float32, after one epoch):
+    the graph's replay alone, the step as the trainer runs it (plan row copy, replay, EMA),
+    the host's share of that step (its loop without waiting for the device), and one
+    replay under the profiler (kernels and the device's busy time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer, train, _ = _fitted_trainer(
+        {"main": structures}, {"main": (1.0, 10.0, 0.0)}, device, "always", batch_size, 1
+    )
+    graphed = trainer._graphed
+    n = graphed.start_epoch(trainer.order.items(trainer.objectives, train, trainer.epoch))
+
+    def timed(run: Any) -> tuple[float, float]:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for k in range(steps):
+            run(k % n)
+        host = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        return host / steps, (time.perf_counter() - t0) / steps
+
+    _, replay_only = timed(lambda _k: graphed.graph.replay())
+    host, step = timed(lambda k: trainer._replay(graphed, k))
+    profiled: dict[str, Any] = {}
+    try:  # the profiler's event API differs between versions: keep the timings regardless
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graphed.graph.replay()
+            torch.cuda.synchronize()
+        cuda = torch.autograd.DeviceType.CUDA
+        events = [e for e in prof.events() if e.device_type == cuda]
+        profiled["kernels_per_replay"] = len(events)
+        profiled["device_busy_seconds_per_replay"] = sum(e.device_time_total for e in events) / 1e6
+    except Exception as err:
+        profiled["profile_error"] = f"{type(err).__name__}: {err}"
+    return {
+        "batch_size": batch_size,
+        "atoms_per_step": graphed.atoms_per_step,
+        "replay_seconds": replay_only,
+        "step_seconds": step,
+        "step_host_seconds": host,
+        **profiled,
     }
 
 
