@@ -109,8 +109,9 @@ class TrainConfig:
         device: torch device (``cpu``, ``cuda``, ``cuda:1``...).
         cuda_graphs: record the training step once as a CUDA graph and replay it (batches
             padded to one shape, ``trustpot.train.cuda_graph``): ``auto`` on a single CUDA
-            device whenever the run allows it (one force-field objective, no stress labels),
-            ``always`` insists (an error says why a run cannot), ``never`` never.
+            device whenever the run allows it (force-field objectives on plain datasets,
+            stress labels included), ``always`` insists (an error says why a run cannot),
+            ``never`` never.
     """
 
     epochs: int = 1000
