@@ -115,7 +115,7 @@ TRAIN_FILES = {"ethanol": "ethanol/train.xyz", "3bpa": "3bpa/train_300K.xyz"}
 
 def train_section(
     root: Path, device: str, batch_sizes: list[int], cpu_threads: int, frames: int,
-    backbone: str = "painn",
+    backbone: str = "painn", compiled: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Epoch seconds of ``trustpot train`` (``backbone``) on the CPU cores and on ``device``."""
     from gpu_timing import train_epochs
@@ -142,6 +142,29 @@ def train_section(
                 runs[f"{device} graph"] = {"error": f"{type(err).__name__}: {err}",
                                            "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
                 print("graph FAILED", runs[f"{device} graph"]["traceback"], flush=True)
+            for label, dev, graphs in (
+                ("cpu compiled", "cpu", "never"),
+                (f"{device} graph compiled", device, "always"),
+            ):
+                if not compiled:
+                    break
+                try:  # the compiled step (train.compile): its first epoch compiles
+                    runs[label] = train_epochs(
+                        root / rel,
+                        dev,
+                        batch_size=bs,
+                        max_train=frames,
+                        graphs=graphs,
+                        backbone=backbone,
+                        compile=True,
+                        threads=cpu_threads if dev == "cpu" else 0,
+                    )
+                except Exception as err:
+                    runs[label] = {
+                        "error": f"{type(err).__name__}: {err}",
+                        "traceback": traceback.format_exc()[-3000:],
+                    }
+                    print(label, "FAILED", runs[label]["traceback"], flush=True)  # fmt: skip
             cpu_s = runs["cpu"]["seconds"]
             ratios = {k: cpu_s / v["seconds"] for k, v in runs.items() if "seconds" in v}
             rows[f"{name} batch {bs}"] = {**runs, "speedup": ratios, "backbone": backbone}
@@ -313,6 +336,11 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=500, help="training frames per dataset")
     ap.add_argument("--cpu-threads", type=int, default=0, help="0: every core")
     ap.add_argument("--backbone", default="painn", help="the backbone of the train section")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="train section: also the compiled step (both devices)",
+    )
     args = ap.parse_args()
     sections = [x for x in args.sections.split(",") if x]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -334,7 +362,7 @@ def main() -> None:
     run: dict[str, Callable[[], Any]] = {
         "agreement": lambda: agreement(root, dev),
         "train": lambda: train_section(
-            root, dev, batch_sizes, CPU_THREADS, args.frames, args.backbone
+            root, dev, batch_sizes, CPU_THREADS, args.frames, args.backbone, args.compile
         ),
         "cases": lambda: cases_section(root, dev, CPU_THREADS, batch_sizes[0]),
         "replay": lambda: replay_section(root, dev, batch_sizes),

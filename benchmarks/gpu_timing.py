@@ -35,6 +35,7 @@ def train_epochs(
     seed: int = 0,
     graphs: str = "auto",
     lr: float | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Seconds per epoch of ``trustpot train`` (default hypers and ``lr`` unless given) on
     ``device``, with ``train.cuda_graphs`` = ``graphs``.
@@ -59,6 +60,7 @@ def train_epochs(
         f"train.seed={seed}",
         "train.checkpoint_every=1000",
         f"train.cuda_graphs={graphs}",
+        f"train.compile={str(compile).lower()}",
         *([f"train.lr={lr}"] if lr is not None else []),
     ]
     cfg = load_config(None, overrides)
@@ -72,6 +74,7 @@ def train_epochs(
     return {
         "device": device,
         "cuda_graphs": graphs,
+        "compile": compile,
         "dtype": dtype,
         "batch_size": batch_size,
         "frames": max_train,
@@ -167,7 +170,7 @@ def trainer_epochs(
     return {
         "device": device,
         "cuda_graphs": graphs,
-        "graphed": trainer._graphed is not None,
+        "graphed": trainer._static is not None,
         "batch_size": batch_size,
         "frames": {name: len(ds) for name, ds in train.items()},
         "threads": torch.get_num_threads(),
@@ -193,7 +196,7 @@ def replay_parts(
     trainer, train, _ = _fitted_trainer(
         {"main": structures}, {"main": (1.0, 10.0, 0.0)}, device, "always", batch_size, 1
     )
-    graphed = trainer._graphed
+    graphed = trainer._static
     n = graphed.start_epoch(trainer.order.items(trainer.objectives, train, trainer.epoch))
 
     def timed(run: Any) -> tuple[float, float]:
@@ -206,7 +209,7 @@ def replay_parts(
         return host / steps, (time.perf_counter() - t0) / steps
 
     _, replay_only = timed(lambda _k: graphed.graph.replay())
-    host, step = timed(lambda k: trainer._replay(graphed, k))
+    host, step = timed(lambda k: trainer._static_step(graphed, k))
     profiled: dict[str, Any] = {}
     try:  # the profiler's event API differs between versions: keep the timings regardless
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

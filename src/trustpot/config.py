@@ -112,6 +112,10 @@ class TrainConfig:
             device whenever the run allows it (force-field objectives on plain datasets,
             stress labels included), ``always`` insists (an error says why a run cannot),
             ``never`` never.
+        compile: compile the step's loss and gradient whole (``torch.compile`` of a
+            ``torch.func`` step, ``trustpot.train.compiled_step``; on the CPU too): faster
+            steps after a first one that compiles (about a minute); a run it cannot serve
+            (a non-force-field loss, data-parallel training) is an error.
     """
 
     epochs: int = 1000
@@ -140,6 +144,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     device: str = "cpu"
     cuda_graphs: str = "auto"
+    compile: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from trustpot.data.neighbors import NeighborListSpec
 from trustpot.errors import CheckpointError, ConfigError
 from trustpot.models.base import Backbone, Embedding, LayerGroups, Modulator, make_hypers
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
+from trustpot.models.functional import functional_mode, functional_outputs
 from trustpot.nn import MLP, cell_volume, scatter_sum
 from trustpot.registry import lookup
 
@@ -264,6 +265,8 @@ def compute_outputs(
     ``stress``/``virial`` [n_graphs, M, 3, 3], ``energies`` [n_atoms, M]. The M derivatives
     come from one vectorised backward pass (``is_grads_batched``), not M passes.
     """
+    if functional_mode():  # a compiled training step (trustpot.models.functional)
+        return functional_outputs(node_energy_fn, g, wanted)
     need_strain = bool(wanted & {K.STRESS, K.VIRIAL})
     need_grad = need_strain or K.FORCES in wanted
     n_graphs = int(g[K.N_ATOMS].shape[0])

@@ -175,7 +175,8 @@ class ForceFieldLoss(ObjectiveLoss):
             outputs = outputs | {K.FORCES}  # the MAE / RMSE columns need forces
         pred = model(batch, outputs, create_graph=training)
         scale = self.scale if self.scale is not None else self._model_scale(model)
-        self.last_pred = pred
+        if not training:  # for metric_sums; a (compiled) training step keeps no state
+            self.last_pred = pred
         return loss_sums(pred, batch, self.loss_weights, scale)
 
     def metric_sums(self, model: nn.Module, batch: Any, pred: Any) -> dict[str, Tensor]:

@@ -33,7 +33,6 @@ from trustpot.config import TrainConfig
 from trustpot.errors import ConfigError, TrainingError
 from trustpot.io.checkpoint import model_summary, read_checkpoint, save_checkpoint
 from trustpot.models.contract import Model
-from trustpot.train.cuda_graph import GraphedStep, graphed_step_for
 from trustpot.train.datasets import TrainerDataset, move_batch
 from trustpot.train.distributed import (
     DistInfo,
@@ -47,6 +46,7 @@ from trustpot.train.epoch_order import EpochOrder, seed_for
 from trustpot.train.metrics_log import MetricsLog, budget_bar
 from trustpot.train.objectives import Objective, ObjectiveLoss, ParamGroup, TrainResult
 from trustpot.train.schedule import Schedule
+from trustpot.train.static_step import StaticStep, static_step_for
 from trustpot.train.trainer_state import restore_state, state_of
 from trustpot.train.validation import validation_totals
 
@@ -143,7 +143,7 @@ class Trainer:
         self._graph_wanted = (
             cfg.cuda_graphs != "never" and self.device.type == "cuda" and not self.dist.active
         )
-        self._graphed: GraphedStep | None = None
+        self._static: StaticStep | None = None  # a CUDA graph and/or the compiled step
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": list(g.params), "lr": self._peak(g), "weight_decay": self._wd(g)}
@@ -290,11 +290,11 @@ class Trainer:
 
     def _steps(self, train: Mapping[str, TrainerDataset]) -> Iterator[Callable[[], Tensor]]:
         """This epoch's steps: each runs one and returns its loss (on the device)."""
-        graphed = self._graphed
-        if graphed is not None:  # the recorded CUDA graph, batches planned for the epoch
+        static = self._static
+        if static is not None:  # the static-shape step, batches planned for the epoch
             plan = self.order.items(self.objectives, train, self.epoch)
-            for k in range(graphed.start_epoch(plan)):
-                yield lambda k=k: self._replay(graphed, k)  # type: ignore[misc]
+            for k in range(static.start_epoch(plan)):
+                yield lambda k=k: self._static_step(static, k)  # type: ignore[misc]
             return
         first, *others = self.objectives
         order = self.order
@@ -303,8 +303,8 @@ class Trainer:
             batches = [batch, *(next(it)[0] for it in other_iters)]
             yield lambda batches=batches: self.train_step(batches)  # type: ignore[misc]
 
-    def _replay(self, graphed: GraphedStep, step: int) -> Tensor:
-        loss = graphed(step)
+    def _static_step(self, static: StaticStep, step: int) -> Tensor:
+        loss = static(step)
         self._finish_step()
         return loss
 
@@ -408,22 +408,30 @@ class Trainer:
             self.ema.update(self.model)
         self.step += 1
 
-    def _graph_plan(self, train: Mapping[str, TrainerDataset]) -> str:
-        """Set up the CUDA graph of the step when the run allows it; returns why not (empty
-        when it does). ``train.cuda_graphs=always`` turns a reason into an error."""
-        if not self._graph_wanted:
+    def _static_plan(self, train: Mapping[str, TrainerDataset]) -> str:
+        """Set up the static-shape step (a CUDA graph and/or the compiled step) when the run
+        asks for one and allows it; returns why not (empty when it does).
+        ``train.cuda_graphs=always`` and ``train.compile`` turn a reason into an error."""
+        compile_ = self.cfg.compile
+        if compile_ and self.dist.active:
+            raise ConfigError("train.compile cannot be used here: data-parallel training")
+        if not (self._graph_wanted or compile_):
             reason = "not a single CUDA device" if self.cfg.cuda_graphs != "never" else "never"
         else:
-            self._graphed, reason = graphed_step_for(
+            self._static, reason = static_step_for(
                 [o.kind for o in self.objectives],
                 [train[o.dataset] for o in self.objectives],
                 self._step_loss,
                 self.model,
                 self.optimizer,
                 self.cfg,
+                record=self._graph_wanted,
+                compile=compile_,
             )
         if reason and self.cfg.cuda_graphs == "always":
             raise ConfigError(f"train.cuda_graphs=always cannot be used here: {reason}")
+        if reason and compile_:
+            raise ConfigError(f"train.compile cannot be used here: {reason}")
         return reason
 
     def train_epoch(self, train: Mapping[str, TrainerDataset]) -> float:
@@ -522,11 +530,16 @@ class Trainer:
         val = {k: self._on_device(ds) for k, ds in val.items()}
         for obj in self.objectives:
             obj.kind.bind_data([d[obj.dataset] for d in (train, val) if obj.dataset in d])
-        why_not = self._graph_plan(train)
-        if self._graph_wanted and main:
+        why_not = self._static_plan(train)
+        if (self._graph_wanted or self.cfg.compile) and main:
+            static = self._static
+            how = [
+                w for w, on in (("compiled (the first step compiles)", self.cfg.compile),
+                                ("recorded as a CUDA graph", self._graph_wanted)) if on
+            ]  # fmt: skip
             log(f"{self.desc}: training step " + (
-                f"recorded as a CUDA graph ({self._graphed.atoms_per_step} atoms per step)"
-                if self._graphed is not None else f"not graphed: {why_not}"
+                f"{' and '.join(how)} ({static.atoms_per_step} atoms per step)"
+                if static is not None else f"not graphed: {why_not}"
             ))  # fmt: skip
         metrics = MetricsLog(run_dir / "metrics.csv")
         has_val = any(o.dataset in val for o in self.objectives)

@@ -1,4 +1,6 @@
-"""A training step recorded once as a CUDA graph and replayed for every batch.
+"""A training step on batches of one static shape: recorded once as a CUDA graph and
+replayed for every batch (``train.cuda_graphs``), and/or its loss and gradient compiled whole
+(``train.compile``, :mod:`trustpot.train.compiled_step`).
 
 A PaiNN training step (forward, forces by autograd with the graph kept, backward, clipping,
 AdamW) is about 1,100 small kernels; on a GPU the host takes several times longer to issue
@@ -38,12 +40,13 @@ from torch import Tensor, nn
 from trustpot import keys as K
 from trustpot.config import TrainConfig
 from trustpot.data.graph import Graph
+from trustpot.train.compiled_step import LossAndGrads, compiled_loss_and_grads
 from trustpot.train.graph_batches import FlatStore, plain_force_field_keys, static_shape
 from trustpot.train.objectives import ForceFieldLoss, ObjectiveLoss
 
 
-class GraphedStep:
-    """One training step (gather, loss, backward, clipping, optimiser step) as a CUDA graph.
+class StaticStep:
+    """One training step (gather, loss, gradient, clipping, optimiser step) on static shapes.
 
     Args:
         loss_fn: the step's loss from one padded batch per objective; it must not wait for
@@ -54,6 +57,9 @@ class GraphedStep:
         clip_grad: gradient-norm clipping threshold (0: none).
         key_fn: what the recording depends on besides the shapes (e.g. the loss weights of
             the current stage); a new value records the step again.
+        record: record the step as a CUDA graph and replay it (a CUDA device only).
+        compiled: the compiled loss and gradients (:func:`compiled_loss_and_grads`) in
+            place of ``loss_fn`` and autograd.
     """
 
     def __init__(
@@ -64,8 +70,13 @@ class GraphedStep:
         stores: Sequence[FlatStore],
         clip_grad: float,
         key_fn: Callable[[], object] = lambda: None,
+        record: bool = True,
+        compiled: LossAndGrads | None = None,
     ) -> None:
         self.loss_fn = loss_fn
+        self.record = record
+        self.compiled = compiled
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.key_fn = key_fn
         self.model = model
         self.optimizer = optimizer
@@ -109,8 +120,13 @@ class GraphedStep:
         return steps.pop()
 
     def _body(self) -> Tensor:
-        loss = self.loss_fn([store.gather(row) for store, row in zip(self.stores, self.rows)])
-        torch.autograd.backward(loss)
+        if self.compiled is not None:
+            loss, grads = self.compiled(self.rows)
+            for p, grad in zip(self.trainable, grads):
+                p.grad = grad
+        else:
+            loss = self.loss_fn([store.gather(row) for store, row in zip(self.stores, self.rows)])
+            torch.autograd.backward(loss)
         if self.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
         self.optimizer.step()
@@ -155,6 +171,9 @@ class GraphedStep:
         the device)."""
         for row, table in zip(self.rows, self.tables):
             row.copy_(table[step], non_blocking=True)
+        if not self.record:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._body()
         key = self.key_fn()
         if self.graph is None or key != self.key:
             self.capture(key)
@@ -184,24 +203,27 @@ def _store_of(data: Any, batch_size: int, device: torch.device) -> FlatStore | s
     return FlatStore(graphs, shape, device)
 
 
-def graphed_step_for(
+def static_step_for(
     kinds: Sequence[ObjectiveLoss],
     datasets: Sequence[Any],
     loss_fn: Callable[[list[Graph]], Tensor],
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
-) -> tuple[GraphedStep | None, str]:
-    """The graphed step of a run whose objectives have the losses ``kinds`` on the training
-    sets ``datasets`` (one each), or ``None`` and the reason it cannot be graphed.
+    record: bool = True,
+    compile: bool = False,
+) -> tuple[StaticStep | None, str]:
+    """The static-shape step of a run whose objectives have the losses ``kinds`` on the
+    training sets ``datasets`` (one each), recorded as a CUDA graph (``record``) and/or
+    compiled (``compile``); or ``None`` and the reason it cannot be.
 
-    A graph needs force-field losses on :class:`~trustpot.data.dataset.GraphDataset` s
-    without extra labels. A loss that may have a stress term computes it at every step from
-    then on (:attr:`ForceFieldLoss.stress_every_batch`).
+    It needs force-field losses on :class:`~trustpot.data.dataset.GraphDataset` s without
+    extra labels. A loss that may have a stress term computes it at every step from then on
+    (:attr:`ForceFieldLoss.stress_every_batch`).
     """
     if len(kinds) != len(datasets) or not kinds:
         raise ValueError(f"{len(kinds)} objectives and {len(datasets)} training sets")
-    if not all(group.get("capturable") for group in optimizer.param_groups):
+    if record and not all(group.get("capturable") for group in optimizer.param_groups):
         return None, "the optimiser cannot be recorded (e.g. resumed from a run without graphs)"
     device = next(model.parameters()).device
     stores: list[FlatStore] = []
@@ -216,9 +238,11 @@ def graphed_step_for(
     force_fields = [kind for kind in kinds if isinstance(kind, ForceFieldLoss)]
     for kind in force_fields:  # no batch is asked whether it has stress labels
         kind.stress_every_batch = kind.stress_term_possible
-    step = GraphedStep(
+    compiled = compiled_loss_and_grads(model, loss_fn, stores) if compile else None
+    step = StaticStep(
         loss_fn, model, optimizer, stores, cfg.clip_grad,
         # a second stage changes the weights: record again
         lambda: tuple(tuple(ff.train_weights.items()) for ff in force_fields),
+        record=record, compiled=compiled,
     )  # fmt: skip
     return step, ""

@@ -17,10 +17,10 @@ from trustpot.data.dataset import GraphDataset, batch_slices
 from trustpot.data.graph import collate
 from trustpot.errors import ConfigError
 from trustpot.models.build import build_potential, build_scale_mixture
-from trustpot.train.cuda_graph import GraphedStep, graphed_step_for
 from trustpot.train.graph_batches import FlatStore, static_shape
 from trustpot.train.losses import LossWeights
 from trustpot.train.objectives import BCELoss, ForceFieldLoss
+from trustpot.train.static_step import StaticStep, static_step_for
 from trustpot.train.trainer import Objective, Trainer
 
 
@@ -169,7 +169,7 @@ def test_the_plan_names_why_a_run_is_not_graphed(
     opt = torch.optim.AdamW(model.parameters(), capturable=True)
     cfg = TrainConfig()
     ff = ForceFieldLoss(LossWeights())
-    step, why = graphed_step_for([ff], [data], _sum, model, opt, cfg)
+    step, why = static_step_for([ff], [data], _sum, model, opt, cfg)
     assert step is not None and why == ""
     assert step.shapes[0].n_graphs == cfg.batch_size + 1
     assert not ff.stress_every_batch  # molecules: no stress term is possible
@@ -177,23 +177,23 @@ def test_the_plan_names_why_a_run_is_not_graphed(
     periodic = GraphDataset(bulk_structures, bulk.neighbor_lists(), bulk.dtype)
     stressed = ForceFieldLoss(LossWeights(stress=1.0))
     stressed.bind_data([periodic])
-    step, why = graphed_step_for([stressed], [periodic], _sum, bulk, opt, cfg)
+    step, why = static_step_for([stressed], [periodic], _sum, bulk, opt, cfg)
     assert step is not None and stressed.stress_every_batch  # the stress term at every step
     replay = ForceFieldLoss(LossWeights(0.0, 1.0, 0.0))
-    step, why = graphed_step_for([ff, replay], [data, data.subset([0, 1])], _sum, model, opt, cfg)
+    step, why = static_step_for([ff, replay], [data, data.subset([0, 1])], _sum, model, opt, cfg)
     assert step is not None and len(step.shapes) == 2
     assert step.shapes[1].n_atoms == 2 * ethanol_structures[0].n_atoms + 2  # 2 frames + padding
     bce = BCELoss(lambda m, b: (torch.zeros(1), torch.zeros(1)))
-    step, why = graphed_step_for([ff, bce], [data, data], _sum, model, opt, cfg)
+    step, why = static_step_for([ff, bce], [data, data], _sum, model, opt, cfg)
     assert step is None and why == "objective 2 of 2: a BCELoss objective"
     labelled = GraphDataset(
         ethanol_structures[:4], model.neighbor_lists(), model.dtype,
         labels={"property:q": [torch.zeros(1).numpy()] * 4},
     )  # fmt: skip
-    step, why = graphed_step_for([ForceFieldLoss(LossWeights())], [labelled], _sum, model, opt, cfg)
+    step, why = static_step_for([ForceFieldLoss(LossWeights())], [labelled], _sum, model, opt, cfg)
     assert step is None and "plain force-field dataset" in why
     plain = torch.optim.AdamW(model.parameters())
-    step, why = graphed_step_for([ForceFieldLoss(LossWeights())], [data], _sum, model, plain, cfg)
+    step, why = static_step_for([ForceFieldLoss(LossWeights())], [data], _sum, model, plain, cfg)
     assert step is None and "optimiser cannot be recorded" in why
 
 
@@ -212,7 +212,7 @@ def test_cuda_graphs_option_is_checked(ethanol_structures: list, tmp_path: Path)
         model, [Objective("main", "main", LossWeights())], TrainConfig(epochs=1), progress=False
     )
     trainer.fit({"main": data}, {}, tmp_path / "auto")  # auto on the CPU: the eager step
-    assert trainer._graphed is None and trainer.step == 1
+    assert trainer._static is None and trainer.step == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="recording a CUDA graph needs CUDA")
@@ -228,7 +228,7 @@ def test_graphed_training_matches_the_eager_loop_on_cuda(
         rows: list[float] = []
         trainer.on_epoch = lambda _t, row, rows=rows: rows.append(row["train_loss"])  # type: ignore[misc]
         trainer.fit({"main": data}, {}, tmp_path / mode)
-        assert (trainer._graphed is not None) == (mode == "always")
+        assert (trainer._static is not None) == (mode == "always")
         losses[mode] = rows
     assert losses["always"] == pytest.approx(losses["never"], rel=1e-9)
 
@@ -254,7 +254,7 @@ def test_stress_presence_is_known_from_the_host(
 class _EagerReplay:
     """Stands in for a recorded CUDA graph on the CPU: a replay runs the recorded body."""
 
-    def __init__(self, step: GraphedStep) -> None:
+    def __init__(self, step: StaticStep) -> None:
         self.step = step
 
     def replay(self) -> None:
@@ -270,11 +270,11 @@ def test_the_planned_gathered_step_trains_as_the_eager_loop(
     labels, a second objective cycling through its own shuffles) train exactly as the eager
     loop's collated batches do."""
 
-    def capture(self: GraphedStep, key: object = None) -> None:
+    def capture(self: StaticStep, key: object = None) -> None:
         self.graph, self.key = _EagerReplay(self), key  # type: ignore[assignment]
         self.loss = torch.zeros(())
 
-    monkeypatch.setattr(GraphedStep, "capture", capture)
+    monkeypatch.setattr(StaticStep, "capture", capture)
     main_set = [*ethanol_structures[:5], *bulk_structures[:4]]
     runs = {}
     for graphed in (False, True):
@@ -295,11 +295,11 @@ def test_the_planned_gathered_step_trains_as_the_eager_loop(
         if graphed:
             for group in trainer.optimizer.param_groups:  # the check only: CPU AdamW steps
                 group["capturable"] = True
-            trainer._graphed, why = graphed_step_for(
+            trainer._static, why = static_step_for(
                 [o.kind for o in objectives], [train["main"], train["replay"]],
                 trainer._step_loss, model, trainer.optimizer, cfg,
             )  # fmt: skip
-            assert trainer._graphed is not None, why
+            assert trainer._static is not None, why
             for group in trainer.optimizer.param_groups:
                 group["capturable"] = False
         losses = []
@@ -329,7 +329,7 @@ def _losses_by_mode(
         rows: list[float] = []
         trainer.on_epoch = lambda _t, row, rows=rows: rows.append(row["train_loss"])  # type: ignore[misc]
         trainer.fit(datasets(model), {}, tmp_path / mode)
-        assert (trainer._graphed is not None) == (mode == "always")
+        assert (trainer._static is not None) == (mode == "always")
         losses[mode] = rows
     return losses
 
@@ -361,3 +361,63 @@ def test_graphed_stress_and_replay_match_the_eager_loop_on_cuda(
     objectives = [("main", "main", stress), ("replay", "replay", replay)]
     losses = _losses_by_mode(build, two, objectives, tmp_path / "replay")
     assert losses["always"] == pytest.approx(losses["never"], rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ),
+    ],
+)
+def test_the_compiled_step_trains_as_the_eager_loop(
+    device: str, ethanol_structures: list, bulk_structures: list, tmp_path: Path
+) -> None:
+    """``train.compile``: the loss and gradient compiled whole (torch.func forces and weight
+    gradient through torch.compile), with stress labels and a second objective, give the
+    eager loop's losses and weights in float64 (on CUDA also recorded as a CUDA graph)."""
+    main_set = [*ethanol_structures[:3], *bulk_structures[:3]]
+    runs = {}
+    for compiled in (False, True):
+        model = build_potential(
+            "painn", {"n_features": 8, "n_layers": 1, "n_rbf": 4}, main_set, "float64", seed=5
+        ).to(device)
+        specs = model.neighbor_lists()
+        train = {
+            "main": GraphDataset(main_set, specs, model.dtype),
+            "replay": GraphDataset(ethanol_structures[3:7], specs, model.dtype),
+        }
+        objectives = [
+            Objective("main", "main", LossWeights(energy=1.0, forces=10.0, stress=5.0)),
+            Objective("replay", "replay", LossWeights(0.0, 1.0, 0.0), weight=0.5),
+        ]
+        graphs = "auto" if compiled else "never"
+        cfg = TrainConfig(epochs=2, batch_size=3, lr=1e-3, compile=compiled, cuda_graphs=graphs)
+        trainer = Trainer(model, objectives, cfg, progress=False)
+        rows: list[float] = []
+        trainer.on_epoch = lambda _t, row, rows=rows: rows.append(row["train_loss"])  # type: ignore[misc]
+        trainer.fit(train, {}, tmp_path / str(compiled))
+        assert (trainer._static is not None) == compiled
+        if compiled:
+            assert trainer._static is not None and trainer._static.record == (device == "cuda")
+        runs[compiled] = (rows, [p.detach().clone() for p in model.parameters()])
+    # float64; on CUDA the recorded step's float32 tensor learning rate (see the module doc)
+    rel = 1e-10 if device == "cpu" else 1e-7
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=rel)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9 if device == "cpu" else 1e-6, atol=1e-10)
+
+
+def test_compile_is_refused_where_it_cannot_serve(ethanol_structures: list, tmp_path: Path) -> None:
+    model = build_potential("painn", {}, ethanol_structures[:4], dtype="float64")
+    data = GraphDataset(ethanol_structures[:4], model.neighbor_lists(), model.dtype)
+    bce = BCELoss(lambda m, b: (torch.zeros(1), torch.zeros(1)))
+    trainer = Trainer(
+        model, [Objective("p", "main", loss=bce)], TrainConfig(epochs=1, compile=True),
+        progress=False,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train\.compile cannot be used here: a BCELoss"):
+        trainer.fit({"main": data}, {}, tmp_path / "bce")

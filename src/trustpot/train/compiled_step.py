@@ -1,0 +1,74 @@
+"""The loss and the weights' gradient of a training step, compiled whole (``train.compile``).
+
+A force-field step differentiates twice: the forces are the energy's derivative, and the
+update needs the loss's derivative with respect to the weights. ``torch.compile`` cannot
+differentiate a compiled region twice, so here the step is written as functions: the
+forces come from ``torch.func.grad`` of the energy (:mod:`trustpot.models.functional`), the
+weights' gradient from ``torch.func.grad`` of the loss, and ``torch.compile`` traces both,
+with the batch's gather from the flat stores, into one graph of fused kernels
+(``fullgraph``: a model it cannot trace is an error that names the cause, never a silent slow
+path). Batches have one static shape (:mod:`trustpot.train.graph_batches`), so the run
+compiles once; a new loss stage (other weights) compiles again.
+
+Measured on the 2-core CPU, one thread, a PaiNN step on 4 ethanol molecules: 3.2 ms compiled
+against 10.4 ms for the eager autograd step (float64 3BPA 6.7 against 18.2 ms), after a first
+call that compiles for about 50 s. Gradients equal the eager step's to float rounding (fused
+kernels reorder sums).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from trustpot.data.graph import Graph
+from trustpot.models.functional import functional_derivatives
+from trustpot.train.graph_batches import FlatStore
+
+#: ``run(rows) -> (loss, gradients)``: one plan row per objective in, the loss (0-d) and the
+#: gradient of every trainable parameter (in ``model.parameters()`` order) out
+LossAndGrads = Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor]]]
+
+
+class _StepLoss(nn.Module):
+    """The step's loss as a module around the trained model, so that ``functional_call``
+    can hand the model the weights being differentiated."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[list[Graph]], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batches: list[Graph]) -> Tensor:
+        return self.loss_fn(batches)
+
+
+def compiled_loss_and_grads(
+    model: nn.Module,
+    loss_fn: Callable[[list[Graph]], Tensor],
+    stores: Sequence[FlatStore],
+) -> LossAndGrads:
+    """The compiled ``rows -> (loss, gradients)`` of a step whose loss is ``loss_fn`` of one
+    batch per objective, gathered from ``stores`` (see the module docstring)."""
+    step = _StepLoss(model, loss_fn)
+    names = [f"model.{name}" for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_of(weights: dict[str, Tensor], rows: Sequence[Tensor]) -> Tensor:
+        batches = [store.gather(row) for store, row in zip(stores, rows)]
+        loss: Tensor = functional_call(step, weights, (batches,), strict=False)
+        return loss
+
+    compiled: Any = torch.compile(torch.func.grad_and_value(loss_of), fullgraph=True)
+
+    def run(rows: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        weights = {name: p.detach() for name, p in zip(names, params)}  # the same storage
+        with functional_derivatives():
+            grads, loss = compiled(weights, list(rows))
+        return loss, [grads[name] for name in names]
+
+    return run
