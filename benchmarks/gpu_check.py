@@ -12,9 +12,11 @@ default), each written to ``OUT/gpu_check.json`` as soon as it ends:
 * ``agreement``: per model family the largest CPU/CUDA difference of energies (eV) and forces
   (eV/Å) in float64 on 32 ethanol frames (and water boxes with Ewald and PME), and the time of
   one forward + forces pass of the 32-frame batch on each device.
-* ``train``: seconds per epoch of ``trustpot train`` (PaiNN, default hypers, validation
-  included) on ethanol and 3BPA, on the CPU cores (``--cpu-threads``) and on CUDA, at each
-  ``--batch-sizes``.
+* ``train``: seconds per epoch of ``trustpot train`` (``--backbone``, default PaiNN,
+  default hypers, validation included) on ethanol and 3BPA, on the CPU cores
+  (``--cpu-threads``) and on CUDA (eager and CUDA graph), at each ``--batch-sizes``; with
+  ``--compile`` also the compiled step (``train.compile``) on both; with ``--device cpu`` the
+  CPU rows alone (the compiled step's CPU benefit, on a machine without a GPU).
 * ``float64``: the same runs in float64 on both devices, whose losses must agree.
 * ``cases``: seconds per epoch (CPU cores, CUDA eager, CUDA graph) of the training runs that
   ``trustpot train`` on molecules does not reach: 32-atom copper cells with stress labels
@@ -117,54 +119,33 @@ def train_section(
     root: Path, device: str, batch_sizes: list[int], cpu_threads: int, frames: int,
     backbone: str = "painn", compiled: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Epoch seconds of ``trustpot train`` (``backbone``) on the CPU cores and on ``device``."""
+    """Epoch seconds of ``trustpot train`` (``backbone``) on the CPU cores and on ``device``
+    (eager, CUDA graph), with ``compiled`` also the compiled step (``train.compile``) on
+    both; with ``device`` "cpu" only the CPU rows."""
     from gpu_timing import train_epochs
 
+    plan: list[tuple[str, str, str, bool]] = [("cpu", "cpu", "never", False)]
+    if compiled:
+        plan.append(("cpu compiled", "cpu", "never", True))
+    if device != "cpu":
+        plan += [(device, device, "never", False), (f"{device} graph", device, "always", False)]
+        if compiled:
+            plan.append((f"{device} graph compiled", device, "always", True))
     rows: dict[str, Any] = {}
     for name, rel in TRAIN_FILES.items():
         for bs in batch_sizes:
-            runs = {
-                "cpu": train_epochs(root / rel, "cpu", batch_size=bs, max_train=frames,
-                                    threads=cpu_threads, backbone=backbone),
-                device: train_epochs(root / rel, device, batch_size=bs, max_train=frames,
-                                     graphs="never", backbone=backbone),
-            }  # fmt: skip
-            try:  # a failure to record the graph must not lose the other rows
-                runs[f"{device} graph"] = train_epochs(
-                    root / rel,
-                    device,
-                    batch_size=bs,
-                    max_train=frames,
-                    graphs="always",
-                    backbone=backbone,
-                )
-            except Exception as err:
-                runs[f"{device} graph"] = {"error": f"{type(err).__name__}: {err}",
-                                           "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
-                print("graph FAILED", runs[f"{device} graph"]["traceback"], flush=True)
-            for label, dev, graphs in (
-                ("cpu compiled", "cpu", "never"),
-                (f"{device} graph compiled", device, "always"),
-            ):
-                if not compiled:
-                    break
-                try:  # the compiled step (train.compile): its first epoch compiles
+            runs: dict[str, Any] = {}
+            for label, dev, graphs, compile_ in plan:
+                try:  # one failing row (a graph, a compilation) must not lose the others
                     runs[label] = train_epochs(
-                        root / rel,
-                        dev,
-                        batch_size=bs,
-                        max_train=frames,
-                        graphs=graphs,
-                        backbone=backbone,
-                        compile=True,
+                        root / rel, dev, batch_size=bs, max_train=frames, graphs=graphs,
+                        backbone=backbone, compile=compile_,
                         threads=cpu_threads if dev == "cpu" else 0,
-                    )
+                    )  # fmt: skip
                 except Exception as err:
-                    runs[label] = {
-                        "error": f"{type(err).__name__}: {err}",
-                        "traceback": traceback.format_exc()[-3000:],
-                    }
-                    print(label, "FAILED", runs[label]["traceback"], flush=True)  # fmt: skip
+                    runs[label] = {"error": f"{type(err).__name__}: {err}",
+                                   "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
+                    print(label, "FAILED", runs[label]["traceback"], flush=True)
             cpu_s = runs["cpu"]["seconds"]
             ratios = {k: cpu_s / v["seconds"] for k, v in runs.items() if "seconds" in v}
             rows[f"{name} batch {bs}"] = {**runs, "speedup": ratios, "backbone": backbone}
@@ -325,6 +306,18 @@ def profile_section(root: Path, device: str) -> dict[str, Any]:
 CPU_THREADS = 0
 
 
+def _commit() -> str:
+    """The checkout's commit (empty when git cannot say)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=False)  # fmt: skip
+    except OSError:
+        return ""
+    return done.stdout.strip()
+
+
 def main() -> None:
     global CPU_THREADS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -353,6 +346,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
+        "commit": _commit(),
         "torch": torch.__version__,
         "cpu_threads": CPU_THREADS,
         "seconds": {},

@@ -47,6 +47,19 @@ class _StepLoss(nn.Module):
         return self.loss_fn(batches)
 
 
+#: compiled steps per process before torch would fall back to eager ones (its default, 8,
+#: is shared by every compiled step: each trainer, e.g. each member of an ensemble trained in
+#: one process, compiles its own, mostly from inductor's cache)
+RECOMPILE_LIMIT = 256
+
+
+def _allow_recompiles() -> None:
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the second: torch before 2.6
+        if getattr(config, name, RECOMPILE_LIMIT) < RECOMPILE_LIMIT:
+            setattr(config, name, RECOMPILE_LIMIT)
+
+
 def compiled_loss_and_grads(
     model: nn.Module,
     loss_fn: Callable[[list[Graph]], Tensor],
@@ -54,6 +67,7 @@ def compiled_loss_and_grads(
 ) -> LossAndGrads:
     """The compiled ``rows -> (loss, gradients)`` of a step whose loss is ``loss_fn`` of one
     batch per objective, gathered from ``stores`` (see the module docstring)."""
+    _allow_recompiles()
     step = _StepLoss(model, loss_fn)
     names = [f"model.{name}" for name, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -63,7 +77,8 @@ def compiled_loss_and_grads(
         loss: Tensor = functional_call(step, weights, (batches,), strict=False)
         return loss
 
-    compiled: Any = torch.compile(torch.func.grad_and_value(loss_of), fullgraph=True)
+    # static shapes by construction: never let a second shape turn dimensions symbolic
+    compiled: Any = torch.compile(torch.func.grad_and_value(loss_of), fullgraph=True, dynamic=False)
 
     def run(rows: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         weights = {name: p.detach() for name, p in zip(names, params)}  # the same storage

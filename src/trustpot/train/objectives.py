@@ -122,7 +122,7 @@ class ForceFieldLoss(ObjectiveLoss):
         self.last_pred: dict[str, Tensor] | None = None
         self._scales: dict[int, float] = {}
 
-    def _model_scale(self, model: nn.Module) -> float:
+    def model_scale(self, model: nn.Module) -> float:
         """The model's ``energy_scale`` (a buffer, fixed during training), read from the
         device once per model rather than at every step."""
         key = id(model)
@@ -174,7 +174,7 @@ class ForceFieldLoss(ObjectiveLoss):
         if not training:
             outputs = outputs | {K.FORCES}  # the MAE / RMSE columns need forces
         pred = model(batch, outputs, create_graph=training)
-        scale = self.scale if self.scale is not None else self._model_scale(model)
+        scale = self.scale if self.scale is not None else self.model_scale(model)
         if not training:  # for metric_sums; a (compiled) training step keeps no state
             self.last_pred = pred
         return loss_sums(pred, batch, self.loss_weights, scale)

@@ -30,7 +30,7 @@ sets up when a graph may be used); EMA and the loss check stay outside the graph
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,9 +40,10 @@ from torch import Tensor, nn
 from trustpot import keys as K
 from trustpot.config import TrainConfig
 from trustpot.data.graph import Graph
+from trustpot.errors import ConfigError
 from trustpot.train.compiled_step import LossAndGrads, compiled_loss_and_grads
 from trustpot.train.graph_batches import FlatStore, plain_force_field_keys, static_shape
-from trustpot.train.objectives import ForceFieldLoss, ObjectiveLoss
+from trustpot.train.objectives import ForceFieldLoss, Objective, ObjectiveLoss
 
 
 class StaticStep:
@@ -238,7 +239,11 @@ def static_step_for(
     force_fields = [kind for kind in kinds if isinstance(kind, ForceFieldLoss)]
     for kind in force_fields:  # no batch is asked whether it has stress labels
         kind.stress_every_batch = kind.stress_term_possible
-    compiled = compiled_loss_and_grads(model, loss_fn, stores) if compile else None
+    compiled = None
+    if compile:
+        for kind in force_fields:  # read once here: the compiled step then has no side effect
+            kind.model_scale(model)
+        compiled = compiled_loss_and_grads(model, loss_fn, stores)
     step = StaticStep(
         loss_fn, model, optimizer, stores, cfg.clip_grad,
         # a second stage changes the weights: record again
@@ -246,3 +251,38 @@ def static_step_for(
         record=record, compiled=compiled,
     )  # fmt: skip
     return step, ""
+
+
+def plan_static_step(
+    objectives: Sequence[Objective],
+    train: Mapping[str, Any],
+    loss_fn: Callable[[list[Graph]], Tensor],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    record: bool,
+    distributed: bool,
+) -> tuple[StaticStep | None, str]:
+    """The trainer's static-shape step: recorded as a CUDA graph when ``record`` (a single
+    CUDA device and ``train.cuda_graphs`` not ``never``), compiled when ``train.compile``;
+    or ``None`` and why not.
+
+    Raises:
+        ConfigError: ``train.cuda_graphs=always`` or ``train.compile`` for a run that cannot
+            have the step (the message names why).
+    """
+    if cfg.compile and distributed:
+        raise ConfigError("train.compile cannot be used here: data-parallel training")
+    step: StaticStep | None = None
+    if not (record or cfg.compile):
+        reason = "not a single CUDA device" if cfg.cuda_graphs != "never" else "never"
+    else:
+        step, reason = static_step_for(
+            [o.kind for o in objectives], [train[o.dataset] for o in objectives], loss_fn,
+            model, optimizer, cfg, record=record, compile=cfg.compile,
+        )  # fmt: skip
+    if reason and cfg.cuda_graphs == "always":
+        raise ConfigError(f"train.cuda_graphs=always cannot be used here: {reason}")
+    if reason and cfg.compile:
+        raise ConfigError(f"train.compile cannot be used here: {reason}")
+    return step, reason

@@ -46,7 +46,7 @@ from trustpot.train.epoch_order import EpochOrder, seed_for
 from trustpot.train.metrics_log import MetricsLog, budget_bar
 from trustpot.train.objectives import Objective, ObjectiveLoss, ParamGroup, TrainResult
 from trustpot.train.schedule import Schedule
-from trustpot.train.static_step import StaticStep, static_step_for
+from trustpot.train.static_step import StaticStep, plan_static_step
 from trustpot.train.trainer_state import restore_state, state_of
 from trustpot.train.validation import validation_totals
 
@@ -409,29 +409,12 @@ class Trainer:
         self.step += 1
 
     def _static_plan(self, train: Mapping[str, TrainerDataset]) -> str:
-        """Set up the static-shape step (a CUDA graph and/or the compiled step) when the run
-        asks for one and allows it; returns why not (empty when it does).
-        ``train.cuda_graphs=always`` and ``train.compile`` turn a reason into an error."""
-        compile_ = self.cfg.compile
-        if compile_ and self.dist.active:
-            raise ConfigError("train.compile cannot be used here: data-parallel training")
-        if not (self._graph_wanted or compile_):
-            reason = "not a single CUDA device" if self.cfg.cuda_graphs != "never" else "never"
-        else:
-            self._static, reason = static_step_for(
-                [o.kind for o in self.objectives],
-                [train[o.dataset] for o in self.objectives],
-                self._step_loss,
-                self.model,
-                self.optimizer,
-                self.cfg,
-                record=self._graph_wanted,
-                compile=compile_,
-            )
-        if reason and self.cfg.cuda_graphs == "always":
-            raise ConfigError(f"train.cuda_graphs=always cannot be used here: {reason}")
-        if reason and compile_:
-            raise ConfigError(f"train.compile cannot be used here: {reason}")
+        """Set up the static-shape step when the run asks for one (:func:`plan_static_step`);
+        returns why there is none (empty when there is)."""
+        self._static, reason = plan_static_step(
+            self.objectives, train, self._step_loss, self.model, self.optimizer, self.cfg,
+            record=self._graph_wanted, distributed=self.dist.active,
+        )  # fmt: skip
         return reason
 
     def train_epoch(self, train: Mapping[str, TrainerDataset]) -> float:
