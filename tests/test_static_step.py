@@ -4,6 +4,7 @@ be graphed, and ``train.cuda_graphs`` is honoured. Recording and replay need CUD
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from trustpot import keys as K
 from trustpot.config import TrainConfig, load_config
 from trustpot.data.dataset import GraphDataset, batch_slices
 from trustpot.data.graph import collate
-from trustpot.errors import ConfigError
+from trustpot.errors import ConfigError, TrainingError
 from trustpot.models.build import build_potential, build_scale_mixture
 from trustpot.train.graph_batches import FlatStore, static_shape
 from trustpot.train.losses import LossWeights
@@ -363,10 +364,18 @@ def test_graphed_stress_and_replay_match_the_eager_loop_on_cuda(
     assert losses["always"] == pytest.approx(losses["never"], rel=1e-9)
 
 
+NO_CXX = not any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
 @pytest.mark.parametrize(
     "device",
     [
-        "cpu",
+        pytest.param(
+            "cpu",
+            marks=pytest.mark.skipif(
+                NO_CXX, reason="torch.compile on the CPU needs a C++ compiler"
+            ),
+        ),
         pytest.param(
             "cuda",
             marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -421,3 +430,24 @@ def test_compile_is_refused_where_it_cannot_serve(ethanol_structures: list, tmp_
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"train\.compile cannot be used here: a BCELoss"):
         trainer.fit({"main": data}, {}, tmp_path / "bce")
+
+
+def test_a_step_that_cannot_compile_is_a_clear_error(
+    ethanol_structures: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trustpot.train.compiled_step as compiled_step
+
+    def no_compiler(fn: Callable, **_kw: Any) -> Callable:
+        def fail(*_a: Any) -> None:
+            raise RuntimeError("no C++ compiler found\n(long inductor trace)")
+
+        return fail
+
+    monkeypatch.setattr(compiled_step.torch, "compile", no_compiler)
+    model = build_potential("painn", {}, ethanol_structures[:4], dtype="float64")
+    data = GraphDataset(ethanol_structures[:4], model.neighbor_lists(), model.dtype)
+    objectives = [Objective("main", "main", LossWeights())]
+    trainer = Trainer(model, objectives, TrainConfig(epochs=1, compile=True), progress=False)
+    with pytest.raises(TrainingError, match=r"could not compile this training step "
+                       r"\(RuntimeError: no C\+\+ compiler found\); train without"):  # fmt: skip
+        trainer.fit({"main": data}, {}, tmp_path / "run")

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from trustpot.data.graph import Graph
+from trustpot.errors import TrainingError
 from trustpot.models.functional import functional_derivatives
 from trustpot.train.graph_batches import FlatStore
 
@@ -80,10 +81,22 @@ def compiled_loss_and_grads(
     # static shapes by construction: never let a second shape turn dimensions symbolic
     compiled: Any = torch.compile(torch.func.grad_and_value(loss_of), fullgraph=True, dynamic=False)
 
+    compiled_once = [False]
+
     def run(rows: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         weights = {name: p.detach() for name, p in zip(names, params)}  # the same storage
-        with functional_derivatives():
-            grads, loss = compiled(weights, list(rows))
+        try:
+            with functional_derivatives():
+                grads, loss = compiled(weights, list(rows))
+        except Exception as err:
+            if compiled_once[0]:
+                raise
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise TrainingError(
+                f"train.compile: torch.compile could not compile this training step "
+                f"({type(err).__name__}: {first}); train without -o train.compile=true"
+            ) from err
+        compiled_once[0] = True
         return loss, [grads[name] for name in names]
 
     return run
