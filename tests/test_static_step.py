@@ -252,6 +252,23 @@ def test_stress_presence_is_known_from_the_host(
         loss.prepare({}, DistInfo())
 
 
+def _stress_and_replay(
+    model: Any, main_set: list, replay_set: list
+) -> tuple[dict[str, GraphDataset], list[Objective]]:
+    """A fine-tuning-like run: energies, forces and stress on ``main_set``, forces of
+    ``replay_set`` replayed at half weight."""
+    specs = model.neighbor_lists()
+    train = {
+        "main": GraphDataset(main_set, specs, model.dtype),
+        "replay": GraphDataset(replay_set, specs, model.dtype),
+    }
+    objectives = [
+        Objective("main", "main", LossWeights(energy=1.0, forces=10.0, stress=5.0)),
+        Objective("replay", "replay", LossWeights(0.0, 1.0, 0.0), weight=0.5),
+    ]
+    return train, objectives
+
+
 class _EagerReplay:
     """Stands in for a recorded CUDA graph on the CPU: a replay runs the recorded body."""
 
@@ -280,15 +297,7 @@ def test_the_planned_gathered_step_trains_as_the_eager_loop(
     runs = {}
     for graphed in (False, True):
         model = build_potential("painn", {}, main_set, "float64", seed=3)
-        specs = model.neighbor_lists()
-        train = {
-            "main": GraphDataset(main_set, specs, model.dtype),
-            "replay": GraphDataset(ethanol_structures[5:12], specs, model.dtype),
-        }
-        objectives = [
-            Objective("main", "main", LossWeights(energy=1.0, forces=10.0, stress=5.0)),
-            Objective("replay", "replay", LossWeights(0.0, 1.0, 0.0), weight=0.5),
-        ]
+        train, objectives = _stress_and_replay(model, main_set, ethanol_structures[5:12])
         cfg = TrainConfig(epochs=3, batch_size=3, lr=1e-3, ema_decay=0.9)
         trainer = Trainer(model, objectives, cfg, progress=False)
         for obj in objectives:
@@ -394,15 +403,7 @@ def test_the_compiled_step_trains_as_the_eager_loop(
         model = build_potential(
             "painn", {"n_features": 8, "n_layers": 1, "n_rbf": 4}, main_set, "float64", seed=5
         ).to(device)
-        specs = model.neighbor_lists()
-        train = {
-            "main": GraphDataset(main_set, specs, model.dtype),
-            "replay": GraphDataset(ethanol_structures[3:7], specs, model.dtype),
-        }
-        objectives = [
-            Objective("main", "main", LossWeights(energy=1.0, forces=10.0, stress=5.0)),
-            Objective("replay", "replay", LossWeights(0.0, 1.0, 0.0), weight=0.5),
-        ]
+        train, objectives = _stress_and_replay(model, main_set, ethanol_structures[3:7])
         graphs = "auto" if compiled else "never"
         cfg = TrainConfig(epochs=2, batch_size=3, lr=1e-3, compile=compiled, cuda_graphs=graphs)
         trainer = Trainer(model, objectives, cfg, progress=False)
