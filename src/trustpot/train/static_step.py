@@ -42,7 +42,12 @@ from trustpot.config import TrainConfig
 from trustpot.data.graph import Graph
 from trustpot.errors import ConfigError
 from trustpot.train.compiled_step import LossAndGrads, compiled_loss_and_grads
-from trustpot.train.graph_batches import FlatStore, plain_force_field_keys, static_shape
+from trustpot.train.graph_batches import (
+    FlatStore,
+    StaticShape,
+    plain_force_field_keys,
+    static_shape,
+)
 from trustpot.train.objectives import ForceFieldLoss, Objective, ObjectiveLoss
 
 
@@ -92,7 +97,7 @@ class StaticStep:
         self.key: object = None
 
     @property
-    def shapes(self) -> list[Any]:
+    def shapes(self) -> list[StaticShape]:
         """Each objective's static batch shape."""
         return [store.shape for store in self.stores]
 
