@@ -318,6 +318,8 @@ def test_mft_trains_on_pseudo_labelled_replay(ethanol_file: Path, tmp_path: Path
         FinetuneOptions(str(POTENTIAL), str(ethanol_file), strategy="mft")
     with pytest.raises(ConfigError, match="--replay-labels needs --replay"):
         FinetuneOptions(str(POTENTIAL), str(ethanol_file), replay_labels="given")
+    with pytest.raises(ConfigError, match="--compile takes force-field objectives only"):
+        FinetuneOptions(str(POTENTIAL), str(ethanol_file), compile=True, ewc_weight=1.0)
 
 
 def _unlabelled(frames: list[Atoms], keep: frozenset[int] = frozenset()) -> list[Atoms]:

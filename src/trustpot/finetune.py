@@ -182,6 +182,10 @@ class FinetuneOptions:
     no_maps: bool = option(False, "leave the t-SNE maps out of the report (they take seconds)")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
     device: str = option("cpu", "torch device (cpu, cuda, cuda:1...)")
+    compile: bool = option(
+        False, "compile the training step whole (train.compile of trustpot train: faster steps "
+        "after a first one that compiles; not with --target or --ewc-weight)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.validate()
@@ -190,6 +194,9 @@ class FinetuneOptions:
         """Raise :class:`ConfigError`, naming the flag, for values that cannot work."""
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy must be one of {STRATEGIES}, got '{self.strategy}'")
+        if self.compile and (self.target or self.ewc_weight > 0):
+            raise ConfigError("--compile takes force-field objectives only: not with --target "
+                              "or --ewc-weight")  # fmt: skip
         for value, flag, owner in (
             (self.freeze_layers, "--freeze-layers", "freeze"),
             (self.llrd_decay, "--llrd-decay", "llrd"),
@@ -312,7 +319,7 @@ class FinetuneOptions:
             epochs=self.epochs, max_minutes=self.max_minutes, batch_size=self.batch_size,
             lr=self.lr, warmup_epochs=min(5, self.epochs // 10), min_lr=min(1e-6, self.lr),
             energy_weight=w.energy, forces_weight=w.forces,
-            seed=self.seed, threads=self.threads, device=self.device,
+            seed=self.seed, threads=self.threads, device=self.device, compile=self.compile,
         )  # fmt: skip
 
 
