@@ -11,7 +11,7 @@ path). Batches have one static shape (:mod:`trustpot.train.graph_batches`), so t
 compiles once; a new loss stage (other weights) compiles again.
 
 Measured on the 2-core CPU, one thread, a PaiNN step on 4 ethanol molecules: 3.2 ms compiled
-against 10.4 ms for the eager autograd step (float64 3BPA 6.7 against 18.2 ms), after a first
+against 10.4 ms for the eager autograd step (in float64 6.7 against 18.2 ms), after a first
 call that compiles for about 50 s. Gradients equal the eager step's to float rounding (fused
 kernels reorder sums).
 """
