@@ -108,7 +108,7 @@ class TrainConfig:
         checkpoint_every: write ``last.ckpt`` every this many epochs.
         device: torch device (``cpu``, ``cuda``, ``cuda:1``...).
         cuda_graphs: record the training step once as a CUDA graph and replay it (batches
-            padded to one shape, ``trustpot.train.cuda_graph``): ``auto`` on a single CUDA
+            padded to one shape, ``trustpot.train.static_step``): ``auto`` on a single CUDA
             device whenever the run allows it (force-field objectives on plain datasets,
             stress labels included), ``always`` insists (an error says why a run cannot),
             ``never`` never.

@@ -10,8 +10,7 @@ the batch's edge indices. One copy takes an epoch's rows to the device; the reco
 gathers its batch from the store with its row (:meth:`FlatStore.gather`, a dozen kernels
 inside the graph), so a step costs the host one small device-to-device copy and the replay.
 
-The padded batch (the static shape and what fills it) is defined in
-:mod:`trustpot.train.cuda_graph`; a gathered batch holds exactly that:
+A gathered batch (the step that uses it: :mod:`trustpot.train.static_step`) holds:
 
 * the real graphs of the batch first, unchanged, edge indices offset as in ``collate``;
 * then padding graphs: the first holds the spare atoms (at least two), the others one atom

@@ -8,7 +8,7 @@ them than the GPU takes to run them (``benchmarks/results/gpu_check``). A CUDA g
 the whole step at once. It needs fixed shapes, so every batch is padded to one static shape
 (:mod:`trustpot.train.graph_batches`): the real graphs first, then padding graphs with zero
 label weights, whose atoms and edges touch no real atom. The loss, its gradient and the
-update are those of the real batch (checked by ``tests/test_cuda_graph.py``). The static shape
+update are those of the real batch (checked by ``tests/test_static_step.py``). The static shape
 is the most any batch of the training set can need: the ``batch_size`` largest structures'
 atoms plus two, and per neighbour list the ``batch_size`` largest edge counts.
 
