@@ -22,7 +22,8 @@ from torch import Tensor
 from trustpot import keys as K
 from trustpot.data.graph import Graph
 from trustpot.errors import ConfigError
-from trustpot.nn import cell_volume, scatter_sum
+from trustpot.models.strain import apply_strain, strain_outputs
+from trustpot.nn import scatter_sum
 
 _STATE = {"on": False}
 
@@ -60,12 +61,7 @@ def functional_outputs(
     strain = torch.zeros((n_graphs, 3, 3), dtype=pos.dtype, device=pos.device)
 
     def energy_of(positions: Tensor, eps: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        h = dict(g)
-        if need_strain:
-            sym = 0.5 * (eps + eps.transpose(1, 2))
-            positions = positions + torch.einsum("ni,nij->nj", positions, sym[g[K.BATCH]])
-            h[K.CELL] = g[K.CELL] + torch.einsum("gij,gjk->gik", g[K.CELL], sym)
-        h[K.POSITIONS] = positions
+        h = apply_strain(g, positions, eps) if need_strain else {**g, K.POSITIONS: positions}
         node_e, _ = node_energy_fn(h)
         if node_e.dim() != 1:
             raise ConfigError(
@@ -75,27 +71,19 @@ def functional_outputs(
         energy = scatter_sum(node_e, g[K.BATCH], n_graphs)
         return energy.sum(), (energy, node_e)
 
-    need_grad = need_strain or K.FORCES in wanted
-    if not need_grad:
-        _, (energy, node_e) = energy_of(pos, strain)
-        out = {K.ENERGY: energy}
-    else:
+    grads: tuple[Tensor, ...] = ()
+    if need_strain or K.FORCES in wanted:
         argnums = (0, 1) if need_strain else (0,)
         grads, (energy, node_e) = torch.func.grad(energy_of, argnums=argnums, has_aux=True)(
             pos, strain
         )
-        out = {K.ENERGY: energy}
-        if K.FORCES in wanted:
-            out[K.FORCES] = -grads[0]
-        if need_strain:
-            d_strain = grads[1]
-            if K.VIRIAL in wanted:
-                out[K.VIRIAL] = -d_strain
-            if K.STRESS in wanted:
-                volume = cell_volume(g[K.CELL]).clamp_min(1e-12)
-                periodic = g[K.PBC].any(dim=1).view(-1, 1, 1)
-                stress = d_strain / volume.view(-1, 1, 1)
-                out[K.STRESS] = torch.where(periodic, stress, torch.zeros_like(stress))
+    else:
+        _, (energy, node_e) = energy_of(pos, strain)
+    out = {K.ENERGY: energy}
+    if K.FORCES in wanted:
+        out[K.FORCES] = -grads[0]
+    if need_strain:
+        out.update(strain_outputs(grads[1], g, wanted))
     if K.NODE_ENERGY in wanted:
         out[K.NODE_ENERGY] = node_e
     return out

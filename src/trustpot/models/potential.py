@@ -20,7 +20,8 @@ from trustpot.errors import CheckpointError, ConfigError
 from trustpot.models.base import Backbone, Embedding, LayerGroups, Modulator, make_hypers
 from trustpot.models.contract import DEFAULT_OUTPUTS, Model, load_state_checked
 from trustpot.models.functional import functional_mode, functional_outputs
-from trustpot.nn import MLP, cell_volume, scatter_sum
+from trustpot.models.strain import apply_strain, strain_outputs
+from trustpot.nn import MLP, scatter_sum
 from trustpot.registry import lookup
 
 SUPPORTED_OUTPUTS = frozenset({K.ENERGY, K.FORCES, K.STRESS, K.VIRIAL, K.NODE_ENERGY})
@@ -281,10 +282,9 @@ def compute_outputs(
             strain = torch.zeros((n_graphs, 3, 3), dtype=pos.dtype, device=pos.device)
             strain.requires_grad_(True)
             inputs.append(strain)
-            sym = 0.5 * (strain + strain.transpose(1, 2))
-            pos = pos + torch.einsum("ni,nij->nj", pos, sym[g[K.BATCH]])
-            g[K.CELL] = g[K.CELL] + torch.einsum("gij,gjk->gik", g[K.CELL], sym)
-        g[K.POSITIONS] = pos
+            g = apply_strain(g, pos, strain)
+        else:
+            g[K.POSITIONS] = pos
         node_e, _ = node_energy_fn(g)
         energy = scatter_sum(node_e, g[K.BATCH], n_graphs)
         out: dict[str, Tensor] = {K.ENERGY: energy}
@@ -296,16 +296,7 @@ def compute_outputs(
                 out[K.FORCES] = -grads[0] if grads[0] is not None else _zeros(pos, energy)
             if need_strain:
                 d_strain = grads[-1] if grads[-1] is not None else _zeros(strain, energy)
-                if K.VIRIAL in wanted:
-                    out[K.VIRIAL] = -d_strain
-                if K.STRESS in wanted:
-                    volume = cell_volume(g[K.CELL]).clamp_min(1e-12)
-                    periodic = g[K.PBC].any(dim=1)
-                    shape = (-1,) + (1,) * (d_strain.dim() - 1)
-                    stress = d_strain / volume.view(shape)
-                    out[K.STRESS] = torch.where(
-                        periodic.view(shape), stress, torch.zeros_like(stress)
-                    )
+                out.update(strain_outputs(d_strain, g, wanted))
     return out
 
 

@@ -83,8 +83,10 @@ def compiled_loss_and_grads(
 
     compiled_once = [False]
 
+    # detached views of the parameters' storage: the optimiser's in-place updates show
+    weights = {name: p.detach() for name, p in zip(names, params)}
+
     def run(rows: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        weights = {name: p.detach() for name, p in zip(names, params)}  # the same storage
         try:
             with functional_derivatives():
                 grads, loss = compiled(weights, list(rows))

@@ -102,6 +102,13 @@ class StaticStep:
         return [store.shape for store in self.stores]
 
     @property
+    def how(self) -> str:
+        """How the step runs, for the log (e.g. "compiled and recorded as a CUDA graph")."""
+        parts = ["compiled (the first step compiles)"] if self.compiled is not None else []
+        parts += ["recorded as a CUDA graph"] if self.record else []
+        return " and ".join(parts) or "on static shapes"
+
+    @property
     def atoms_per_step(self) -> int:
         """Atoms of one recorded step, padding included (every objective's batch)."""
         return sum(store.shape.n_atoms for store in self.stores)

@@ -516,12 +516,8 @@ class Trainer:
         why_not = self._static_plan(train)
         if (self._graph_wanted or self.cfg.compile) and main:
             static = self._static
-            how = [
-                w for w, on in (("compiled (the first step compiles)", self.cfg.compile),
-                                ("recorded as a CUDA graph", self._graph_wanted)) if on
-            ]  # fmt: skip
             log(f"{self.desc}: training step " + (
-                f"{' and '.join(how)} ({static.atoms_per_step} atoms per step)"
+                f"{static.how} ({static.atoms_per_step} atoms per step)"
                 if static is not None else f"not graphed: {why_not}"
             ))  # fmt: skip
         metrics = MetricsLog(run_dir / "metrics.csv")
