@@ -3,14 +3,58 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from trustpot import keys as K
 from trustpot.data.graph import Graph, collate, structure_to_graph, to_device
 from trustpot.data.neighbors import NeighborListSpec
 from trustpot.data.structures import Structure
 from trustpot.errors import DataError
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Batches packed by size instead of cut by count (``train.batching=atoms``).
+
+    Attributes:
+        sizes: [n, k] sizes of each structure: atoms, then edges of each neighbour list.
+        budget: [k] the most of each size a batch may hold.
+    """
+
+    sizes: np.ndarray
+    budget: np.ndarray
+
+    @staticmethod
+    def for_mean(sizes: np.ndarray, batch_size: int) -> Packing:
+        """Budgets of ``batch_size`` times the mean structure's sizes (rounded up), at least
+        the largest structure's, so that batches hold ``batch_size`` structures on average
+        and every structure fits alone."""
+        sizes = np.asarray(sizes, dtype=np.int64).reshape(len(sizes), -1)
+        mean = np.ceil(batch_size * sizes.mean(axis=0)).astype(np.int64)
+        return Packing(sizes, np.maximum(mean, sizes.max(axis=0)))
+
+    def chunks(self, order: np.ndarray) -> list[np.ndarray]:
+        """``order`` cut into consecutive batches, each as long as the budget allows
+        (next fit: a batch closes when the next structure would not fit)."""
+        out: list[np.ndarray] = []
+        start, used = 0, np.zeros_like(self.budget)
+        for pos, item in enumerate(order):
+            size = self.sizes[item]
+            if pos > start and np.any(used + size > self.budget):
+                out.append(order[start:pos])
+                start, used = pos, np.zeros_like(self.budget)
+            used = used + size
+        if len(order) > start:
+            out.append(order[start:])
+        return out
+
+    def most_structures(self) -> int:
+        """The most structures a batch can hold (the smallest ones, within the atom budget)."""
+        atoms = np.sort(self.sizes[:, 0])
+        return max(1, int(np.searchsorted(np.cumsum(atoms), self.budget[0], side="right")))
 
 
 def batch_slices(
@@ -21,17 +65,25 @@ def batch_slices(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
+    packing: Packing | None = None,
 ) -> Iterator[tuple[list[int], int]]:
     """The items of this rank in each global batch, and the global batch size.
 
     Items ``0..n-1`` (shuffled with ``seed`` when asked) are cut into global batches of
-    ``batch_size``; rank ``r`` of ``world_size`` takes every ``world_size``-th item of each, so
-    the ranks' slices make up the single-process batch. A rank may get an empty slice.
+    ``batch_size``, or packed to the budgets of ``packing`` (then ``batch_size`` is not
+    used and ``drop_last`` may not be set); rank ``r`` of ``world_size`` takes every
+    ``world_size``-th item of each, so the ranks' slices make up the single-process batch. A
+    rank may get an empty slice.
     """
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-    stop = n - (n % batch_size if drop_last else 0)
-    for start in range(0, stop, batch_size):
-        chunk = order[start : start + batch_size]
+    if packing is not None:
+        if drop_last:
+            raise ValueError("packed batches have no fixed size to drop a last one by")
+        chunks = packing.chunks(order)
+    else:
+        stop = n - (n % batch_size if drop_last else 0)
+        chunks = [order[start : start + batch_size] for start in range(0, stop, batch_size)]
+    for chunk in chunks:
         yield [int(k) for k in chunk[rank::world_size]], len(chunk)
 
 
@@ -71,6 +123,7 @@ class GraphDataset:
         self._graphs: list[Graph | None] = [None] * len(self.structures)
         self.device = torch.device("cpu")
         self._host: GraphDataset | None = None  # the host dataset of a copy on a device
+        self._packing: dict[int, Packing] = {}  # per batch size
 
     def __len__(self) -> int:
         return len(self.structures)
@@ -127,21 +180,45 @@ class GraphDataset:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        packed: bool = False,
     ) -> Iterator[tuple[Graph | None, int]]:
-        """Yield ``(batch, n_global)`` pairs.
+        """Yield ``(batch, n_global)`` pairs; with ``packed``, batches packed to
+        :meth:`packing` ``(batch_size)`` instead of ``batch_size`` structures each.
 
         With ``world_size > 1`` every rank gets a slice of the same global batch, so the sum of
         per-rank losses divided by ``n_global`` equals the single-process loss. A rank whose slice
         is empty gets ``None`` so that every rank takes the same number of steps.
         """
         for mine, n_global in batch_slices(
-            len(self), batch_size, shuffle, seed, rank, world_size, drop_last
-        ):
+            len(self), batch_size, shuffle, seed, rank, world_size, drop_last,
+            self.packing(batch_size) if packed else None,
+        ):  # fmt: skip
             if not mine:
                 yield None, n_global
                 continue
             counts = [self.structures[k].n_atoms for k in mine]
             yield collate([self.graph(k) for k in mine], counts), n_global
+
+    def packing(self, batch_size: int) -> Packing:
+        """Budgets of batches that hold ``batch_size`` structures on average
+        (:meth:`Packing.for_mean`): atoms, then edges of each neighbour list, in the order of
+        :attr:`specs`. Builds every graph (on the host) on first use."""
+        cached = self._packing.get(batch_size)
+        if cached is None:
+            host = self._host if self._host is not None else self
+            sizes = np.array(
+                [
+                    [s.n_atoms]
+                    + [
+                        host.graph(k)[K.EDGE_INDEX_PREFIX + spec.name].shape[1]
+                        for spec in self.specs
+                    ]
+                    for k, s in enumerate(self.structures)
+                ],
+                dtype=np.int64,
+            )
+            cached = self._packing[batch_size] = Packing.for_mean(sizes, batch_size)
+        return cached
 
     def species(self) -> list[int]:
         """Sorted atomic numbers present."""

@@ -1,15 +1,21 @@
 """Which structures each training step sees: the shuffled batches of every objective in an
-epoch, as collated batches (the eager step) or as structure indices (the recorded CUDA-graph
-step, which gathers its batches on the device). Both follow one order, so the two steps train
-on the same batches."""
+epoch, as collated batches (the eager step) or as structure indices (the static-shape step,
+which gathers its batches on the device). Both follow one order, so the two steps train on
+the same batches.
+
+Batches hold ``train.batch_size`` structures each, or (``train.batching=atoms``) as many
+shuffled structures as fit budgets of ``batch_size`` times the mean structure's atoms and edges
+(:class:`~trustpot.data.dataset.Packing`): about ``batch_size`` structures on average, but
+nearly the same number of atoms in every batch, which is what a static-shape step pads to."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from trustpot.config import TrainConfig
-from trustpot.data.dataset import batch_slices
+from trustpot.data.dataset import GraphDataset, Packing, batch_slices
+from trustpot.errors import ConfigError
 from trustpot.train.datasets import TrainerDataset
 from trustpot.train.distributed import DistInfo
 from trustpot.train.objectives import Objective
@@ -34,23 +40,43 @@ class EpochOrder:
         self.cfg = cfg
         self.dist = dist
 
+    @property
+    def packed(self) -> bool:
+        """Batches packed to atom and edge budgets (``train.batching=atoms``)."""
+        return self.cfg.batching == "atoms"
+
+    def check(self, train: Mapping[str, TrainerDataset]) -> None:
+        """Raise :class:`ConfigError` when a training set cannot be batched as asked
+        (packing needs structures: a ``GraphDataset``)."""
+        if not self.packed:
+            return
+        for name, ds in train.items():
+            if not callable(getattr(ds, "packing", None)):
+                raise ConfigError(
+                    f"train.batching=atoms cannot be used here: the training set '{name}' "
+                    f"({type(ds).__name__}) is not a dataset of structures"
+                )
+
+    def packing(self, ds: TrainerDataset) -> Packing | None:
+        """The budgets ``ds``'s batches are packed to, or ``None`` (batches by count)."""
+        return cast(GraphDataset, ds).packing(self.cfg.batch_size) if self.packed else None
+
     def batches(self, ds: TrainerDataset, epoch: int) -> Iterator[tuple[Any | None, int]]:
         """``ds``'s collated batches of ``epoch`` (``None`` for an empty slice) with the
         global batch sizes."""
-        return ds.batches(
-            self.cfg.batch_size,
-            shuffle=True,
-            seed=seed_for(self.cfg.seed, epoch),
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
+        seed = seed_for(self.cfg.seed, epoch)
+        rank, world = self.dist.rank, self.dist.world_size
+        if self.packed:
+            data = cast(GraphDataset, ds)
+            return data.batches(self.cfg.batch_size, True, seed, rank, world, packed=True)
+        return ds.batches(self.cfg.batch_size, shuffle=True, seed=seed, rank=rank, world_size=world)
 
     def slices(self, ds: TrainerDataset, epoch: int) -> Iterator[list[int]]:
         """The structures of each batch :meth:`batches` collates from a ``GraphDataset``
         (which cuts them with ``batch_slices``)."""
         for items, _ in batch_slices(
             len(ds), self.cfg.batch_size, True, seed_for(self.cfg.seed, epoch),
-            self.dist.rank, self.dist.world_size,
+            self.dist.rank, self.dist.world_size, packing=self.packing(ds),
         ):  # fmt: skip
             yield items
 

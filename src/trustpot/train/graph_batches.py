@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from trustpot import keys as K
+from trustpot.data.dataset import Packing
 from trustpot.data.graph import Graph
 
 #: per-atom keys of a force-field graph
@@ -80,6 +81,28 @@ def static_shape(
     largest = sorted(atom_counts, reverse=True)[:b]
     edges = {key: sum(sorted(c, reverse=True)[:b]) for key, c in edge_counts.items()}
     return StaticShape(b + 1, sum(largest) + 2, edges, int(pad_number), 2.0 * cutoff + 1.0)
+
+
+def packed_shape(
+    packing: Packing, edge_keys: Sequence[str], pad_number: int, cutoff: float
+) -> StaticShape:
+    """The shape that holds any batch packed to ``packing`` (``train.batching=atoms``): its
+    atom and edge budgets, room for the most structures a batch can hold, and a padding atom
+    for each padding graph.
+
+    Args:
+        packing: the budgets; its size columns are atoms, then the edges of ``edge_keys``.
+        edge_keys: the ``edge_index:<name>`` keys, in the order of the packing's columns.
+        pad_number: atomic number given to padding atoms.
+        cutoff: the largest cutoff of the model (Å).
+    """
+    if packing.sizes.shape[1] != len(edge_keys) + 1:
+        raise ValueError(f"a packing of {packing.sizes.shape[1]} sizes for {len(edge_keys)} lists")
+    most = packing.most_structures()
+    edges = {key: int(packing.budget[j + 1]) for j, key in enumerate(edge_keys)}
+    return StaticShape(
+        most + 1, int(packing.budget[0]) + most + 2, edges, int(pad_number), 2.0 * cutoff + 1.0
+    )
 
 
 def plain_force_field_keys(g: Graph) -> str:

@@ -10,7 +10,9 @@ the whole step at once. It needs fixed shapes, so every batch is padded to one s
 label weights, whose atoms and edges touch no real atom. The loss, its gradient and the
 update are those of the real batch (checked by ``tests/test_static_step.py``). The static shape
 is the most any batch of the training set can need: the ``batch_size`` largest structures'
-atoms plus two, and per neighbour list the ``batch_size`` largest edge counts.
+atoms plus two, and per neighbour list the ``batch_size`` largest edge counts; with
+``train.batching=atoms`` the packing's atom and edge budgets, which pad far less where
+structures differ in size (:func:`~trustpot.train.graph_batches.packed_shape`).
 
 The recorded step also gathers its batch: each training set lives on the device as one flat
 store, an epoch's batches are planned on the host as integer rows copied there once, and a
@@ -45,6 +47,7 @@ from trustpot.train.compiled_step import LossAndGrads, compiled_loss_and_grads
 from trustpot.train.graph_batches import (
     FlatStore,
     StaticShape,
+    packed_shape,
     plain_force_field_keys,
     static_shape,
 )
@@ -195,8 +198,10 @@ class StaticStep:
         return self.loss.clone()
 
 
-def _store_of(data: Any, batch_size: int, device: torch.device) -> FlatStore | str:
-    """``data`` as a flat store on ``device``, or why its batches cannot be padded."""
+def _store_of(data: Any, cfg: TrainConfig, device: torch.device) -> FlatStore | str:
+    """``data`` as a flat store on ``device`` whose shape holds its batches (of
+    ``cfg.batch_size`` structures, or packed: ``cfg.batching``), or why they cannot be
+    padded."""
     structures = getattr(data, "structures", None)
     host_graph = getattr(data, "host_graph", None)
     if structures is None or host_graph is None:
@@ -205,14 +210,17 @@ def _store_of(data: Any, batch_size: int, device: torch.device) -> FlatStore | s
     problem = plain_force_field_keys(graphs[0])
     if problem:
         return "the training set is not a plain force-field dataset: " + problem
-    keys = [k for k in graphs[0] if k.startswith(K.EDGE_INDEX_PREFIX)]
-    shape = static_shape(
-        [s.n_atoms for s in structures],
-        {key: [g[key].shape[1] for g in graphs] for key in keys},
-        batch_size,
-        int(structures[0].numbers[0]),
-        max(spec.cutoff for spec in data.specs),
-    )
+    pad_number, cutoff = int(structures[0].numbers[0]), max(spec.cutoff for spec in data.specs)
+    if cfg.batching == "atoms":
+        keys = [K.EDGE_INDEX_PREFIX + spec.name for spec in data.specs]
+        shape = packed_shape(data.packing(cfg.batch_size), keys, pad_number, cutoff)
+    else:
+        keys = [k for k in graphs[0] if k.startswith(K.EDGE_INDEX_PREFIX)]
+        shape = static_shape(
+            [s.n_atoms for s in structures],
+            {key: [g[key].shape[1] for g in graphs] for key in keys},
+            cfg.batch_size, pad_number, cutoff,
+        )  # fmt: skip
     return FlatStore(graphs, shape, device)
 
 
@@ -244,7 +252,7 @@ def static_step_for(
         which = f"objective {k + 1} of {len(kinds)}: " if len(kinds) > 1 else ""
         if not isinstance(kind, ForceFieldLoss):
             return None, f"{which}a {type(kind).__name__} objective"
-        store = _store_of(data, cfg.batch_size, device)
+        store = _store_of(data, cfg, device)
         if isinstance(store, str):
             return None, which + store
         stores.append(store)

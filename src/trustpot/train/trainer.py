@@ -511,6 +511,7 @@ class Trainer:
         main = self.dist.is_main
         train = {k: self._on_device(ds) for k, ds in train.items()}
         val = {k: self._on_device(ds) for k, ds in val.items()}
+        self.order.check(train)
         for obj in self.objectives:
             obj.kind.bind_data([d[obj.dataset] for d in (train, val) if obj.dataset in d])
         why_not = self._static_plan(train)
