@@ -113,15 +113,33 @@ def agreement(root: Path, device: str) -> dict[str, Any]:
 
 
 TRAIN_FILES = {"ethanol": "ethanol/train.xyz", "3bpa": "3bpa/train_300K.xyz"}
+#: the train section's choice beside them (``--train-sets``): structures of 15-48 atoms, for
+#: the padding of static shapes (``--batching``)
+ZEOLITE_FILES = tuple(
+    f"sio2_zeolites/train_topology_{t}.xyz.gz"
+    for t in ("ABW", "DFT", "EDI", "NAB", "OSO", "SBN", "SOD", "THO")
+)
+
+
+def train_files(root: Path, names: list[str]) -> dict[str, str]:
+    """The training data of each named set (``ethanol``, ``3bpa``, ``zeolites``), as
+    ``data.train`` reads it (several files joined by commas)."""
+    known = {**{k: (v,) for k, v in TRAIN_FILES.items()}, "zeolites": ZEOLITE_FILES}
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown training sets {unknown}; known: {', '.join(known)}")
+    return {name: ",".join(str(root / rel) for rel in known[name]) for name in names}
 
 
 def train_section(
     root: Path, device: str, batch_sizes: list[int], cpu_threads: int, frames: int,
-    backbone: str = "painn", compiled: bool = False,
+    backbone: str = "painn", compiled: bool = False, batching: str = "structures",
+    sets: tuple[str, ...] = ("ethanol", "3bpa"),
 ) -> dict[str, Any]:  # fmt: skip
     """Epoch seconds of ``trustpot train`` (``backbone``) on the CPU cores and on ``device``
     (eager, CUDA graph), with ``compiled`` also the compiled step (``train.compile``) on
-    both; with ``device`` "cpu" only the CPU rows."""
+    both; with ``device`` "cpu" only the CPU rows. Every row batches alike (``batching``);
+    ``sets`` names the training data (:func:`train_files`)."""
     from gpu_timing import train_epochs
 
     plan: list[tuple[str, str, str, bool]] = [("cpu", "cpu", "never", False)]
@@ -132,14 +150,14 @@ def train_section(
         if compiled:
             plan.append((f"{device} graph compiled", device, "always", True))
     rows: dict[str, Any] = {}
-    for name, rel in TRAIN_FILES.items():
+    for name, path in train_files(root, list(sets)).items():
         for bs in batch_sizes:
             runs: dict[str, Any] = {}
             for label, dev, graphs, compile_ in plan:
                 try:  # one failing row (a graph, a compilation) must not lose the others
                     runs[label] = train_epochs(
-                        root / rel, dev, batch_size=bs, max_train=frames, graphs=graphs,
-                        backbone=backbone, compile=compile_,
+                        path, dev, batch_size=bs, max_train=frames, graphs=graphs,
+                        backbone=backbone, compile=compile_, batching=batching,
                         threads=cpu_threads if dev == "cpu" else 0,
                     )  # fmt: skip
                 except Exception as err:
@@ -212,7 +230,9 @@ def replay_section(root: Path, device: str, batch_sizes: list[int]) -> dict[str,
     return rows
 
 
-def float64_section(root: Path, device: str, cpu_threads: int) -> dict[str, Any]:
+def float64_section(
+    root: Path, device: str, cpu_threads: int, batching: str = "structures"
+) -> dict[str, Any]:
     """Two float64 epochs from the same start on the CPU, on ``device`` eagerly and through
     the CUDA graph: losses and MAEs must agree. At lr 1e-3: at the default 1e-2 the first
     epochs amplify rounding (two GPU runs differ as much; see the committed results)."""
@@ -223,7 +243,7 @@ def float64_section(root: Path, device: str, cpu_threads: int) -> dict[str, Any]
         runs = {
             label: train_epochs(root / rel, dev, dtype="float64", epochs=2, max_train=100,
                                 threads=cpu_threads if dev == "cpu" else 0, graphs=graphs,
-                                lr=1e-3)
+                                lr=1e-3, batching=batching)
             for label, dev, graphs in (("cpu", "cpu", "never"), (device, device, "never"),
                                        (f"{device} graph", device, "always"))
         }  # fmt: skip
@@ -334,6 +354,17 @@ def main() -> None:
         action="store_true",
         help="train section: also the compiled step (both devices)",
     )
+    ap.add_argument(
+        "--batching",
+        choices=("structures", "atoms"),
+        default="structures",
+        help="train and float64 sections: train.batching of every row (atoms: packed by size)",
+    )
+    ap.add_argument(
+        "--train-sets",
+        default="ethanol,3bpa",
+        help="train section: training data, comma-separated (ethanol, 3bpa, zeolites)",
+    )
     args = ap.parse_args()
     sections = [x for x in args.sections.split(",") if x]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -356,11 +387,18 @@ def main() -> None:
     run: dict[str, Callable[[], Any]] = {
         "agreement": lambda: agreement(root, dev),
         "train": lambda: train_section(
-            root, dev, batch_sizes, CPU_THREADS, args.frames, args.backbone, args.compile
+            root,
+            dev,
+            batch_sizes,
+            CPU_THREADS,
+            args.frames,
+            args.backbone,
+            args.compile,
+            args.batching,
         ),
         "cases": lambda: cases_section(root, dev, CPU_THREADS, batch_sizes[0]),
         "replay": lambda: replay_section(root, dev, batch_sizes),
-        "float64": lambda: float64_section(root, dev, CPU_THREADS),
+        "float64": lambda: float64_section(root, dev, CPU_THREADS, args.batching),
         "md": lambda: md_section(root, dev),
         "uq": lambda: uq_section(root, dev),
         "sync": lambda: sync_section(root, dev),

@@ -23,7 +23,7 @@ import torch
 
 
 def train_epochs(
-    train_file: Path,
+    train_file: Path | str,
     device: str,
     *,
     backbone: str = "painn",
@@ -36,9 +36,12 @@ def train_epochs(
     graphs: str = "auto",
     lr: float | None = None,
     compile: bool = False,
+    batching: str = "structures",
 ) -> dict[str, Any]:
     """Seconds per epoch of ``trustpot train`` (default hypers and ``lr`` unless given) on
-    ``device``, with ``train.cuda_graphs`` = ``graphs``.
+    ``device``, with ``train.cuda_graphs`` = ``graphs`` and ``train.batching`` = ``batching``
+    (``structures`` by default: the same batches for every step, eager, graphed or compiled,
+    as every earlier run had).
 
     The first epoch builds the neighbour lists (and, on a device, copies the graphs there
     once), so ``seconds`` is the median of the later epochs. Returns each epoch's seconds,
@@ -61,6 +64,7 @@ def train_epochs(
         "train.checkpoint_every=1000",
         f"train.cuda_graphs={graphs}",
         f"train.compile={str(compile).lower()}",
+        f"train.batching={batching}",
         *([f"train.lr={lr}"] if lr is not None else []),
     ]
     cfg = load_config(None, overrides)
@@ -75,6 +79,7 @@ def train_epochs(
         "device": device,
         "cuda_graphs": graphs,
         "compile": compile,
+        "batching": batching,
         "dtype": dtype,
         "batch_size": batch_size,
         "frames": max_train,

@@ -18,6 +18,8 @@ from trustpot.data.structures import Structure
 from trustpot.errors import ConfigError
 from trustpot.models.build import build_potential
 from trustpot.train.datasets import ItemDataset
+from trustpot.train.distributed import DistInfo
+from trustpot.train.epoch_order import EpochOrder
 from trustpot.train.graph_batches import FlatStore, packed_shape, static_shape
 from trustpot.train.losses import LossWeights
 from trustpot.train.trainer import Objective, Trainer
@@ -136,3 +138,23 @@ def test_packing_needs_structures_and_a_known_mode(
         trainer.fit({"items": items}, {}, tmp_path)
     with pytest.raises(ConfigError, match=r"train\.batching must be"):
         RunConfig(train=TrainConfig(batching="molecules")).validate()
+
+
+def test_auto_packs_for_a_static_step_only(ethanol_structures: list) -> None:
+    """``train.batching=auto`` (the default) packs where a static-shape step pads (compiled or
+    recorded) and every training set is made of structures; the eager step keeps batches of
+    ``batch_size`` structures."""
+    model = build_potential("painn", {"n_features": 8, "n_layers": 1}, ethanol_structures[:4])
+    data = GraphDataset(ethanol_structures[:4], model.neighbor_lists(), model.dtype)
+    items = ItemDataset([0, 1], lambda batch: batch, "items")
+    assert TrainConfig().batching == "auto"
+    for batching, static, train, packed in [
+        ("auto", True, {"a": data}, True),
+        ("auto", False, {"a": data}, False),
+        ("auto", True, {"a": data, "b": items}, False),
+        ("structures", True, {"a": data}, False),
+        ("atoms", False, {"a": data}, True),
+    ]:
+        order = EpochOrder(TrainConfig(batching=batching), DistInfo())
+        order.choose(train, static_step=static)
+        assert order.packed == packed, (batching, static, list(train))

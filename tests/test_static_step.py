@@ -224,7 +224,8 @@ def test_graphed_training_matches_the_eager_loop_on_cuda(
     for mode in ("never", "always"):
         model = build_potential("painn", {}, ethanol_structures[:12], "float64", seed=0).cuda()
         data = GraphDataset(ethanol_structures[:12], model.neighbor_lists(), model.dtype)
-        cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-3, cuda_graphs=mode)
+        # batches by count in both (auto would pack the recorded step's)
+        cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-3, cuda_graphs=mode, batching="structures")
         trainer = Trainer(model, [Objective("main", "main", LossWeights())], cfg, progress=False)
         rows: list[float] = []
         trainer.on_epoch = lambda _t, row, rows=rows: rows.append(row["train_loss"])  # type: ignore[misc]
@@ -339,7 +340,8 @@ def _losses_by_mode(
     losses = {}
     for mode in ("never", "always"):
         model = build().cuda()
-        cfg = TrainConfig(epochs=3, batch_size=3, lr=1e-3, cuda_graphs=mode)
+        # packed batches in both (auto packs only the recorded step's)
+        cfg = TrainConfig(epochs=3, batch_size=3, lr=1e-3, cuda_graphs=mode, batching="atoms")
         objs = [Objective(name, ds, w) for name, ds, w in objectives]
         trainer = Trainer(model, objs, cfg, progress=False)
         rows: list[float] = []
@@ -411,7 +413,10 @@ def test_the_compiled_step_trains_as_the_eager_loop(
         ).to(device)
         train, objectives = _stress_and_replay(model, main_set, ethanol_structures[3:7])
         graphs = "auto" if compiled else "never"
-        cfg = TrainConfig(epochs=2, batch_size=3, lr=1e-3, compile=compiled, cuda_graphs=graphs)
+        cfg = TrainConfig(
+            epochs=2, batch_size=3, lr=1e-3, compile=compiled, cuda_graphs=graphs,
+            batching="atoms",  # packed in both runs (auto packs only the compiled step's)
+        )  # fmt: skip
         trainer = Trainer(model, objectives, cfg, progress=False)
         rows: list[float] = []
         trainer.on_epoch = lambda _t, row, rows=rows: rows.append(row["train_loss"])  # type: ignore[misc]

@@ -83,11 +83,13 @@ class TrainConfig:
         max_minutes: wall-clock budget in minutes, resumed runs included (0: none).
         batch_size: structures per optimiser step (summed over processes); 4 with ``lr`` 1e-2
             was measured better than 8 with 5e-3 at a fixed CPU budget (``docs/backbones.md``).
-        batching: ``structures`` (batches of ``batch_size`` structures) or ``atoms``
+        batching: ``structures`` (batches of ``batch_size`` structures), ``atoms``
             (shuffled structures packed into batches of at most ``batch_size`` times the mean
             structure's atoms and edges: ``batch_size`` structures on average, a steady
-            number of atoms each; a static-shape step, ``compile`` or ``cuda_graphs``, then
-            pads little where structures differ in size; README, "A compiled step").
+            number of atoms each, so that a static-shape step, ``compile`` or
+            ``cuda_graphs``, pads little where structures differ in size; README, "A
+            compiled step"), or ``auto``: ``atoms`` for a static-shape step on datasets of
+            structures, else ``structures``.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         schedule: ``plateau`` (reduce on validation plateau) or ``cosine`` (warm-up, then
@@ -126,7 +128,7 @@ class TrainConfig:
     epochs: int = 1000
     max_minutes: float = 0.0
     batch_size: int = 4
-    batching: str = "structures"
+    batching: str = "auto"
     lr: float = 1e-2
     weight_decay: float = 0.0
     schedule: str = "cosine"
@@ -174,8 +176,10 @@ class RunConfig:
             raise ConfigError(
                 f"train.cuda_graphs=always needs a CUDA device; train.device is '{t.device}'"
             )
-        if t.batching not in ("structures", "atoms"):
-            raise ConfigError(f"train.batching must be 'structures' or 'atoms', got '{t.batching}'")
+        if t.batching not in ("auto", "structures", "atoms"):
+            raise ConfigError(
+                f"train.batching must be auto, structures or atoms, got '{t.batching}'"
+            )
         if t.loss not in ("mse", "huber"):
             raise ConfigError(f"train.loss must be 'mse' or 'huber', got '{t.loss}'")
         if t.batch_size < 1 or t.epochs < 1 or t.lr <= 0:

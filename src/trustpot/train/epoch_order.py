@@ -3,7 +3,8 @@ epoch, as collated batches (the eager step) or as structure indices (the static-
 which gathers its batches on the device). Both follow one order, so the two steps train on
 the same batches.
 
-Batches hold ``train.batch_size`` structures each, or (``train.batching=atoms``) as many
+Batches hold ``train.batch_size`` structures each, or (``train.batching=atoms``, and ``auto``
+for a static-shape step) as many
 shuffled structures as fit budgets of ``batch_size`` times the mean structure's atoms and edges
 (:class:`~trustpot.data.dataset.Packing`): about ``batch_size`` structures on average, but
 nearly the same number of atoms in every batch, which is what a static-shape step pads to."""
@@ -39,23 +40,27 @@ class EpochOrder:
     def __init__(self, cfg: TrainConfig, dist: DistInfo) -> None:
         self.cfg = cfg
         self.dist = dist
+        #: batches packed to atom and edge budgets (:meth:`choose` decides ``auto``)
+        self.packed = cfg.batching == "atoms"
 
-    @property
-    def packed(self) -> bool:
-        """Batches packed to atom and edge budgets (``train.batching=atoms``)."""
-        return self.cfg.batching == "atoms"
+    def choose(self, train: Mapping[str, TrainerDataset], static_step: bool) -> None:
+        """Decide :attr:`packed` for a run on ``train`` (``train.batching``: ``atoms``,
+        ``structures``, or ``auto``: packed when the run takes a static-shape step,
+        ``static_step``, and every training set is made of structures).
 
-    def check(self, train: Mapping[str, TrainerDataset]) -> None:
-        """Raise :class:`ConfigError` when a training set cannot be batched as asked
-        (packing needs structures: a ``GraphDataset``)."""
-        if not self.packed:
-            return
-        for name, ds in train.items():
-            if not callable(getattr(ds, "packing", None)):
-                raise ConfigError(
-                    f"train.batching=atoms cannot be used here: the training set '{name}' "
-                    f"({type(ds).__name__}) is not a dataset of structures"
-                )
+        Raises:
+            ConfigError: ``atoms`` for a training set that is not made of structures.
+        """
+        packable = [name for name, ds in train.items() if callable(getattr(ds, "packing", None))]
+        if self.cfg.batching == "atoms":
+            for name, ds in train.items():
+                if name not in packable:
+                    raise ConfigError(
+                        f"train.batching=atoms cannot be used here: the training set '{name}' "
+                        f"({type(ds).__name__}) is not a dataset of structures"
+                    )
+        auto = self.cfg.batching == "auto" and static_step and len(packable) == len(train)
+        self.packed = self.cfg.batching == "atoms" or auto
 
     def packing(self, ds: TrainerDataset) -> Packing | None:
         """The budgets ``ds``'s batches are packed to, or ``None`` (batches by count)."""

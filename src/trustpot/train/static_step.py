@@ -11,7 +11,7 @@ label weights, whose atoms and edges touch no real atom. The loss, its gradient 
 update are those of the real batch (checked by ``tests/test_static_step.py``). The static shape
 is the most any batch of the training set can need: the ``batch_size`` largest structures'
 atoms plus two, and per neighbour list the ``batch_size`` largest edge counts; with
-``train.batching=atoms`` the packing's atom and edge budgets, which pad far less where
+packed batches (``train.batching``) the packing's atom and edge budgets, which pad far less where
 structures differ in size (:func:`~trustpot.train.graph_batches.packed_shape`).
 
 The recorded step also gathers its batch: each training set lives on the device as one flat
@@ -198,10 +198,10 @@ class StaticStep:
         return self.loss.clone()
 
 
-def _store_of(data: Any, cfg: TrainConfig, device: torch.device) -> FlatStore | str:
+def _store_of(data: Any, batch_size: int, packed: bool, device: torch.device) -> FlatStore | str:
     """``data`` as a flat store on ``device`` whose shape holds its batches (of
-    ``cfg.batch_size`` structures, or packed: ``cfg.batching``), or why they cannot be
-    padded."""
+    ``batch_size`` structures, or ``packed`` to ``data.packing(batch_size)``), or why they
+    cannot be padded."""
     structures = getattr(data, "structures", None)
     host_graph = getattr(data, "host_graph", None)
     if structures is None or host_graph is None:
@@ -211,15 +211,15 @@ def _store_of(data: Any, cfg: TrainConfig, device: torch.device) -> FlatStore | 
     if problem:
         return "the training set is not a plain force-field dataset: " + problem
     pad_number, cutoff = int(structures[0].numbers[0]), max(spec.cutoff for spec in data.specs)
-    if cfg.batching == "atoms":
+    if packed:
         keys = [K.EDGE_INDEX_PREFIX + spec.name for spec in data.specs]
-        shape = packed_shape(data.packing(cfg.batch_size), keys, pad_number, cutoff)
+        shape = packed_shape(data.packing(batch_size), keys, pad_number, cutoff)
     else:
         keys = [k for k in graphs[0] if k.startswith(K.EDGE_INDEX_PREFIX)]
         shape = static_shape(
             [s.n_atoms for s in structures],
             {key: [g[key].shape[1] for g in graphs] for key in keys},
-            cfg.batch_size, pad_number, cutoff,
+            batch_size, pad_number, cutoff,
         )  # fmt: skip
     return FlatStore(graphs, shape, device)
 
@@ -233,10 +233,12 @@ def static_step_for(
     cfg: TrainConfig,
     record: bool = True,
     compile: bool = False,
+    packed: bool = False,
 ) -> tuple[StaticStep | None, str]:
     """The static-shape step of a run whose objectives have the losses ``kinds`` on the
     training sets ``datasets`` (one each), recorded as a CUDA graph (``record``) and/or
-    compiled (``compile``); or ``None`` and the reason it cannot be.
+    compiled (``compile``), its batches ``packed`` by size or of ``cfg.batch_size``
+    structures; or ``None`` and the reason it cannot be.
 
     It needs force-field losses on :class:`~trustpot.data.dataset.GraphDataset` s without
     extra labels. A loss that may have a stress term computes it at every step from then on
@@ -252,7 +254,7 @@ def static_step_for(
         which = f"objective {k + 1} of {len(kinds)}: " if len(kinds) > 1 else ""
         if not isinstance(kind, ForceFieldLoss):
             return None, f"{which}a {type(kind).__name__} objective"
-        store = _store_of(data, cfg, device)
+        store = _store_of(data, cfg.batch_size, packed, device)
         if isinstance(store, str):
             return None, which + store
         stores.append(store)
@@ -282,6 +284,7 @@ def plan_static_step(
     cfg: TrainConfig,
     record: bool,
     distributed: bool,
+    packed: bool = False,
 ) -> tuple[StaticStep | None, str]:
     """The trainer's static-shape step: recorded as a CUDA graph when ``record`` (a single
     CUDA device and ``train.cuda_graphs`` not ``never``), compiled when ``train.compile``;
@@ -299,7 +302,7 @@ def plan_static_step(
     else:
         step, reason = static_step_for(
             [o.kind for o in objectives], [train[o.dataset] for o in objectives], loss_fn,
-            model, optimizer, cfg, record=record, compile=cfg.compile,
+            model, optimizer, cfg, record=record, compile=cfg.compile, packed=packed,
         )  # fmt: skip
     if reason and cfg.cuda_graphs == "always":
         raise ConfigError(f"train.cuda_graphs=always cannot be used here: {reason}")

@@ -411,10 +411,13 @@ class Trainer:
     def _static_plan(self, train: Mapping[str, TrainerDataset]) -> str:
         """Set up the static-shape step when the run asks for one (:func:`plan_static_step`);
         returns why there is none (empty when there is)."""
+        self.order.choose(train, static_step=self._graph_wanted or self.cfg.compile)
         self._static, reason = plan_static_step(
             self.objectives, train, self._step_loss, self.model, self.optimizer, self.cfg,
-            record=self._graph_wanted, distributed=self.dist.active,
+            record=self._graph_wanted, distributed=self.dist.active, packed=self.order.packed,
         )  # fmt: skip
+        if self._static is None and self.cfg.batching == "auto":
+            self.order.packed = False  # the eager step: batches by count
         return reason
 
     def train_epoch(self, train: Mapping[str, TrainerDataset]) -> float:
@@ -511,14 +514,14 @@ class Trainer:
         main = self.dist.is_main
         train = {k: self._on_device(ds) for k, ds in train.items()}
         val = {k: self._on_device(ds) for k, ds in val.items()}
-        self.order.check(train)
         for obj in self.objectives:
             obj.kind.bind_data([d[obj.dataset] for d in (train, val) if obj.dataset in d])
         why_not = self._static_plan(train)
         if (self._graph_wanted or self.cfg.compile) and main:
             static = self._static
             log(f"{self.desc}: training step " + (
-                f"{static.how} ({static.atoms_per_step} atoms per step)"
+                f"{static.how} ({static.atoms_per_step} atoms per step"
+                + (", batches packed by size)" if self.order.packed else ")")
                 if static is not None else f"not graphed: {why_not}"
             ))  # fmt: skip
         metrics = MetricsLog(run_dir / "metrics.csv")
