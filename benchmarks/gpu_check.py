@@ -395,6 +395,7 @@ def main() -> None:
             args.backbone,
             args.compile,
             args.batching,
+            tuple(x for x in args.train_sets.split(",") if x),
         ),
         "cases": lambda: cases_section(root, dev, CPU_THREADS, batch_sizes[0]),
         "replay": lambda: replay_section(root, dev, batch_sizes),
