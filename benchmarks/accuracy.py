@@ -24,6 +24,8 @@ Tasks (data read from ``../shared/data``; the subsets are split manifests in ``O
 - ``3bpa``: ``train_300K.xyz`` split train/valid/test -> ``ood_mixedT_not_in_train_300K.xyz``;
 - ``zeolites``: frames of the 8 training topologies -> held-out frames of those topologies (in
   domain) and the topologies PTY and UOE (structural out of domain);
+- ``zeolites-holdout``: the same frames with two training topologies (EDI, DFT) held out as
+  the unseen ones: where recipes for new topologies are chosen without touching PTY and UOE;
 - ``xtb-ethanol``: GFN2-xTB Langevin MD of ethanol generated here (``trustpot data molecules``'s
   engine) at 300 K (train/valid/test) and 600 K (out of domain), plus far-from-data probes
   labelled by the same engine (:mod:`trustpot.bench.paths`: torsion scans about rotatable bonds
@@ -60,9 +62,12 @@ DATA = ROOT.parent / "shared" / "data"
 MACE_PYTHON = ROOT / "benchmarks" / ".mace-venv" / "bin" / "python"
 TRUSTPOT_MODELS = ("schnet", "painn", "egnn", "ace")
 MACE_MODELS = {"mace-small": "small", "mace-medium": "medium"}
-TASKS = ("ethanol", "3bpa", "zeolites", "xtb-ethanol")
+TASKS = ("ethanol", "3bpa", "zeolites", "xtb-ethanol", "zeolites-holdout")
 ZEOLITE_TRAIN = ("EDI", "DFT", "OSO", "NAB", "SBN", "THO", "SOD", "ABW")
 ZEOLITE_OOD = ("PTY", "UOE")
+#: held out of ``zeolites-holdout``'s training (the first two of ZEOLITE_TRAIN, fixed before
+#: any result): recipes are chosen there, never on PTY and UOE
+ZEOLITE_HOLDOUT = ZEOLITE_TRAIN[:2]
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,18 @@ def build_task(name: str, sz: Sizes, seed: int, work: Path, log: Callable[[str],
             )
             tests[t] = f"{ood}:test"
         return Task(name, _join(train, "train"), _join(train, "valid"), tests, "train_topologies")
+    if name == "zeolites-holdout":
+        folder = DATA / "sio2_zeolites"
+        per = {"train": sz.zeolite_train, "valid": sz.zeolite_valid, "test": sz.zeolite_test}
+        manifests = {
+            t: _manifest(folder / f"train_topology_{t}.xyz.gz", per, seed, work / f"zeo_{t}.json")
+            for t in ZEOLITE_TRAIN
+        }
+        kept = [manifests[t] for t in ZEOLITE_TRAIN if t not in ZEOLITE_HOLDOUT]
+        tests = {"train_topologies": _join(kept, "test")}
+        for t in ZEOLITE_HOLDOUT:  # every frame of the split: none was trained on
+            tests[t] = _join([manifests[t]], "train") + "," + _join([manifests[t]], "test")
+        return Task(name, _join(kept, "train"), _join(kept, "valid"), tests, "train_topologies")
     if name == "xtb-ethanol":
         return build_xtb_task(sz, seed, work, log)
     raise SystemExit(f"unknown task '{name}'; known: {', '.join(TASKS)}")
