@@ -37,6 +37,7 @@ def train_epochs(
     lr: float | None = None,
     compile: bool = False,
     batching: str = "structures",
+    valid_fraction: float = 0.05,
 ) -> dict[str, Any]:
     """Seconds per epoch of ``trustpot train`` (default hypers and ``lr`` unless given) on
     ``device``, with ``train.cuda_graphs`` = ``graphs`` and ``train.batching`` = ``batching``
@@ -54,6 +55,7 @@ def train_epochs(
     overrides = [
         f"data.train={train_file}",
         f"data.max_train={max_train}",
+        f"data.valid_fraction={valid_fraction}",
         f"model.name={backbone}",
         f"model.dtype={dtype}",
         f"train.device={device}",
