@@ -26,7 +26,9 @@ class TrainerDataset(Protocol):
 
     A dataset may also have ``to(device)`` returning the same data kept on ``device`` (as
     :meth:`trustpot.data.dataset.GraphDataset.to` does); the trainer then collates batches
-    there instead of copying each one from the host."""
+    there instead of copying each one from the host. Only a dataset with
+    ``packing(batch_size)`` and ``batches(..., packed=True)`` (a ``GraphDataset``) can be
+    packed by size (``train.batching``)."""
 
     def __len__(self) -> int: ...
 

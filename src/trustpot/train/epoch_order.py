@@ -4,10 +4,10 @@ which gathers its batches on the device). Both follow one order, so the two step
 the same batches.
 
 Batches hold ``train.batch_size`` structures each, or (``train.batching=atoms``, and ``auto``
-for a static-shape step) as many
-shuffled structures as fit budgets of ``batch_size`` times the mean structure's atoms and edges
-(:class:`~trustpot.data.dataset.Packing`): about ``batch_size`` structures on average, but
-nearly the same number of atoms in every batch, which is what a static-shape step pads to."""
+for a static-shape step) as many shuffled structures as fit budgets of ``batch_size`` times
+the mean structure's atoms and edges (:class:`~trustpot.data.dataset.Packing`): about
+``batch_size`` structures on average, but nearly the same number of atoms in every batch,
+which is what a static-shape step pads to."""
 
 from __future__ import annotations
 
