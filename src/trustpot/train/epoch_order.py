@@ -51,15 +51,14 @@ class EpochOrder:
         Raises:
             ConfigError: ``atoms`` for a training set that is not made of structures.
         """
-        packable = [name for name, ds in train.items() if callable(getattr(ds, "packing", None))]
-        if self.cfg.batching == "atoms":
-            for name, ds in train.items():
-                if name not in packable:
-                    raise ConfigError(
-                        f"train.batching=atoms cannot be used here: the training set '{name}' "
-                        f"({type(ds).__name__}) is not a dataset of structures"
-                    )
-        auto = self.cfg.batching == "auto" and static_step and len(packable) == len(train)
+        unpackable = [(n, ds) for n, ds in train.items() if not hasattr(ds, "packing")]
+        if self.cfg.batching == "atoms" and unpackable:
+            name, ds = unpackable[0]
+            raise ConfigError(
+                f"train.batching=atoms cannot be used here: the training set '{name}' "
+                f"({type(ds).__name__}) is not a dataset of structures"
+            )
+        auto = self.cfg.batching == "auto" and static_step and not unpackable
         self.packed = self.cfg.batching == "atoms" or auto
 
     def packing(self, ds: TrainerDataset) -> Packing | None:
