@@ -26,10 +26,14 @@ Tasks (data read from ``../shared/data``; the subsets are split manifests in ``O
   domain) and the topologies PTY and UOE (structural out of domain);
 - ``zeolites-holdout``: the same frames with two training topologies (EDI, DFT) held out as
   the unseen ones: where recipes for new topologies are chosen without touching PTY and UOE;
-- ``xtb-ethanol``: GFN2-xTB Langevin MD of ethanol generated here (``trustpot data molecules``'s
-  engine) at 300 K (train/valid/test) and 600 K (out of domain), plus far-from-data probes
-  labelled by the same engine (:mod:`trustpot.bench.paths`: torsion scans about rotatable bonds
-  and bond-breaking stretches), scored as relative-energy errors along each path.
+- ``xtb-ethanol``, ``xtb-acetylacetone``: GFN2-xTB Langevin MD of the molecule generated here
+  (``trustpot data molecules``'s engine) at 300 K (train/valid/test) and 600 K (out of domain),
+  plus far-from-data probes labelled by the same engine (:mod:`trustpot.bench.paths`: torsion
+  scans about rotatable bonds and bond-breaking stretches), scored as relative-energy errors
+  along each path: the final exam's shape (trained at 300 K, tested at 600 K). Acetylacetone is
+  the enol (an intramolecular O-H...O bond: its O-H stretch probe moves the proton towards the
+  other oxygen), 15 atoms and two methyl rotors, a second molecule so that no recipe is chosen
+  on ethanol alone.
 
 Writes ``OUT/accuracy.json`` (settings, every run's curve and metrics), ``OUT/accuracy.md`` (the
 tables) and ``OUT/curves_<task>.png`` (validation force MAE against minutes). A finished run is
@@ -62,7 +66,9 @@ DATA = ROOT.parent / "shared" / "data"
 MACE_PYTHON = ROOT / "benchmarks" / ".mace-venv" / "bin" / "python"
 TRUSTPOT_MODELS = ("schnet", "painn", "egnn", "ace")
 MACE_MODELS = {"mace-small": "small", "mace-medium": "medium"}
-TASKS = ("ethanol", "3bpa", "zeolites", "xtb-ethanol", "zeolites-holdout")
+#: molecules of the generated (GFN2-xTB) tasks: task name -> SMILES
+XTB_MOLECULES = {"xtb-ethanol": "CCO", "xtb-acetylacetone": "CC(O)=CC(=O)C"}
+TASKS = ("ethanol", "3bpa", "zeolites", *XTB_MOLECULES, "zeolites-holdout")
 ZEOLITE_TRAIN = ("EDI", "DFT", "OSO", "NAB", "SBN", "THO", "SOD", "ABW")
 ZEOLITE_OOD = ("PTY", "UOE")
 #: held out of ``zeolites-holdout``'s training (the first two of ZEOLITE_TRAIN, fixed before
@@ -208,31 +214,34 @@ def build_task(name: str, sz: Sizes, seed: int, work: Path, log: Callable[[str],
         for t in ZEOLITE_HOLDOUT:  # every frame of the split: none was trained on
             tests[t] = _join([manifests[t]], "train") + "," + _join([manifests[t]], "test")
         return Task(name, _join(kept, "train"), _join(kept, "valid"), tests, "train_topologies")
-    if name == "xtb-ethanol":
-        return build_xtb_task(sz, seed, work, log)
+    if name in XTB_MOLECULES:
+        return build_xtb_task(name, sz, seed, work, log)
     raise SystemExit(f"unknown task '{name}'; known: {', '.join(TASKS)}")
 
 
-def build_xtb_task(sz: Sizes, seed: int, work: Path, log: Callable[[str], None]) -> Task:
-    """GFN2-xTB ethanol at 300 K and 600 K, and probe paths from a 300 K test frame."""
+def build_xtb_task(name: str, sz: Sizes, seed: int, work: Path, log: Callable[[str], None]) -> Task:
+    """GFN2-xTB MD of ``XTB_MOLECULES[name]`` at 300 K and 600 K, and probe paths from a 300 K
+    test frame; files in ``work`` are named after the task (``xtb_ethanol_300K.xyz``...)."""
     from trustpot.bench.paths import label_paths, probe_paths, read_paths, write_paths
     from trustpot.data.reader import read_structures
     from trustpot.engines.xtb import generate_molecules
 
+    stem = name.replace("-", "_")
     files = {}
     for temperature, n, offset in ((300.0, sz.xtb_300, 0), (600.0, sz.xtb_600, 1)):
-        path = work / f"xtb_ethanol_{int(temperature)}K.xyz"
-        log(f"xtb-ethanol: {n} GFN2-xTB frames at {temperature:g} K -> {path.name}")
-        generate_molecules(["CCO"], [temperature], n, path, seed + offset, 1, progress=False)
+        path = work / f"{stem}_{int(temperature)}K.xyz"
+        log(f"{name}: {n} GFN2-xTB frames at {temperature:g} K -> {path.name}")
+        smiles = [XTB_MOLECULES[name]]
+        generate_molecules(smiles, [temperature], n, path, seed + offset, 1, progress=False)
         files[temperature] = path
     n_test = sz.xtb_300 - sz.xtb_train - sz.xtb_valid
     split = _manifest(
         files[300.0],
         {"train": sz.xtb_train, "valid": sz.xtb_valid, "test": n_test},
         seed,
-        work / "xtb_split.json",
+        work / f"{stem}_split.json",
     )
-    probes = work / "xtb_probes.xyz"
+    probes = work / f"{stem}_probes.xyz"
     if not probes.is_file():
         from ase import Atoms
 
@@ -240,11 +249,11 @@ def build_xtb_task(sz: Sizes, seed: int, work: Path, log: Callable[[str], None])
         start = read_structures(files[300.0])[test_index]
         atoms = Atoms(numbers=start.numbers, positions=start.positions)
         paths = probe_paths(atoms, n_torsion=sz.torsion_points, n_stretch=sz.stretch_points)
-        log(f"xtb-ethanol: labelling {sum(len(p.frames) for p in paths)} probe frames")
-        write_paths(label_paths(paths, work / "probe_labelling"), probes)
+        log(f"{name}: labelling {sum(len(p.frames) for p in paths)} probe frames")
+        write_paths(label_paths(paths, work / f"{stem}_probe_labelling"), probes)
     read_paths(probes)  # a labelled set that does not read back fails here, not in a run
     tests = {"test_300K": f"{split}:test", "test_600K": str(files[600.0])}
-    return Task("xtb-ethanol", f"{split}:train", f"{split}:valid", tests, "test_300K", str(probes))
+    return Task(name, f"{split}:train", f"{split}:valid", tests, "test_300K", str(probes))
 
 
 def frame_sets(spec: str) -> list[list[Any]]:

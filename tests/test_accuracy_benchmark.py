@@ -14,7 +14,7 @@ from ase.build import molecule
 from ase.io import read, write
 from conftest import needs_shared
 
-from trustpot.bench.paths import ProbePath, torsion_scan, write_paths
+from trustpot.bench.paths import ProbePath, read_paths, torsion_scan, write_paths
 from trustpot.data.reader import read_structures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,3 +115,22 @@ def test_quick_run_of_the_trustpot_side_writes_tables(tmp_path: Path) -> None:
     assert str(tmp_path) not in json.dumps(results)
     assert "| ethanol | schnet |" in (tmp_path / "accuracy.md").read_text()
     assert (tmp_path / "curves_ethanol.png").is_file()
+
+
+def test_generated_molecule_task_builds_its_own_files(tmp_path: Path) -> None:
+    """A second xTB molecule gets its own frames, split and probes (nothing shared with
+    ethanol's), and the probes include the enol's O-H stretch."""
+    pytest.importorskip("tblite", reason="the xtb extra (tblite) is not installed")
+    pytest.importorskip("rdkit", reason="the xtb extra (rdkit) is not installed")
+    tiny = accuracy.Sizes(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 6, 2, 3, 1, 3, 3)
+    task = accuracy.build_xtb_task("xtb-acetylacetone", tiny, 0, tmp_path, lambda _: None)
+    assert task.name == "xtb-acetylacetone" and task.in_domain == "test_300K"
+    frames = read_structures(tmp_path / "xtb_acetylacetone_300K.xyz")
+    assert len(frames) == 6 and sorted(frames[0].numbers.tolist()).count(8) == 2
+    assert len(read_structures(tmp_path / "xtb_acetylacetone_600K.xyz")) == 2
+    assert not list(tmp_path.glob("xtb_ethanol*"))
+    paths = read_paths(task.probes)
+    names = [p.name for p in paths]
+    assert any(p.kind == "torsion" for p in paths), names
+    assert any(n.startswith("stretch O") and "-H" in n for n in names), names
+    assert all("energy" in f.info for p in paths for f in p.frames)
