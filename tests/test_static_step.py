@@ -414,7 +414,8 @@ def test_the_compiled_step_trains_as_the_eager_loop(
         train, objectives = _stress_and_replay(model, main_set, ethanol_structures[3:7])
         graphs = "auto" if compiled else "never"
         cfg = TrainConfig(
-            epochs=2, batch_size=3, lr=1e-3, compile=compiled, cuda_graphs=graphs,
+            epochs=2, batch_size=3, lr=1e-3, compile="always" if compiled else "never",
+            cuda_graphs=graphs,
             batching="atoms",  # packed in both runs (auto packs only the compiled step's)
         )  # fmt: skip
         trainer = Trainer(model, objectives, cfg, progress=False)
@@ -437,7 +438,7 @@ def test_compile_is_refused_where_it_cannot_serve(ethanol_structures: list, tmp_
     data = GraphDataset(ethanol_structures[:4], model.neighbor_lists(), model.dtype)
     bce = BCELoss(lambda m, b: (torch.zeros(1), torch.zeros(1)))
     trainer = Trainer(
-        model, [Objective("p", "main", loss=bce)], TrainConfig(epochs=1, compile=True),
+        model, [Objective("p", "main", loss=bce)], TrainConfig(epochs=1, compile="always"),
         progress=False,
     )  # fmt: skip
     with pytest.raises(ConfigError, match=r"train\.compile cannot be used here: a BCELoss"):
@@ -459,7 +460,7 @@ def test_a_step_that_cannot_compile_is_a_clear_error(
     model = build_potential("painn", {}, ethanol_structures[:4], dtype="float64")
     data = GraphDataset(ethanol_structures[:4], model.neighbor_lists(), model.dtype)
     objectives = [Objective("main", "main", LossWeights())]
-    trainer = Trainer(model, objectives, TrainConfig(epochs=1, compile=True), progress=False)
+    trainer = Trainer(model, objectives, TrainConfig(epochs=1, compile="always"), progress=False)
     with pytest.raises(TrainingError, match=r"could not compile this training step "
                        r"\(RuntimeError: no C\+\+ compiler found\); train without"):  # fmt: skip
         trainer.fit({"main": data}, {}, tmp_path / "run")

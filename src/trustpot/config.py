@@ -120,9 +120,13 @@ class TrainConfig:
             stress labels included), ``always`` insists (an error says why a run cannot),
             ``never`` never.
         compile: compile the step's loss and gradient whole (``torch.compile`` of a
-            ``torch.func`` step, ``trustpot.train.compiled_step``; on the CPU too): faster
-            steps after a first one that compiles (about a minute); a run it cannot serve
-            (a non-force-field loss, data-parallel training) is an error.
+            ``torch.func`` step, ``trustpot.train.compiled_step``): faster steps after a
+            first one that compiles (about a minute). ``always`` from the first step (a run
+            it cannot serve, a non-force-field loss or data-parallel training, is an error),
+            ``never``, or ``auto``: on a single CPU process, from the second epoch when the
+            first shows at least 10 minutes of training left, kept only if it measures
+            faster (``trustpot.train.auto_compile``). ``true`` / ``false`` mean ``always`` /
+            ``never``.
     """
 
     epochs: int = 1000
@@ -152,7 +156,13 @@ class TrainConfig:
     checkpoint_every: int = 1
     device: str = "cpu"
     cuda_graphs: str = "auto"
-    compile: bool = False
+    compile: str = "auto"
+
+    def __post_init__(self) -> None:
+        # YAML reads ``true`` / ``false`` as booleans (and older configs stored one)
+        legacy = {"true": "always", "false": "never", "1": "always", "0": "never"}
+        value = str(self.compile).lower()
+        object.__setattr__(self, "compile", legacy.get(value, value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +185,11 @@ class RunConfig:
         if t.cuda_graphs == "always" and not t.device.startswith("cuda"):
             raise ConfigError(
                 f"train.cuda_graphs=always needs a CUDA device; train.device is '{t.device}'"
+            )
+        if t.compile not in ("auto", "always", "never"):
+            raise ConfigError(
+                f"train.compile must be auto, always or never (or true / false), "
+                f"got '{t.compile}'"
             )
         if t.batching not in ("auto", "structures", "atoms"):
             raise ConfigError(

@@ -319,7 +319,8 @@ class FinetuneOptions:
             epochs=self.epochs, max_minutes=self.max_minutes, batch_size=self.batch_size,
             lr=self.lr, warmup_epochs=min(5, self.epochs // 10), min_lr=min(1e-6, self.lr),
             energy_weight=w.energy, forces_weight=w.forces,
-            seed=self.seed, threads=self.threads, device=self.device, compile=self.compile,
+            seed=self.seed, threads=self.threads, device=self.device,
+            compile="always" if self.compile else "never",  # fine-tuning: the flag decides
         )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from trustpot import keys as K
+from trustpot.errors import ConfigError
 from trustpot.train.distributed import DistInfo, all_reduce_sum
 from trustpot.train.losses import LossWeights, loss_sums, required_outputs
 
@@ -410,6 +411,31 @@ class ParamGroup:
     frozen: bool = False
     weight_decay: float | None = None
     name: str = "params"
+
+
+def resolve_param_groups(model: nn.Module, groups: Sequence[ParamGroup] | None) -> list[ParamGroup]:
+    """The optimiser's groups: ``groups`` checked (every tensor in ``model``, none twice, at
+    least one trainable) with ``requires_grad`` set from ``frozen``; ``None``: one group of
+    every trainable parameter.
+
+    Raises:
+        ConfigError: a tensor outside the model or in two groups, or nothing to train.
+    """
+    if groups is None:
+        return [ParamGroup([p for p in model.parameters() if p.requires_grad])]
+    owned = {id(p) for p in model.parameters()}
+    seen: set[int] = set()
+    for g in groups:
+        for p in g.params:
+            if id(p) not in owned:
+                raise ConfigError(f"parameter group '{g.name}' holds a tensor not in the model")
+            if id(p) in seen:
+                raise ConfigError(f"a parameter is in two groups (second: '{g.name}')")
+            seen.add(id(p))
+            p.requires_grad_(not g.frozen)
+    if not any(g.params and not g.frozen for g in groups):
+        raise ConfigError("no trainable parameters: every parameter group is frozen or empty")
+    return list(groups)
 
 
 @dataclass

@@ -285,27 +285,28 @@ def plan_static_step(
     record: bool,
     distributed: bool,
     packed: bool = False,
+    compile: bool = False,
 ) -> tuple[StaticStep | None, str]:
     """The trainer's static-shape step: recorded as a CUDA graph when ``record`` (a single
-    CUDA device and ``train.cuda_graphs`` not ``never``), compiled when ``train.compile``;
-    or ``None`` and why not.
+    CUDA device and ``train.cuda_graphs`` not ``never``), compiled when ``compile``
+    (``train.compile=always``, or ``auto`` once it has decided to); or ``None`` and why not.
 
     Raises:
-        ConfigError: ``train.cuda_graphs=always`` or ``train.compile`` for a run that cannot
-            have the step (the message names why).
+        ConfigError: ``train.cuda_graphs=always`` or ``train.compile=always`` for a run that
+            cannot have the step (the message names why).
     """
-    if cfg.compile and distributed:
+    if compile and distributed:
         raise ConfigError("train.compile cannot be used here: data-parallel training")
     step: StaticStep | None = None
-    if not (record or cfg.compile):
+    if not (record or compile):
         reason = "not a single CUDA device" if cfg.cuda_graphs != "never" else "never"
     else:
         step, reason = static_step_for(
             [o.kind for o in objectives], [train[o.dataset] for o in objectives], loss_fn,
-            model, optimizer, cfg, record=record, compile=cfg.compile, packed=packed,
+            model, optimizer, cfg, record=record, compile=compile, packed=packed,
         )  # fmt: skip
     if reason and cfg.cuda_graphs == "always":
         raise ConfigError(f"train.cuda_graphs=always cannot be used here: {reason}")
-    if reason and cfg.compile:
+    if reason and compile and cfg.compile == "always":
         raise ConfigError(f"train.compile cannot be used here: {reason}")
     return step, reason

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from trustpot.config import TrainConfig
 from trustpot.errors import ConfigError, TrainingError
-from trustpot.io.checkpoint import model_summary, read_checkpoint, save_checkpoint
-from trustpot.models.contract import Model
+from trustpot.io.checkpoint import read_checkpoint
+from trustpot.train.auto_compile import AutoCompile, Decision
 from trustpot.train.datasets import TrainerDataset, move_batch
 from trustpot.train.distributed import (
     DistInfo,
@@ -44,10 +44,16 @@ from trustpot.train.distributed import (
 from trustpot.train.ema import EMA
 from trustpot.train.epoch_order import EpochOrder, seed_for
 from trustpot.train.metrics_log import MetricsLog, budget_bar
-from trustpot.train.objectives import Objective, ObjectiveLoss, ParamGroup, TrainResult
+from trustpot.train.objectives import (
+    Objective,
+    ObjectiveLoss,
+    ParamGroup,
+    TrainResult,
+    resolve_param_groups,
+)
 from trustpot.train.schedule import Schedule
 from trustpot.train.static_step import StaticStep, plan_static_step
-from trustpot.train.trainer_state import restore_state, state_of
+from trustpot.train.trainer_state import restore_state, state_of, write_checkpoints
 from trustpot.train.validation import validation_totals
 
 # Objective, ParamGroup and TrainResult live in trustpot.train.objectives; they are
@@ -137,13 +143,15 @@ class Trainer:
         self.start_is_candidate = start_is_candidate
         self.progress = progress
         self.desc = desc
-        self.param_groups = self._resolve_groups(param_groups)
+        self.param_groups = resolve_param_groups(model, param_groups)
         self.device = next(model.parameters()).device
         # a CUDA graph of the step may be used (decided in fit(), once the data is known)
         self._graph_wanted = (
             cfg.cuda_graphs != "never" and self.device.type == "cuda" and not self.dist.active
         )
         self._static: StaticStep | None = None  # a CUDA graph and/or the compiled step
+        self._compile_now = cfg.compile == "always"  # ``auto`` turns it on after an epoch
+        self.auto_compile = AutoCompile(cfg.compile, self.device.type, self.dist.active)
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": list(g.params), "lr": self._peak(g), "weight_decay": self._wd(g)}
@@ -181,24 +189,6 @@ class Trainer:
 
     def _wd(self, group: ParamGroup) -> float:
         return float(self.cfg.weight_decay if group.weight_decay is None else group.weight_decay)
-
-    def _resolve_groups(self, groups: Sequence[ParamGroup] | None) -> list[ParamGroup]:
-        if groups is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            return [ParamGroup(params)]
-        owned = {id(p) for p in self.model.parameters()}
-        seen: set[int] = set()
-        for g in groups:
-            for p in g.params:
-                if id(p) not in owned:
-                    raise ConfigError(f"parameter group '{g.name}' holds a tensor not in the model")
-                if id(p) in seen:
-                    raise ConfigError(f"a parameter is in two groups (second: '{g.name}')")
-                seen.add(id(p))
-                p.requires_grad_(not g.frozen)
-        if not any(g.params and not g.frozen for g in groups):
-            raise ConfigError("no trainable parameters: every parameter group is frozen or empty")
-        return list(groups)
 
     def _set_lr(self, rate: float) -> None:
         """Every group at ``rate / cfg.lr`` of its own peak (a tensor filled in place when a
@@ -254,31 +244,6 @@ class Trainer:
             )
         self.load_training_state(last)
         return True
-
-    def _payload(self, state: dict[str, Tensor], with_training: bool) -> dict[str, Any]:
-        if self.payload_fn is not None:
-            payload = self.payload_fn(state)
-        elif callable(own := getattr(type(self.model), "payload", None)):
-            payload = own(self.model, state)  # each model (or a view of one) knows its kind
-        else:
-            raise TrainingError(
-                f"{type(self.model).__name__} has no payload(): pass payload_fn to say what its "
-                "checkpoints hold"
-            )
-        if isinstance(self.model, Model) and payload.get("kind") == self.model.kind:
-            payload.setdefault("summary", model_summary(self.model))
-        if with_training:
-            payload["training"] = self.training_state()
-        if self.extra_payload is not None:
-            payload["extra"] = self.extra_payload()
-        return payload
-
-    def _write_checkpoints(self, run_dir: Path) -> None:
-        """``best.ckpt`` (if it changed) and ``last.ckpt``, each atomically, best first."""
-        if self._best_dirty and self._best_state is not None:
-            save_checkpoint(self._payload(self._best_state, False), run_dir / "best.ckpt")
-            self._best_dirty = False
-        save_checkpoint(self._payload(self.inference_state(), True), run_dir / "last.ckpt")
 
     # -- loop ---------------------------------------------------------------------------------
     def _on_device(self, ds: TrainerDataset) -> TrainerDataset:
@@ -411,10 +376,11 @@ class Trainer:
     def _static_plan(self, train: Mapping[str, TrainerDataset]) -> str:
         """Set up the static-shape step when the run asks for one (:func:`plan_static_step`);
         returns why there is none (empty when there is)."""
-        self.order.choose(train, static_step=self._graph_wanted or self.cfg.compile)
+        self.order.choose(train, static_step=self._graph_wanted or self._compile_now)
         self._static, reason = plan_static_step(
             self.objectives, train, self._step_loss, self.model, self.optimizer, self.cfg,
             record=self._graph_wanted, distributed=self.dist.active, packed=self.order.packed,
+            compile=self._compile_now,
         )  # fmt: skip
         if self._static is None and self.cfg.batching == "auto":
             self.order.packed = False  # the eager step: batches by count
@@ -444,6 +410,38 @@ class Trainer:
         self.elapsed = start_elapsed + time.perf_counter() - t0  # the device has caught up
         self._check_finite(mean, f"steps {first_step}-{self.step - 1}")
         return mean
+
+    def _left_s(self, epoch_s: float) -> float:
+        """Seconds of training left at ``epoch_s`` per epoch (epochs or budget, the shorter)."""
+        left = (self.cfg.epochs - self.epoch) * epoch_s
+        return min(left, 60 * self.cfg.max_minutes - self.elapsed) if self.cfg.max_minutes else left
+
+    def _auto_compile(self, decision: Decision, train: Mapping[str, Any], log: Any) -> None:
+        """Act on ``train.compile=auto``'s decision (:mod:`trustpot.train.auto_compile`)."""
+        if decision.action:
+            self._compile_now = decision.action == "compile"
+            why_not = self._static_plan(train)
+            if self._compile_now and self._static is None:
+                decision = self.auto_compile.failed(why_not)
+                self._compile_now = False
+                self._static_plan(train)
+        if decision.message and self.dist.is_main:
+            log(f"{self.desc}: {decision.message}")
+
+    def _train_epoch_or_eager(self, train: Mapping[str, Any], log: Any) -> float:
+        """:meth:`train_epoch`; where ``auto`` has just compiled the step and its first step
+        fails to compile, the epoch again with the eager step (the attempt's time counts)."""
+        if not self.auto_compile.first_compiled_epoch:
+            return self.train_epoch(train)
+        step, t0 = self.step, time.perf_counter()
+        try:
+            return self.train_epoch(train)
+        except TrainingError as err:
+            if self.step != step:  # steps ran: not a failure to compile
+                raise
+            self.elapsed += time.perf_counter() - t0
+            self._auto_compile(self.auto_compile.failed(str(err)), train, log)
+            return self.train_epoch(train)
 
     def validate(self, val: Mapping[str, TrainerDataset]) -> dict[str, float]:
         """Every objective's own loss (and extra metric columns) of the inference weights on
@@ -517,7 +515,7 @@ class Trainer:
         for obj in self.objectives:
             obj.kind.bind_data([d[obj.dataset] for d in (train, val) if obj.dataset in d])
         why_not = self._static_plan(train)
-        if (self._graph_wanted or self.cfg.compile) and main:
+        if (self._graph_wanted or self._compile_now) and main:
             static = self._static
             log(f"{self.desc}: training step " + (
                 f"{static.how} ({static.atoms_per_step} atoms per step"
@@ -546,7 +544,8 @@ class Trainer:
         while self.epoch < self.cfg.epochs and not self._out_of_time():
             t_epoch = time.perf_counter()
             base_elapsed = self.elapsed
-            train_loss = self.train_epoch(train)
+            train_loss = self._train_epoch_or_eager(train, log)
+            train_s = time.perf_counter() - t_epoch
             val_metrics = self.validate(val) if has_val else {}
             self.elapsed = base_elapsed + time.perf_counter() - t_epoch
             self._budget_spent()
@@ -565,11 +564,14 @@ class Trainer:
             }
             self._record_best(val_metrics, has_val)
             self.epoch += 1
+            self._auto_compile(
+                self.auto_compile.after_epoch(train_s, self._left_s(train_s)), train, log
+            )
             hook_stop = self.on_epoch(self, row) if self.on_epoch is not None else None
             if main:
                 metrics.append(row)
                 if self.epoch % self.cfg.checkpoint_every == 0 or self._out_of_time():
-                    self._write_checkpoints(run_dir)
+                    write_checkpoints(self, run_dir)
                 post = {"loss": f"{train_loss:.3g}", "lr": f"{row['lr']:.2g}"}
                 if "val_forces_mae" in val_metrics:
                     post["val_F_mae"] = f"{val_metrics['val_forces_mae']:.4f}"
@@ -592,7 +594,7 @@ class Trainer:
                 stopped_by = "budget"
         bar.close()
         if main:
-            self._write_checkpoints(run_dir)
+            write_checkpoints(self, run_dir)
             log(
                 f"{self.desc}: stopped by {stopped_by} after {self.epoch} epochs, "
                 f"{self.elapsed / 60:.1f} min; best epoch {self.best_epoch}: "

@@ -8,8 +8,11 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from trustpot.errors import TrainingError
-from trustpot.io.checkpoint import read_checkpoint
+from trustpot.io.checkpoint import model_summary, read_checkpoint, save_checkpoint
+from trustpot.models.contract import Model
 
 # ``t`` below is a trustpot.train.trainer.Trainer (not imported here: the trainer imports this)
 Trainer = Any
@@ -60,3 +63,33 @@ def restore_state(t: Trainer, path: Path) -> None:
     for obj in t.objectives:
         obj.kind.load_state_dict(state.get("losses", {}).get(obj.name, {}))
     t.user_state = copy.deepcopy(state.get("user", {}))
+
+
+def checkpoint_payload(t: Trainer, state: dict[str, Tensor], with_training: bool) -> dict[str, Any]:
+    """What a checkpoint of ``t`` holds with the weights ``state``: the model's payload
+    (``payload_fn``, else the model's own ``payload``), its summary, the training state when
+    ``with_training`` (``last.ckpt``) and the ``extra_payload``."""
+    if t.payload_fn is not None:
+        payload: dict[str, Any] = t.payload_fn(state)
+    elif callable(own := getattr(type(t.model), "payload", None)):
+        payload = own(t.model, state)  # each model (or a view of one) knows its kind
+    else:
+        raise TrainingError(
+            f"{type(t.model).__name__} has no payload(): pass payload_fn to say what its "
+            "checkpoints hold"
+        )
+    if isinstance(t.model, Model) and payload.get("kind") == t.model.kind:
+        payload.setdefault("summary", model_summary(t.model))
+    if with_training:
+        payload["training"] = t.training_state()
+    if t.extra_payload is not None:
+        payload["extra"] = t.extra_payload()
+    return payload
+
+
+def write_checkpoints(t: Trainer, run_dir: Path) -> None:
+    """``best.ckpt`` (if it changed) and ``last.ckpt`` of ``t``, each atomically, best first."""
+    if t._best_dirty and t._best_state is not None:
+        save_checkpoint(checkpoint_payload(t, t._best_state, False), run_dir / "best.ckpt")
+        t._best_dirty = False
+    save_checkpoint(checkpoint_payload(t, t.inference_state(), True), run_dir / "last.ckpt")
