@@ -188,8 +188,7 @@ class RunConfig:
             )
         if t.compile not in ("auto", "always", "never"):
             raise ConfigError(
-                f"train.compile must be auto, always or never (or true / false), "
-                f"got '{t.compile}'"
+                f"train.compile must be auto, always or never (or true / false), got '{t.compile}'"
             )
         if t.batching not in ("auto", "structures", "atoms"):
             raise ConfigError(
