@@ -100,6 +100,18 @@ def test_accuracy_metrics_hand_case() -> None:
     assert m["forces_rmse"] == pytest.approx(math.sqrt(17.0 / 9.0))
     assert m["forces_cosine"] == pytest.approx((1.0 + 1.0 - 1.0) / 3)
     assert m["forces_magnitude_mae"] == pytest.approx((1.0 + 0.0 + 0.0) / 3)
+    # squared force errors per structure: 1 and 16; the worst 5% is one structure
+    assert m["forces_tail_share"] == pytest.approx(16.0 / 17.0)
+
+
+def test_tail_share_tells_spread_errors_from_a_few_bad_frames() -> None:
+    even = np.ones(100)
+    assert A.tail_share(even) == pytest.approx(0.05)
+    spiked = np.ones(100)
+    spiked[[3, 50]] = 96.0  # two frames carry 192 of 290
+    assert A.tail_share(spiked) == pytest.approx((2 * 96.0 + 3.0) / 290.0)
+    assert A.tail_share(np.ones(3)) == pytest.approx(1.0 / 3.0)  # at least one entry
+    assert math.isnan(A.tail_share(np.zeros(4))) and math.isnan(A.tail_share(np.array([])))
 
 
 def test_accuracy_metrics_without_labels_has_counts_only() -> None:

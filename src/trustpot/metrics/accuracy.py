@@ -17,6 +17,7 @@ case computed by hand (``tests/test_metrics_accuracy.py``). Conventions:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -175,6 +176,8 @@ def accuracy_metrics(
     ``energy_rmse_per_atom``, ``forces_mae`` and ``forces_rmse`` (per component),
     ``forces_cosine`` (mean over atoms of the cosine between predicted and reference force,
     :func:`force_cosines`; NaN when no atom has a force), ``forces_magnitude_mae`` (per atom),
+    ``forces_tail_share`` (:func:`tail_share` of the structures' squared force errors: near
+    0.05 when errors are spread evenly, near 1 when a few structures make the RMSE),
     ``n_structures``, ``n_atoms``; force keys are absent when no structure has forces, energy
     keys when none has energies; and the errors of predicted properties
     (:func:`property_metrics`).
@@ -183,6 +186,7 @@ def accuracy_metrics(
     e_err: list[float] = []
     e_err_pa: list[float] = []
     f_err: list[FloatArray] = []
+    f_sq: list[float] = []  # per structure: summed squared force error
     cos: list[FloatArray] = []
     mag: list[FloatArray] = []
     n_atoms = 0
@@ -194,6 +198,7 @@ def accuracy_metrics(
         if s.forces is not None and K.FORCES in p:
             pf, rf = as_float_array(p[K.FORCES]), s.forces
             f_err.append((pf - rf).ravel())
+            f_sq.append(float(np.sum(f_err[-1] ** 2)))
             cos.append(force_cosines(pf, rf))
             mag.append(force_magnitude_errors(pf, rf))
     out["n_atoms"] = n_atoms
@@ -212,9 +217,20 @@ def accuracy_metrics(
             forces_rmse=rmse(f),
             forces_cosine=_mean_or_nan(np.concatenate(cos)),
             forces_magnitude_mae=_mean_or_nan(np.concatenate(mag)),
+            forces_tail_share=tail_share(np.array(f_sq)),
         )
     out.update(property_metrics(structures, predictions))
     return out
+
+
+def tail_share(squared: FloatArray, fraction: float = 0.05) -> float:
+    """The share of ``sum(squared)`` carried by its largest ``fraction`` of entries (at least
+    one): how much of an RMSE a few structures make. NaN for an empty or all-zero input."""
+    total = float(np.sum(squared))
+    if squared.size == 0 or total <= 0.0:
+        return float("nan")
+    k = max(1, math.ceil(fraction * squared.size))
+    return float(np.sort(squared)[::-1][:k].sum() / total)
 
 
 def grouped_metrics(
