@@ -61,6 +61,7 @@ def test_train_eval_md(
         "forces_rmse",
         "forces_cosine",
         "forces_magnitude_mae",
+        "forces_tail_share",
         "n_structures",
     ):
         assert key in metrics, key
