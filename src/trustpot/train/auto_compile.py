@@ -90,17 +90,14 @@ class AutoCompile:
         if self.compiled_epochs < 2:  # this epoch included the compile
             return Decision()
         speedup = self.eager_s / max(train_s, 1e-9)
-        if speedup < MIN_SPEEDUP:
-            self.state = "off"
-            return Decision(
-                "eager", f"compiled epoch {train_s:.2f} s against {self.eager_s:.2f} s eager "
-                f"({speedup:.2f}x, under {MIN_SPEEDUP:g}x): back to the eager step",
-            )  # fmt: skip
-        self.state = "on"
-        return Decision(
-            "", f"compiled epoch {train_s:.2f} s against {self.eager_s:.2f} s eager "
-            f"({speedup:.2f}x): keeping the compiled step",
-        )  # fmt: skip
+        keep = speedup >= MIN_SPEEDUP
+        self.state = "on" if keep else "off"
+        measured = (
+            f"compiled epoch {train_s:.2f} s against {self.eager_s:.2f} s eager ({speedup:.2f}x"
+        )
+        if keep:
+            return Decision("", measured + "): keeping the compiled step")
+        return Decision("eager", measured + f", under {MIN_SPEEDUP:g}x): back to the eager step")
 
     def failed(self, reason: str) -> Decision:
         """The first compiled step failed with ``reason``: eager for good."""
