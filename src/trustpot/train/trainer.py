@@ -416,7 +416,9 @@ class Trainer:
         left = (self.cfg.epochs - self.epoch) * epoch_s
         return min(left, 60 * self.cfg.max_minutes - self.elapsed) if self.cfg.max_minutes else left
 
-    def _auto_compile(self, decision: Decision, train: Mapping[str, Any], log: Any) -> None:
+    def _auto_compile(
+        self, decision: Decision, train: Mapping[str, TrainerDataset], log: Callable[[str], None]
+    ) -> None:
         """Act on ``train.compile=auto``'s decision (:mod:`trustpot.train.auto_compile`)."""
         if decision.action:
             self._compile_now = decision.action == "compile"
@@ -428,7 +430,9 @@ class Trainer:
         if decision.message and self.dist.is_main:
             log(f"{self.desc}: {decision.message}")
 
-    def _train_epoch_or_eager(self, train: Mapping[str, Any], log: Any) -> float:
+    def _train_epoch_or_eager(
+        self, train: Mapping[str, TrainerDataset], log: Callable[[str], None]
+    ) -> float:
         """:meth:`train_epoch`; where ``auto`` has just compiled the step and its first step
         fails to compile, the epoch again with the eager step (the attempt's time counts)."""
         if not self.auto_compile.first_compiled_epoch:
