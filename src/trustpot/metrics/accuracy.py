@@ -186,7 +186,6 @@ def accuracy_metrics(
     e_err: list[float] = []
     e_err_pa: list[float] = []
     f_err: list[FloatArray] = []
-    f_sq: list[float] = []  # per structure: summed squared force error
     cos: list[FloatArray] = []
     mag: list[FloatArray] = []
     n_atoms = 0
@@ -198,7 +197,6 @@ def accuracy_metrics(
         if s.forces is not None and K.FORCES in p:
             pf, rf = as_float_array(p[K.FORCES]), s.forces
             f_err.append((pf - rf).ravel())
-            f_sq.append(float(np.sum(f_err[-1] ** 2)))
             cos.append(force_cosines(pf, rf))
             mag.append(force_magnitude_errors(pf, rf))
     out["n_atoms"] = n_atoms
@@ -217,7 +215,7 @@ def accuracy_metrics(
             forces_rmse=rmse(f),
             forces_cosine=_mean_or_nan(np.concatenate(cos)),
             forces_magnitude_mae=_mean_or_nan(np.concatenate(mag)),
-            forces_tail_share=tail_share(np.array(f_sq)),
+            forces_tail_share=tail_share(np.array([np.sum(e**2) for e in f_err])),
         )
     out.update(property_metrics(structures, predictions))
     return out

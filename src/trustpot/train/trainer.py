@@ -150,7 +150,6 @@ class Trainer:
             cfg.cuda_graphs != "never" and self.device.type == "cuda" and not self.dist.active
         )
         self._static: StaticStep | None = None  # a CUDA graph and/or the compiled step
-        self._compile_now = cfg.compile == "always"  # ``auto`` turns it on after an epoch
         self.auto_compile = AutoCompile(cfg.compile, self.device.type, self.dist.active)
         self.optimizer = torch.optim.AdamW(
             [
@@ -411,6 +410,11 @@ class Trainer:
         self._check_finite(mean, f"steps {first_step}-{self.step - 1}")
         return mean
 
+    @property
+    def _compile_now(self) -> bool:
+        """The step is compiled: ``always``, or ``auto`` once it has decided to try."""
+        return self.cfg.compile == "always" or self.auto_compile.state in ("trying", "on")
+
     def _left_s(self, epoch_s: float) -> float:
         """Seconds of training left at ``epoch_s`` per epoch (epochs or budget, the shorter)."""
         left = (self.cfg.epochs - self.epoch) * epoch_s
@@ -420,12 +424,10 @@ class Trainer:
         self, decision: Decision, train: Mapping[str, TrainerDataset], log: Callable[[str], None]
     ) -> None:
         """Act on ``train.compile=auto``'s decision (:mod:`trustpot.train.auto_compile`)."""
-        if decision.action:
-            self._compile_now = decision.action == "compile"
+        if decision.action:  # the decision has set the state: plan the step it asks for
             why_not = self._static_plan(train)
             if self._compile_now and self._static is None:
                 decision = self.auto_compile.failed(why_not)
-                self._compile_now = False
                 self._static_plan(train)
         if decision.message and self.dist.is_main:
             log(f"{self.desc}: {decision.message}")

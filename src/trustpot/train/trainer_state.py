@@ -81,7 +81,7 @@ def checkpoint_payload(t: Trainer, state: dict[str, Tensor], with_training: bool
     if isinstance(t.model, Model) and payload.get("kind") == t.model.kind:
         payload.setdefault("summary", model_summary(t.model))
     if with_training:
-        payload["training"] = t.training_state()
+        payload["training"] = state_of(t)
     if t.extra_payload is not None:
         payload["extra"] = t.extra_payload()
     return payload
