@@ -3,9 +3,9 @@
 Methods: deep ensemble (5 members), MC dropout, PROBE (on ensemble member 0), learned
 functional perturbations (fine-tuned from member 0 with the CRPS), LLPR (a Bayesian last layer
 of member 0, one pass over its training data; ``llpr`` draws 8 last layers for the force std,
-``llpr-local`` uses each atom's energy-contribution std at one model's cost) and a shallow
-ensemble (8 last layers on member 0's backbone, fine-tuned with the Gaussian NLL for half the
-budget). Datasets:
+``llpr-distance`` scores each atom by its feature distance from the training atoms of its
+element at one model's cost) and a shallow ensemble (8 last layers on member 0's backbone,
+fine-tuned with the Gaussian NLL for half the budget). Datasets:
 
 - ``3bpa``: train_300K split train / calibration / in-domain test (seeded), out of domain on
   ``ood_mixedT_not_in_train_300K.xyz``;
@@ -56,7 +56,7 @@ METHODS = (
     "probe",
     "perturb",
     "llpr",
-    "llpr-local",
+    "llpr-distance",
     "shallow-ensemble",
 )
 PERTURB_LR = 1e-2  # learning rate of the perturbation layers (backbone: 1e-4)
@@ -316,14 +316,14 @@ def run_dataset(
             "llpr", lambda: fit_llpr(load_potential(base_path), sets["train"], cal, log=log)
         )
         F.finish(llpr, out / "llpr", cal, "calibration", {"method": "llpr"}, log=log)
-    if not ckpts["llpr-local"].is_file():
-        local = timed(
-            "llpr-local",
+    if not ckpts["llpr-distance"].is_file():
+        distance = timed(
+            "llpr-distance",
             lambda: fit_llpr(
-                load_potential(base_path), sets["train"], cal, force_std="local", log=log
+                load_potential(base_path), sets["train"], cal, force_std="distance", log=log
             ),
         )
-        F.finish(local, out / "llpr-local", cal, "calibration", {}, log=log)
+        F.finish(distance, out / "llpr-distance", cal, "calibration", {}, log=log)
     if not ckpts["shallow-ensemble"].is_file():
         train = sets["train"]
         n_val = max(1, len(train) // 10)
@@ -357,7 +357,7 @@ def run_dataset(
         "probe": (one_model_s + costs["probe"]) / one_model_s,
         "perturb": (one_model_s + costs["perturb"]) / one_model_s,
         "llpr": (one_model_s + costs["llpr"]) / one_model_s,
-        "llpr-local": (one_model_s + costs["llpr-local"]) / one_model_s,
+        "llpr-distance": (one_model_s + costs["llpr-distance"]) / one_model_s,
         "shallow-ensemble": (one_model_s + costs["shallow-ensemble"]) / one_model_s,
     }
     rows = []

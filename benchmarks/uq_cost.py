@@ -4,10 +4,11 @@ Each method wraps the same PaiNN (float32, default size, cutoff 5 Å) built on t
 frames: a deep ensemble of 5 (its default evaluation: one stacked network for small batches
 on a CPU, see ``DeepEnsemble``; and ``ensemble-one-by-one``: the same members one after the
 other, as before stacking), MC dropout (16 masks in the energy
-head), PROBE, learned perturbations (8 samples), LLPR (8 drawn last layers; ``llpr-local``:
-each atom's energy-contribution std, no samples) and a shallow ensemble (8 heads). The
-weights are untrained: inference cost does not depend on them. Two costs, each the ratio of the
-method's seconds to the plain model's, timed alternately in this process:
+head), PROBE, learned perturbations (8 samples), LLPR (8 drawn last layers;
+``llpr-distance``: each atom's feature distance from its element's training atoms, no
+samples) and a shallow ensemble (8 heads). The weights are untrained: inference cost does
+not depend on them. Two costs, each the ratio of the method's seconds to the plain model's,
+timed alternately in this process:
 
 - ``md``: one structure per call, as MD with a trust policy runs (energy, forces and the
   method's uncertainty: ``forces_std`` and/or ``reliability``), the median over structures;
@@ -41,9 +42,20 @@ METHODS = (
     "probe",
     "perturb",
     "llpr",
-    "llpr-local",
+    "llpr-distance",
     "shallow-ensemble",
 )
+
+
+def identity_distance(structures: Sequence[Any], h: int) -> tuple[Any, Any, Any]:
+    """Feature-distance statistics of the right shapes (zero means, identity whitening) for
+    every element of ``structures``: the cost does not depend on their values."""
+    import torch
+
+    elements = sorted({int(z) for s in structures for z in s.numbers})
+    e = len(elements)
+    eye = torch.eye(h, dtype=torch.float64).expand(e, h, h).clone()
+    return torch.tensor(elements), torch.zeros((e, h), dtype=torch.float64), eye
 
 
 def build_wrappers(structures: Sequence[Any], cutoff: float, seed: int = 0) -> dict[str, Any]:
@@ -77,7 +89,12 @@ def build_wrappers(structures: Sequence[Any], cutoff: float, seed: int = 0) -> d
         "probe": Probe(painn(0), ProbeHypers(), 0.1, 1.0),
         "perturb": perturbed,
         "llpr": LLPR(painn(0), 1e-4 * torch.eye(h, dtype=torch.float64), n_samples=8),
-        "llpr-local": LLPR(painn(0), 1e-4 * torch.eye(h, dtype=torch.float64), force_std="local"),
+        "llpr-distance": LLPR(
+            painn(0),
+            1e-4 * torch.eye(h, dtype=torch.float64),
+            force_std="distance",
+            distance=identity_distance(structures, h),
+        ),
         "shallow-ensemble": ShallowEnsemble(painn(0), n_heads=8, spread=0.1),
     }
 

@@ -32,11 +32,11 @@ def test_speed_quick_reports_md_and_uncertainty_costs(tmp_path: Path) -> None:
     costs = report["trustpot"]["uq_cost"]["3bpa"]["rows"]
     assert set(costs) == {
         "ensemble", "ensemble-one-by-one", "mc-dropout", "probe", "perturb", "llpr",
-        "llpr-local", "shallow-ensemble",
+        "llpr-distance", "shallow-ensemble",
     }  # fmt: skip
     assert all(r["md"] > 0 and r["batch"] > 0 for r in costs.values())
     text = (tmp_path / "speed.md").read_text()
-    assert "## Inference cost of the reliability methods" in text and "| llpr-local |" in text
+    assert "## Inference cost of the reliability methods" in text and "| llpr-distance |" in text
     # the small-molecule rows: trustpot's PaiNN on ethanol, SchNetPack's PaiNN (measured when
     # benchmarks/.schnetpack-venv exists, else said so) and MACE-small (skipped here)
     assert report["trustpot"]["models"]["painn"]["md"]["ethanol"]["steps_per_second"] > 0

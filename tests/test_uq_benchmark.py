@@ -28,7 +28,7 @@ def test_uq_benchmark_quick_nbody(tmp_path):
         "probe",
         "perturb",
         "llpr",
-        "llpr-local",
+        "llpr-distance",
         "shallow-ensemble",
     }
     for test in ("test_id", "test_ood"):

@@ -13,8 +13,8 @@ import torch
 from trustpot import keys as K
 from trustpot.cli.main import main
 from trustpot.data.graph import collate, structure_to_graph
-from trustpot.errors import ConfigError
-from trustpot.io.checkpoint import load_model, save_model
+from trustpot.errors import CheckpointError, ConfigError
+from trustpot.io.checkpoint import load_model, read_checkpoint, save_checkpoint, save_model
 from trustpot.models.build import build_potential
 from trustpot.uq.lastlayer import LLPR, fit_llpr, last_layer, structure_features
 
@@ -75,28 +75,82 @@ def test_regularizer_is_chosen_on_calibration_energies(base, ethanol_structures)
         fit_llpr(base, ethanol_structures[:12], regularizer=0.0)
 
 
-def test_local_force_std_is_the_atoms_energy_std_at_one_models_cost(base, ethanol_structures):
+def test_distance_force_std_is_each_atoms_feature_distance(base, ethanol_structures):
     with pytest.raises(ConfigError, match="needs --calibration"):
-        fit_llpr(base, ethanol_structures[:12], force_std="local")
-    local = fit_llpr(
-        base, ethanol_structures[:12], ethanol_structures[12:20], force_std="local", log=print
-    )
-    assert K.FORCES_SAMPLES not in local.supported_outputs()
+        fit_llpr(base, ethanol_structures[:12], force_std="distance")
+    train = ethanol_structures[:12]
+    dist = fit_llpr(base, train, ethanol_structures[12:20], force_std="distance", log=print)
+    assert K.FORCES_SAMPLES not in dist.supported_outputs()
+    assert dist.fit_report["distance_elements"] == [1, 6, 8]
     g = _batch(base, ethanol_structures[20:22])
-    out = local.predict(g, frozenset({K.ENERGY, K.FORCES, K.ENERGY_STD, K.FORCES_STD}))
+    out = dist.predict(g, frozenset({K.ENERGY, K.FORCES, K.ENERGY_STD, K.FORCES_STD}))
     plain = base(g, {K.ENERGY, K.FORCES}, create_graph=False)
     torch.testing.assert_close(out[K.FORCES], plain[K.FORCES])
+    # the Mahalanobis distance from the element's training atoms, computed here in numpy
     below, _ = last_layer(base)
-    with torch.no_grad():
-        f = below(base.backbone(g)["node"]).double() * base.energy_scale.double()
-    expected = torch.einsum("ah,hk,ak->a", f, local.covariance, f).sqrt()
-    torch.testing.assert_close(out[K.FORCES_STD], expected)
+
+    def features(graph):
+        with torch.no_grad():
+            return (below(base.backbone(graph)["node"]).double() * base.energy_scale).numpy()
+
+    g_train = _batch(base, train)
+    f_train, z_train = features(g_train), g_train[K.ATOMIC_NUMBERS].numpy()
+    f, z = features(g), g[K.ATOMIC_NUMBERS].numpy()
+    h = f.shape[1]
+    expected = np.zeros(len(z))
+    for element in (1, 6, 8):
+        x = f_train[z_train == element]
+        mean = x.mean(0)
+        cov = np.cov(x.T, bias=True)
+        precision = np.linalg.inv(cov + 1e-3 * np.trace(cov) / h * np.eye(h))
+        d = f[z == element] - mean
+        expected[z == element] = np.sqrt(np.einsum("ah,hk,ak->a", d, precision, d))
+    np.testing.assert_allclose(out[K.FORCES_STD].numpy(), expected, rtol=1e-8)
+    # an atom pushed out of its environment is farther than the atoms of the data
+    moved = copy.deepcopy(ethanol_structures[20])
+    moved.positions[0] += np.array([0.45, 0.0, 0.0])
+    far = dist.predict(_batch(base, [moved]), frozenset({K.FORCES_STD}))[K.FORCES_STD]
+    assert float(far.max()) > 2 * float(out[K.FORCES_STD][:9].max())
     # the energy std is the same exact posterior std in both modes
-    samples = LLPR(base, local.covariance, n_samples=4)
+    samples = LLPR(base, dist.covariance, n_samples=4)
     both = samples.predict(g, frozenset({K.ENERGY, K.FORCES, K.ENERGY_STD, K.FORCES_STD}))
     torch.testing.assert_close(out[K.ENERGY_STD], both[K.ENERGY_STD])
     with pytest.raises(ConfigError, match="--force-std must be"):
-        LLPR(base, local.covariance, force_std="exact")
+        LLPR(base, dist.covariance, force_std="local")
+    with pytest.raises(ConfigError, match="go with --force-std distance"):
+        LLPR(base, dist.covariance, force_std="distance")
+    # an element without training statistics is an error, not a score
+    carbon_only = (dist.elements[1:], dist.means[1:], dist.whitening[1:])
+    partial = LLPR(base, dist.covariance, force_std="distance", distance=carbon_only)
+    with pytest.raises(ConfigError, match=r"element\(s\) \[1\]"):
+        partial.predict(g, frozenset({K.FORCES_STD}))
+
+
+def test_distance_checkpoints_round_trip_and_refusals(tmp_path: Path, base, ethanol_structures):
+    dist = fit_llpr(
+        base,
+        ethanol_structures[:12],
+        ethanol_structures[12:20],
+        force_std="distance",
+        log=lambda _: None,
+    )
+    save_model(dist, tmp_path / "d.ckpt")
+    again = load_model(tmp_path / "d.ckpt")
+    assert isinstance(again, LLPR) and again.force_std == "distance"
+    g = _batch(base, ethanol_structures[20:22])
+    wanted = frozenset({K.ENERGY, K.FORCES, K.ENERGY_STD, K.FORCES_STD})
+    for key, value in dist(g, wanted).items():
+        torch.testing.assert_close(again(g, wanted)[key], value)
+    payload = read_checkpoint(tmp_path / "d.ckpt")
+    payload["extra"]["force_std"] = "local"
+    save_checkpoint(payload, tmp_path / "local.ckpt")
+    with pytest.raises(CheckpointError, match="fit it again"):
+        load_model(tmp_path / "local.ckpt")
+    payload["extra"]["force_std"] = "distance"
+    payload["extra"]["distance"]["means"] = [[0.0, 1.0]]
+    save_checkpoint(payload, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match="feature-distance statistics must be"):
+        load_model(tmp_path / "bad.ckpt")
 
 
 def test_round_trip_and_refusals(tmp_path: Path, base, ethanol_structures):

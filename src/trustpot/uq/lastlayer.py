@@ -16,10 +16,18 @@ stacked in ``Phi`` [N, H]:
   drawn once (seeded) and stored; the M force fields come from one backbone pass and one
   vectorised backward pass (:func:`trustpot.models.potential.compute_outputs` with a sample
   axis), which still costs M backward passes of compute;
-- force std, ``force_std="local"``: the std of each atom's energy contribution,
-  ``scale * sqrt(f_i^T Sigma f_i)`` (eV; the local prediction rigidity of Chong et al. 2023),
-  as a per-atom score that the recalibration on held-out forces turns into eV/Å (so this mode
-  needs calibration data): no extra backward pass, about one model's cost, no samples.
+- force std, ``force_std="distance"``: each atom's Mahalanobis distance from the training
+  atoms of its element in the same feature space, ``|| L_e^T (f_i - mu_e) ||`` with ``mu_e``
+  the element's mean training feature and ``L_e L_e^T = (C_e + lambda_e I)^-1`` its
+  regularised inverse covariance (``C_e`` over every training atom of element ``e``,
+  ``lambda_e`` = :data:`DISTANCE_REGULARIZER` times its mean eigenvalue). The recalibration
+  on held-out forces turns this dimensionless score into eV/Å (so this mode needs calibration
+  data). No extra backward pass: about one model's cost, no samples. It is the rigidity an
+  atom's contribution would have if atoms were observed one at a time; the per-structure
+  rigidity ``sqrt(f_i^T Sigma f_i)`` (the local prediction rigidity of Chong et al. 2023, this
+  module's earlier ``local`` mode) is dominated, in datasets of one composition, by the
+  per-element directions that energies of sums cannot determine and that no force depends
+  on, and it ranked force errors in reverse on three of four datasets (``docs/uq.md``).
 
 The predicted energy and forces are the trained model's own (``w``), not the samples' mean.
 
@@ -35,6 +43,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -55,7 +64,9 @@ from trustpot.uq.ensemble import SAMPLE_OUTPUTS
 #: ``lambda`` without calibration data, relative to the mean eigenvalue of ``Phi^T Phi``.
 DEFAULT_REGULARIZER = 1e-4
 #: how the force std is made (see the module docstring).
-FORCE_STD = ("samples", "local")
+FORCE_STD = ("samples", "distance")
+#: ``lambda_e`` of the distance mode, relative to the mean eigenvalue of ``C_e`` (fixed, not tuned).
+DISTANCE_REGULARIZER = 1e-3
 #: the grid ``lambda`` is chosen from on calibration data.
 REGULARIZER_GRID = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -97,20 +108,89 @@ def structure_features(base: Potential, g: Graph) -> Tensor:
         return _summed(_scaled(base, below(base.backbone(g)["node"])), g)
 
 
-def _features_and_energies(
+@dataclass(frozen=True)
+class FeaturePass:
+    """One pass of a potential over labelled structures: what LLPR is fitted from.
+
+    Attributes:
+        phi: [N, H] structure features ``scale * sum_i f_i``.
+        predicted: [N] the potential's energies, eV.
+        reference: [N] reference energies, eV (NaN: no label).
+        atom_features: [n_atoms, H] every atom's scaled features ``scale * f_i``.
+        numbers: [n_atoms] their atomic numbers.
+    """
+
+    phi: np.ndarray
+    predicted: np.ndarray
+    reference: np.ndarray
+    atom_features: np.ndarray
+    numbers: np.ndarray
+
+
+def _feature_pass(
     base: Potential, structures: Sequence[Structure], batch_size: int, what: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(phi [N, H], predicted energies [N], reference energies [N])``, eV (NaN: no label)."""
+) -> FeaturePass:
+    """Features and energies of ``structures`` under ``base`` (no gradients)."""
     data = GraphDataset(list(structures), base.neighbor_lists(), base.dtype, what)
-    phis, pred, ref = [], [], []
+    below, _ = last_layer(base)
+    phis, pred, ref, atoms, numbers = [], [], [], [], []
     for start in range(0, len(data), batch_size):
         g = collate([data.graph(i) for i in range(start, min(start + batch_size, len(data)))])
-        phis.append(structure_features(base, g).numpy())
         with torch.no_grad():
+            f = _scaled(base, below(base.backbone(g)["node"]))
             pred.append(base(g, {K.ENERGY}, create_graph=False)[K.ENERGY].double().numpy())
+        phis.append(_summed(f, g).numpy())
+        atoms.append(f.numpy())
+        numbers.append(g[K.ATOMIC_NUMBERS].numpy())
         weight = g[K.ENERGY_WEIGHT].double().numpy()
         ref.append(np.where(weight > 0, g[K.ENERGY].double().numpy(), np.nan))
-    return np.concatenate(phis), np.concatenate(pred), np.concatenate(ref)
+    return FeaturePass(
+        np.concatenate(phis),
+        np.concatenate(pred),
+        np.concatenate(ref),
+        np.concatenate(atoms),
+        np.concatenate(numbers),
+    )
+
+
+def fit_feature_distance(
+    atom_features: np.ndarray, numbers: np.ndarray, relative: float = DISTANCE_REGULARIZER
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-element mean and whitening of training atoms' features (the distance mode).
+
+    Args:
+        atom_features: [n_atoms, H] features of every training atom.
+        numbers: [n_atoms] their atomic numbers.
+        relative: ``lambda_e`` relative to the mean eigenvalue of the element's covariance.
+
+    Returns:
+        ``(elements [E] int64, means [E, H], whitening [E, H, H])`` float64, with
+        ``whitening_e whitening_e^T = (C_e + lambda_e I)^-1``, for every element with at
+        least 2 training atoms.
+
+    Raises:
+        ConfigError: no element has 2 training atoms.
+    """
+    h = atom_features.shape[1]
+    elements, means, whitening = [], [], []
+    for z in np.unique(numbers):
+        x = atom_features[numbers == z]
+        if len(x) < 2:
+            continue
+        mean = x.mean(axis=0)
+        cov = (x - mean).T @ (x - mean) / len(x)
+        lam = relative * max(float(np.trace(cov)) / h, 1e-300)
+        precision = np.linalg.inv(cov + lam * np.eye(h))
+        elements.append(int(z))
+        means.append(mean)
+        whitening.append(np.linalg.cholesky(0.5 * (precision + precision.T)))
+    if not elements:
+        raise ConfigError("LLPR --force-std distance needs 2 training atoms of some element")
+    return (
+        torch.tensor(elements, dtype=torch.int64),
+        torch.from_numpy(np.stack(means)),
+        torch.from_numpy(np.stack(whitening)),
+    )
 
 
 def _inverse(gram: np.ndarray, relative: float) -> np.ndarray:
@@ -137,7 +217,9 @@ class LLPR(UQModel):
             per unit feature.
         n_samples: M, last layers drawn for the force std (``force_std="samples"``).
         seed: seed of the drawn last layers.
-        force_std: ``samples`` or ``local`` (see the module docstring).
+        force_std: ``samples`` or ``distance`` (see the module docstring).
+        distance: ``(elements [E], means [E, H], whitening [E, H, H])`` of
+            :func:`fit_feature_distance`; required by ``force_std="distance"``.
     """
 
     base: Potential
@@ -146,6 +228,9 @@ class LLPR(UQModel):
     provides: ClassVar[frozenset[str]] = SAMPLE_OUTPUTS
     covariance: Tensor
     deltas: Tensor
+    elements: Tensor
+    means: Tensor
+    whitening: Tensor
 
     def __init__(
         self,
@@ -154,15 +239,32 @@ class LLPR(UQModel):
         n_samples: int = 8,
         seed: int = 0,
         force_std: str = "samples",
+        distance: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> None:
         super().__init__(base)
         if force_std not in FORCE_STD:
-            raise ConfigError(f"--force-std must be samples or local, got '{force_std}'")
+            raise ConfigError(f"--force-std must be samples or distance, got '{force_std}'")
         self.force_std = force_std
         _, last = last_layer(base)
         h = last.in_features
         if tuple(covariance.shape) != (h, h):
             raise ConfigError(f"LLPR covariance must be [{h}, {h}], got {list(covariance.shape)}")
+        if (force_std == "distance") != (distance is not None):
+            raise ConfigError("LLPR: the feature-distance statistics go with --force-std distance")
+        elements, means, whitening = distance or (
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros((0, h), dtype=torch.float64),
+            torch.zeros((0, h, h), dtype=torch.float64),
+        )
+        e = elements.shape[0]
+        if elements.dim() != 1 or tuple(means.shape) != (e, h) or whitening.shape != (e, h, h):
+            raise ConfigError(
+                f"LLPR feature-distance statistics must be [E], [E, {h}], [E, {h}, {h}]; got "
+                f"{list(elements.shape)}, {list(means.shape)}, {list(whitening.shape)}"
+            )
+        self.register_buffer("elements", elements.long())
+        self.register_buffer("means", means.double())
+        self.register_buffer("whitening", whitening.double())
         if n_samples < 2:
             raise ConfigError(f"LLPR needs at least 2 samples, got {n_samples}")
         self.n_samples = int(n_samples)
@@ -179,17 +281,40 @@ class LLPR(UQModel):
     def supported_outputs(self) -> frozenset[str]:
         """Samples only with ``force_std="samples"``."""
         out = super().supported_outputs()
-        if self.force_std == "local":
+        if self.force_std == "distance":
             out -= {K.ENERGY_SAMPLES, K.FORCES_SAMPLES}
         return out
+
+    def feature_distance(self, f_scaled: Tensor, numbers: Tensor) -> Tensor:
+        """[n_atoms] each atom's Mahalanobis distance from its element's training atoms.
+
+        Args:
+            f_scaled: [n_atoms, H] float64 scaled last-layer features ``scale * f_i``.
+            numbers: [n_atoms] atomic numbers.
+
+        Raises:
+            ConfigError: an atom of an element with fewer than 2 training atoms.
+        """
+        known = numbers.unsqueeze(1) == self.elements.to(numbers.device).unsqueeze(0)
+        missing = ~known.any(dim=1)
+        if bool(missing.any()):
+            absent = sorted({int(z) for z in numbers[missing].tolist()})
+            raise ConfigError(
+                f"LLPR --force-std distance: no training statistics for element(s) {absent} "
+                "(fewer than 2 of their atoms in the data LLPR was fitted on)"
+            )
+        which = known.long().argmax(dim=1)  # [n_atoms] row of each atom's element
+        diff = f_scaled - self.means[which]
+        white = torch.einsum("ah,ahk->ak", diff, self.whitening[which])
+        return torch.linalg.vector_norm(white, dim=1)
 
     def _energy_std(self, f_scaled: Tensor, g: Graph) -> Tensor:
         """[n_graphs] exact ``sqrt(phi^T Sigma phi)``, eV."""
         phi = _summed(f_scaled, g)
         return torch.einsum("gh,hk,gk->g", phi, self.covariance, phi).sqrt()
 
-    def _predict_local(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
-        """One model's pass; per-atom energy-contribution std as the force-std score."""
+    def _predict_distance(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
+        """One model's pass; each atom's feature distance as the force-std score."""
         base = self.base
         below, _ = last_layer(base)
         seen: dict[str, Tensor] = {}
@@ -203,14 +328,13 @@ class LLPR(UQModel):
         out = {k: v.detach() for k, v in compute_outputs(node_energies, g, wanted, False).items()}
         with torch.no_grad():
             f = _scaled(base, below(seen["node"]))  # [n_atoms, H]
-            var = torch.einsum("ah,hk,ak->a", f, self.covariance, f)
-            out[K.FORCES_STD] = var.clamp_min(0.0).sqrt()
+            out[K.FORCES_STD] = self.feature_distance(f, g[K.ATOMIC_NUMBERS])
             out[K.ENERGY_STD] = self._energy_std(f, g)
         return out
 
     def predict(self, g: Graph, outputs: frozenset[str]) -> dict[str, Tensor]:
-        if self.force_std == "local":
-            return self._predict_local(g, outputs)
+        if self.force_std == "distance":
+            return self._predict_distance(g, outputs)
         base = self.base
         below, last = last_layer(base)
         dtype = base.dtype
@@ -246,6 +370,11 @@ class LLPR(UQModel):
                 "seed": self.seed,
                 "force_std": self.force_std,
                 "covariance": self.covariance.tolist(),
+                "distance": {
+                    "elements": self.elements.tolist(),
+                    "means": self.means.tolist(),
+                    "whitening": self.whitening.tolist(),
+                },
                 "recalibration": self.recalibration.to_dict(),
                 "fit_report": dict(self.fit_report),
             },
@@ -255,16 +384,34 @@ class LLPR(UQModel):
     def from_payload(cls, data: Mapping[str, Any], path: str = "checkpoint") -> LLPR:
         extra = wrapper_extra(data, path)
         base = Potential.from_payload(data, path)
+        force_std = str(extra.get("force_std", "samples"))
+        if force_std == "local":
+            raise CheckpointError(
+                f"{path}: an LLPR wrapper with --force-std local, a score that ranked force "
+                "errors in reverse and was replaced by --force-std distance; fit it again "
+                "(trustpot uq fit llpr, seconds, no training)"
+            )
         try:
             cov = torch.tensor(extra["covariance"], dtype=torch.float64)
-            if not bool(torch.isfinite(cov).all()):
-                raise ValueError("the covariance is not finite")
+            tensors = [cov]
+            distance = None
+            if force_std == "distance":
+                stats = extra["distance"]
+                distance = (
+                    torch.tensor(stats["elements"], dtype=torch.int64),
+                    torch.tensor(stats["means"], dtype=torch.float64),
+                    torch.tensor(stats["whitening"], dtype=torch.float64),
+                )
+                tensors += distance[1:]
+            if not all(bool(torch.isfinite(t).all()) for t in tensors):
+                raise ValueError("a statistic is not finite")
             model = cls(
                 base,
                 cov,
                 int(extra.get("n_samples", 8)),
                 int(extra.get("seed", 0)),
-                str(extra.get("force_std", "samples")),
+                force_std,
+                distance,
             )
         except (KeyError, ConfigError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path}: malformed LLPR wrapper: {err}") from None
@@ -295,22 +442,26 @@ def fit_llpr(
             chosen on ``calibration`` from :data:`REGULARIZER_GRID`, else
             :data:`DEFAULT_REGULARIZER`.
         n_samples: last layers drawn for the force std.
-        force_std: ``samples`` or ``local`` (needs ``calibration`` to give it force units).
+        force_std: ``samples`` or ``distance`` (needs ``calibration`` to give it force units;
+            its statistics come from every atom of ``train``).
 
     Raises:
         ConfigError: no training energies, a head LLPR cannot use, bad options.
     """
     last_layer(base)
-    if force_std == "local" and not calibration:
+    if force_std not in FORCE_STD:
+        raise ConfigError(f"--force-std must be samples or distance, got '{force_std}'")
+    if force_std == "distance" and not calibration:
         raise ConfigError(
-            "LLPR --force-std local needs --calibration: the per-atom energy std becomes a "
-            "force std (eV/Å) only through the recalibration on held-out forces"
+            "LLPR --force-std distance needs --calibration: the per-atom feature distance "
+            "becomes a force std (eV/Å) only through the recalibration on held-out forces"
         )
     if regularizer is not None and not regularizer > 0:
         raise ConfigError(f"--regularizer must be > 0, got {regularizer}")
     t0 = time.perf_counter()
     base = base.eval()
-    phi, pred, ref = _features_and_energies(base, train, batch_size, "LLPR training data")
+    seen = _feature_pass(base, train, batch_size, "LLPR training data")
+    phi, pred, ref = seen.phi, seen.predicted, seen.reference
     labelled = np.isfinite(ref)
     if labelled.sum() < 2:
         raise ConfigError("LLPR needs at least 2 training structures with energies")
@@ -319,15 +470,18 @@ def fit_llpr(
     chosen = regularizer if regularizer is not None else DEFAULT_REGULARIZER
     scores: dict[str, float] = {}
     if regularizer is None and calibration:
-        c_phi, c_pred, c_ref = _features_and_energies(base, calibration, batch_size, "calibration")
-        ok = np.isfinite(c_ref)
+        cal = _feature_pass(base, calibration, batch_size, "calibration")
+        ok = np.isfinite(cal.reference)
         if ok.sum() >= 2:
             for rel in REGULARIZER_GRID:
-                var = np.einsum("gh,hk,gk->g", c_phi[ok], _inverse(gram, rel), c_phi[ok])
-                scores[f"{rel:g}"] = _energy_nll(c_pred[ok] - c_ref[ok], var)
+                var = np.einsum("gh,hk,gk->g", cal.phi[ok], _inverse(gram, rel), cal.phi[ok])
+                scores[f"{rel:g}"] = _energy_nll(cal.predicted[ok] - cal.reference[ok], var)
             chosen = float(min(scores, key=lambda k: scores[k]))
     covariance = sigma2 * _inverse(gram, chosen)
-    model = LLPR(base, torch.from_numpy(covariance), n_samples, seed, force_std).eval()
+    distance = None
+    if force_std == "distance":
+        distance = fit_feature_distance(seen.atom_features, seen.numbers)
+    model = LLPR(base, torch.from_numpy(covariance), n_samples, seed, force_std, distance).eval()
     model.fit_report = {
         "n_train": int(labelled.sum()),
         "features": int(phi.shape[1]),
@@ -338,6 +492,9 @@ def fit_llpr(
     }
     if scores:
         model.fit_report["regularizer_nll"] = min(scores.values())
+    if distance is not None:
+        model.fit_report["distance_elements"] = distance[0].tolist()
+        model.fit_report["distance_atoms"] = len(seen.numbers)
     log(
         f"LLPR: {int(labelled.sum())} training structures, {phi.shape[1]} last-layer features, "
         f"energy RMSE {math.sqrt(sigma2):.4g} eV, regularizer {chosen:g}"

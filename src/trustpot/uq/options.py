@@ -279,9 +279,10 @@ class LLPROptions(Calibration):
     force_std: str = option(
         "samples",
         "samples (the spread of --n-samples drawn last layers' forces: M backward passes) or "
-        "local (each atom's energy-contribution std, scaled to eV/Å by the recalibration: "
-        "one model's cost; needs --calibration)",
-        choices=("samples", "local"),
+        "distance (each atom's Mahalanobis distance from the training atoms of its element in "
+        "the last layer's feature space, scaled to eV/Å by the recalibration: one model's "
+        "cost; needs --calibration)",
+        choices=("samples", "distance"),
     )
     batch_size: int = option(32, "structures per pass")
     seed: int = option(0, "seed of the drawn last layers")
@@ -296,13 +297,13 @@ class LLPROptions(Calibration):
             raise ConfigError(f"--regularizer must be > 0, got {self.regularizer}")
         if self.n_samples < 2:
             raise ConfigError(f"--n-samples must be at least 2, got {self.n_samples}")
-        if self.force_std == "local":
+        if self.force_std == "distance":
             if self.n_samples != 8:
                 raise ConfigError(
-                    "uq fit llpr: --n-samples would be ignored with --force-std local"
+                    "uq fit llpr: --n-samples would be ignored with --force-std distance"
                 )
             if not self.calibration:
-                raise ConfigError("uq fit llpr: --force-std local needs --calibration")
+                raise ConfigError("uq fit llpr: --force-std distance needs --calibration")
         _positive(self, ("batch_size",))
 
 
