@@ -306,7 +306,7 @@ class LLPR(UQModel):
         which = known.long().argmax(dim=1)  # [n_atoms] row of each atom's element
         diff = f_scaled - self.means[which]
         white = torch.einsum("ah,ahk->ak", diff, self.whitening[which])
-        return torch.linalg.vector_norm(white, dim=1)
+        return white.pow(2).sum(dim=1).sqrt()
 
     def _energy_std(self, f_scaled: Tensor, g: Graph) -> Tensor:
         """[n_graphs] exact ``sqrt(phi^T Sigma phi)``, eV."""
