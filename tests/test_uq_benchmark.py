@@ -56,3 +56,18 @@ def test_uq_benchmark_quick_nbody(tmp_path):
     # a rerun reuses every model and evaluation
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "training" not in again.stdout
+
+
+@pytest.mark.slow
+def test_llpr_scores_benchmark_quick(tmp_path):
+    """benchmarks/llpr_scores.py --quick scores every per-atom score on both test sets."""
+    out = tmp_path / "scores"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "llpr_scores.py"), "--quick"]
+    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = json.loads((out / "llpr_scores.json").read_text())
+    assert set(result["sets"]) == {"test_id", "test_ood"}
+    for metrics in result["sets"].values():
+        for score in ("local", "local-centered", "distance", "knn", "energy-std", "samples"):
+            assert -1 <= metrics[score]["spearman"] <= 1 and 0 <= metrics[score]["auroc"] <= 1
+    assert "| nbody-sizes, 0 | test_ood |" in (out / "llpr_scores.md").read_text()
