@@ -40,11 +40,6 @@ RUNS = (("3bpa", 0), ("3bpa", 1), ("zeolites", 0), ("zeolites", 1), ("ethanol", 
 RUNS_NBODY = (("nbody-sizes", 0),)
 
 
-def _inverse(gram: np.ndarray, relative: float) -> np.ndarray:
-    h = gram.shape[0]
-    return np.linalg.inv(gram + relative * np.trace(gram) / h * np.eye(h))
-
-
 def run(name: str, seed: int, minutes: float, out: Path, quick: bool) -> dict[str, Any]:
     """Train (or reuse) one model and score every test set of ``name``."""
     import torch
@@ -60,7 +55,7 @@ def run(name: str, seed: int, minutes: float, out: Path, quick: bool) -> dict[st
     from trustpot.io.checkpoint import load_potential
     from trustpot.metrics.uncertainty import auroc, high_error_labels, spearman
     from trustpot.uq import fit as F
-    from trustpot.uq.lastlayer import _scaled, fit_llpr, last_layer
+    from trustpot.uq.lastlayer import _inverse, _scaled, fit_llpr, last_layer
     from trustpot.uq.manifold import EmbeddingDistance
 
     torch.set_num_threads(1)

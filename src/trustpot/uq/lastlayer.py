@@ -136,9 +136,10 @@ def _feature_pass(
     phis, pred, ref, atoms, numbers = [], [], [], [], []
     for start in range(0, len(data), batch_size):
         g = collate([data.graph(i) for i in range(start, min(start + batch_size, len(data)))])
-        with torch.no_grad():
-            f = _scaled(base, below(base.backbone(g)["node"]))
-            pred.append(base(g, {K.ENERGY}, create_graph=False)[K.ENERGY].double().numpy())
+        with torch.no_grad():  # one backbone pass gives both the features and the energies
+            node_e, emb = base.node_energies(g)
+            f = _scaled(base, below(emb["node"]))
+        pred.append(scatter_sum(node_e, g[K.BATCH], int(g[K.N_ATOMS].shape[0])).double().numpy())
         phis.append(_summed(f, g).numpy())
         atoms.append(f.numpy())
         numbers.append(g[K.ATOMIC_NUMBERS].numpy())
@@ -295,7 +296,7 @@ class LLPR(UQModel):
         Raises:
             ConfigError: an atom of an element with fewer than 2 training atoms.
         """
-        known = numbers.unsqueeze(1) == self.elements.to(numbers.device).unsqueeze(0)
+        known = numbers.unsqueeze(1) == self.elements.unsqueeze(0)
         missing = ~known.any(dim=1)
         if bool(missing.any()):
             absent = sorted({int(z) for z in numbers[missing].tolist()})
