@@ -96,8 +96,9 @@ def test_train_eval_md(
 def test_md_compile_flag_compiles_the_potential(
     trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``trustpot md --compile`` evaluates through torch.compile (recorded here: the compiled
-    function is the potential's ``node_energies``); without the flag nothing is compiled."""
+    """``trustpot md --compile`` (``always``) evaluates through torch.compile (recorded here:
+    the compiled function is the potential's ``node_energies``); by default (``auto``) a
+    4-step run is too short to compile, and ``--compile never`` never compiles."""
     import torch
 
     data, run = trained
@@ -112,6 +113,7 @@ def test_md_compile_flag_compiles_the_potential(
     argv = ["md", str(run / "best.ckpt"), str(data), "--steps", "4", "--temperature", "300",
             "--interval", "2"]  # fmt: skip
     assert main([*argv, "--out", str(tmp_path / "a.xyz")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "n.xyz"), "--compile", "never"]) == 0
     assert compiled == []
     assert main([*argv, "--out", str(tmp_path / "b.xyz"), "--compile"]) == 0
     assert compiled == ["node_energies"]

@@ -195,7 +195,9 @@ class TrustpotCalculator(Calculator):
             CPU thread) but the first call compiles (about 5 s with inductor's on-disk cache,
             45 s without, on a 2-core machine) and results equal the eager ones only to float
             rounding (fused kernels reorder operations: about 1e-7 relative in float32), not
-            to the last bit. Off by default; only for long runs. A deep ensemble whose members
+            to the last bit. Off by default here; ``trustpot md`` (``--compile auto``) switches
+            it on mid-run when the run is long enough and the compiled step proves faster
+            (:mod:`trustpot.md_compile`, :meth:`set_compiled`). A deep ensemble whose members
             stack (:mod:`trustpot.uq.stacked`) compiles its stacked network instead.
     """
 
@@ -217,21 +219,47 @@ class TrustpotCalculator(Calculator):
         self.neighbors = VerletNeighbors(skin)
         #: (key of numbers, cell and pbc; the graph built for them), see :meth:`graph`
         self._static: tuple[tuple[bytes, ...], Graph] | None = None
-        #: the compiled ``node_energies`` of a plain potential (``compile=True``), else None
+        #: the compiled ``node_energies`` of a plain potential (made on first use), else None
         self._compiled: Any = None
+        #: evaluate through the compiled path (``compile=True`` or :meth:`set_compiled`)
+        self.compiled = False
         if compile:
-            from trustpot.uq.ensemble import DeepEnsemble  # uq.calibration imports this module
+            self.set_compiled(True)
 
-            model = predictor.model
-            if isinstance(model, DeepEnsemble):
-                model.compile_stacked()  # the ensemble compiles its own stacked network
-            elif isinstance(model, Potential):
-                self._compiled = torch.compile(model.node_energies, dynamic=True)
-            else:
-                raise ConfigError(
-                    "compile needs a plain potential or a deep ensemble whose members stack, "
-                    f"got a '{type(model).__name__}'"
-                )
+    def compile_problem(self) -> str | None:
+        """Why this calculator's model has no compiled path, or None when it has one (a plain
+        potential, or a deep ensemble whose members stack)."""
+        from trustpot.uq.ensemble import DeepEnsemble  # uq.calibration imports this module
+
+        model = self.predictor.model
+        if isinstance(model, DeepEnsemble):
+            return model.stack_problem()
+        if isinstance(model, Potential):
+            return None
+        return (
+            "compile needs a plain potential or a deep ensemble whose members stack, "
+            f"got a '{type(model).__name__}'"
+        )
+
+    def set_compiled(self, on: bool) -> None:
+        """Evaluate through ``torch.compile`` from the next call on (``on``), or eagerly again.
+
+        The first compiled call compiles (seconds); :mod:`trustpot.md_compile` switches on
+        when a run shows it pays.
+
+        Raises:
+            ConfigError: ``on`` and the model has no compiled path (:meth:`compile_problem`).
+        """
+        from trustpot.uq.ensemble import DeepEnsemble
+
+        if on and (problem := self.compile_problem()) is not None:
+            raise ConfigError(problem)
+        model = self.predictor.model
+        if isinstance(model, DeepEnsemble):
+            model.compile_stacked(on)  # the ensemble compiles its own stacked network
+        elif isinstance(model, Potential) and on and self._compiled is None:
+            self._compiled = torch.compile(model.node_energies, dynamic=True)
+        self.compiled = on
 
     @classmethod
     def from_checkpoint(
@@ -256,7 +284,7 @@ class TrustpotCalculator(Calculator):
         if "stress" in properties:
             outputs.add(K.STRESS)
         g = self.graph(self.atoms)
-        if self._compiled is None:
+        if not self.compiled or self._compiled is None:  # eager, or an ensemble's own path
             (res,) = self.predictor.predict_graph(g, outputs)
         else:
             model = self.predictor.model

@@ -16,8 +16,12 @@ from ase.md.verlet import VelocityVerlet
 
 from trustpot.calculator import TrustpotCalculator
 from trustpot.errors import ConfigError
+from trustpot.md_compile import AutoCompileMD
 from trustpot.monitor import TrustHalt, TrustMonitor
 from trustpot.policy import TrustPolicy
+
+#: values of ``run_md``'s ``compile`` (``trustpot md --compile``)
+COMPILE_MODES = ("auto", "always", "never")
 
 
 def _thermalize(atoms: Atoms, temperature: float, rng: np.random.Generator) -> None:
@@ -62,6 +66,7 @@ def run_md(
     policy: TrustPolicy | None = None,
     harvest_file: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    compile: str = "auto",
 ) -> dict[str, float]:
     """Run ``steps`` of MD at ``temperature`` K, writing every ``interval``-th frame to ``out``.
 
@@ -78,7 +83,11 @@ def run_md(
         out: trajectory file; ``.traj`` writes an ASE trajectory, anything else extended XYZ.
         policy: trust rules (checked against the calculator first: ConfigError).
         harvest_file: extxyz file for harvested frames (started afresh, like ``out``).
-        log: where warnings go (default: standard error).
+        log: where warnings and the compile decision go (default: standard error).
+        compile: ``auto`` (compile the calculator mid-run when the run is long enough and the
+            compiled step proves faster, :mod:`trustpot.md_compile`; a calculator made with
+            ``compile=True`` stays compiled), ``always`` (compiled from the first step) or
+            ``never`` (eager: forces to the last bit of the plain path).
 
     Returns:
         ``steps`` (done), ``seconds``, ``steps_per_second``, ``final_temperature`` (K),
@@ -95,6 +104,10 @@ def run_md(
         raise ConfigError(f"--temperature must be non-negative, got {temperature}")
     if interval < 1:
         raise ConfigError(f"--interval must be positive, got {interval}")
+    if compile not in COMPILE_MODES:
+        raise ConfigError(f"--compile must be one of {COMPILE_MODES}, got '{compile}'")
+    if compile != "auto":
+        calculator.set_compiled(compile == "always")
     monitor_reliability = "reliability" in calculator.implemented_properties
     atoms = atoms.copy()
     atoms.calc = calculator
@@ -143,6 +156,8 @@ def run_md(
 
     dyn.attach(monitor, interval=1)  # first: a halted or non-finite frame is never written
     dyn.attach(record, interval=interval)
+    if compile == "auto":
+        dyn.attach(AutoCompileMD(calculator, atoms, steps, monitor.log), interval=1)
     start = time.perf_counter()
 
     def statistics() -> dict[str, float]:

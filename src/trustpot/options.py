@@ -19,7 +19,8 @@ def option(default: Any, help: str, **meta: Any) -> Any:
         help: what the option does, with its unit.
         meta: ``flag`` (spelling, default ``--field-name``), ``short`` (e.g. ``-o``),
             ``positional`` (bool), ``choices``, ``metavar``, ``required`` (bool), ``action``
-            (``append`` for repeatable flags).
+            (``append`` for repeatable flags), ``nargs`` and ``const`` (``"?"`` with a const:
+            the value of the bare flag).
     """
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 

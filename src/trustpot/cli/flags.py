@@ -54,9 +54,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, exclude: Iterable[str]
             kwargs["type"] = elem
             if seq:
                 kwargs["nargs"] = meta.get("nargs", "+")
-            for key in ("choices", "metavar", "action"):
+            for key in ("choices", "metavar", "action", "const"):
                 if key in meta:
                     kwargs[key] = meta[key]
+            if not seq and "nargs" in meta:  # e.g. "?" with a const: a bare flag means const
+                kwargs["nargs"] = meta["nargs"]
             if default not in (None, (), "", False) and "default" not in kwargs["help"]:
                 kwargs["help"] += f" (default {default})"
         if meta.get("action") == "append":

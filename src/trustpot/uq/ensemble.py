@@ -151,19 +151,26 @@ class DeepEnsemble(UQModel):
         tensors = [table[name] for table, name in tables]
         return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
 
-    def compile_stacked(self) -> None:
+    def stack_problem(self) -> str | None:
+        """Why this ensemble cannot compile its stacked network, or None when it can."""
+        problem = "stacking is turned off" if self.stacked is False else stack_problem(self.members)
+        if problem is None:
+            return None
+        return f"only a stacked ensemble compiles, and this one is not: {problem}"
+
+    def compile_stacked(self, on: bool = True) -> None:
         """Evaluate the stacked members through ``torch.compile`` from now on (for long MD
         runs: a one-off compilation of seconds, then fewer operations per step; results equal
-        to float rounding).
+        to float rounding), or (``on=False``) as before again.
 
         Raises:
-            ConfigError: the members do not stack, or stacking is off.
+            ConfigError: ``on``, and the members do not stack or stacking is off.
         """
-        problem = "stacking is turned off" if self.stacked is False else stack_problem(self.members)
-        if problem is not None:
-            raise ConfigError(f"only a stacked ensemble compiles, and this one is not: {problem}")
-        self.compiled = True
-        self._stack = ((), None, "")  # rebuilt, compiled, on the next call
+        if on and (problem := self.stack_problem()) is not None:
+            raise ConfigError(problem)
+        if on != self.compiled:
+            self.compiled = on
+            self._stack = ((), None, "")  # rebuilt (compiled or not) on the next call
 
     def _stacked_members(self, g: Graph) -> tuple[StackedMembers | None, str]:
         """The members as one stacked network for the batch ``g`` (rebuilt when their weights
