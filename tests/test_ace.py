@@ -258,6 +258,26 @@ def test_first_layer_mixes_a_per_element_and_old_checkpoints_load(
     torch.testing.assert_close(old.eval()(g)[K.FORCES], plain.eval()(g)[K.FORCES])
 
 
+def test_radial_bias_off_maps_zero_to_zero_and_old_checkpoints_keep_their_biases(
+    ethanol_structures: list[Structure], tmp_path: Path
+) -> None:
+    """``radial_bias=false``: the radial MLP has no bias anywhere (MACE's e3nn network), so
+    zero Bessel features give zero weights; a stored hypers dict without the key is a model
+    with biases, as every checkpoint written before the option."""
+    plain = build_potential("ace", {**TINY, "radial_bias": "false"}, ethanol_structures[:4])
+    radial = plain.backbone.interactions[0].radial
+    linears = [m for m in radial if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3 and all(m.bias is None for m in linears)
+    assert float(radial(torch.zeros(5, linears[0].in_features)).abs().max()) == 0.0
+    biased = build_potential("ace", TINY, ethanol_structures[:4])
+    hidden = [m for m in biased.backbone.interactions[0].radial if isinstance(m, torch.nn.Linear)]
+    assert [m.bias is not None for m in hidden] == [True, True, False]
+    stored = dict(biased.meta.hypers)
+    del stored["radial_bias"]
+    old = potential_from_meta(dataclasses.replace(biased.meta, hypers=stored))
+    assert old.backbone.interactions[0].radial[0].bias is not None
+
+
 def test_an_old_deepset_moe_keeps_its_ace_encoder(ethanol_structures: list[Structure]) -> None:
     """A DeepSet-MoE's stored hypers without ``current_encoder`` (written before ACE gained
     ``element_mix_a``) rebuild the encoder as it was; new ones get the current encoder."""

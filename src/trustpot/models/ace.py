@@ -123,9 +123,11 @@ class AceHypers(BackboneHypers):
         radial_width: hidden width of the radial MLP (two hidden layers).
         element_mix_a: the first layer mixes the channels of ``A`` with one weight set per
             element of the centre atom.
+        radial_bias: the radial MLP's hidden layers have biases (off: it has none, as MACE's
+            e3nn ``FullyConnectedNet``; see ``docs/backbones.md`` for what was measured).
     """
 
-    LEGACY: ClassVar[dict[str, Any]] = {"element_mix_a": False}
+    LEGACY: ClassVar[dict[str, Any]] = {"element_mix_a": False, "radial_bias": True}
 
     size: str = "small"
     n_features: int = -1
@@ -136,6 +138,7 @@ class AceHypers(BackboneHypers):
     n_rbf: int = -1
     radial_width: int = -1
     element_mix_a: bool = True
+    radial_bias: bool = True
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -204,7 +207,11 @@ class AceInteraction(nn.Module):
         self.up = IrrepsLinear(lmax_in, lmax_in, f, f)
         self.tp = EdgeTensorProduct(lmax_in, hypers.sh_lmax, la)
         width = hypers.radial_width
-        self.radial = MLP([hypers.n_rbf, width, width, self.tp.n_paths * f], bias_last=False)
+        self.radial = MLP(
+            [hypers.n_rbf, width, width, self.tp.n_paths * f],
+            bias_last=False,
+            bias_hidden=hypers.radial_bias,
+        )
         unit_variance_init(self.radial)
         by_element = hypers.element_mix_a and first
         self.mix_a = IrrepsLinear(la, la, f, f, n_types=n_types if by_element else 0)

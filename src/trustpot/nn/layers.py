@@ -94,6 +94,8 @@ class MLP(nn.Sequential):
         dropout: dropout probability before each hidden linear layer (0 disables it); kept
             as real ``nn.Dropout`` modules so that MC dropout can switch them on.
         bias_last: whether the last layer has a bias.
+        bias_hidden: whether the layers before the last have biases (without them, and with
+            ``bias_last`` off, the MLP maps zero to zero, as e3nn's ``FullyConnectedNet``).
     """
 
     def __init__(
@@ -102,13 +104,15 @@ class MLP(nn.Sequential):
         activation: Callable[[], nn.Module] = nn.SiLU,
         dropout: float = 0.0,
         bias_last: bool = True,
+        bias_hidden: bool = True,
     ) -> None:
         layers: list[nn.Module] = []
         for k in range(len(sizes) - 1):
             last = k == len(sizes) - 2
             if dropout > 0 and k > 0:
                 layers.append(nn.Dropout(dropout))
-            layers.append(nn.Linear(sizes[k], sizes[k + 1], bias=bias_last or not last))
+            bias = bias_last if last else bias_hidden
+            layers.append(nn.Linear(sizes[k], sizes[k + 1], bias=bias))
             if not last:
                 layers.append(activation())
         super().__init__(*layers)
