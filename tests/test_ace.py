@@ -259,7 +259,7 @@ def test_first_layer_mixes_a_per_element_and_old_checkpoints_load(
 
 
 def test_radial_bias_off_maps_zero_to_zero_and_old_checkpoints_keep_their_biases(
-    ethanol_structures: list[Structure], tmp_path: Path
+    ethanol_structures: list[Structure],
 ) -> None:
     """``radial_bias=false``: the radial MLP has no bias anywhere (MACE's e3nn network), so
     zero Bessel features give zero weights; a stored hypers dict without the key is a model
